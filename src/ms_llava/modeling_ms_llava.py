@@ -1,0 +1,426 @@
+"""MS-LLaVA: transformers' LLaVA with the MLP projector replaced by MS-Resampler (Sec. 3 of the paper).
+
+Only the projector is new. The model classes subclass transformers' LLaVA classes and keep its submodule names
+(`vision_tower`, `multi_modal_projector`, `language_model`), its forward pass, its generation and its loss. This file
+imports from the ``ms_llava`` package only relatively, so that it can ship with a checkpoint as remote code.
+"""
+
+import torch
+from torch import nn
+from transformers import AutoModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llava.modeling_llava import (
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaPreTrainedModel,
+)
+from transformers.utils import is_torchdynamo_compiling
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import select_hidden_states
+
+from .configuration_ms_llava import MSLlavaConfig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Spatial scope prior (Sec. 3.4)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def query_anchors(rows: int, cols: int, grid_height: int, grid_width: int) -> torch.Tensor:
+    """Anchor (y, x) of each query, in token-index coordinates, row-major over the query grid.
+
+    The H rows are split into `rows` contiguous bands, band i covering rows floor(i*H/rows) .. floor((i+1)*H/rows)-1
+    (the same for columns); a query's anchor is the geometric centre of its cell, e.g. 2i + 0.5 for 2 x 2 cells.
+
+    Returns:
+        `torch.Tensor` of shape `(rows * cols, 2)`, float32.
+    """
+    if rows > grid_height or cols > grid_width:
+        raise ValueError(
+            f"the query grid {rows}x{cols} is finer than the visual token grid {grid_height}x{grid_width}: "
+            "every query needs at least one token in its cell; use fewer queries or a larger image"
+        )
+
+    def band_centres(bands: int, size: int) -> torch.Tensor:
+        index = torch.arange(bands)
+        first = (index * size) // bands
+        last = ((index + 1) * size) // bands - 1
+        return (first + last).to(torch.float32) / 2
+
+    centre_y = band_centres(rows, grid_height)  # (rows,)
+    centre_x = band_centres(cols, grid_width)  # (cols,)
+    return torch.stack(torch.meshgrid(centre_y, centre_x, indexing="ij"), dim=-1).view(rows * cols, 2)
+
+
+def build_scope_bias(
+    windows: list[int], rows: int, cols: int, grid_height: int, grid_width: int
+) -> torch.Tensor:
+    """B of Eq. 5 for every branch: 0 where token l lies in the k x k window of Eq. 4 around query i's anchor, else -1.
+
+    Returns:
+        `torch.Tensor` of shape `(E, rows * cols, grid_height * grid_width)`, float32, values 0 / -1.
+    """
+    anchors = query_anchors(rows, cols, grid_height, grid_width)  # (M, 2)
+    token_y, token_x = torch.meshgrid(torch.arange(grid_height), torch.arange(grid_width), indexing="ij")
+    token_yx = torch.stack([token_y.reshape(-1), token_x.reshape(-1)], dim=-1).to(torch.float32)  # (N, 2)
+    distance = (anchors[:, None, :] - token_yx[None, :, :]).abs()  # (M, N, 2)
+    half_windows = torch.tensor([k // 2 for k in windows], dtype=torch.float32).view(-1, 1, 1, 1)  # (E, 1, 1, 1)
+    inside = (distance[None] <= half_windows).all(dim=-1)  # (E, M, N)
+    return torch.where(inside, 0.0, -1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fusion of the E branch outputs (Sec. 3.5 and Table 6). Input (batch, M, E, D), output (batch, M, D).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ChannelMLPFusion(nn.Module):
+    """Eq. 7-8: for every token i and channel j, a two-layer MLP over the expert vector z_ij in R^E, shared by all
+    (i, j). Parameters carry the paper's names: W1 (h, E), b1 (h), w2 (h), b2 (1)."""
+
+    def __init__(self, num_branches: int, hidden_size: int, act: str):
+        super().__init__()
+        self.weight1 = nn.Parameter(torch.empty(hidden_size, num_branches))
+        self.bias1 = nn.Parameter(torch.empty(hidden_size))
+        self.weight2 = nn.Parameter(torch.empty(hidden_size))
+        self.bias2 = nn.Parameter(torch.empty(1))
+        self.act = ACT2FN[act]
+
+    def forward(self, branch_outputs: torch.Tensor) -> torch.Tensor:
+        expert_vectors = branch_outputs.transpose(-1, -2)  # (batch, M, D, E): z_ij
+        hidden = self.act(nn.functional.linear(expert_vectors, self.weight1, self.bias1))  # (batch, M, D, h)
+        return torch.matmul(hidden, self.weight2) + self.bias2  # (batch, M, D)
+
+
+class MeanFusion(nn.Module):
+    """Table 6 "Average": the element-wise mean over the E branches."""
+
+    def forward(self, branch_outputs: torch.Tensor) -> torch.Tensor:
+        return branch_outputs.mean(dim=-2)
+
+
+class AttentionFusion(nn.Module):
+    """Table 6 "Attention": per token, a softmax over E scores, each a linear function of that branch's output
+    (the paper gives no more detail; this is our reading)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+
+    def forward(self, branch_outputs: torch.Tensor) -> torch.Tensor:
+        weights = self.score(branch_outputs).softmax(dim=-2)  # (batch, M, E, 1): alpha_i^(e)
+        return (weights * branch_outputs).sum(dim=-2)
+
+
+class ConcatMLPFusion(nn.Module):
+    """Table 6 "MLP" (channel-mixed): concatenate the E outputs to E*D channels, then Linear -> act -> Linear to D."""
+
+    def __init__(self, num_branches: int, hidden_size: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(num_branches * hidden_size, hidden_size)
+        self.act = ACT2FN[act]
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, branch_outputs: torch.Tensor) -> torch.Tensor:
+        concatenated = branch_outputs.flatten(-2)  # (batch, M, E*D): u_i
+        return self.fc2(self.act(self.fc1(concatenated)))
+
+
+def _build_fusion(resampler_config) -> nn.Module:
+    if resampler_config.fusion == "channel_mlp":
+        return ChannelMLPFusion(
+            resampler_config.num_branches, resampler_config.fusion_hidden_size, resampler_config.fusion_act
+        )
+    if resampler_config.fusion == "mean":
+        return MeanFusion()
+    if resampler_config.fusion == "attention":
+        return AttentionFusion(resampler_config.hidden_size)
+    return ConcatMLPFusion(resampler_config.num_branches, resampler_config.hidden_size, resampler_config.fusion_act)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The resampler
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def eager_resampler_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention with logits and softmax in float32 whatever the input dtype.
+
+    query `(batch, heads, M, head_dim)`, key/value `(batch, heads, N, head_dim)`, attention_mask additive
+    `(1 or batch, heads, M, N)`. Returns the output as `(batch, M, heads, head_dim)` (the layout of transformers'
+    attention functions) and the probabilities `(batch, heads, M, N)`.
+    """
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # (batch, heads, M, N)
+    if attention_mask is not None:
+        logits = logits + attention_mask.float()
+    probs = logits.softmax(dim=-1)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs.to(value.dtype), value)  # (batch, heads, M, head_dim)
+    return output.transpose(1, 2).contiguous(), probs
+
+
+class MSResampler(nn.Module):
+    """MS-Resampler: E scoped resampling branches (Eq. 3) fused per token (Eq. 7-8), mapping the vision tower's
+    `(batch, N, vision_hidden)` tokens to `(batch, M, text_hidden)`.
+
+    Each branch e has its own M learnable queries Q^(e) and key/value projections W_K^(e), W_V^(e). All branches run
+    as E * num_attention_heads heads of one attention call with the additive bias beta * B^(e) (Sec. 3.4). Where the
+    paper is silent we chose: a LayerNorm on the visual tokens before the key/value projections (shared by the
+    branches), attention of width D = `hidden_size` split over `num_attention_heads` heads with the usual
+    1/sqrt(head_dim) scaling, and one linear map from D to the language model's width after the fusion.
+    """
+
+    def __init__(self, config: MSLlavaConfig):
+        super().__init__()
+        resampler_config = config.resampler_config
+        self.config = resampler_config
+        self.model_config = config  # the attention implementation is chosen on the whole model
+        self.scope_windows = list(resampler_config.scope_windows)
+        self.num_branches = resampler_config.num_branches
+        self.num_queries = resampler_config.num_queries
+        self.query_rows, self.query_cols = resampler_config.query_grid_shape
+        self.hidden_size = resampler_config.hidden_size
+        self.num_heads = resampler_config.num_attention_heads
+        self.head_dim = self.hidden_size // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.scope_bias_strength = float(resampler_config.scope_bias_strength)
+        num_feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        self.vision_hidden_size = config.vision_config.hidden_size * num_feature_layers
+
+        self.input_layernorm = nn.LayerNorm(self.vision_hidden_size, eps=resampler_config.layer_norm_eps)
+        self.queries = nn.Parameter(torch.empty(self.num_branches, self.num_queries, self.hidden_size))
+        # W_K^(e) and W_V^(e) of every branch in one matrix: one matmul computes all keys and values.
+        self.kv_proj = nn.Linear(self.vision_hidden_size, 2 * self.num_branches * self.hidden_size, bias=False)
+        self.fusion = _build_fusion(resampler_config)
+        self.output_proj = nn.Linear(self.hidden_size, config.text_config.hidden_size)
+
+        self.native_grid = None
+        if resampler_config.learnable_scope_bias:
+            self.native_grid = config.vision_grid_size
+            grid_tokens = self.native_grid[0] * self.native_grid[1]
+            self.learned_scope_bias = nn.Parameter(torch.empty(self.num_branches, self.num_queries, grid_tokens))
+        # beta * B per (grid, prefix tokens, device, dtype), built once: B depends only on the config and the grid.
+        self._bias_cache: dict[tuple, torch.Tensor] = {}
+
+    def eq5_scope_bias(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """B of Eq. 5 (not learned), shape `(E, M, grid_height * grid_width)`, values 0 / -1."""
+        return build_scope_bias(self.scope_windows, self.query_rows, self.query_cols, grid_height, grid_width)
+
+    def scope_bias(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """B before beta, shape `(E, M, grid_height * grid_width)`: values 0 / -1, or the learned values when
+        `learnable_scope_bias` is set."""
+        if self.native_grid is not None:
+            if (grid_height, grid_width) != tuple(self.native_grid):
+                raise ValueError(
+                    f"learnable_scope_bias was built for the {self.native_grid[0]}x{self.native_grid[1]} grid of the "
+                    f"vision tower, got a {grid_height}x{grid_width} grid; resize images to the native resolution"
+                )
+            return self.learned_scope_bias
+        return self.eq5_scope_bias(grid_height, grid_width)
+
+    def _attention_bias(self, grid_height, grid_width, num_prefix_tokens, device, dtype) -> torch.Tensor:
+        """beta * B laid out as an additive mask `(1, E * heads, M, prefix + H*W)`; prefix tokens (CLS) get 0."""
+        key = (grid_height, grid_width, num_prefix_tokens, device, dtype)
+        if self.native_grid is None and key in self._bias_cache:
+            return self._bias_cache[key]
+        bias = self.scope_bias(grid_height, grid_width).to(device=device, dtype=torch.float32)  # (E, M, N)
+        bias = nn.functional.pad(bias, (num_prefix_tokens, 0)) * self.scope_bias_strength
+        bias = bias[:, None].expand(-1, self.num_heads, -1, -1)  # (E, heads, M, N)
+        bias = bias.reshape(1, self.num_branches * self.num_heads, self.num_queries, -1).to(dtype)
+        if self.native_grid is None:
+            self._bias_cache[key] = bias
+        return bias
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        grid_size: tuple[int, int] | None = None,
+        num_prefix_tokens: int = 0,
+        output_attentions: bool = False,
+    ):
+        """
+        Args:
+            image_features (`torch.Tensor` of shape `(batch, N, vision_hidden)`):
+                The vision tower's tokens: `num_prefix_tokens` tokens without a grid position (e.g. CLS), then the
+                H x W patch tokens in row-major order.
+            grid_size (`tuple[int, int]`, *optional*):
+                `(H, W)`. Inferred as a square grid when not given.
+            num_prefix_tokens (`int`, defaults to 0):
+                Leading tokens outside the grid; they get a zero scope bias in every branch.
+            output_attentions (`bool`, defaults to `False`):
+                Also return the attention probabilities `(batch, E, heads, M, N)` (computed by the eager path).
+
+        Returns:
+            `torch.Tensor` of shape `(batch, M, text_hidden)`, or a tuple with the attention probabilities.
+        """
+        if image_features.dim() != 3 or image_features.shape[-1] != self.vision_hidden_size:
+            raise ValueError(
+                f"MSResampler expects image_features of shape (batch, N, {self.vision_hidden_size}), "
+                f"got {tuple(image_features.shape)}"
+            )
+        batch_size, num_tokens, _ = image_features.shape
+        grid_tokens = num_tokens - num_prefix_tokens
+        if grid_size is None:
+            side = int(round(grid_tokens**0.5))
+            if side * side != grid_tokens:
+                raise ValueError(
+                    f"cannot infer the grid of {grid_tokens} visual tokens (not a square); pass grid_size=(H, W)"
+                )
+            grid_size = (side, side)
+        grid_height, grid_width = grid_size
+        if grid_height * grid_width != grid_tokens:
+            raise ValueError(
+                f"grid_size {grid_height}x{grid_width} holds {grid_height * grid_width} tokens, but image_features has "
+                f"{grid_tokens} (after {num_prefix_tokens} prefix tokens)"
+            )
+
+        normed = self.input_layernorm(image_features)
+        kv = self.kv_proj(normed).view(batch_size, num_tokens, 2, self.num_branches, self.num_heads, self.head_dim)
+        kv = kv.permute(2, 0, 3, 4, 1, 5)  # (k|v, batch, branch, head, tokens, dim)
+        kv = kv.reshape(2, batch_size, self.num_branches * self.num_heads, num_tokens, self.head_dim)
+        key, value = kv.unbind(0)  # each (batch, E*heads, N, head_dim)
+        query = self.queries.view(self.num_branches, self.num_queries, self.num_heads, self.head_dim)
+        query = query.permute(0, 2, 1, 3).reshape(1, -1, self.num_queries, self.head_dim)  # (1, E*heads, M, dim)
+        query = query.to(key.dtype).expand(batch_size, -1, -1, -1)
+        bias = self._attention_bias(grid_height, grid_width, num_prefix_tokens, key.device, key.dtype)
+
+        implementation = self.config._attn_implementation or self.model_config._attn_implementation or "eager"
+        if output_attentions or implementation == "eager":
+            attn_output, probs = eager_resampler_attention(self, query, key, value, bias, scaling=self.scaling)
+        elif implementation == "flex_attention":
+            # flex indexes the bias by batch in its score_mod
+            attn_output, probs = ALL_ATTENTION_FUNCTIONS["flex_attention"](
+                self, query, key, value, None, scaling=self.scaling, position_bias=bias.expand(batch_size, -1, -1, -1)
+            )
+        else:
+            # SDPA also serves "flash_attention_2" and other kernels that take no additive bias.
+            attn_output, probs = ALL_ATTENTION_FUNCTIONS["sdpa"](
+                self, query, key, value, bias, scaling=self.scaling, is_causal=False
+            )
+        branch_outputs = attn_output.reshape(batch_size, self.num_queries, self.num_branches, self.hidden_size)
+        fused = self.fusion(branch_outputs)  # (batch, M, D)
+        projected = self.output_proj(fused)  # (batch, M, text_hidden)
+        if output_attentions:
+            probs = probs.view(batch_size, self.num_branches, self.num_heads, self.num_queries, num_tokens)
+            return projected, probs
+        return projected
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MSLlavaPreTrainedModel(LlavaPreTrainedModel):
+    config: MSLlavaConfig
+    _no_split_modules = ["MSResampler"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MSResampler):
+            init.normal_(module.queries, mean=0.0, std=module.config.initializer_range)
+            if module.native_grid is not None:
+                init.copy_(module.learned_scope_bias, module.eq5_scope_bias(*module.native_grid))
+            module._bias_cache.clear()
+        elif isinstance(module, ChannelMLPFusion):
+            # Variance-preserving start (the default 0.02 would shrink the fused tokens ~1000x).
+            num_branches, hidden = module.weight1.shape[1], module.weight1.shape[0]
+            init.normal_(module.weight1, mean=0.0, std=num_branches**-0.5)
+            init.zeros_(module.bias1)
+            init.normal_(module.weight2, mean=0.0, std=(2.0 / hidden) ** 0.5)
+            init.zeros_(module.bias2)
+
+
+class MSLlavaModel(MSLlavaPreTrainedModel, LlavaModel):
+    """LLaVA's base model (vision tower, projector, language model) with MS-Resampler as `multi_modal_projector`."""
+
+    def __init__(self, config: MSLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = MSResampler(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    @select_hidden_states("vision_feature_layer")
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Runs the vision tower and MS-Resampler on `pixel_values` `(num_images, channels, height, width)`.
+
+        `pooler_output` holds the projected tokens, one `(M, text_hidden)` tensor per image.
+        """
+        if image_sizes is not None:
+            raise ValueError("MS-LLaVA takes fixed-size square crops; image_sizes is not supported")
+        image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
+        num_prefix_tokens = 0 if vision_feature_select_strategy == "default" else 1
+        hidden_states = [image_outputs.hidden_states[layer][:, 1 - num_prefix_tokens :] for layer in layers]
+        selected = torch.cat(hidden_states, dim=-1)  # (num_images, prefix + H*W, vision_hidden * layers)
+
+        patch_size = self.config.vision_config.patch_size
+        patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+        grid_size = (pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w)
+        image_features = self.multi_modal_projector(selected, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
+        image_outputs.pooler_output = list(image_features)
+        return image_outputs
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        """As LLaVA's, and also checks every image's run of placeholder tokens: each must hold exactly M tokens."""
+        num_queries = self.config.resampler_config.num_queries
+        if input_ids is not None and not is_torchdynamo_compiling():
+            num_images = image_features.shape[0] // num_queries
+            is_image = (input_ids == self.config.image_token_id).to(torch.int8)
+            total = int(is_image.sum())
+            if total != num_images * num_queries:
+                raise ValueError(
+                    f"Image features and image tokens do not match: the prompts hold {total} image tokens, but "
+                    f"{num_images} images need {num_images * num_queries} (M = {num_queries} per image)"
+                )
+            edges = torch.diff(nn.functional.pad(is_image, (1, 1)), dim=-1)  # +1 where a run starts, -1 after it ends
+            starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()
+            for (row, start), (_, end) in zip(starts.tolist(), ends.tolist()):
+                if (end - start) % num_queries != 0:
+                    raise ValueError(
+                        f"Image tokens do not match M: prompt {row} has a run of {end - start} image tokens at "
+                        f"position {start}; every image needs exactly M = {num_queries}"
+                    )
+        return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+
+
+class MSLlavaForConditionalGeneration(MSLlavaPreTrainedModel, LlavaForConditionalGeneration):
+    """MS-LLaVA with a language modeling head: use it as `LlavaForConditionalGeneration`."""
+
+    def __init__(self, config: MSLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = MSLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = [
+    "MSLlavaForConditionalGeneration",
+    "MSLlavaModel",
+    "MSLlavaPreTrainedModel",
+    "MSResampler",
+    "build_scope_bias",
+    "query_anchors",
+]
