@@ -89,6 +89,15 @@ class ChannelMLPFusion(nn.Module):
         self.bias2 = nn.Parameter(torch.empty(1))
         self.act = ACT2FN[act]
 
+    def reset_parameters(self):
+        # Variance-preserving start: the library's default normal(0, 0.02) on both layers would shrink the fused
+        # tokens about a thousandfold.
+        num_branches, hidden = self.weight1.shape[1], self.weight1.shape[0]
+        init.normal_(self.weight1, mean=0.0, std=num_branches**-0.5)
+        init.zeros_(self.bias1)
+        init.normal_(self.weight2, mean=0.0, std=(2.0 / hidden) ** 0.5)
+        init.zeros_(self.bias2)
+
     def forward(self, branch_outputs: torch.Tensor) -> torch.Tensor:
         expert_vectors = branch_outputs.transpose(-1, -2)  # (batch, M, D, E): z_ij
         hidden = self.act(nn.functional.linear(expert_vectors, self.weight1, self.bias1))  # (batch, M, D, h)
@@ -213,6 +222,27 @@ class MSResampler(nn.Module):
             self.learned_scope_bias = nn.Parameter(torch.empty(self.num_branches, self.num_queries, grid_tokens))
         # beta * B per (grid, prefix tokens, device, dtype), built once: B depends only on the config and the grid.
         self._bias_cache: dict[tuple, torch.Tensor] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Initialises every parameter (also called by the model's `_init_weights`); loaded weights are kept."""
+        std = self.config.initializer_range
+        init.ones_(self.input_layernorm.weight)
+        init.zeros_(self.input_layernorm.bias)
+        init.normal_(self.queries, mean=0.0, std=std)
+        init.normal_(self.kv_proj.weight, mean=0.0, std=std)
+        init.normal_(self.output_proj.weight, mean=0.0, std=std)
+        init.zeros_(self.output_proj.bias)
+        if isinstance(self.fusion, ChannelMLPFusion):
+            self.fusion.reset_parameters()
+        else:
+            for layer in self.fusion.modules():
+                if isinstance(layer, nn.Linear):
+                    init.normal_(layer.weight, mean=0.0, std=std)
+                    init.zeros_(layer.bias)
+        if self.native_grid is not None:
+            init.copy_(self.learned_scope_bias, self.eq5_scope_bias(*self.native_grid))
+        self._bias_cache.clear()
 
     def eq5_scope_bias(self, grid_height: int, grid_width: int) -> torch.Tensor:
         """B of Eq. 5 (not learned), shape `(E, M, grid_height * grid_width)`, values 0 / -1."""
@@ -228,7 +258,17 @@ class MSResampler(nn.Module):
                     f"vision tower, got a {grid_height}x{grid_width} grid; resize images to the native resolution"
                 )
             return self.learned_scope_bias
-        return self.eq5_scope_bias(grid_height, grid_width)
+        bias = self.eq5_scope_bias(grid_height, grid_width)
+        empty = (bias == -1).all(dim=-1)  # (E, M): windows holding no token
+        if empty.any():
+            branch, query = empty.nonzero()[0].tolist()
+            anchor = query_anchors(self.query_rows, self.query_cols, grid_height, grid_width)[query].tolist()
+            raise ValueError(
+                f"scope window k={self.scope_windows[branch]} holds no visual token for query {query} (anchor "
+                f"{tuple(anchor)}) on the {grid_height}x{grid_width} grid: Eq. 4 keeps tokens within floor(k/2) of "
+                "the anchor, and anchors of even-sized cells fall between tokens; use a larger k"
+            )
+        return bias
 
     def _attention_bias(self, grid_height, grid_width, num_prefix_tokens, device, dtype) -> torch.Tensor:
         """beta * B laid out as an additive mask `(1, E * heads, M, prefix + H*W)`; prefix tokens (CLS) get 0."""
@@ -328,19 +368,10 @@ class MSLlavaPreTrainedModel(LlavaPreTrainedModel):
     _no_split_modules = ["MSResampler"]
 
     def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, MSResampler):
-            init.normal_(module.queries, mean=0.0, std=module.config.initializer_range)
-            if module.native_grid is not None:
-                init.copy_(module.learned_scope_bias, module.eq5_scope_bias(*module.native_grid))
-            module._bias_cache.clear()
-        elif isinstance(module, ChannelMLPFusion):
-            # Variance-preserving start (the default 0.02 would shrink the fused tokens ~1000x).
-            num_branches, hidden = module.weight1.shape[1], module.weight1.shape[0]
-            init.normal_(module.weight1, mean=0.0, std=num_branches**-0.5)
-            init.zeros_(module.bias1)
-            init.normal_(module.weight2, mean=0.0, std=(2.0 / hidden) ** 0.5)
-            init.zeros_(module.bias2)
+        if isinstance(module, (MSResampler, ChannelMLPFusion)):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
 
 
 class MSLlavaModel(MSLlavaPreTrainedModel, LlavaModel):

@@ -50,7 +50,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny_config(tokenizer: PreTrainedTokenizerFast, **resampler_kwargs) -> MSLlavaConfig:
-    """Odd-sized tiny dimensions: CLIP tower 32 px / patch 4 (an 8 x 8 grid), Llama width 32, M = 16 by default."""
+    """Odd-sized tiny dimensions: CLIP tower 32 px / patch 4 (an 8 x 8 grid), Llama width 32, M = 16, k = [2, 4, 8] by default."""
     vision_config = CLIPVisionConfig(
         hidden_size=24,
         intermediate_size=37,
@@ -74,7 +74,7 @@ def build_tiny_config(tokenizer: PreTrainedTokenizerFast, **resampler_kwargs) ->
     )
     resampler = {
         "num_queries": 16,
-        "scope_windows": [1, 3, 8],
+        "scope_windows": [2, 4, 8],
         "hidden_size": 20,
         "num_attention_heads": 2,
         "fusion_hidden_size": 5,

@@ -1,0 +1,257 @@
+"""Cost per image of LLaVA's MLP projector, a vanilla resampler and MS-Resampler at LLaVA-1.5-7B dimensions.
+
+CLIP ViT-L/14-336 gives N = 576 tokens (24 x 24 grid) of width 1024; the LLM (Vicuna-7B) is 4096 wide. Only the
+projector modules are built. For each projector we measure, at batch 1 in fp32 on the CPU:
+
+* MACs with `torch.utils.flop_counter.FlopCounterMode` (FLOPs / 2), checked against a hand count;
+* parameters;
+* peak activation memory: the running sum of the CPU allocator's allocations and frees during one forward, read
+  from `torch.profiler` (profile_memory=True); weights, the input and the cached scope bias exist before and are
+  not counted;
+* latency: median and IQR of timed forwards under `torch.inference_mode()`.
+
+Run `python benchmarks/projector_cost.py` from the repository root; it rewrites its section of BENCHMARKS.md.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from ms_llava.configuration_ms_llava import MSLlavaConfig
+from ms_llava.modeling_ms_llava import MSResampler
+
+GRID, VISION_WIDTH, TEXT_WIDTH = (24, 24), 1024, 4096
+NUM_TOKENS = GRID[0] * GRID[1]
+BUDGET_GMACS, AIM_GMACS = 10.43, 7.0  # paper's Table 7 budget for M = 144, and our aim
+START, END = "<!-- projector_cost:start -->", "<!-- projector_cost:end -->"
+aten = torch.ops.aten
+
+
+def _sdpa_cpu_flop(query, key, value, *args, out_shape=None, **kwargs):
+    """FLOPs of the CPU SDPA kernel, which FlopCounterMode does not count: QK^T and PV, both (b*h, M, N, d)."""
+    batch, heads, queries, dim = query
+    return 2 * batch * heads * queries * key[-2] * (dim + value[-1])
+
+
+def _mv_flop(matrix, vector, *args, out_shape=None, **kwargs):
+    return 2 * matrix[0] * matrix[1]
+
+
+EXTRA_FLOP_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop, aten.mv: _mv_flop}
+
+
+def sub_configs():
+    vision = CLIPVisionConfig(
+        hidden_size=VISION_WIDTH, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14,
+        num_hidden_layers=1,
+    )
+    text = LlamaConfig(hidden_size=TEXT_WIDTH, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=1)
+    return vision, text
+
+
+def init_weights(module):
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_(mean=0.0, std=0.02)
+    return module.eval()
+
+
+def build_mlp():
+    vision, text = sub_configs()
+    return init_weights(LlavaMultiModalProjector(LlavaConfig(vision_config=vision, text_config=text)))
+
+
+def build_resampler(num_queries, windows, beta, attn="sdpa"):
+    vision, text = sub_configs()
+    resampler = {"num_queries": num_queries, "scope_windows": windows, "scope_bias_strength": beta}
+    config = MSLlavaConfig(vision_config=vision, text_config=text, resampler_config=resampler)
+    config._attn_implementation = attn
+    return init_weights(MSResampler(config))
+
+
+def hand_count(module):
+    """MACs by hand: the matmuls only (layer norm, softmax, GELU and adds are not counted by FlopCounterMode)."""
+    if isinstance(module, LlavaMultiModalProjector):
+        return NUM_TOKENS * (VISION_WIDTH * TEXT_WIDTH + TEXT_WIDTH * TEXT_WIDTH)
+    c = module.config
+    num_branches, width, queries = c.num_branches, c.hidden_size, c.num_queries
+    kv = NUM_TOKENS * VISION_WIDTH * 2 * num_branches * width
+    attention = 2 * num_branches * queries * NUM_TOKENS * width
+    fusion = queries * width * (num_branches + 1) * c.fusion_hidden_size if c.fusion == "channel_mlp" else 0
+    return kv + attention + fusion + queries * width * TEXT_WIDTH
+
+
+def count_macs(module, inputs):
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+        module(*inputs)
+    by_op = {str(op).removeprefix("aten."): flops / 2 for op, flops in counter.get_flop_counts()["Global"].items()}
+    return counter.get_total_flops() / 2, by_op
+
+
+def peak_activation_bytes(module, inputs):
+    """Peak of (bytes allocated - bytes freed) by the CPU allocator during one forward, from profiler events."""
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        module(*inputs)
+
+    def walk(events):
+        for event in events:
+            yield event
+            yield from walk(event.children)
+
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    allocations = sorted(
+        (event.start_time_ns, event.extra_fields.alloc_size) for event in walk(tree) if event.tag == _EventType.Allocation
+    )
+    current = peak = 0
+    for _, size in allocations:
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+def time_forward(module, inputs, warmup, runs):
+    times = []
+    with torch.inference_mode():
+        for step in range(warmup + runs):
+            start = time.perf_counter()
+            module(*inputs)
+            if step >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+    quartiles = statistics.quantiles(times, n=4)
+    return statistics.median(times), quartiles[2] - quartiles[0]
+
+
+def measure(name, module, warmup, runs):
+    inputs = (torch.randn(1, NUM_TOKENS, VISION_WIDTH),)
+    if isinstance(module, MSResampler):
+        inputs += (GRID,)
+        attn = module.config._attn_implementation or module.model_config._attn_implementation or "eager"
+    else:
+        attn = "-"
+    median_ms, iqr_ms = time_forward(module, inputs, warmup, runs)  # warm-up also fills the scope-bias cache
+    macs, by_op = count_macs(module, inputs)
+    cache = sum(t.numel() * t.element_size() for t in getattr(module, "_bias_cache", {}).values())
+    return {
+        "name": name, "attn": attn, "macs": macs, "hand": hand_count(module), "by_op": by_op,
+        "params": sum(p.numel() for p in module.parameters()), "peak": peak_activation_bytes(module, inputs),
+        "cache": cache, "median": median_ms, "iqr": iqr_ms,
+        "tokens": module.config.num_queries if isinstance(module, MSResampler) else NUM_TOKENS,
+    }
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def render(results, threads, runs, warmup):
+    mlp = results[0]
+    lines = [
+        "## Projector cost (LLaVA-1.5-7B dimensions, per image)",
+        "",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, torch.set_num_threads({threads}); torch {torch.__version__},"
+        f" transformers {transformers.__version__}, Python {platform.python_version()};"
+        f" {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "- Reproduce: `python benchmarks/projector_cost.py`",
+        f"- Input: 1 x {NUM_TOKENS} x {VISION_WIDTH} (CLIP ViT-L/14-336, {GRID[0]}x{GRID[1]} grid), output width"
+        f" {TEXT_WIDTH}; fp32, batch 1, CPU, `torch.inference_mode()`; latency over {runs} runs after {warmup}"
+        " warm-ups.",
+        "- GMACs: `FlopCounterMode` FLOPs / 2 (matmul-like ops only, plus formulas for the CPU SDPA kernel and"
+        " `aten.mv` which it does not count); 'hand' is the analytic count of the same matmuls.",
+        "- Peak act.: peak of bytes allocated minus freed by PyTorch's CPU allocator during one forward (torch.profiler"
+        " allocation events), output included; weights, input and the cached beta*B scope bias ('bias cache',"
+        " persistent after the first call) are not included.",
+        "",
+        "| Projector | Attn | Tokens to LLM | GMACs | hand GMACs | x MLP MACs | Params (M) | Peak act. (MiB)"
+        " | Bias cache (MiB) | Latency median (ms) | IQR (ms) | x MLP latency |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['name']} | {r['attn']} | {r['tokens']} | {r['macs'] / 1e9:.3f} | {r['hand'] / 1e9:.3f}"
+            f" | {r['macs'] / mlp['macs']:.3f} | {r['params'] / 1e6:.2f} | {r['peak'] / 2**20:.1f}"
+            f" | {r['cache'] / 2**20:.1f} | {r['median']:.1f} | {r['iqr']:.1f} | {r['median'] / mlp['median']:.3f} |"
+        )
+    ops = sorted({op for r in results for op in r["by_op"]})
+    lines += ["", "GMACs by op:", "", "| Projector | Attn | " + " | ".join(ops) + " |", "|---|---|" + "--:|" * len(ops)]
+    for r in results:
+        cells = " | ".join(f"{r['by_op'].get(op, 0) / 1e9:.3f}" for op in ops)
+        lines.append(f"| {r['name']} | {r['attn']} | {cells} |")
+    return lines
+
+
+def write_section(path, section):
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{START}\n{section}\n{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md",
+                        help="Markdown file whose projector_cost section is (re)written (default: BENCHMARKS.md)")
+    parser.add_argument("--no-write", action="store_true", help="only print the section")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    print(f"torch.set_num_threads({threads}); torch.get_num_threads() = {torch.get_num_threads()}")
+
+    builders = [("LLaVA MLP projector", build_mlp)]
+    for queries in (144, 64, 36):
+        builders.append((f"Resampler k=[24], beta=0, M={queries}", lambda q=queries: build_resampler(q, [24], 0.0)))
+    for queries in (144, 64, 36):
+        builders.append((f"MS-Resampler k=[2,6,24], M={queries}", lambda q=queries: build_resampler(q, [2, 6, 24], 5.0)))
+    builders.append(("MS-Resampler k=[2,6,24], M=144", lambda: build_resampler(144, [2, 6, 24], 5.0, attn="eager")))
+
+    results = []
+    for name, build in builders:
+        results.append(measure(name, build(), args.warmup, args.runs))
+        r = results[-1]
+        print(f"  {name} ({r['attn']}): {r['macs'] / 1e9:.3f} GMACs, {r['median']:.1f} ms", flush=True)
+        if abs(r["macs"] - r["hand"]) > 0.01 * r["hand"]:
+            print(f"  WARNING: measured {r['macs'] / 1e9:.3f} GMACs differs from the hand count {r['hand'] / 1e9:.3f}")
+
+    ms144 = next(r for r in results if r["name"].startswith("MS-Resampler") and r["tokens"] == 144)
+    gmacs = ms144["macs"] / 1e9
+    checks = [
+        f"- Budget (paper Table 7): MS-Resampler M=144 {gmacs:.3f} GMACs <= {BUDGET_GMACS}:"
+        f" **{'PASS' if gmacs <= BUDGET_GMACS else 'FAIL'}**",
+        f"- Aim: MS-Resampler M=144 {gmacs:.3f} GMACs <= {AIM_GMACS}: **{'PASS' if gmacs <= AIM_GMACS else 'FAIL'}**",
+    ]
+    section = "\n".join(render(results, threads, args.runs, args.warmup) + [""] + checks)
+    print("\n" + section)
+    if not args.no_write:
+        write_section(args.write, section)
+        print(f"\nwrote {args.write}")
+    if gmacs > BUDGET_GMACS:
+        raise SystemExit(f"MS-Resampler M=144 costs {gmacs:.3f} GMACs, over the {BUDGET_GMACS} GMACs budget")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+from transformers import AutoConfig
+
+from ms_llava import MSLlavaConfig, MSResamplerConfig
+
+
+def test_defaults_follow_the_paper():
+    config = MSLlavaConfig()
+    resampler = config.resampler_config
+    assert isinstance(resampler, MSResamplerConfig)
+    assert resampler.num_queries == 144 and resampler.query_grid_shape == (12, 12)
+    assert resampler.scope_windows == [2, 6, 24] and resampler.num_branches == 3
+    assert resampler.fusion == "channel_mlp"
+    assert config.vision_feature_layer == -2 and config.vision_feature_select_strategy == "default"
+    assert config.vision_grid_size == (24, 24)
+    assert config.num_image_tokens == 144
+    # LlavaConfig's name for the image token id keeps working
+    assert config.image_token_index == config.image_token_id == 32000
+
+
+def test_non_square_query_grid():
+    config = MSResamplerConfig(num_queries=12, query_grid=(3, 4))
+    assert config.query_grid_shape == (3, 4)
+
+
+def test_json_round_trip_and_auto_config(tmp_path):
+    config = MSLlavaConfig(resampler_config={"num_queries": 36, "scope_windows": [2, 5], "scope_bias_strength": 2.5})
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "ms_llava"
+    assert saved["resampler_config"]["num_queries"] == 36
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, MSLlavaConfig)
+    assert loaded.resampler_config.to_dict() == config.resampler_config.to_dict()
+    assert loaded.resampler_config.scope_windows == [2, 5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "value"),
+    [
+        ({"num_queries": 0}, "num_queries", "0"),
+        ({"num_queries": 10}, "num_queries", "10"),
+        ({"num_queries": 12, "query_grid": (3, 5)}, "query_grid", "(3, 5)"),
+        ({"num_queries": 4, "query_grid": (2, -2)}, "query_grid", "-2"),
+        ({"scope_windows": []}, "scope_windows", "[]"),
+        ({"scope_windows": [2, 0]}, "scope_windows", "[2, 0]"),
+        ({"scope_windows": [2, 2.5]}, "scope_windows", "2.5"),
+        ({"scope_bias_strength": -1.0}, "scope_bias_strength", "-1.0"),
+        ({"scope_bias_strength": float("nan")}, "scope_bias_strength", "nan"),
+        ({"fusion": "sum"}, "fusion", "sum"),
+        ({"fusion_hidden_size": 0}, "fusion_hidden_size", "0"),
+        ({"hidden_size": 30, "num_attention_heads": 4}, "hidden_size", "30"),
+        ({"learnable_scope_bias": "yes"}, "learnable_scope_bias", "yes"),
+    ],
+)
+def test_bad_resampler_values_raise_value_error_naming_field_and_value(kwargs, field, value):
+    with pytest.raises(ValueError) as error:
+        MSResamplerConfig(**kwargs)
+    assert field in str(error.value) and value in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "value"),
+    [
+        ({"vision_feature_select_strategy": "cls"}, "vision_feature_select_strategy", "cls"),
+        ({"vision_feature_layer": "last"}, "vision_feature_layer", "last"),
+        ({"image_token_id": -3}, "image_token_id", "-3"),
+        ({"resampler_config": {"fusion": "max"}}, "fusion", "max"),
+    ],
+)
+def test_bad_model_values_raise_value_error(kwargs, field, value):
+    with pytest.raises(ValueError) as error:
+        MSLlavaConfig(**kwargs)
+    assert field in str(error.value) and value in str(error.value)
+
+
+def test_bad_value_in_saved_config_is_refused_on_load(tmp_path):
+    MSLlavaConfig().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    saved["resampler_config"]["scope_windows"] = [3, -1]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"scope_windows.*\[3, -1\]"):
+        AutoConfig.from_pretrained(tmp_path)
