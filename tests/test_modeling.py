@@ -81,7 +81,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(image):
 
     model.train()
     plain = grads()
-    model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert model.model.language_model.gradient_checkpointing
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
