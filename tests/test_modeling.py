@@ -105,7 +105,9 @@ def test_wrong_per_image_split_raises(tiny):
     text = "USER: " + "<image>" * 17 + " and " + "<image>" * 15 + " ASSISTANT:"
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
-    with pytest.raises(ValueError, match=r"a run of 17 image tokens at position \d+; every image needs exactly M = 16"):
+    with pytest.raises(
+        ValueError, match=r"a run of 17 image tokens at position \d+; every image needs exactly M = 16"
+    ):
         model(input_ids=ids, pixel_values=pixel_values)
 
 
@@ -196,8 +198,11 @@ def test_untrained_parameters_are_initialised_on_load(tmp_path):
     from safetensors.torch import load_file, save_file
 
     weights = load_file(tmp_path / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if "multi_modal_projector" not in k}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if "multi_modal_projector" not in k},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     loaded = MSLlavaForConditionalGeneration.from_pretrained(tmp_path)
     resampler = loaded.model.multi_modal_projector
     assert torch.equal(resampler.input_layernorm.weight, torch.ones_like(resampler.input_layernorm.weight))
@@ -260,12 +265,17 @@ def test_remote_code_load_without_the_package(tiny, tiny_dir, image, tmp_path):
     env["HF_HUB_OFFLINE"] = "1"
     run = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(tiny_dir), str(image_path), str(result_path)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     remote = torch.load(result_path)
-    inputs = processor(images=image, text=processor.apply_chat_template(chat("Hi"), add_generation_prompt=True),
-                       return_tensors="pt")
+    inputs = processor(
+        images=image, text=processor.apply_chat_template(chat("Hi"), add_generation_prompt=True), return_tensors="pt"
+    )
     assert torch.equal(remote["input_ids"], inputs["input_ids"])
     assert torch.equal(remote["pixel_values"], inputs["pixel_values"])
     with torch.no_grad():

@@ -16,7 +16,9 @@ def test_pipeline_with_chat_messages(tiny_dir, tiny, image):
     # the same answer as calling generate on the model directly
     prompt = processor.apply_chat_template(chat("What?"), add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
-    tokens = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    tokens = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)[
+        0, inputs["input_ids"].shape[1] :
+    ]
     assert generated[-1]["content"] == processor.decode(tokens, skip_special_tokens=True)
 
 
@@ -33,5 +35,7 @@ def test_pipeline_with_images_and_text(tiny_dir, tiny, image):
     assert result[0]["generated_text"]
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     with torch.no_grad():
-        tokens = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+        tokens = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)[
+            0, inputs["input_ids"].shape[1] :
+        ]
     assert result[0]["generated_text"] == processor.decode(tokens, skip_special_tokens=True)

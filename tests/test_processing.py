@@ -7,7 +7,6 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from conftest import chat
 from ms_llava import LLAVA_1_5_CHAT_TEMPLATE, MSLlavaImageProcessor, MSLlavaProcessor
 from ms_llava.tiny import build_tiny_checkpoint, build_tiny_tokenizer
 
@@ -58,7 +57,9 @@ def _image(mode: str) -> Image.Image:
     return rgb.convert(mode)
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "L", "LA", "P", "P-transparent", "PA", "CMYK", "1", "I;16", "I", "F", "YCbCr"])
+@pytest.mark.parametrize(
+    "mode", ["RGBA", "L", "LA", "P", "P-transparent", "PA", "CMYK", "1", "I;16", "I", "F", "YCbCr"]
+)
 def test_any_pil_mode_becomes_a_normalised_rgb_tensor(mode):
     pixel_values = MSLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})(
         _image(mode), return_tensors="pt"
@@ -128,7 +129,7 @@ def test_chat_template_is_llava_1_5_style_with_generation_markers(tiny, image):
         messages[:2], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     ids, mask = encoded["input_ids"][0], encoded["assistant_masks"][0]
-    answer = [token for token, keep in zip(ids, mask) if keep]
+    answer = [token for token, keep in zip(ids, mask, strict=True) if keep]
     assert processor.tokenizer.decode(answer) == " A circle.</s>"
     assert list(ids).count(processor.image_token_id) == 16
 
@@ -146,7 +147,9 @@ def test_saved_processor_files(tiny_dir):
     saved = json.loads((tiny_dir / "processor_config.json").read_text())
     assert saved["num_image_tokens"] == 16
     assert saved["auto_map"]["AutoProcessor"] == "processing_ms_llava.MSLlavaProcessor"
-    assert saved["image_processor"]["auto_map"]["AutoImageProcessor"] == "image_processing_ms_llava.MSLlavaImageProcessor"
+    assert (
+        saved["image_processor"]["auto_map"]["AutoImageProcessor"] == "image_processing_ms_llava.MSLlavaImageProcessor"
+    )
     for module in ["configuration", "modeling", "processing", "image_processing"]:
         assert (tiny_dir / f"{module}_ms_llava.py").is_file()
     assert isinstance(AutoImageProcessor.from_pretrained(tiny_dir), MSLlavaImageProcessor)

@@ -87,7 +87,9 @@ def test_query_grid_finer_than_token_grid_is_refused():
 def test_empty_window_is_refused():
     # k = 1 keeps tokens within 0 of the anchor; the anchors of 2 x 2 cells sit between tokens
     resampler = make_resampler(scope_windows=[1, 4])
-    with pytest.raises(ValueError, match=r"scope window k=1 holds no visual token for query 0 \(anchor \(0.5, 0.5\)\)"):
+    with pytest.raises(
+        ValueError, match=r"scope window k=1 holds no visual token for query 0 \(anchor \(0.5, 0.5\)\)"
+    ):
         resampler(torch.randn(1, 64, 24))
     # on 3 x 3 cells the anchors are token centres and k = 1 is the anchor token itself
     bias = make_resampler(num_queries=9, scope_windows=[1]).scope_bias(9, 9)

@@ -18,7 +18,6 @@ from .image_processing_ms_llava import MSLlavaImageProcessor
 from .modeling_ms_llava import MSLlavaForConditionalGeneration, MSLlavaModel, MSLlavaPreTrainedModel, MSResampler
 from .processing_ms_llava import LLAVA_1_5_CHAT_TEMPLATE, MSLlavaProcessor
 
-
 __version__ = "0.1.0"
 
 AutoConfig.register(MSLlavaConfig.model_type, MSLlavaConfig, exist_ok=True)

@@ -11,7 +11,6 @@ from numbers import Real
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-
 FUSIONS = ("channel_mlp", "mean", "attention", "concat_mlp")
 
 
@@ -214,7 +213,7 @@ class MSLlavaConfig(PreTrainedConfig):
         if not _is_int(self.image_token_id) or self.image_token_id < 0:
             raise ValueError(f"image_token_id must be a non-negative integer, got {self.image_token_id!r}")
         if self.resampler_config.learnable_scope_bias:
-            self.vision_grid_size  # raises if the native grid is unknown
+            _ = self.vision_grid_size  # raises if the native grid is unknown
 
     @property
     def num_image_tokens(self) -> int:

@@ -23,7 +23,6 @@ from transformers.utils.output_capturing import select_hidden_states
 
 from .configuration_ms_llava import MSLlavaConfig
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # Spatial scope prior (Sec. 3.4)
 # --------------------------------------------------------------------------------------------------------------------
@@ -55,9 +54,7 @@ def query_anchors(rows: int, cols: int, grid_height: int, grid_width: int) -> to
     return torch.stack(torch.meshgrid(centre_y, centre_x, indexing="ij"), dim=-1).view(rows * cols, 2)
 
 
-def build_scope_bias(
-    windows: list[int], rows: int, cols: int, grid_height: int, grid_width: int
-) -> torch.Tensor:
+def build_scope_bias(windows: list[int], rows: int, cols: int, grid_height: int, grid_width: int) -> torch.Tensor:
     """B of Eq. 5 for every branch: 0 where token l lies in the k x k window of Eq. 4 around query i's anchor, else -1.
 
     Returns:
@@ -428,7 +425,7 @@ class MSLlavaModel(MSLlavaPreTrainedModel, LlavaModel):
                 )
             edges = torch.diff(nn.functional.pad(is_image, (1, 1)), dim=-1)  # +1 where a run starts, -1 after it ends
             starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()
-            for (row, start), (_, end) in zip(starts.tolist(), ends.tolist()):
+            for (row, start), (_, end) in zip(starts.tolist(), ends.tolist(), strict=True):
                 if (end - start) % num_queries != 0:
                     raise ValueError(
                         f"Image tokens do not match M: prompt {row} has a run of {end - start} image tokens at "

@@ -9,7 +9,6 @@ import re
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import cached_file
 
-
 # LLaVA-1.5's conversation style ("vicuna_v1"): "USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ...".
 # Image and text parts keep their order; an optional system message opens the prompt. The assistant's reply, with its
 # leading space and the end-of-sequence token, sits in {% generation %} markers so that
@@ -95,7 +94,7 @@ class MSLlavaProcessor(ProcessorMixin):
         """Refuses tokenisation (typically truncation) that cut image placeholders."""
         input_ids = text_inputs["input_ids"]
         input_ids = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
-        for index, (ids, sample) in enumerate(zip(input_ids, text)):
+        for index, (ids, sample) in enumerate(zip(input_ids, text, strict=True)):
             expected = len(re.findall(re.escape(self.image_token), sample))
             kept = list(ids).count(self.image_token_id)
             if kept != expected:

@@ -16,7 +16,6 @@ from .image_processing_ms_llava import MSLlavaImageProcessor
 from .modeling_ms_llava import MSLlavaForConditionalGeneration
 from .processing_ms_llava import MSLlavaProcessor
 
-
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 _CORPUS = [
