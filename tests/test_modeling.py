@@ -287,3 +287,16 @@ def test_processor_from_pretrained_round_trip(tiny_dir, tiny):
     loaded = AutoProcessor.from_pretrained(tiny_dir)
     assert type(loaded) is type(processor)
     assert loaded.num_image_tokens == 16 and loaded.chat_template == processor.chat_template
+
+
+def test_bfloat16_model_runs_and_generates(image):
+    model, processor = build_tiny_checkpoint(seed=5)
+    inputs = prompt_inputs(processor, [image], [("Hi", 1)])
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        model = model.to(torch.bfloat16)
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        logits = model(**inputs).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, rtol=0.1, atol=0.1)
+    assert model.generate(**inputs, max_new_tokens=3, min_new_tokens=3).shape[1] == inputs["input_ids"].shape[1] + 3

@@ -311,3 +311,11 @@ def test_default_cost_budget_structure():
     macs = 576 * 1024 * 6 * 1024 + 2 * 3 * 144 * 576 * 1024 + 144 * 1024 * 4096
     assert macs / 1e9 < 7  # the full measurement is in benchmarks/projector_cost.py
     assert math.isclose(resampler.scaling, 64**-0.5)
+
+
+def test_compiles_without_graph_breaks():
+    resampler = make_resampler(attn="sdpa")
+    compiled = torch.compile(resampler, fullgraph=True)
+    features = torch.randn(2, 64, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(features), resampler(features), rtol=1e-5, atol=1e-5)

@@ -28,6 +28,11 @@ from .configuration_ms_llava import MSLlavaConfig
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _band_centre(index: int, bands: int, size: int) -> float:
+    """Centre of band `index` when `size` rows are split into `bands` contiguous bands as evenly as possible."""
+    return ((index * size) // bands + ((index + 1) * size) // bands - 1) / 2
+
+
 def query_anchors(rows: int, cols: int, grid_height: int, grid_width: int) -> torch.Tensor:
     """Anchor (y, x) of each query, in token-index coordinates, row-major over the query grid.
 
@@ -43,14 +48,8 @@ def query_anchors(rows: int, cols: int, grid_height: int, grid_width: int) -> to
             "every query needs at least one token in its cell; use fewer queries or a larger image"
         )
 
-    def band_centres(bands: int, size: int) -> torch.Tensor:
-        index = torch.arange(bands)
-        first = (index * size) // bands
-        last = ((index + 1) * size) // bands - 1
-        return (first + last).to(torch.float32) / 2
-
-    centre_y = band_centres(rows, grid_height)  # (rows,)
-    centre_x = band_centres(cols, grid_width)  # (cols,)
+    centre_y = torch.tensor([_band_centre(i, rows, grid_height) for i in range(rows)])  # (rows,)
+    centre_x = torch.tensor([_band_centre(j, cols, grid_width) for j in range(cols)])  # (cols,)
     return torch.stack(torch.meshgrid(centre_y, centre_x, indexing="ij"), dim=-1).view(rows * cols, 2)
 
 
@@ -255,17 +254,25 @@ class MSResampler(nn.Module):
                     f"vision tower, got a {grid_height}x{grid_width} grid; resize images to the native resolution"
                 )
             return self.learned_scope_bias
-        bias = self.eq5_scope_bias(grid_height, grid_width)
-        empty = (bias == -1).all(dim=-1)  # (E, M): windows holding no token
-        if empty.any():
-            branch, query = empty.nonzero()[0].tolist()
-            anchor = query_anchors(self.query_rows, self.query_cols, grid_height, grid_width)[query].tolist()
-            raise ValueError(
-                f"scope window k={self.scope_windows[branch]} holds no visual token for query {query} (anchor "
-                f"{tuple(anchor)}) on the {grid_height}x{grid_width} grid: Eq. 4 keeps tokens within floor(k/2) of "
-                "the anchor, and anchors of even-sized cells fall between tokens; use a larger k"
+        self._check_windows(grid_height, grid_width)
+        return self.eq5_scope_bias(grid_height, grid_width)
+
+    def _check_windows(self, grid_height: int, grid_width: int):
+        """Refuses a window that holds no token. Only k = 1 can: floor(1/2) = 0 keeps the anchor's own position,
+        and the anchor of an even-sized cell sits between tokens. Plain Python, so torch.compile traces no branch."""
+        if 1 not in self.scope_windows:
+            return
+        for query in range(self.num_queries):
+            anchor = (
+                _band_centre(query // self.query_cols, self.query_rows, grid_height),
+                _band_centre(query % self.query_cols, self.query_cols, grid_width),
             )
-        return bias
+            if anchor[0] % 1 or anchor[1] % 1:
+                raise ValueError(
+                    f"scope window k=1 holds no visual token for query {query} (anchor {anchor}) on the "
+                    f"{grid_height}x{grid_width} grid: Eq. 4 keeps tokens within floor(k/2) of the anchor, and anchors "
+                    "of even-sized cells fall between tokens; use a larger k"
+                )
 
     def _attention_bias(self, grid_height, grid_width, num_prefix_tokens, device, dtype) -> torch.Tensor:
         """beta * B laid out as an additive mask `(1, E * heads, M, prefix + H*W)`; prefix tokens (CLS) get 0."""
