@@ -8,13 +8,14 @@ projector modules are built. For each projector we measure, at batch 1 in fp32 o
 * peak activation memory: the running sum of the CPU allocator's allocations and frees during one forward, read
   from `torch.profiler` (profile_memory=True); weights, the input and the cached scope bias exist before and are
   not counted;
-* latency: median and IQR of timed forwards under `torch.inference_mode()`.
+* latency: median, IQR and min of forwards under `torch.inference_mode()`, all projectors timed in turns.
 
 Run `python benchmarks/projector_cost.py` from the repository root; it rewrites its section of BENCHMARKS.md.
 """
 
 import argparse
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -36,6 +37,7 @@ GRID, VISION_WIDTH, TEXT_WIDTH = (24, 24), 1024, 4096
 NUM_TOKENS = GRID[0] * GRID[1]
 BUDGET_GMACS, AIM_GMACS = 10.43, 7.0  # paper's Table 7 budget for M = 144, and our aim
 START, END = "<!-- projector_cost:start -->", "<!-- projector_cost:end -->"
+CLIP_336 = {"image_size": 336, "patch_size": 14, "num_hidden_layers": 1}  # configs only: no tower is built
 aten = torch.ops.aten
 
 
@@ -53,10 +55,7 @@ EXTRA_FLOP_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_c
 
 
 def sub_configs():
-    vision = CLIPVisionConfig(
-        hidden_size=VISION_WIDTH, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14,
-        num_hidden_layers=1,
-    )
+    vision = CLIPVisionConfig(hidden_size=VISION_WIDTH, num_attention_heads=16, intermediate_size=4096, **CLIP_336)
     text = LlamaConfig(hidden_size=TEXT_WIDTH, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=1)
     return vision, text
 
@@ -112,43 +111,47 @@ def peak_activation_bytes(module, inputs):
 
     tree = prof.profiler.kineto_results.experimental_event_tree()
     allocations = sorted(
-        (event.start_time_ns, event.extra_fields.alloc_size) for event in walk(tree) if event.tag == _EventType.Allocation
+        (e.start_time_ns, e.extra_fields.alloc_size) for e in walk(tree) if e.tag == _EventType.Allocation
     )
-    current = peak = 0
-    for _, size in allocations:
-        current += size
-        peak = max(peak, current)
-    return peak
+    return max(itertools.accumulate((size for _, size in allocations), initial=0))
 
 
-def time_forward(module, inputs, warmup, runs):
-    times = []
+def time_in_turns(results, warmup, runs):
+    """Latency in ms: every round runs each projector once, so that slow spells of a shared machine hit all alike."""
+    times = [[] for _ in results]
     with torch.inference_mode():
         for step in range(warmup + runs):
-            start = time.perf_counter()
-            module(*inputs)
-            if step >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-    quartiles = statistics.quantiles(times, n=4)
-    return statistics.median(times), quartiles[2] - quartiles[0]
+            for r, samples in zip(results, times, strict=True):
+                start = time.perf_counter()
+                r["module"](*r["inputs"])
+                if step >= warmup:
+                    samples.append((time.perf_counter() - start) * 1e3)
+    for r, samples in zip(results, times, strict=True):
+        q1, median, q3 = statistics.quantiles(samples, n=4)
+        r.update(median=median, iqr=q3 - q1, min=min(samples))
 
 
-def measure(name, module, warmup, runs):
-    inputs = (torch.randn(1, NUM_TOKENS, VISION_WIDTH),)
-    if isinstance(module, MSResampler):
-        inputs += (GRID,)
-        attn = module.config._attn_implementation or module.model_config._attn_implementation or "eager"
-    else:
-        attn = "-"
-    median_ms, iqr_ms = time_forward(module, inputs, warmup, runs)  # warm-up also fills the scope-bias cache
+def measure(name, module):
+    is_resampler = isinstance(module, MSResampler)
+    inputs = (torch.randn(1, NUM_TOKENS, VISION_WIDTH),) + ((GRID,) if is_resampler else ())
+    with torch.inference_mode():
+        module(*inputs)  # fills the resampler's scope-bias cache
     macs, by_op = count_macs(module, inputs)
+    attn = (module.config._attn_implementation or module.model_config._attn_implementation) if is_resampler else "-"
     cache = sum(t.numel() * t.element_size() for t in getattr(module, "_bias_cache", {}).values())
-    return {
-        "name": name, "attn": attn, "macs": macs, "hand": hand_count(module), "by_op": by_op,
-        "params": sum(p.numel() for p in module.parameters()), "peak": peak_activation_bytes(module, inputs),
-        "cache": cache, "median": median_ms, "iqr": iqr_ms,
-        "tokens": module.config.num_queries if isinstance(module, MSResampler) else NUM_TOKENS,
-    }
+    return dict(
+        name=name,
+        module=module,
+        inputs=inputs,
+        macs=macs,
+        hand=hand_count(module),
+        by_op=by_op,
+        attn=attn,
+        tokens=module.config.num_queries if is_resampler else NUM_TOKENS,
+        cache=cache,
+        params=sum(p.numel() for p in module.parameters()),
+        peak=peak_activation_bytes(module, inputs),
+    )
 
 
 def cpu_model():
@@ -171,8 +174,9 @@ def render(results, threads, runs, warmup):
         f" {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "- Reproduce: `python benchmarks/projector_cost.py`",
         f"- Input: 1 x {NUM_TOKENS} x {VISION_WIDTH} (CLIP ViT-L/14-336, {GRID[0]}x{GRID[1]} grid), output width"
-        f" {TEXT_WIDTH}; fp32, batch 1, CPU, `torch.inference_mode()`; latency over {runs} runs after {warmup}"
-        " warm-ups.",
+        f" {TEXT_WIDTH}; fp32, batch 1, CPU, `torch.inference_mode()`.",
+        f"- Latency: {runs} timed rounds after {warmup} warm-up rounds; each round runs every projector once, in turns,"
+        " so that slow spells of a shared machine hit all rows alike; 'x MLP' divides medians.",
         "- GMACs: `FlopCounterMode` FLOPs / 2 (matmul-like ops only, plus formulas for the CPU SDPA kernel and"
         " `aten.mv` which it does not count); 'hand' is the analytic count of the same matmuls.",
         "- Peak act.: peak of bytes allocated minus freed by PyTorch's CPU allocator during one forward (torch.profiler"
@@ -180,17 +184,24 @@ def render(results, threads, runs, warmup):
         " persistent after the first call) are not included.",
         "",
         "| Projector | Attn | Tokens to LLM | GMACs | hand GMACs | x MLP MACs | Params (M) | Peak act. (MiB)"
-        " | Bias cache (MiB) | Latency median (ms) | IQR (ms) | x MLP latency |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        " | Bias cache (MiB) | Latency median (ms) | IQR (ms) | min (ms) | x MLP latency |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         lines.append(
             f"| {r['name']} | {r['attn']} | {r['tokens']} | {r['macs'] / 1e9:.3f} | {r['hand'] / 1e9:.3f}"
             f" | {r['macs'] / mlp['macs']:.3f} | {r['params'] / 1e6:.2f} | {r['peak'] / 2**20:.1f}"
-            f" | {r['cache'] / 2**20:.1f} | {r['median']:.1f} | {r['iqr']:.1f} | {r['median'] / mlp['median']:.3f} |"
+            f" | {r['cache'] / 2**20:.1f} | {r['median']:.1f} | {r['iqr']:.1f} | {r['min']:.1f}"
+            f" | {r['median'] / mlp['median']:.3f} |"
         )
+    if any(r["median"] > 1.5 * r["min"] for r in results):
+        lines += [
+            "",
+            "Note: some medians are over 1.5x the fastest run, so the CPU was contended during the run (on a"
+            " shared VM, `--threads 1` is steadier); the MAC counts do not depend on the machine.",
+        ]
     ops = sorted({op for r in results for op in r["by_op"]})
-    lines += ["", "GMACs by op:", "", "| Projector | Attn | " + " | ".join(ops) + " |", "|---|---|" + "--:|" * len(ops)]
+    lines += ["", "GMACs by op:", "", f"| Projector | Attn | {' | '.join(ops)} |", "|---|---|" + "--:|" * len(ops)]
     for r in results:
         cells = " | ".join(f"{r['by_op'].get(op, 0) / 1e9:.3f}" for op in ops)
         lines.append(f"| {r['name']} | {r['attn']} | {cells} |")
@@ -210,32 +221,34 @@ def write_section(path, section):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md",
-                        help="Markdown file whose projector_cost section is (re)written (default: BENCHMARKS.md)")
+    default_path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+    parser.add_argument("--write", type=Path, default=default_path, help="Markdown file to update (BENCHMARKS.md)")
     parser.add_argument("--no-write", action="store_true", help="only print the section")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: the usable CPU cores)")
     args = parser.parse_args()
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     print(f"torch.set_num_threads({threads}); torch.get_num_threads() = {torch.get_num_threads()}")
 
     builders = [("LLaVA MLP projector", build_mlp)]
-    for queries in (144, 64, 36):
-        builders.append((f"Resampler k=[24], beta=0, M={queries}", lambda q=queries: build_resampler(q, [24], 0.0)))
-    for queries in (144, 64, 36):
-        builders.append((f"MS-Resampler k=[2,6,24], M={queries}", lambda q=queries: build_resampler(q, [2, 6, 24], 5.0)))
+    for q in (144, 64, 36):
+        builders.append((f"Resampler k=[24], beta=0, M={q}", lambda q=q: build_resampler(q, [24], 0.0)))
+    for q in (144, 64, 36):
+        builders.append((f"MS-Resampler k=[2,6,24], M={q}", lambda q=q: build_resampler(q, [2, 6, 24], 5.0)))
     builders.append(("MS-Resampler k=[2,6,24], M=144", lambda: build_resampler(144, [2, 6, 24], 5.0, attn="eager")))
 
     results = []
     for name, build in builders:
-        results.append(measure(name, build(), args.warmup, args.runs))
-        r = results[-1]
-        print(f"  {name} ({r['attn']}): {r['macs'] / 1e9:.3f} GMACs, {r['median']:.1f} ms", flush=True)
+        results.append(r := measure(name, build()))
+        print(f"  {name} ({r['attn']}): {r['macs'] / 1e9:.3f} GMACs (hand count {r['hand'] / 1e9:.3f})", flush=True)
         if abs(r["macs"] - r["hand"]) > 0.01 * r["hand"]:
-            print(f"  WARNING: measured {r['macs'] / 1e9:.3f} GMACs differs from the hand count {r['hand'] / 1e9:.3f}")
+            print("  WARNING: the measured MACs differ from the hand count by more than 1%")
+    print(f"timing {len(results)} projectors in turns: {args.warmup} warm-up + {args.runs} timed rounds", flush=True)
+    time_in_turns(results, args.warmup, args.runs)
 
     ms144 = next(r for r in results if r["name"].startswith("MS-Resampler") and r["tokens"] == 144)
     gmacs = ms144["macs"] / 1e9

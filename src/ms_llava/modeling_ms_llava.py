@@ -274,15 +274,16 @@ class MSResampler(nn.Module):
                     "of even-sized cells fall between tokens; use a larger k"
                 )
 
-    def _attention_bias(self, grid_height, grid_width, num_prefix_tokens, device, dtype) -> torch.Tensor:
-        """beta * B laid out as an additive mask `(1, E * heads, M, prefix + H*W)`; prefix tokens (CLS) get 0."""
+    def _attention_bias(self, grid_height, grid_width, num_prefix_tokens, device, dtype) -> torch.Tensor | None:
+        """beta * B as an additive mask `(1, E, M, prefix + H*W)`, broadcast over batch and heads; prefix tokens (CLS)
+        get 0. None when beta = 0: the vanilla resampler needs no mask."""
+        if self.scope_bias_strength == 0:
+            return None
         key = (grid_height, grid_width, num_prefix_tokens, device, dtype)
         if self.native_grid is None and key in self._bias_cache:
             return self._bias_cache[key]
         bias = self.scope_bias(grid_height, grid_width).to(device=device, dtype=torch.float32)  # (E, M, N)
-        bias = nn.functional.pad(bias, (num_prefix_tokens, 0)) * self.scope_bias_strength
-        bias = bias[:, None].expand(-1, self.num_heads, -1, -1)  # (E, heads, M, N)
-        bias = bias.reshape(1, self.num_branches * self.num_heads, self.num_queries, -1).to(dtype)
+        bias = (nn.functional.pad(bias, (num_prefix_tokens, 0)) * self.scope_bias_strength)[None].to(dtype)
         if self.native_grid is None:
             self._bias_cache[key] = bias
         return bias
@@ -330,34 +331,41 @@ class MSResampler(nn.Module):
                 f"{grid_tokens} (after {num_prefix_tokens} prefix tokens)"
             )
 
+        # The attention runs with the heads folded into the batch and the E branches as the heads, so that one
+        # (1, E, M, N) bias broadcasts over both without a per-head copy.
+        num_branches, num_heads, head_dim = self.num_branches, self.num_heads, self.head_dim
         normed = self.input_layernorm(image_features)
-        kv = self.kv_proj(normed).view(batch_size, num_tokens, 2, self.num_branches, self.num_heads, self.head_dim)
-        kv = kv.permute(2, 0, 3, 4, 1, 5)  # (k|v, batch, branch, head, tokens, dim)
-        kv = kv.reshape(2, batch_size, self.num_branches * self.num_heads, num_tokens, self.head_dim)
-        key, value = kv.unbind(0)  # each (batch, E*heads, N, head_dim)
-        query = self.queries.view(self.num_branches, self.num_queries, self.num_heads, self.head_dim)
-        query = query.permute(0, 2, 1, 3).reshape(1, -1, self.num_queries, self.head_dim)  # (1, E*heads, M, dim)
-        query = query.to(key.dtype).expand(batch_size, -1, -1, -1)
+        kv = self.kv_proj(normed).view(batch_size, num_tokens, 2, num_branches, num_heads, head_dim)
+        kv = kv.permute(2, 0, 4, 3, 1, 5)  # (k|v, batch, head, branch, tokens, dim)
+        key, value = kv.reshape(2, batch_size * num_heads, num_branches, num_tokens, head_dim).unbind(0)
+        query = self.queries.view(num_branches, self.num_queries, num_heads, head_dim).permute(2, 0, 1, 3)
+        query = query.to(key.dtype).expand(batch_size, -1, -1, -1, -1)  # (batch, head, branch, M, dim)
+        query = query.reshape(batch_size * num_heads, num_branches, self.num_queries, head_dim)
         bias = self._attention_bias(grid_height, grid_width, num_prefix_tokens, key.device, key.dtype)
 
         implementation = self.config._attn_implementation or self.model_config._attn_implementation or "eager"
         if output_attentions or implementation == "eager":
             attn_output, probs = eager_resampler_attention(self, query, key, value, bias, scaling=self.scaling)
         elif implementation == "flex_attention":
-            # flex indexes the bias by batch in its score_mod
+            # flex reads the bias per (batch, head) in its score_mod: expand (a view, no copy)
+            position_bias = None if bias is None else bias.expand(batch_size * num_heads, -1, -1, -1)
             attn_output, probs = ALL_ATTENTION_FUNCTIONS["flex_attention"](
-                self, query, key, value, None, scaling=self.scaling, position_bias=bias.expand(batch_size, -1, -1, -1)
+                self, query, key, value, None, scaling=self.scaling, position_bias=position_bias
             )
         else:
             # SDPA also serves "flash_attention_2" and other kernels that take no additive bias.
             attn_output, probs = ALL_ATTENTION_FUNCTIONS["sdpa"](
                 self, query, key, value, bias, scaling=self.scaling, is_causal=False
             )
-        branch_outputs = attn_output.reshape(batch_size, self.num_queries, self.num_branches, self.hidden_size)
+        # attn_output: (batch * head, M, branch, dim) -> (batch, M, branch, head * dim)
+        attn_output = attn_output.view(batch_size, num_heads, self.num_queries, num_branches, head_dim)
+        branch_outputs = attn_output.permute(0, 2, 3, 1, 4).reshape(
+            batch_size, self.num_queries, num_branches, self.hidden_size
+        )
         fused = self.fusion(branch_outputs)  # (batch, M, D)
         projected = self.output_proj(fused)  # (batch, M, text_hidden)
         if output_attentions:
-            probs = probs.view(batch_size, self.num_branches, self.num_heads, self.num_queries, num_tokens)
+            probs = probs.view(batch_size, num_heads, num_branches, self.num_queries, num_tokens).transpose(1, 2)
             return projected, probs
         return projected
 
