@@ -58,3 +58,15 @@ def test_demo_refuses_a_missing_image(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--image", "/nonexistent/photo.png"])
     assert "no such file: /nonexistent/photo.png" in capsys.readouterr().err
+
+
+def test_readme_quick_start_runs(tiny_dir, image, tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    quick_start = blocks[0]
+    assert "path/to/ms-llava-checkpoint" in quick_start and "photo.jpg" in quick_start
+    image.save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    code = quick_start.replace("path/to/ms-llava-checkpoint", str(tiny_dir)).replace("64", "4")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["answer"] and namespace["answer"] == namespace["reply"]  # the same greedy answer both ways
