@@ -53,6 +53,9 @@ def test_json_round_trip_and_auto_config(tmp_path):
         ({"fusion_hidden_size": 0}, "fusion_hidden_size", "0"),
         ({"hidden_size": 30, "num_attention_heads": 4}, "hidden_size", "30"),
         ({"learnable_scope_bias": "yes"}, "learnable_scope_bias", "yes"),
+        ({"fusion_act": "relu6x"}, "fusion_act", "relu6x"),
+        ({"initializer_range": -0.1}, "initializer_range", "-0.1"),
+        ({"layer_norm_eps": 0.0}, "layer_norm_eps", "0.0"),
     ],
 )
 def test_bad_resampler_values_raise_value_error_naming_field_and_value(kwargs, field, value):

@@ -213,12 +213,67 @@ def test_untrained_parameters_are_initialised_on_load(tmp_path):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_attn_implementation_choice_matches(tiny_dir, tiny, attn, image):
+def test_attn_implementation_choice_is_followed(tiny_dir, tiny, attn, image, monkeypatch):
+    from ms_llava import modeling_ms_llava
+
     model, processor = tiny
     loaded = AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation=attn).eval()
+    calls = []
+    eager = modeling_ms_llava.eager_resampler_attention
+    monkeypatch.setattr(
+        modeling_ms_llava, "eager_resampler_attention", lambda *a, **k: calls.append(1) or eager(*a, **k)
+    )
     inputs = prompt_inputs(processor, [image], [("Hi", 1)])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
+    assert len(calls) == (1 if attn == "eager" else 0)
+    loaded.set_attn_implementation("eager" if attn == "sdpa" else "sdpa")  # switching later works too
+    with torch.no_grad():
+        loaded(**inputs)
+    assert len(calls) == 1
+
+
+def test_siglip_tower_without_cls_token(image):
+    from transformers import SiglipVisionConfig
+
+    from ms_llava import MSLlavaConfig
+    from ms_llava.tiny import build_tiny_config, build_tiny_processor, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = build_tiny_config(tokenizer).to_dict()
+    vision = SiglipVisionConfig(
+        hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4
+    )
+    config = MSLlavaConfig(**{**config, "vision_config": vision, "vision_feature_select_strategy": "full"})
+    model = MSLlavaForConditionalGeneration(config).eval()
+    processor = build_tiny_processor(config, tokenizer)
+    inputs = prompt_inputs(processor, [image], [("Hi", 1)])
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+        tower = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2]
+        assert tower.shape[1] == 64  # 8 x 8 patches, no CLS
+        torch.testing.assert_close(features, model.model.multi_modal_projector(tower, grid_size=(8, 8))[0])
+        assert torch.isfinite(model(**inputs).logits).all()
+    config.vision_feature_select_strategy = "default"
+    with pytest.raises(ValueError, match="no CLS token; use 'full'"):
+        model.get_image_features(pixel_values=inputs["pixel_values"])
+
+
+def test_text_only_and_image_prompts_in_one_batch(tiny):
+    model, processor = tiny
+    settings = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    image = sample_image(40, seed=11)
+    prompts = [
+        "USER: Say something. ASSISTANT:",
+        processor.apply_chat_template(chat("Hm?"), add_generation_prompt=True),
+    ]
+    batch = processor(images=[image], text=prompts, return_tensors="pt", padding=True)
+    batched = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
+    text_only = processor(text=prompts[:1], return_tensors="pt")
+    with_image = processor(images=[image], text=prompts[1:], return_tensors="pt")
+    for row, single in enumerate([text_only, with_image]):
+        alone = model.generate(**single, **settings)[:, single["input_ids"].shape[1] :]
+        assert torch.equal(batched[row], alone[0]), f"prompt {row}"
 
 
 REMOTE_SCRIPT = textwrap.dedent(
@@ -245,13 +300,23 @@ REMOTE_SCRIPT = textwrap.dedent(
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert "ms_llava" not in sys.modules
     assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=Image.open(sys.argv[2]), text=prompt, return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits
-    torch.save({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits}, sys.argv[3])
+    from transformers import AutoModel, pipeline
+
+    base = AutoModel.from_pretrained(path, trust_remote_code=True)
+    assert type(base).__name__ == "MSLlavaModel", type(base)
+    pipe = pipeline("image-text-to-text", model=path, trust_remote_code=True)
+    messages[0]["content"][0]["image"] = Image.open(sys.argv[2])
+    reply = pipe(text=messages, generate_kwargs={"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False})
+    result = {"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits}
+    result["reply"] = reply[0]["generated_text"][-1]["content"]
+    torch.save(result, sys.argv[3])
     """
 )
 
@@ -280,6 +345,8 @@ def test_remote_code_load_without_the_package(tiny, tiny_dir, image, tmp_path):
     assert torch.equal(remote["pixel_values"], inputs["pixel_values"])
     with torch.no_grad():
         assert torch.equal(remote["logits"], model(**inputs).logits)
+    tokens = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert remote["reply"] == processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_processor_from_pretrained_round_trip(tiny_dir, tiny):

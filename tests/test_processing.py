@@ -143,6 +143,26 @@ def test_processor_and_model_config_must_agree_on_m(tiny, tmp_path):
         AutoProcessor.from_pretrained(tmp_path)
 
 
+def test_processor_and_model_config_must_agree_on_the_image_token(tiny, tmp_path):
+    model, processor = tiny
+    config = model.config.to_dict()
+    model.config.__class__(**{**config, "image_token_id": 3}).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"image token '<image>' has id \d+, but the model config has image_token_id=3"
+    ):
+        AutoProcessor.from_pretrained(tmp_path)
+
+
+def test_explicit_image_token_is_used(tiny):
+    _, processor = tiny
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<img>"]})
+    custom = MSLlavaProcessor(processor.image_processor, tokenizer, num_image_tokens=4, image_token="<img>")
+    assert custom.image_token == "<img>" and custom.image_token_id == tokenizer.convert_tokens_to_ids("<img>")
+    assert custom.replace_image_token({}, 0) == "<img>" * 4
+
+
 def test_saved_processor_files(tiny_dir):
     saved = json.loads((tiny_dir / "processor_config.json").read_text())
     assert saved["num_image_tokens"] == 16

@@ -216,12 +216,13 @@ def test_attention_backends_agree():
             torch.testing.assert_close(other(features), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_flex_attention_agrees_with_eager():
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_flex_attention_agrees_with_eager(batch_size):
     pytest.importorskip("torch.nn.attention.flex_attention")
     eager = make_resampler(attn="eager")
     flex = make_resampler(attn="flex_attention")
     flex.load_state_dict(eager.state_dict())
-    features = torch.randn(2, 64, 24)
+    features = torch.randn(batch_size, 64, 24)
     with torch.no_grad():
         torch.testing.assert_close(flex(features), eager(features), rtol=1e-4, atol=1e-4)
 
@@ -236,6 +237,30 @@ def test_bf16_softmax_runs_in_float32():
     torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
     with torch.no_grad():
         torch.testing.assert_close(resampler(features.bfloat16()).float(), expected, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 5.0])
+def test_softmax_stays_float32_under_autocast(beta):
+    resampler = make_resampler(attn="eager", scope_bias_strength=beta)
+    features = torch.randn(2, 64, 24)
+    with torch.no_grad():
+        expected = resampler(features, output_attentions=True)[1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, probs = resampler(features, output_attentions=True)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, expected, rtol=0.05, atol=0.02)
+
+
+def test_changing_beta_takes_effect_after_the_bias_is_cached():
+    resampler = make_resampler(scope_bias_strength=5.0)
+    features = torch.randn(1, 64, 24)
+    with torch.no_grad():
+        resampler(features)  # builds and caches B
+        resampler.config.scope_bias_strength = 2.0
+        changed = resampler(features)
+        fresh = make_resampler(scope_bias_strength=2.0)
+        fresh.load_state_dict(resampler.state_dict())
+        torch.testing.assert_close(changed, fresh(features))
 
 
 def test_output_attentions_shape_and_scope():
@@ -301,21 +326,18 @@ def test_learnable_bias_initialised_by_eq5_trains_and_is_grid_bound():
         resampler(torch.randn(1, 36, 24))
 
 
-def test_default_cost_budget_structure():
-    """At LLaVA-1.5-7B sizes the default resampler's parameters are what the cost budget assumes."""
+def test_cost_at_llava_1_5_7b_sizes_is_within_the_budget():
+    """MACs counted by torch's FlopCounterMode (eager attention, whose matmuls it counts) at LLaVA-1.5-7B sizes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     config = MSLlavaConfig(text_config=LlamaConfig(hidden_size=4096, num_hidden_layers=1, vocab_size=99))
-    with torch.device("meta"):
-        resampler = MSResampler(config)
-    assert resampler.kv_proj.weight.shape == (2 * 3 * 1024, 1024)
-    assert resampler.output_proj.weight.shape == (4096, 1024)
-    macs = 576 * 1024 * 6 * 1024 + 2 * 3 * 144 * 576 * 1024 + 144 * 1024 * 4096
-    assert macs / 1e9 < 7  # the full measurement is in benchmarks/projector_cost.py
-    assert math.isclose(resampler.scaling, 64**-0.5)
-
-
-def test_compiles_without_graph_breaks():
-    resampler = make_resampler(attn="sdpa")
-    compiled = torch.compile(resampler, fullgraph=True)
-    features = torch.randn(2, 64, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(features), resampler(features), rtol=1e-5, atol=1e-5)
+    config._attn_implementation = "eager"
+    resampler = MSResampler(config).eval()
+    assert resampler.kv_proj.weight.shape == (2 * 3 * 1024, 1024) and math.isclose(resampler.scaling, 64**-0.5)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        resampler(torch.randn(1, 576, 1024))
+    gmacs = counter.get_total_flops() / 2 / 1e9
+    assert gmacs <= 7.0  # the paper's Table 7 budget is 10.43; benchmarks/projector_cost.py has the full table
+    hand_count = (576 * 1024 * 6 * 1024 + 2 * 3 * 144 * 576 * 1024 + 144 * 1024 * 4096) / 1e9
+    assert math.isclose(gmacs, hand_count, rel_tol=0.01)

@@ -9,6 +9,7 @@ import math
 from numbers import Real
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 
 FUSIONS = ("channel_mlp", "mean", "attention", "concat_mlp")
@@ -33,7 +34,8 @@ class MSResamplerConfig(PreTrainedConfig):
             k^(e), the window size of each branch (Eq. 4). The number of branches E is its length.
         scope_bias_strength (`float`, defaults to 5.0):
             beta, the strength of the additive scope prior beta * B (Eq. 3). 0 gives the vanilla global resampler
-            (Eq. 2). The paper gives no value; 5.0 is our choice, see the README ("Choosing beta").
+            (Eq. 2). The paper gives no value; 5.0 is our choice, see the README ("Our choices where the paper gives
+            no detail").
         learnable_scope_bias (`bool`, defaults to `False`):
             If `False`, B is fixed by Eq. 5. If `True`, B is a parameter of shape `(E, M, H*W)` initialised by Eq. 5
             for the vision tower's native grid (the grid can then not change).
@@ -117,6 +119,17 @@ class MSResamplerConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.fusion_act not in ACT2FN:
+            raise ValueError(
+                f"fusion_act must be an activation known to transformers' ACT2FN, got {self.fusion_act!r}"
+            )
+        for name in ("layer_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            positive = name == "layer_norm_eps"
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            if positive and value == 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "

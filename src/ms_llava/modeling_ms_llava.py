@@ -107,7 +107,7 @@ class MeanFusion(nn.Module):
         return branch_outputs.mean(dim=-2)
 
 
-class AttentionFusion(nn.Module):
+class ScopeWeightedFusion(nn.Module):
     """Table 6 "Attention": per token, a softmax over E scores, each a linear function of that branch's output
     (the paper gives no more detail; this is our reading)."""
 
@@ -142,7 +142,7 @@ def _build_fusion(resampler_config) -> nn.Module:
     if resampler_config.fusion == "mean":
         return MeanFusion()
     if resampler_config.fusion == "attention":
-        return AttentionFusion(resampler_config.hidden_size)
+        return ScopeWeightedFusion(resampler_config.hidden_size)
     return ConcatMLPFusion(resampler_config.num_branches, resampler_config.hidden_size, resampler_config.fusion_act)
 
 
@@ -167,10 +167,11 @@ def eager_resampler_attention(
     `(1 or batch, heads, M, N)`. Returns the output as `(batch, M, heads, head_dim)` (the layout of transformers'
     attention functions) and the probabilities `(batch, heads, M, N)`.
     """
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # (batch, heads, M, N)
-    if attention_mask is not None:
-        logits = logits + attention_mask.float()
-    probs = logits.softmax(dim=-1)
+    with torch.autocast(query.device.type, enabled=False):  # autocast (Trainer's bf16) would run these in bf16
+        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # (batch, heads, M, N)
+        if attention_mask is not None:
+            logits = logits + attention_mask.float()
+        probs = logits.softmax(dim=-1)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs.to(value.dtype), value)  # (batch, heads, M, head_dim)
     return output.transpose(1, 2).contiguous(), probs
@@ -200,7 +201,6 @@ class MSResampler(nn.Module):
         self.num_heads = resampler_config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
         self.scaling = self.head_dim**-0.5
-        self.scope_bias_strength = float(resampler_config.scope_bias_strength)
         num_feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
         self.vision_hidden_size = config.vision_config.hidden_size * num_feature_layers
 
@@ -240,6 +240,11 @@ class MSResampler(nn.Module):
             init.copy_(self.learned_scope_bias, self.eq5_scope_bias(*self.native_grid))
         self._bias_cache.clear()
 
+    @property
+    def scope_bias_strength(self) -> float:
+        """beta, read from the config at every call so that changing it takes effect at once."""
+        return float(self.config.scope_bias_strength)
+
     def eq5_scope_bias(self, grid_height: int, grid_width: int) -> torch.Tensor:
         """B of Eq. 5 (not learned), shape `(E, M, grid_height * grid_width)`, values 0 / -1."""
         return build_scope_bias(self.scope_windows, self.query_rows, self.query_cols, grid_height, grid_width)
@@ -276,17 +281,18 @@ class MSResampler(nn.Module):
 
     def _attention_bias(self, grid_height, grid_width, num_prefix_tokens, device, dtype) -> torch.Tensor | None:
         """beta * B as an additive mask `(1, E, M, prefix + H*W)`, broadcast over batch and heads; prefix tokens (CLS)
-        get 0. None when beta = 0: the vanilla resampler needs no mask."""
-        if self.scope_bias_strength == 0:
+        get 0. B is built once per grid and cached (unscaled, so a new beta takes effect); None when beta = 0."""
+        beta = self.scope_bias_strength
+        if beta == 0:
             return None
+        if self.native_grid is not None:  # learned: rebuilt every call so gradients reach it
+            bias = self.scope_bias(grid_height, grid_width).to(device=device, dtype=torch.float32)
+            return (nn.functional.pad(bias, (num_prefix_tokens, 0)) * beta)[None].to(dtype)
         key = (grid_height, grid_width, num_prefix_tokens, device, dtype)
-        if self.native_grid is None and key in self._bias_cache:
-            return self._bias_cache[key]
-        bias = self.scope_bias(grid_height, grid_width).to(device=device, dtype=torch.float32)  # (E, M, N)
-        bias = (nn.functional.pad(bias, (num_prefix_tokens, 0)) * self.scope_bias_strength)[None].to(dtype)
-        if self.native_grid is None:
-            self._bias_cache[key] = bias
-        return bias
+        if key not in self._bias_cache:
+            bias = self.scope_bias(grid_height, grid_width).to(device=device, dtype=dtype)  # (E, M, N), exact 0 / -1
+            self._bias_cache[key] = nn.functional.pad(bias, (num_prefix_tokens, 0))[None]
+        return self._bias_cache[key] * beta
 
     def forward(
         self,
@@ -341,22 +347,26 @@ class MSResampler(nn.Module):
         query = self.queries.view(num_branches, self.num_queries, num_heads, head_dim).permute(2, 0, 1, 3)
         query = query.to(key.dtype).expand(batch_size, -1, -1, -1, -1)  # (batch, head, branch, M, dim)
         query = query.reshape(batch_size * num_heads, num_branches, self.num_queries, head_dim)
+        if not torch.is_grad_enabled():
+            query = query.detach()  # at batch 1 it is a view of the parameter, which flex refuses on CPU
         bias = self._attention_bias(grid_height, grid_width, num_prefix_tokens, key.device, key.dtype)
 
         implementation = self.config._attn_implementation or self.model_config._attn_implementation or "eager"
         if output_attentions or implementation == "eager":
-            attn_output, probs = eager_resampler_attention(self, query, key, value, bias, scaling=self.scaling)
-        elif implementation == "flex_attention":
+            attention = eager_resampler_attention
+        elif "flash" in implementation:
+            # FlashAttention kernels take no additive bias: the resampler uses SDPA (the rest of the model keeps FA).
+            attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_resampler_attention)
+        if implementation == "flex_attention" and attention is not eager_resampler_attention:
             # flex reads the bias per (batch, head) in its score_mod: expand (a view, no copy)
             position_bias = None if bias is None else bias.expand(batch_size * num_heads, -1, -1, -1)
-            attn_output, probs = ALL_ATTENTION_FUNCTIONS["flex_attention"](
+            attn_output, probs = attention(
                 self, query, key, value, None, scaling=self.scaling, position_bias=position_bias
             )
         else:
-            # SDPA also serves "flash_attention_2" and other kernels that take no additive bias.
-            attn_output, probs = ALL_ATTENTION_FUNCTIONS["sdpa"](
-                self, query, key, value, bias, scaling=self.scaling, is_causal=False
-            )
+            attn_output, probs = attention(self, query, key, value, bias, scaling=self.scaling, is_causal=False)
         # attn_output: (batch * head, M, branch, dim) -> (batch, M, branch, head * dim)
         attn_output = attn_output.view(batch_size, num_heads, self.num_queries, num_branches, head_dim)
         branch_outputs = attn_output.permute(0, 2, 3, 1, 4).reshape(
@@ -384,6 +394,27 @@ class MSLlavaPreTrainedModel(LlavaPreTrainedModel):
             module.reset_parameters()
         else:
             super()._init_weights(module)
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        # The resampler is no PreTrainedModel, so transformers would set its sub-config "in the dark" with a
+        # warning of undefined behaviour; set it first (the resampler accepts every registered implementation).
+        requested = attn_implementation
+        if isinstance(requested, dict):
+            requested = requested.get("resampler_config", requested.get(""))
+        if isinstance(requested, str):
+            self.config.resampler_config._attn_implementation_internal = requested
+        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Name both model classes in auto_map (transformers writes only the saved one), so that AutoModel and
+        # AutoModelForImageTextToText both load the checkpoint through remote code.
+        module = "modeling_ms_llava"
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoModel": f"{module}.MSLlavaModel",
+            "AutoModelForImageTextToText": f"{module}.MSLlavaForConditionalGeneration",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class MSLlavaModel(MSLlavaPreTrainedModel, LlavaModel):
@@ -414,15 +445,23 @@ class MSLlavaModel(MSLlavaPreTrainedModel, LlavaModel):
         if image_sizes is not None:
             raise ValueError("MS-LLaVA takes fixed-size square crops; image_sizes is not supported")
         image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
-        num_prefix_tokens = 0 if vision_feature_select_strategy == "default" else 1
-        hidden_states = [image_outputs.hidden_states[layer][:, 1 - num_prefix_tokens :] for layer in layers]
-        selected = torch.cat(hidden_states, dim=-1)  # (num_images, prefix + H*W, vision_hidden * layers)
-
         patch_size = self.config.vision_config.patch_size
         patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
         grid_size = (pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w)
-        image_features = self.multi_modal_projector(selected, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
+        layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
+        # Tokens before the H x W patches: CLS for CLIP, none for SigLIP. "default" drops CLS as LLaVA does.
+        num_tower_prefix = image_outputs.hidden_states[layers[0]].shape[1] - grid_size[0] * grid_size[1]
+        if vision_feature_select_strategy == "default" and num_tower_prefix < 1:
+            raise ValueError(
+                f"vision_feature_select_strategy='default' drops the CLS token, but this vision tower returns "
+                f"{grid_size[0]}x{grid_size[1]} patch tokens and no CLS token; use 'full'"
+            )
+        dropped = 1 if vision_feature_select_strategy == "default" else 0
+        hidden_states = [image_outputs.hidden_states[layer][:, dropped:] for layer in layers]
+        selected = torch.cat(hidden_states, dim=-1)  # (num_images, prefix + H*W, vision_hidden * layers)
+        image_features = self.multi_modal_projector(
+            selected, grid_size=grid_size, num_prefix_tokens=num_tower_prefix - dropped
+        )
         image_outputs.pooler_output = list(image_features)
         return image_outputs
 

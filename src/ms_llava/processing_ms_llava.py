@@ -67,7 +67,7 @@ class MSLlavaProcessor(ProcessorMixin):
         if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ValueError(f"num_image_tokens (M) must be a positive integer, got {num_image_tokens!r}")
         self.num_image_tokens = num_image_tokens
-        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+        self.image_token = image_token
         token_ids = tokenizer.encode(self.image_token, add_special_tokens=False)
         if len(token_ids) != 1:
             raise ValueError(
@@ -128,6 +128,12 @@ class MSLlavaProcessor(ProcessorMixin):
                         f"{pretrained_model_name_or_path}: the processor expands each image to "
                         f"num_image_tokens={processor.num_image_tokens} tokens, but the model config has "
                         f"resampler_config.num_queries={num_queries}; they must agree"
+                    )
+                image_token_id = config.get("image_token_id", config.get("image_token_index", 32000))
+                if image_token_id != processor.image_token_id:
+                    raise ValueError(
+                        f"{pretrained_model_name_or_path}: the processor's image token {processor.image_token!r} has "
+                        f"id {processor.image_token_id}, but the model config has image_token_id={image_token_id}"
                     )
         return processor
 
