@@ -1,6 +1,10 @@
+from urllib.parse import urlsplit
+
 import pytest
 import torch
 
+from hub_server import HubServer
+from isolation import local_hub_clients
 from ms_llava.tiny import build_tiny_checkpoint, sample_image
 
 
@@ -33,3 +37,24 @@ def chat(text: str, num_images: int = 1) -> list[dict]:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory):
+    """A Hub-API server (tests/hub_server.py) on 127.0.0.1, serving repos kept under a temporary folder."""
+    server = HubServer(tmp_path_factory.mktemp("hub_server")).start()
+    assert urlsplit(server.url).hostname == "127.0.0.1", server.url
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(hub_server, tmp_path_factory):
+    """Points huggingface_hub, transformers and peft in this process at `hub_server` (see
+    `isolation.local_hub_clients`: patched endpoint constants, an empty cache, a fake token, no telemetry, no Xet, no
+    connection outside 127.0.0.1), and fails the test if the server failed or was asked for something it lacks."""
+    errors, unhandled = len(hub_server.errors), len(hub_server.unhandled)
+    with local_hub_clients(hub_server.url, tmp_path_factory.mktemp("hf_cache")):
+        yield hub_server
+    assert hub_server.errors[errors:] == [], "the test Hub server failed:\n" + "\n".join(hub_server.errors[errors:])
+    assert hub_server.unhandled[unhandled:] == [], f"requests the test Hub does not serve: {hub_server.unhandled}"

@@ -1,0 +1,528 @@
+"""Push MS-LLaVA checkpoints to the Hugging Face Hub, with a generated model card.
+
+`push_to_hub(checkpoint, repo_id)` uploads one commit holding the safetensors weights, the processor files, the four
+remote-code modules with `auto_map` (so the repo loads with `trust_remote_code=True` where `ms_llava` is not
+installed) and a model card rendered from `model_cards/ms_llava_model_card.md` (shipped in the package as
+`ms_llava.model_cards`). The projector settings in the card are read from the checkpoint's `config.json`.
+
+The card never claims training you did not declare: `training=None` (the default) marks the weights as UNTRAINED in
+the card and shows the paper's recipe as the way to train them; `training="paper"` says they were trained with the
+paper's two stages (Sec. 4.1); a dict records your own recipe. `results={"benchmark": score}` adds an evaluation table.
+
+transformers' own `model.push_to_hub(repo_id)` and `processor.push_to_hub(repo_id)` also upload the modules and
+`auto_map` (importing `ms_llava` registers the classes for remote code), with transformers' generic model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import tempfile
+from importlib import resources
+from numbers import Real
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MODEL_CARD_TEMPLATE = "ms_llava_model_card.md"
+REMOTE_CODE_MODULES = (
+    "configuration_ms_llava.py",
+    "modeling_ms_llava.py",
+    "processing_ms_llava.py",
+    "image_processing_ms_llava.py",
+)
+CONFIG_AUTO_MAP = {
+    "AutoConfig": "configuration_ms_llava.MSLlavaConfig",
+    "AutoModelForImageTextToText": "modeling_ms_llava.MSLlavaForConditionalGeneration",
+}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_ms_llava.MSLlavaProcessor"}
+IMAGE_PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "image_processing_ms_llava.MSLlavaImageProcessor",
+    "AutoProcessor": "processing_ms_llava.MSLlavaProcessor",
+}
+CARD_TAGS = ["ms-llava", "llava", "multimodal", "image-text-to-text", "ms-resampler"]
+# Files a push uploads (and replaces: stale ones matching these are deleted from the branch). Anything else in the
+# directory (optimizer states, logs, pickled weights) stays local.
+CHECKPOINT_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates/*.jinja",
+    *REMOTE_CODE_MODULES,
+]
+# Non-weight files of the model side, kept when a processor is given to replace the directory's processor files.
+MODEL_SIDE_FILES = ["config.json", "generation_config.json", "configuration_ms_llava.py", "modeling_ms_llava.py"]
+MANAGED_FILES = [*CHECKPOINT_FILES, "pytorch_model*.bin", "pytorch_model.bin.index.json", "README.md"]
+
+# The paper's training recipe (Sec. 4.1): AdamW, vision encoder always frozen, LLaVA-1.5 data.
+PAPER_RECIPE = {
+    "stages": [
+        {
+            "stage": "1. projector pre-training",
+            "trained": "MS-Resampler",
+            "frozen": "vision encoder, LLM",
+            "data": "LLaVA-1.5 558K image-caption pairs",
+            "learning rate": "1e-3",
+            "batch size": 32,
+            "epochs": 1,
+        },
+        {
+            "stage": "2. instruction tuning",
+            "trained": "MS-Resampler + LLM",
+            "frozen": "vision encoder",
+            "data": "LLaVA-1.5 665K instruction data",
+            "learning rate": "1e-5",
+            "batch size": 16,
+            "epochs": 1,
+        },
+    ],
+    "optimizer": "AdamW",
+}
+
+
+def model_card_template() -> str:
+    """The card template (Jinja): `model_cards/` of the repository, installed as the package `ms_llava.model_cards`."""
+    return resources.files("ms_llava.model_cards").joinpath(MODEL_CARD_TEMPLATE).read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------- checkpoint checks
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def _missing_model_files(directory: Path) -> list[str]:
+    missing = [] if (directory / "config.json").is_file() else ["config.json"]
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing += [
+            f"{shard} (listed in model.safetensors.index.json)"
+            for shard in shards
+            if not (directory / shard).is_file()
+        ]
+    elif not (directory / "model.safetensors").is_file():
+        pickled = sorted(path.name for path in directory.glob("pytorch_model*.bin"))
+        hint = f" (found {', '.join(pickled)}: re-save with safetensors)" if pickled else ""
+        missing.append(f"model.safetensors{hint}")
+    return missing
+
+
+def _missing_processor_files(directory: Path) -> list[str]:
+    missing = [name for name in ("processor_config.json", "tokenizer_config.json") if not (directory / name).is_file()]
+    if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer.model").is_file():
+        missing.append("tokenizer.json (or tokenizer.model)")
+    return missing
+
+
+def checkpoint_files(directory: str | Path, label: str | None = None) -> list[str]:
+    """Checks that `directory` is a complete MS-LLaVA checkpoint and returns the files a push uploads.
+
+    Raises `ValueError` naming every missing file (config, safetensors weights, processor, tokenizer), a config that is
+    not `ms_llava`, or a processor whose `num_image_tokens` differs from the config's `resampler_config.num_queries`.
+    `label` names the checkpoint in the messages (defaults to the directory).
+    """
+    directory = Path(directory)
+    label = label or str(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{label} is not a directory (expected a checkpoint written by save_pretrained)")
+    missing = _missing_model_files(directory) + _missing_processor_files(directory)
+    if missing:
+        raise ValueError(f"{label} is not a complete MS-LLaVA checkpoint: missing {', '.join(missing)}")
+    config = _read_json(directory / "config.json")
+    if config.get("model_type") != "ms_llava":
+        raise ValueError(
+            f"{label}: config.json has model_type {config.get('model_type')!r}, not 'ms_llava'; convert the "
+            "checkpoint to MS-LLaVA first"
+        )
+    num_queries = (config.get("resampler_config") or {}).get("num_queries", 144)
+    num_image_tokens = _read_json(directory / "processor_config.json").get("num_image_tokens", 144)
+    if num_image_tokens != num_queries:
+        raise ValueError(
+            f"{label}: the processor expands each image to num_image_tokens={num_image_tokens} tokens, but the "
+            f"model config has resampler_config.num_queries={num_queries}; they must agree"
+        )
+    names = sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*") if path.is_file())
+    files = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in CHECKPOINT_FILES)]
+    skipped = [name for name in names if name not in files]
+    if skipped:
+        logger.warning(
+            "%s: not uploading %d file(s) that are not part of a checkpoint: %s", label, len(skipped), skipped
+        )
+    return files
+
+
+def _with_remote_code(directory: Path, files: list[str]) -> dict[str, bytes]:
+    """Files to add or rewrite so that the repo carries the four modules and `auto_map`. Normally there is nothing to
+    do: `save_pretrained` writes both whenever `ms_llava` is imported. Missing modules come from the installed
+    package; missing `auto_map` entries are added."""
+    package = Path(__file__).resolve().parent
+    extra = {module: (package / module).read_bytes() for module in REMOTE_CODE_MODULES if module not in files}
+    for name, auto_map, nested in (
+        ("config.json", CONFIG_AUTO_MAP, None),
+        ("processor_config.json", PROCESSOR_AUTO_MAP, "image_processor"),
+        ("tokenizer_config.json", PROCESSOR_AUTO_MAP, None),
+    ):
+        original = _read_json(directory / name)
+        content = json.loads(json.dumps(original))  # a deep copy
+        for key, value in auto_map.items():
+            content.setdefault("auto_map", {}).setdefault(key, value)
+        if nested and isinstance(content.get(nested), dict):
+            for key, value in IMAGE_PROCESSOR_AUTO_MAP.items():
+                content[nested].setdefault("auto_map", {}).setdefault(key, value)
+        if content != original:
+            extra[name] = (json.dumps(content, indent=2) + "\n").encode()
+    return extra
+
+
+# --------------------------------------------------------------------------------------------- model card
+
+
+def _check_results(results) -> list[tuple[str, str]]:
+    if results is None:
+        return []
+    if not isinstance(results, dict) or not results:
+        raise ValueError(f"results must be a non-empty dict {{benchmark: score}}, got {results!r}")
+    rows = []
+    for benchmark, score in results.items():
+        if not isinstance(benchmark, str) or not benchmark.strip():
+            raise ValueError(f"results: benchmark names must be non-empty strings, got {benchmark!r}")
+        if isinstance(score, bool) or not isinstance(score, Real) or not math.isfinite(score):
+            raise ValueError(f"results: the score of {benchmark!r} must be a finite number, got {score!r}")
+        rows.append((benchmark, f"{score:g}" if isinstance(score, float) else str(score)))
+    return rows
+
+
+def _check_training(training) -> str | dict | None:
+    if training is None or training == "paper":
+        return training
+    if not isinstance(training, dict) or not training:
+        raise ValueError(f"training must be None (untrained), 'paper' or a non-empty dict, got {training!r}")
+    stages = training.get("stages", [])
+    if not isinstance(stages, list) or not all(isinstance(stage, dict) and stage for stage in stages):
+        raise ValueError(f"training['stages'] must be a list of non-empty dicts, got {stages!r}")
+    return training
+
+
+def _training_table(training) -> tuple[list[str], list[list[str]], list[tuple[str, str]]]:
+    recipe = PAPER_RECIPE if training in (None, "paper") else training
+    columns = []
+    for stage in recipe.get("stages", []):
+        columns += [key for key in stage if key not in columns]
+    rows = [[str(stage.get(column, "")) for column in columns] for stage in recipe.get("stages", [])]
+    notes = [(key, str(value)) for key, value in recipe.items() if key != "stages"]
+    return columns, rows, notes
+
+
+def _parameter_counts(directory: Path, files: list[str]) -> tuple[int, int] | None:
+    """(total, projector) parameter counts from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    total = projector = 0
+    for name in files:
+        if not name.endswith(".safetensors"):
+            continue
+        with safe_open(directory / name, framework="pt") as handle:
+            for key in handle.keys():
+                count = math.prod(handle.get_slice(key).get_shape())
+                total += count
+                projector += count if "multi_modal_projector" in key else 0
+    return (total, projector) if total else None
+
+
+def _human(count: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit} ({count:,})"
+    return f"{count:,}"
+
+
+def build_model_card(
+    checkpoint_dir: str | Path,
+    repo_id: str,
+    *,
+    base_model: str | list[str] | None = None,
+    license: str = "apache-2.0",  # noqa: A002 - the Hub's field name
+    results: dict | None = None,
+    training: str | dict | None = None,
+    files: list[str] | None = None,
+):
+    """Renders the model card (a `huggingface_hub.ModelCard`) of the checkpoint in `checkpoint_dir`, as it will read
+    on the Hub under `repo_id` (the usage snippets load `repo_id`)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .configuration_ms_llava import MSLlavaConfig
+
+    checkpoint_dir = Path(checkpoint_dir)
+    files = checkpoint_files(checkpoint_dir) if files is None else files
+    result_rows = _check_results(results)
+    training = _check_training(training)
+    config = MSLlavaConfig.from_pretrained(checkpoint_dir)
+    resampler, vision, text = config.resampler_config, config.vision_config, config.text_config
+    grid_h, grid_w = config.vision_grid_size
+    rows, cols = resampler.query_grid_shape
+    counts = _parameter_counts(checkpoint_dir, files)
+    columns, stages, notes = _training_table(training)
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        base_model=base_model,
+        license=license,
+        tags=list(CARD_TAGS),
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str=model_card_template(),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        base_model=base_model if isinstance(base_model, str) else ", ".join(base_model or []),
+        license=license,
+        untrained=training is None,
+        training_is_paper=training == "paper",
+        training_columns=columns,
+        training_stages=stages,
+        training_notes=notes,
+        results=result_rows,
+        num_queries=resampler.num_queries,
+        query_grid=f"{rows} x {cols}",
+        scope_windows=list(resampler.scope_windows),
+        num_branches=resampler.num_branches,
+        scope_bias_strength=resampler.scope_bias_strength,
+        scope_bias="learnable, initialised by Eq. 5" if resampler.learnable_scope_bias else "fixed (Eq. 5)",
+        fusion=resampler.fusion,
+        fusion_hidden_size=resampler.fusion_hidden_size,
+        fusion_act=resampler.fusion_act,
+        resampler_hidden_size=resampler.hidden_size,
+        resampler_heads=resampler.num_attention_heads,
+        grid=f"{grid_h} x {grid_w}",
+        num_visual_tokens=grid_h * grid_w + (1 if config.vision_feature_select_strategy == "full" else 0),
+        vision_model_type=vision.model_type,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        vision_hidden_size=vision.hidden_size,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        text_model_type=text.model_type,
+        text_hidden_size=text.hidden_size,
+        text_layers=text.num_hidden_layers,
+        vocab_size=text.vocab_size,
+        total_parameters=_human(counts[0]) if counts else None,
+        projector_parameters=_human(counts[1]) if counts else None,
+    )
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))  # the template's optional sections leave blank runs
+
+
+# --------------------------------------------------------------------------------------------- push
+
+
+def push_to_hub(
+    checkpoint,
+    repo_id: str,
+    *,
+    processor=None,
+    base_model: str | list[str] | None = None,
+    license: str = "apache-2.0",  # noqa: A002 - the Hub's field name
+    results: dict | None = None,
+    training: str | dict | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+):
+    """Uploads an MS-LLaVA checkpoint to `repo_id` in one commit and returns its `huggingface_hub.CommitInfo`.
+
+    Args:
+        checkpoint (`str`, `Path` or `MSLlavaForConditionalGeneration`):
+            A directory written by `save_pretrained` (model and processor), or a model (then `processor` is required).
+        repo_id (`str`):
+            `"org/name"`; the repository is created if needed (`private` applies then only).
+        processor (`MSLlavaProcessor`, *optional*):
+            Uploaded instead of the directory's processor files.
+        base_model (`str` or `list[str]`, *optional*):
+            The Hub id(s) this model was built from (e.g. the LLaVA checkpoint it was converted from): the card's
+            `base_model`.
+        license (`str`, defaults to `"apache-2.0"`):
+            The card's `license`.
+        results (`dict`, *optional*):
+            `{benchmark: score}`: an evaluation table in the card.
+        training (`None`, `"paper"` or `dict`, *optional*):
+            `None`: the card says the weights are UNTRAINED and shows the paper's recipe as how to train them.
+            `"paper"`: trained with the paper's two stages. A dict: your recipe, `{"stages": [{column: value, ...},
+            ...], other_key: value, ...}`.
+        revision (`str`, *optional*):
+            The branch to commit to; created from `main` if it does not exist. Defaults to `main`.
+        commit_message, token, endpoint:
+            Passed to `huggingface_hub.HfApi` (`endpoint` defaults to `HF_ENDPOINT` / huggingface.co).
+
+    Every argument and the checkpoint are checked before anything is sent: an incomplete checkpoint raises
+    `ValueError` naming the missing files, and no repository is created. Files of the repo that a checkpoint owns
+    (weights, configs, processor files, modules, README.md) but that this checkpoint no longer has, such as the
+    shards of an earlier sharded upload, are deleted in the same commit.
+    """
+    _check_results(results)
+    _check_training(training)
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise ValueError(f"repo_id must be 'org/name', got {repo_id!r}")
+    with tempfile.TemporaryDirectory(prefix="ms-llava-push-") as scratch:
+        directory, label = _stage(checkpoint, processor, Path(scratch))
+        files = checkpoint_files(directory, label)
+        extra = _with_remote_code(directory, files)
+        card = {"base_model": base_model, "license": license, "results": results, "training": training}
+        return _commit(directory, files, extra, repo_id, card, private, revision, commit_message, token, endpoint)
+
+
+def _stage(checkpoint, processor, scratch: Path) -> tuple[Path, str]:
+    """The directory to upload: the checkpoint itself, or `scratch` holding a saved model and/or the given processor."""
+    if not isinstance(checkpoint, (str, Path)):
+        if processor is None:
+            raise ValueError("pushing a model object needs its processor: push_to_hub(model, repo_id, processor=...)")
+        checkpoint.save_pretrained(scratch)
+        processor.save_pretrained(scratch)
+        return scratch, f"the {type(checkpoint).__name__} given"
+    directory = Path(checkpoint)
+    if processor is None:
+        return directory, str(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory (expected a checkpoint written by save_pretrained)")
+    missing = _missing_model_files(directory)
+    if missing:
+        raise ValueError(f"{directory} is not a complete MS-LLaVA checkpoint: missing {', '.join(missing)}")
+    # The directory's model files (weights linked, not copied) and the given processor instead of the directory's.
+    for path in directory.rglob("*"):
+        name = path.relative_to(directory).as_posix()
+        if path.is_file() and (fnmatch.fnmatch(name, "model*.safetensors*") or name in MODEL_SIDE_FILES):
+            target = scratch / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if name.endswith(".safetensors"):
+                target.symlink_to(path.resolve())
+            else:
+                shutil.copyfile(path, target)
+    processor.save_pretrained(scratch)
+    return scratch, f"{directory} with the processor given"
+
+
+def _commit(directory, files, extra, repo_id, card_kwargs, private, revision, commit_message, token, endpoint):
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    from . import __version__
+
+    api = HfApi(endpoint=endpoint, token=token, library_name="ms-llava", library_version=__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    card = build_model_card(directory, repo_id, files=files, **card_kwargs)
+    uploads: dict[str, str | bytes] = {name: str(directory / name) for name in files if name not in extra}
+    uploads.update(extra)
+    uploads["README.md"] = str(card).encode()
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in sorted(uploads.items())
+    ]
+    stale = [
+        name
+        for name in api.list_repo_files(repo_id, revision=revision)
+        if name not in uploads and any(fnmatch.fnmatch(name, pattern) for pattern in MANAGED_FILES)
+    ]
+    if stale:
+        logger.warning("%s: deleting files this checkpoint replaces or no longer has: %s", repo_id, stale)
+    operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
+    if commit_message is None:
+        resampler = _read_json(directory / "config.json").get("resampler_config") or {}
+        commit_message = (
+            f"Upload MS-LLaVA (M={resampler.get('num_queries', 144)}, windows {resampler.get('scope_windows')})"
+        )
+    commit = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+    logger.info("pushed %s to %s at %s", directory, repo_id, commit.oid)
+    return commit
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Registers `push` on an argparse subparsers object (`ms-llava push DIR REPO_ID ...`)."""
+    push = subparsers.add_parser(
+        "push",
+        help="upload a checkpoint directory to the Hugging Face Hub with a generated model card",
+        description=(
+            "Upload an MS-LLaVA checkpoint (safetensors weights, processor, remote-code modules) and a generated "
+            "model card to the Hugging Face Hub. The card marks the weights UNTRAINED unless --training is given."
+        ),
+    )
+    push.add_argument("directory", help="a checkpoint directory written by save_pretrained (model + processor)")
+    push.add_argument("repo_id", help="the Hub repository, org/name (created if needed)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", help="branch to commit to (created from main if needed)")
+    push.add_argument("--base-model", action="append", help="Hub id of the model this one was built from (repeatable)")
+    push.add_argument("--license", default="apache-2.0", help="the card's license (default: apache-2.0)")
+    push.add_argument("--results", help="a JSON file {benchmark: score}: the card's evaluation table")
+    push.add_argument(
+        "--training", help="'paper' (trained with the paper's two stages) or a JSON file with your recipe"
+    )
+    push.add_argument("--commit-message")
+    push.set_defaults(handler=_push_command)
+    return push
+
+
+def _load_json_argument(value: str, flag: str):
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"{flag}: no such file: {value}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{flag}: {value} is not valid JSON: {error}") from error
+
+
+def _push_command(args: argparse.Namespace) -> int:
+    """Handler of `ms-llava push`: 0 on success, 2 on a bad checkpoint or argument, 1 when the Hub refuses."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        results = _load_json_argument(args.results, "--results") if args.results else None
+        training = None
+        if args.training:
+            training = "paper" if args.training == "paper" else _load_json_argument(args.training, "--training")
+        base_model = args.base_model[0] if args.base_model and len(args.base_model) == 1 else args.base_model
+        commit = push_to_hub(
+            args.directory,
+            args.repo_id,
+            base_model=base_model,
+            license=args.license,
+            results=results,
+            training=training,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+        )
+    except ValueError as error:
+        print(f"ms-llava push: error: {error}", file=sys.stderr)
+        return 2
+    except HfHubHTTPError as error:
+        print(f"ms-llava push: the Hub refused: {error}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.directory} to {commit.repo_url.repo_id} (commit {commit.oid}): {commit.commit_url}")
+    if training is None:
+        print("NOTE: no --training given: the model card marks these weights as UNTRAINED.")
+    return 0
