@@ -77,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
 
+    from . import convert_llava, convert_original, hub
+
+    convert = commands.add_parser("convert", help="convert checkpoints (LLaVA -> MS-LLaVA, original <-> HF)")
+    conversions = convert.add_subparsers(dest="conversion", required=True)
+    convert_llava.add_cli(conversions)
+    convert_original.add_cli(conversions)
+    hub.add_cli(commands)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.image and not Path(args.image).is_file():
@@ -84,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 1:
             parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         run_demo(args.checkpoint, args.image, args.question, args.max_new_tokens)
-    elif args.command == "tiny":
+        return 0
+    if args.command == "tiny":
         print(f"wrote {write_tiny_checkpoint(args.directory, seed=args.seed)} (untrained)")
-    return 0
+        return 0
+    return args.handler(args)
 
 
 if __name__ == "__main__":

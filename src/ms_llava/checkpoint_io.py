@@ -1,0 +1,658 @@
+"""Checkpoint input/output shared by the conversion scripts: strict, streaming, atomic.
+
+* **Reading.** :func:`read_checkpoint` lists the tensors of a checkpoint directory (``model.safetensors``, a sharded
+  safetensors index, ``pytorch_model.bin``, a sharded ``.bin`` index) or of one weight file, *without loading them*:
+  each :class:`TensorSource` knows its name, dtype and shape and loads its data on demand. Safetensors files are
+  validated by the ``safetensors`` library first (a truncated file is refused before anything is written) and then read
+  tensor by tensor with plain file reads (no memory map, so the resident set stays about one tensor). ``.bin`` files
+  are read with ``torch.load(weights_only=True, map_location="cpu")``, memory-mapped when they are zip archives, one
+  shard at a time.
+* **Key accounting.** :class:`KeyPlan` collects ``target name -> source tensor`` pairs and raises a
+  :class:`ConversionError` listing every unknown source key, unfilled target key, shape mismatch and doubly filled key.
+* **Writing.** :func:`write_safetensors` streams tensors into safetensors shards of at most ``max_shard_size`` bytes
+  (with a ``model.safetensors.index.json`` as transformers writes it when there is more than one): each shard's header
+  is computed from the declared shapes, then each tensor is loaded, written and freed, so a 7B checkpoint never sits
+  in memory. :func:`staged_output` writes into a temporary sibling directory that is renamed into place only when
+  everything succeeded, so a failed conversion leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import struct
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+
+# Error messages list at most this many keys per kind of problem (and say how many more there are).
+MAX_LISTED_KEYS = 50
+
+# safetensors dtype codes <-> torch dtypes
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted as asked; the message names the offending keys, files or settings."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tensors known by name, dtype and shape, loaded on demand
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """A tensor known by its name, dtype and shape; `load()` reads (or computes) its data only when called."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    origin: str = ""  # the file it comes from, or how it is made, for messages
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _element_size(self.dtype)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def tensor_source_from_tensor(name: str, tensor: torch.Tensor, origin: str) -> TensorSource:
+    """Wraps a tensor already in memory (a freshly initialised or a padded one)."""
+    return TensorSource(name, tensor.dtype, tuple(tensor.shape), lambda: tensor, origin)
+
+
+def _validate_safetensors(path: Path) -> None:
+    """Lets the safetensors library check the header and that the data section covers the file exactly."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # SafetensorError, OSError, ...
+        raise ConversionError(f"{path}: not a valid safetensors file (truncated or corrupt?): {error}") from error
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Returns the header (name -> {dtype, shape, data_offsets}) and the offset where the data section starts."""
+    with open(path, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+    header.pop("__metadata__", None)
+    return header, 8 + header_size
+
+
+def _safetensors_loader(path: Path, start: int, end: int, dtype: torch.dtype, shape: tuple[int, ...]):
+    def load() -> torch.Tensor:
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(end - start)
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            if handle.readinto(buffer) != len(buffer):
+                raise ConversionError(f"{path}: file ended while reading a tensor (truncated?)")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    return load
+
+
+def read_safetensors_file(path: Path) -> list[TensorSource]:
+    """The tensors of one safetensors file, validated, each loaded on demand by a plain read of its byte range."""
+    path = Path(path)
+    _validate_safetensors(path)
+    header, data_start = _read_safetensors_header(path)
+    sources = []
+    for name, info in header.items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ConversionError(
+                f"{path}: tensor {name!r} has dtype {info['dtype']}, which this converter cannot copy"
+            )
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        loader = _safetensors_loader(path, data_start + begin, data_start + end, dtype, shape)
+        sources.append(TensorSource(name, dtype, shape, loader, str(path)))
+    return sources
+
+
+def load_bin_file(path: Path) -> dict[str, torch.Tensor]:
+    """`torch.load(path, weights_only=True, map_location="cpu")`, memory-mapped for zip archives; a file holding
+    anything but tensors (a pickled object, code) is refused."""
+    path = Path(path)
+    try:
+        state_dict = torch.load(path, weights_only=True, map_location="cpu", mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # UnpicklingError for disallowed objects, RuntimeError for corrupt archives
+        raise ConversionError(
+            f"{path}: cannot be read with torch.load(weights_only=True): {str(error).splitlines()[0]}"
+        ) from error
+    if not isinstance(state_dict, dict):
+        raise ConversionError(f"{path}: expected a dict of tensors, got {type(state_dict).__name__}")
+    not_tensors = sorted(name for name, value in state_dict.items() if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise ConversionError(f"{path}: entries that are not tensors: {format_keys(not_tensors)}")
+    return state_dict
+
+
+class _BinShardCache:
+    """Keeps the one `.bin` shard being read in memory, so that streaming shard by shard loads each shard once."""
+
+    def __init__(self):
+        self.path: Path | None = None
+        self.state_dict: dict[str, torch.Tensor] = {}
+
+    def get(self, path: Path, name: str) -> torch.Tensor:
+        if self.path != path:
+            self.state_dict = {}  # free the previous shard first
+            self.state_dict = load_bin_file(path)
+            self.path = path
+        return self.state_dict[name]
+
+    def clear(self):
+        self.path, self.state_dict = None, {}
+
+
+def read_bin_file(path: Path, cache: _BinShardCache | None = None) -> list[TensorSource]:
+    """The tensors of one `.bin` file (read once here for the names and shapes, then again shard by shard)."""
+    path = Path(path)
+    cache = cache or _BinShardCache()
+    state_dict = load_bin_file(path)
+    sources = [
+        TensorSource(name, tensor.dtype, tuple(tensor.shape), lambda p=path, n=name: cache.get(p, n), str(path))
+        for name, tensor in state_dict.items()
+    ]
+    del state_dict
+    return sources
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConversionError(f"{index_path}: not a valid shard index: {error}") from error
+    return weight_map
+
+
+def _read_sharded(directory: Path, index_name: str, read_file: Callable[[Path], list[TensorSource]]):
+    index_path = directory / index_name
+    weight_map = _read_index(index_path)
+    shard_names = list(dict.fromkeys(weight_map.values()))
+    missing = [name for name in shard_names if not (directory / name).is_file()]
+    if missing:
+        raise ConversionError(f"{index_path} lists shards that do not exist: {', '.join(missing)}")
+    sources = []
+    misplaced = []
+    for shard_name in shard_names:
+        for source in read_file(directory / shard_name):
+            if weight_map.get(source.name) != shard_name:
+                misplaced.append(f"{source.name} (in {shard_name}, index says {weight_map.get(source.name)})")
+            sources.append(source)
+    found = {source.name for source in sources}
+    absent = sorted(set(weight_map) - found)
+    if absent:
+        raise ConversionError(f"{index_path} lists keys that no shard holds: {format_keys(absent)}")
+    if misplaced:
+        raise ConversionError(f"{index_path} does not match its shards: {format_keys(misplaced)}")
+    return sources
+
+
+def read_checkpoint(path: str | Path, bin_cache: _BinShardCache | None = None) -> list[TensorSource]:
+    """Lists the tensors of a checkpoint: a weight file, or a directory holding `model.safetensors`,
+    `model.safetensors.index.json` (+ shards), `pytorch_model.bin` or `pytorch_model.bin.index.json` (+ shards), in
+    that order of preference. Checks that every shard exists and matches its index; loads nothing."""
+    path = Path(path)
+    cache = bin_cache or _BinShardCache()
+    if path.is_file():
+        return read_safetensors_file(path) if path.suffix == ".safetensors" else read_bin_file(path, cache)
+    if not path.is_dir():
+        raise ConversionError(f"{path}: no such checkpoint directory or file")
+    if (path / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        return _read_sharded(path, SAFE_WEIGHTS_INDEX_NAME, read_safetensors_file)
+    if (path / SAFE_WEIGHTS_NAME).is_file():
+        return read_safetensors_file(path / SAFE_WEIGHTS_NAME)
+    if (path / BIN_WEIGHTS_INDEX_NAME).is_file():
+        return _read_sharded(path, BIN_WEIGHTS_INDEX_NAME, lambda file: read_bin_file(file, cache))
+    if (path / BIN_WEIGHTS_NAME).is_file():
+        return read_bin_file(path / BIN_WEIGHTS_NAME, cache)
+    raise ConversionError(
+        f"{path}: no weights found (looked for {SAFE_WEIGHTS_INDEX_NAME}, {SAFE_WEIGHTS_NAME}, "
+        f"{BIN_WEIGHTS_INDEX_NAME}, {BIN_WEIGHTS_NAME})"
+    )
+
+
+def has_weights(directory: Path) -> bool:
+    """Whether `directory` holds full model weights in one of the layouts `read_checkpoint` reads."""
+    names = (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, BIN_WEIGHTS_INDEX_NAME, BIN_WEIGHTS_NAME)
+    return any((Path(directory) / name).is_file() for name in names)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Strict key accounting
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def format_keys(keys: Iterable[str], limit: int = MAX_LISTED_KEYS) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+class KeyPlan:
+    """`target key -> source tensor` pairs, checked against the target model's expected keys and shapes.
+
+    `add` records one mapped tensor, `unknown` a source key the key map does not know, `drop` a source key that is
+    deliberately not carried over (with the reason, reported to the user). `check` raises a `ConversionError` listing
+    every problem at once.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self.entries: dict[str, TensorSource] = {}
+        self.duplicates: list[str] = []
+        self.unknown_keys: list[str] = []
+        self.dropped: dict[str, list[str]] = {}
+
+    def add(self, target: str, source: TensorSource):
+        if target in self.entries:
+            self.duplicates.append(f"{target} (from {self.entries[target].name} and {source.name})")
+            return
+        self.entries[target] = source
+
+    def unknown(self, source_key: str):
+        self.unknown_keys.append(source_key)
+
+    def drop(self, source_key: str, reason: str):
+        self.dropped.setdefault(reason, []).append(source_key)
+
+    def replace(self, target: str, source: TensorSource):
+        """Swaps the tensor planned for `target` (e.g. for a padded copy); `target` must already be planned."""
+        self.entries[target] = source
+
+    def check(self, expected_shapes: dict[str, tuple[int, ...]], optional: Iterable[str] = ()):
+        """Raises unless every expected key is filled exactly once with the expected shape and nothing else is."""
+        optional = set(optional)
+        problems = []
+        if self.unknown_keys:
+            problems.append(f"source keys the key map does not know: {format_keys(self.unknown_keys)}")
+        unexpected = [key for key in self.entries if key not in expected_shapes]
+        if unexpected:
+            problems.append(f"keys the target model does not have: {format_keys(unexpected)}")
+        missing = [key for key in expected_shapes if key not in self.entries and key not in optional]
+        if missing:
+            problems.append(f"target keys no source key fills: {format_keys(missing)}")
+        mismatched = [
+            f"{key} (source {source.name} {list(source.shape)}, target {list(expected_shapes[key])})"
+            for key, source in self.entries.items()
+            if key in expected_shapes and tuple(source.shape) != tuple(expected_shapes[key])
+        ]
+        if mismatched:
+            problems.append(f"shape mismatches: {format_keys(mismatched)}")
+        if self.duplicates:
+            problems.append(f"target keys filled twice: {format_keys(self.duplicates)}")
+        if problems:
+            raise ConversionError(f"{self.what}: " + "; ".join(problems))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(source.nbytes for source in self.entries.values())
+
+    @property
+    def total_parameters(self) -> int:
+        return sum(source.numel for source in self.entries.values())
+
+
+def build_on_meta(model_class, config):
+    """`model_class(config)` on the meta device: every parameter's name and shape, and no memory."""
+    with torch.device("meta"):
+        return model_class(config)
+
+
+def expected_state_dict_shapes(meta_model) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """The state-dict keys and shapes of a model, and the keys that may be absent because they are tied to another
+    (e.g. `lm_head.weight` under `tie_word_embeddings`)."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in meta_model.state_dict().items()}
+    tied = set(getattr(meta_model, "all_tied_weights_keys", None) or {})
+    return shapes, tied
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_size(size: int | str) -> int:
+    """`"5GB"` -> 5_000_000_000, `"2GiB"` -> 2 * 2**30, `"20KB"` -> 20_000, ints unchanged."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        value = convert_file_size_to_int(size)
+    except ValueError as error:
+        raise ConversionError(f"--max-shard-size: cannot read {size!r} as a size such as '5GB' or '500MB'") from error
+    if value <= 0:
+        raise ConversionError(f"--max-shard-size must be positive, got {size!r}")
+    return value
+
+
+def format_bytes(count: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count} B"
+
+
+def _plan_shards(entries: list[tuple[str, TensorSource]], max_shard_size: int) -> list[list[tuple[str, TensorSource]]]:
+    shards: list[list[tuple[str, TensorSource]]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry[1].nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry[1].nbytes
+    return shards
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, without a copy when it is already contiguous."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _write_one_safetensors(path: Path, entries: list[tuple[str, TensorSource]]) -> None:
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for target, source in entries:
+        if source.dtype not in _SAFETENSORS_CODES:
+            raise ConversionError(f"{source.name}: dtype {source.dtype} cannot be stored in safetensors")
+        header[target] = {
+            "dtype": _SAFETENSORS_CODES[source.dtype],
+            "shape": list(source.shape),
+            "data_offsets": [offset, offset + source.nbytes],
+        }
+        offset += source.nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the data section starts 8-byte aligned, as safetensors writes
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header_bytes)))
+        handle.write(header_bytes)
+        for _, source in entries:
+            tensor = source.load()
+            if tensor.dtype != source.dtype or tuple(tensor.shape) != tuple(source.shape):
+                raise ConversionError(
+                    f"{source.name} ({source.origin}) loaded as {tensor.dtype} {list(tensor.shape)}, "
+                    f"but its header says {source.dtype} {list(source.shape)}"
+                )
+            handle.write(_tensor_bytes(tensor))
+            del tensor
+    _validate_safetensors(path)
+
+
+def write_safetensors(entries: list[tuple[str, TensorSource]], directory: Path, max_shard_size: int) -> dict[str, str]:
+    """Streams `(target name, source)` pairs, in order, into `model.safetensors` or, above `max_shard_size` bytes,
+    `model-0000i-of-0000n.safetensors` shards with a `model.safetensors.index.json`. Returns name -> file."""
+    directory = Path(directory)
+    shards = _plan_shards(entries, max_shard_size)
+    weight_map: dict[str, str] = {}
+    for number, shard in enumerate(shards, start=1):
+        file_name = SAFE_WEIGHTS_NAME if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        _write_one_safetensors(directory / file_name, shard)
+        weight_map.update({target: file_name for target, _ in shard})
+    if len(shards) > 1:
+        index = {
+            "metadata": {
+                "total_parameters": sum(source.numel for _, source in entries),
+                "total_size": sum(source.nbytes for _, source in entries),
+            },
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        with open(directory / SAFE_WEIGHTS_INDEX_NAME, "w", encoding="utf-8") as handle:
+            json.dump(index, handle, indent=2)
+            handle.write("\n")
+    return weight_map
+
+
+def verify_written(directory: Path, entries: list[tuple[str, TensorSource]]) -> int:
+    """Reads every written tensor back (through the safetensors-validated files) and checks it is bit-identical to its
+    source, one tensor at a time. Returns the number of tensors checked."""
+    written = {source.name: source for source in read_checkpoint(directory)}
+    if set(written) != {target for target, _ in entries}:
+        raise ConversionError(f"{directory}: the written keys differ from the planned ones")
+    differing = []
+    for target, source in entries:
+        expected, actual = source.load(), written[target].load()
+        same = expected.dtype == actual.dtype and expected.shape == actual.shape
+        if not (same and torch.equal(_as_bytes(expected), _as_bytes(actual))):
+            differing.append(target)
+        del expected, actual
+    if differing:
+        raise ConversionError(f"written tensors differ from their sources: {format_keys(differing)}")
+    return len(entries)
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
+
+
+def check_output(output: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()) -> Path:
+    """Refuses a non-empty `output` unless `overwrite`, and an `output` that is or contains one of the `sources`.
+    Returns `output` as an absolute path."""
+    output = Path(output).absolute()
+    for source in sources:
+        source = Path(source).absolute()
+        if source == output or output in source.parents:
+            raise ConversionError(f"--output {output} would overwrite the source {source}")
+    if output.exists():
+        if not output.is_dir():
+            raise ConversionError(f"--output {output} exists and is not a directory")
+        if any(output.iterdir()) and not overwrite:
+            raise ConversionError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+    return output
+
+
+@contextmanager
+def staged_output(output: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yields a temporary directory next to `output`; on success it replaces `output`, on any error it is removed.
+
+    Refuses what `check_output` refuses (conversions call that first too, to fail before reading anything).
+    """
+    output = check_output(output, overwrite, sources)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
+        if output.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.previous-", dir=output.parent))
+            os.replace(output, previous / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(previous)
+        else:
+            os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sources and reporting
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_source(source: str | Path, allow_patterns: list[str] | None = None) -> Path:
+    """A local directory as is; anything else that looks like a Hub repo id (``owner/name``) is downloaded with
+    `huggingface_hub.snapshot_download` (only `allow_patterns`) and its local snapshot returned."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    text = str(source)
+    looks_like_repo_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
+    if not looks_like_repo_id:
+        raise ConversionError(f"{source}: no such directory (and not a Hub repo id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=allow_patterns))
+    except Exception as error:
+        raise ConversionError(
+            f"{source}: not a local directory, and downloading it from the Hub failed: {error}"
+        ) from error
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's content; a missing or malformed file is a ConversionError naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError as error:
+        raise ConversionError(f"{path}: not found") from error
+    except ValueError as error:
+        raise ConversionError(f"{path}: not valid JSON: {error}") from error
+
+
+def copy_files(source_dir: Path, target_dir: Path, names: Iterable[str]) -> list[str]:
+    """Copies, byte for byte, those of `names` that exist in `source_dir`; returns the copied names."""
+    copied = []
+    for name in names:
+        if (Path(source_dir) / name).is_file():
+            shutil.copyfile(Path(source_dir) / name, Path(target_dir) / name)
+            copied.append(name)
+    return copied
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, printed at the end and returned to library callers."""
+
+    output: Path
+    tensors_written: int = 0
+    bytes_written: int = 0
+    parameters_written: int = 0
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> source keys
+    created: dict[str, list[str]] = field(default_factory=dict)  # how -> target keys not copied from the source
+    tensors_verified: int = 0
+    parity: dict[str, float] = field(default_factory=dict)  # what was compared -> max |difference|
+    parity_skipped: str | None = None
+    notes: list[str] = field(default_factory=list)
+    peak_rss: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"wrote {self.output}",
+            f"  tensors: {self.tensors_written} ({self.parameters_written:,} parameters, "
+            f"{format_bytes(self.bytes_written)}); {self.tensors_verified} read back bit-identical to their sources",
+        ]
+        for reason, keys in self.dropped.items():
+            lines.append(f"  dropped: {reason}: {len(keys)} keys: {format_keys(keys, limit=8)}")
+        for how, keys in self.created.items():
+            lines.append(f"  created: {how}: {len(keys)} keys: {format_keys(keys, limit=8)}")
+        for what, difference in self.parity.items():
+            lines.append(f"  parity: {what}: max |difference| = {difference:.3g}")
+        if self.parity_skipped:
+            lines.append(f"  parity: skipped ({self.parity_skipped})")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        lines.append(f"  peak resident memory (RSS): {format_bytes(self.peak_rss)}; time: {self.seconds:.1f} s")
+        return lines
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silences transformers' warnings and progress bars while it loads what we already checked (loading reports,
+    deprecation notes about transformers 4.x config fields such as `rope_scaling`)."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
+
+
+def max_abs_difference(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    """max |expected - actual| in float64 (inf if the shapes differ)."""
+    if expected.shape != actual.shape:
+        return float("inf")
+    if expected.numel() == 0:
+        return 0.0
+    return (expected.double() - actual.double()).abs().max().item()
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process so far (`resource.getrusage`), in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+__all__ = [
+    "ConversionError",
+    "ConversionReport",
+    "KeyPlan",
+    "TensorSource",
+    "copy_files",
+    "build_on_meta",
+    "check_output",
+    "expected_state_dict_shapes",
+    "format_bytes",
+    "format_keys",
+    "has_weights",
+    "load_bin_file",
+    "max_abs_difference",
+    "parse_size",
+    "peak_rss_bytes",
+    "quiet_transformers",
+    "read_checkpoint",
+    "read_json",
+    "resolve_source",
+    "staged_output",
+    "tensor_source_from_tensor",
+    "verify_written",
+    "write_safetensors",
+]
