@@ -77,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
 
-    from . import convert_llava, convert_original, hub
+    from . import convert_llava, convert_original, hub, training
 
     convert = commands.add_parser("convert", help="convert checkpoints (LLaVA -> MS-LLaVA, original <-> HF)")
     conversions = convert.add_subparsers(dest="conversion", required=True)
     convert_llava.add_cli(conversions)
     convert_original.add_cli(conversions)
     hub.add_cli(commands)
+    training.add_cli(commands)
 
     args = parser.parse_args(argv)
     if args.command == "demo":
