@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hub_server import HubServer
-from isolation import local_hub_clients
-from ms_llava.tiny import build_tiny_checkpoint, sample_image
+from isolation import install_network_guard, local_hub_clients
+from ms_llava.tiny import build_tiny_checkpoint, build_tiny_processor, build_tiny_tokenizer, sample_image
 
 
 @pytest.fixture(scope="session")
@@ -16,11 +16,12 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tiny, tmp_path_factory):
-    """The tiny checkpoint saved with save_pretrained (model + processor)."""
-    model, processor = tiny
+    """The tiny checkpoint saved with save_pretrained (model + processor). The processor is a fresh one: calling a
+    tokenizer leaves state in its backend (padding) that save_pretrained would write, whatever tests ran first."""
+    model, _ = tiny
     path = tmp_path_factory.mktemp("tiny_ms_llava")
     model.save_pretrained(path)
-    processor.save_pretrained(path)
+    build_tiny_processor(model.config, build_tiny_tokenizer()).save_pretrained(path)
     return path
 
 
@@ -58,3 +59,13 @@ def hub(hub_server, tmp_path_factory):
         yield hub_server
     assert hub_server.errors[errors:] == [], "the test Hub server failed:\n" + "\n".join(hub_server.errors[errors:])
     assert hub_server.unhandled[unhandled:] == [], f"requests the test Hub does not serve: {hub_server.unhandled}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_network():
+    """No test reaches beyond 127.0.0.1: connections and name lookups elsewhere fail (a mistyped local path that
+    would be taken for a Hub id, say), and a test that tried fails at the end of the session."""
+    attempts, uninstall = install_network_guard()
+    yield
+    uninstall()
+    assert attempts == [], f"tests tried to reach the network: {attempts}"

@@ -291,6 +291,16 @@ def _requests(server) -> int:
             ),
             r"model_type 'llava', not 'ms_llava'",
         ),
+        (  # an invalid config value, agreed on by config and processor: found when the card reads the config
+            lambda d: [
+                (d / name).write_text((d / name).read_text().replace(before, after))
+                for name, before, after in (
+                    ("config.json", '"num_queries": 16', '"num_queries": 15'),
+                    ("processor_config.json", '"num_image_tokens": 16', '"num_image_tokens": 15'),
+                )
+            ],
+            r"num_queries \(M\) must be a perfect square .* got 15",
+        ),
     ],
 )
 def test_push_refuses_a_bad_checkpoint_before_sending_anything(tiny_dir, tmp_path, hub, damage, message):

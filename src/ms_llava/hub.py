@@ -59,6 +59,8 @@ CHECKPOINT_FILES = [
     "preprocessor_config.json",
     "tokenizer.json",
     "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
@@ -71,30 +73,43 @@ CHECKPOINT_FILES = [
 MODEL_SIDE_FILES = ["config.json", "generation_config.json", "configuration_ms_llava.py", "modeling_ms_llava.py"]
 MANAGED_FILES = [*CHECKPOINT_FILES, "pytorch_model*.bin", "pytorch_model.bin.index.json", "README.md"]
 
-# The paper's training recipe (Sec. 4.1): AdamW, vision encoder always frozen, LLaVA-1.5 data.
-PAPER_RECIPE = {
-    "stages": [
-        {
-            "stage": "1. projector pre-training",
-            "trained": "MS-Resampler",
-            "frozen": "vision encoder, LLM",
-            "data": "LLaVA-1.5 558K image-caption pairs",
-            "learning rate": "1e-3",
-            "batch size": 32,
-            "epochs": 1,
-        },
-        {
-            "stage": "2. instruction tuning",
-            "trained": "MS-Resampler + LLM",
-            "frozen": "vision encoder",
-            "data": "LLaVA-1.5 665K instruction data",
-            "learning rate": "1e-5",
-            "batch size": 16,
-            "epochs": 1,
-        },
-    ],
-    "optimizer": "AdamW",
-}
+
+def paper_recipe() -> dict:
+    """The paper's training recipe (Sec. 4.1) as the card shows it. The numbers come from
+    `ms_llava.training.PAPER_RECIPES`, the recipe `ms-llava train` runs, so card and trainer cannot disagree."""
+    from .training import PAPER_RECIPES
+
+    def row(stage: str, title: str, trained: str, frozen: str, data: str) -> dict:
+        recipe = PAPER_RECIPES[stage]
+        return {
+            "stage": title,
+            "trained": trained,
+            "frozen": frozen,
+            "data": data,
+            "learning rate": f"{recipe.learning_rate:g}".replace("e-0", "e-"),  # 1e-05 -> 1e-5
+            "batch size": recipe.global_batch_size,
+            "epochs": f"{recipe.num_train_epochs:g}",
+        }
+
+    return {
+        "stages": [
+            row(
+                "pretrain",
+                "1. projector pre-training",
+                "MS-Resampler",
+                "vision encoder, LLM",
+                "LLaVA-1.5 558K image-caption pairs",
+            ),
+            row(
+                "finetune",
+                "2. instruction tuning",
+                "MS-Resampler + LLM",
+                "vision encoder",
+                "LLaVA-1.5 665K instruction data",
+            ),
+        ],
+        "optimizer": "AdamW",
+    }
 
 
 def model_card_template() -> str:
@@ -226,7 +241,7 @@ def _check_training(training) -> str | dict | None:
 
 
 def _training_table(training) -> tuple[list[str], list[list[str]], list[tuple[str, str]]]:
-    recipe = PAPER_RECIPE if training in (None, "paper") else training
+    recipe = paper_recipe() if training in (None, "paper") else training
     columns = []
     for stage in recipe.get("stages", []):
         columns += [key for key in stage if key not in columns]
@@ -428,11 +443,14 @@ def _commit(directory, files, extra, repo_id, card_kwargs, private, revision, co
 
     from . import __version__
 
+    # The card reads and checks the config: build it before any request, so a bad checkpoint sends nothing.
+    card = build_model_card(directory, repo_id, files=files, **card_kwargs)
     api = HfApi(endpoint=endpoint, token=token, library_name="ms-llava", library_version=__version__)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    created_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if created_id != repo_id:  # "name" becomes "user/name": the card's snippets name the full id
+        repo_id, card = created_id, build_model_card(directory, created_id, files=files, **card_kwargs)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    card = build_model_card(directory, repo_id, files=files, **card_kwargs)
     uploads: dict[str, str | bytes] = {name: str(directory / name) for name in files if name not in extra}
     uploads.update(extra)
     uploads["README.md"] = str(card).encode()
