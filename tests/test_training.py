@@ -7,9 +7,11 @@ data-loader workers.
 """
 
 import csv
+import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,11 +24,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainerCallback
 
+import ms_llava
+from ms_llava import LLAVA_1_5_CHAT_TEMPLATE
 from ms_llava.data import (
     IGNORE_INDEX,
     BadRecordsError,
+    ChatTemplateError,
     Conversation,
     RightPaddingCollator,
+    SupervisedDataset,
     check_records,
     encode_conversation,
     llava_record_to_conversation,
@@ -347,6 +353,218 @@ def test_bad_records_are_found_before_the_model_loads_and_named(tiny_dir, shapes
     assert [entry["index"] for entry in skipped] == list(range(4, 14))
 
 
+def strip_generation_markers(template: str) -> str:
+    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
+
+
+def checkpoint_with_template(tiny_dir: Path, directory: Path, chat_template: str) -> Path:
+    """A copy of the tiny checkpoint whose processor has `chat_template`."""
+    shutil.copytree(tiny_dir, directory)
+    processor = AutoProcessor.from_pretrained(directory)
+    processor.chat_template = chat_template
+    processor.save_pretrained(directory)
+    return directory
+
+
+def test_a_chat_template_that_marks_no_assistant_token_stops_the_run_before_training(tiny_dir, shapes, tmp_path):
+    """Without {% generation %} markers (llava-hf's templates have none) every label would be -100 and the loss 0;
+    the run stops before the model loads, saying how to fix the template. The fix it names makes the run train."""
+    settings = {"global_batch_size": 4, "max_steps": 2, **RUN}
+    markerless = checkpoint_with_template(
+        tiny_dir, tmp_path / "markerless", strip_generation_markers(LLAVA_1_5_CHAT_TEMPLATE)
+    )
+    with mock.patch("ms_llava.training.load_model", side_effect=AssertionError("the model was loaded")):
+        with pytest.raises(ChatTemplateError) as caught:
+            train(markerless, "finetune", shapes["qa"], shapes["images"], tmp_path / "out", **settings)
+    message = str(caught.value)
+    assert "chat template marks no assistant tokens" in message
+    assert "no {% generation %} ... {% endgeneration %} markers" in message and "learn nothing" in message
+    assert "processor.chat_template = ms_llava.LLAVA_1_5_CHAT_TEMPLATE; processor.save_pretrained(MODEL)" in message
+    assert not (tmp_path / "out").exists()
+
+    # Markers that never render: found from the token masks the length check computes anyway.
+    processor = AutoProcessor.from_pretrained(markerless)
+    unused = "{%- if false -%}{%- generation -%}x{%- endgeneration -%}{%- endif -%}"
+    processor.chat_template = unused + processor.chat_template
+    with pytest.raises(ChatTemplateError, match=r"its \{% generation %\} markers enclose no token of any of the 96 "):
+        check_records(load_training_records(shapes["qa"], shapes["images"]), processor, max_length=2048)
+
+    # The fix the message gives.
+    processor = AutoProcessor.from_pretrained(markerless)
+    processor.chat_template = ms_llava.LLAVA_1_5_CHAT_TEMPLATE
+    processor.save_pretrained(markerless)
+    result = train(markerless, "finetune", shapes["qa"], shapes["images"], tmp_path / "fixed", **settings)
+    assert len(result.losses) == 2 and all(loss > 1.0 for _, loss in result.losses), result.losses
+
+
+def test_a_record_without_assistant_tokens_is_a_bad_record(tiny_dir, shapes, tmp_path):
+    """A record whose assistant turns the template keeps outside its generation markers is named (and skippable);
+    a data set of one record with an empty or an all-truncated answer names that record, not the template."""
+    # A template that does not train on "n/a" answers: they render outside the markers.
+    template = LLAVA_1_5_CHAT_TEMPLATE.replace(
+        "{{ 'ASSISTANT:' }}{%- generation -%}",
+        "{{ 'ASSISTANT:' }}{%- if (parts | map(attribute='text') | join) == 'n/a' -%}{{ ' n/a' }}{{ eos_token }}"
+        "{%- else -%}{%- generation -%}",
+    ).replace("{{ eos_token }}{%- endgeneration -%}", "{{ eos_token }}{%- endgeneration -%}{%- endif -%}")
+    checkpoint = checkpoint_with_template(tiny_dir, tmp_path / "model", template)
+    good = json.loads(shapes["qa"].read_text())[:4]
+    question = {"from": "human", "value": "<image>\nWhat colour?"}
+    unlabelled = {"id": "n-a", "image": good[0]["image"], "conversations": [question, {"from": "gpt", "value": "n/a"}]}
+    (tmp_path / "data.json").write_text(json.dumps(good[:2] + [unlabelled] + good[2:]))
+    settings = {"global_batch_size": 4, "max_steps": 1, **RUN}
+    with mock.patch("ms_llava.training.load_model", side_effect=AssertionError("the model was loaded")):
+        with pytest.raises(BadRecordsError) as caught:
+            train(checkpoint, "finetune", tmp_path / "data.json", shapes["images"], tmp_path / "out", **settings)
+    assert "1 of 5 training records are bad (1 no assistant tokens)" in str(caught.value)
+    assert "record 2 (id 'n-a'): no assistant tokens: the chat template marks none of its tokens" in str(caught.value)
+    result = train(
+        checkpoint,
+        "finetune",
+        tmp_path / "data.json",
+        shapes["images"],
+        tmp_path / "out",
+        skip_bad_records=True,
+        **settings,
+    )
+    assert result.num_examples == 4 and [problem.record_id for problem in result.skipped] == ["n-a"]
+
+    long_question = {"from": "human", "value": "<image>\n" + "one two three " * 20}
+    for name, record, reason in (
+        (
+            "empty",
+            {"id": "e", "image": good[0]["image"], "conversations": [question, {"from": "gpt", "value": ""}]},
+            "record 0 (id 'e'): malformed record: assistant turn 1 is empty",
+        ),
+        (
+            "truncated",
+            {"id": "t", "image": good[0]["image"], "conversations": [long_question, good[0]["conversations"][1]]},
+            "record 0 (id 't'): too long: ",
+        ),
+    ):
+        (tmp_path / f"{name}.json").write_text(json.dumps([record]))
+        with mock.patch("ms_llava.training.load_model", side_effect=AssertionError("the model was loaded")):
+            with pytest.raises(BadRecordsError, match="1 of 1 training records are bad") as caught:
+                train(
+                    tiny_dir,
+                    "finetune",
+                    tmp_path / f"{name}.json",
+                    shapes["images"],
+                    tmp_path / name,
+                    max_length=40,
+                    **settings,
+                )
+        assert reason in str(caught.value)
+    assert "no assistant token would be left" in str(caught.value)
+
+
+def corrupt_png_bytes() -> tuple[bytes, bytes]:
+    """A PNG cut in the middle of its pixel data (the header reads, decoding fails) and bytes that are no image."""
+    pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, "PNG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2], b"not an image at all" * 10
+
+
+def test_corrupt_images_are_found_by_the_pre_pass_or_named_when_training_hits_them(tiny, tiny_dir, shapes, tmp_path):
+    """By default the pre-pass reads every image's header (bytes that are no image are bad records); a file cut after
+    its header needs --verify-images (a full decode, embedded bytes included). Without it, training stops on such an
+    image with a ValueError naming the record and the image, the PIL error chained."""
+    datasets = pytest.importorskip("datasets")
+    _, processor = tiny
+    truncated, garbage = corrupt_png_bytes()
+    images = tmp_path / "images"
+    shutil.copytree(shapes["images"], images)
+    (images / "truncated.png").write_bytes(truncated)
+    (images / "garbage.png").write_bytes(garbage)
+    good = json.loads(shapes["qa"].read_text())[:4]
+    conversations = good[0]["conversations"]
+    records = [
+        *good[:2],
+        {"id": "cut", "image": "truncated.png", "conversations": conversations},
+        {"id": "junk", "image": "garbage.png", "conversations": conversations},
+        *good[2:],
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    llava = load_training_records(tmp_path / "data.json", images)
+
+    default = check_records(llava, processor, max_length=2048)
+    assert [(problem.index, problem.record_id) for problem in default.problems] == [(3, "junk")]
+    assert "cannot read image " + str(images / "garbage.png") + ": UnidentifiedImageError" in str(default.problems[0])
+    verified = check_records(llava, processor, max_length=2048, verify_images=True)
+    assert [(problem.index, problem.record_id) for problem in verified.problems] == [(2, "cut"), (3, "junk")]
+    assert "cannot read image " + str(images / "truncated.png") + ": OSError" in str(verified.problems[0])
+
+    # (b) a record that fails while training: index, id and image named, the PIL error chained
+    dataset = SupervisedDataset(llava, default.kept, processor, 2048)
+    dataset[0]
+    with pytest.raises(ValueError) as caught:
+        dataset[default.kept.index(2)]
+    message = str(caught.value)
+    assert (
+        f"cannot load or encode training record 2 (id 'cut'), image(s) {images / 'truncated.png'}: OSError" in message
+    )
+    assert "--verify-images" in message and isinstance(caught.value.__cause__, OSError)
+    with pytest.raises(ValueError, match=r"record 2 \(id 'cut'\), image\(s\) .*truncated\.png: OSError"):
+        train(
+            tiny_dir,
+            "finetune",
+            tmp_path / "data.json",
+            images,
+            tmp_path / "out",
+            skip_bad_records=True,
+            global_batch_size=5,
+            max_steps=1,
+            **RUN,
+        )
+
+    # (a) embedded bytes in a data set (here a single .arrow file): checked alike
+    rows = [
+        {
+            "id": record["id"],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            ],
+            "images": [{"bytes": (images / record["image"]).read_bytes(), "path": record["image"]}],
+        }
+        for record in records
+    ]
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "messages": [
+                {
+                    "role": datasets.Value("string"),
+                    "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+                }
+            ],
+            "images": datasets.List(datasets.Image()),
+        }
+    )
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    (arrow_file,) = (tmp_path / "saved").glob("*.arrow")
+    embedded = load_training_records(arrow_file)
+    default = check_records(embedded, processor, max_length=2048)
+    assert [(problem.index, problem.record_id) for problem in default.problems] == [(3, "junk")]
+    assert "embedded image bytes (190 bytes, path 'garbage.png')" in str(default.problems[0])
+    verified = check_records(embedded, processor, max_length=2048, verify_images=True)
+    assert [(problem.index, problem.record_id) for problem in verified.problems] == [(2, "cut"), (3, "junk")]
+    assert (
+        f"embedded image bytes ({len(truncated)} bytes, path 'truncated.png'): OSError" in verified.problems[0].reason
+    )
+    dataset = SupervisedDataset(embedded, default.kept, processor, 2048)
+    with pytest.raises(ValueError) as caught:  # datasets decodes the image when the row is read
+        dataset[default.kept.index(2)]
+    assert (
+        f"record 2 (id 'cut'), image(s) embedded image bytes ({len(truncated)} bytes, path 'truncated.png'): OSError"
+        in str(caught.value)
+    )
+    assert isinstance(caught.value.__cause__, OSError)
+
+
 # --------------------------------------------------------------------------------------------- the two stages
 
 
@@ -471,6 +689,33 @@ def test_resume_after_a_crash_mid_save_reproduces_the_loss_curve(tiny_dir, shape
     )
     for key, value in reference.items():
         torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_refuses_other_bf16_or_other_data_and_no_stale_skipped_list_remains(tiny_dir, shapes, tmp_path):
+    """The run record holds bf16 and a fingerprint of the data (ids, messages, image references, records kept): a
+    resume that changes either is refused, even with as many examples. A skipped-records list from an earlier run
+    goes when this run skips none."""
+    records = json.loads(shapes["qa"].read_text())[:8]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "skipped_records.jsonl").write_text('{"index": 3, "id": "stale"}\n')  # an earlier run's
+    settings = {"global_batch_size": 4, "learning_rate": 1e-2, "max_steps": 2, **{**RUN, "save_steps": 1}}
+    args = (tiny_dir, "finetune", tmp_path / "data.json", shapes["images"], output_dir)
+    train(*args, **settings)
+    assert not (output_dir / "skipped_records.jsonl").exists()
+    run_record = json.loads((output_dir / "ms_llava_training.json").read_text())
+    assert run_record["bf16"] is False and re.fullmatch(r"[0-9a-f]{16}", run_record["data_fingerprint"])
+
+    with pytest.raises(ValueError, match=r"settings that change the loss curve: bf16 False -> True;? "):
+        train(*args, resume=True, bf16=True, **settings)
+    changed = json.loads(json.dumps(records))
+    changed[5]["conversations"][1]["value"] = "blue" if changed[5]["conversations"][1]["value"] != "blue" else "red"
+    (tmp_path / "data.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match=r"data_fingerprint '[0-9a-f]{16}' -> '[0-9a-f]{16}' \(the training data "):
+        train(*args, resume=True, **settings)
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    assert train(*args, resume=True, **settings).resumed_from == output_dir / "checkpoint-2"
 
 
 def test_checkpoints_are_published_whole(tmp_path):
@@ -665,6 +910,40 @@ def test_accelerate_configs_parse():
     }
 
 
+def test_the_pre_pass_runs_on_the_main_process_only(tiny_dir, shapes):
+    """Only process 0 runs check_records; the others take its result from the broadcast, or raise its error (they
+    do not wait for a result that never comes)."""
+    from types import SimpleNamespace
+
+    from ms_llava.training import _pre_pass
+
+    records = load_training_records(shapes["qa"], shapes["images"])
+    config = TrainingConfig.for_stage("finetune")
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    main, other = (SimpleNamespace(num_processes=2, is_main_process=rank == 0, process_index=rank) for rank in (0, 1))
+    sent = []
+
+    def broadcast(payload, from_process):  # process 0's object reaches the others
+        assert from_process == 0
+        if sent:
+            payload[0] = sent.pop()
+        else:
+            sent.append(payload[0])
+
+    with mock.patch("accelerate.utils.broadcast_object_list", side_effect=broadcast):
+        result = _pre_pass(records, processor, config, main)
+        assert result.kept == list(range(96)) and sent
+        with mock.patch("ms_llava.training.check_records", side_effect=AssertionError("ran on process 1")):
+            assert _pre_pass(records, processor, config, other) == result
+
+        processor.chat_template = strip_generation_markers(processor.chat_template)
+        with pytest.raises(ChatTemplateError, match="marks no assistant tokens"):
+            _pre_pass(records, processor, config, main)
+        with mock.patch("ms_llava.training.check_records", side_effect=AssertionError("ran on process 1")):
+            with pytest.raises(ValueError, match="the pre-pass on the main process failed: ChatTemplateError: the "):
+                _pre_pass(records, processor, config, other)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -699,6 +978,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dir, shapes, tm
     accelerate += ["--num_processes", "2", "--main_process_port", str(free_port())]
     two = run_cpu_training(accelerate, [*arguments, "--output-dir", str(tmp_path / "two")])
     assert "global batch 8 = 4 per device x 1 accumulation x 2 process(es)" in two, two[-4000:]
+    assert two.count("pre-pass (process") == 1 and "pre-pass (process 0): checking 32 records" in two, two[-4000:]
 
     losses_one, losses_two = read_loss_log(tmp_path / "one"), read_loss_log(tmp_path / "two")
     assert [step for step, _ in losses_one] == [step for step, _ in losses_two] == [1, 2, 3, 4]

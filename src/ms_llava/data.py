@@ -13,22 +13,29 @@ Two input formats become one form, a `Conversation`: chat messages in the form t
   `.json` / `.jsonl` / `.parquet` / `.arrow` files. A literal `<image>` in a text part counts as an image part there.
 
 `check_records` is the pre-pass run before training: it converts every record, checks its roles, its assistant
-turns, that it has as many images as `<image>` markers, that its image files exist (and open, with
-`verify_images=True`), and that its images and at least one assistant token fit in `max_length`. It returns the
-indices to train on (a `DataCheck`) and a `RecordProblem` (index, id, reason) for every bad record; a
-`BadRecordsError` names them all in one message.
+turns, that it has as many images as `<image>` markers, that its images exist and have an image header that PIL
+identifies (and decode in full, with `verify_images=True`), that the chat template marks at least one of its tokens
+as an assistant token, and that its images and at least one assistant token fit in `max_length`. It returns the
+indices to train on (a `DataCheck`, with a fingerprint of the data) and a `RecordProblem` (index, id, reason) for
+every bad record; a `BadRecordsError` names them all in one message. A chat template that marks no assistant token in
+any record (no `{% generation %}` markers) is a `ChatTemplateError`: training on it would learn nothing.
 
 `SupervisedDataset` encodes one record with `processor.apply_chat_template(..., return_assistant_tokens_mask=True)`:
 labels are the token ids inside the template's `{% generation %}` markers (the assistant replies, with their
-end-of-sequence token) and -100 everywhere else: system and user text, image tokens, the "ASSISTANT:" prefix.
+end-of-sequence token) and -100 everywhere else: system and user text, image tokens, the "ASSISTANT:" prefix. A
+record that fails to load or encode during training (an image corrupt beyond its header, without `verify_images`)
+raises a `ValueError` naming its index, id and image(s), the original error chained.
 `RightPaddingCollator` pads on the right, so that each sequence keeps positions 0..n-1 (the model derives positions
 from the cache position, not from the attention mask) and padding is masked (attention 0, label -100).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +56,10 @@ MALFORMED = "malformed record"
 IMAGE_COUNT = "image count mismatch"
 MISSING_IMAGE = "missing or unreadable image"
 TOO_LONG = "too long"
+NO_ASSISTANT_TOKENS = "no assistant tokens"
+
+# How transformers recognises a template that supports `return_assistant_tokens_mask` (utils/chat_template_utils.py).
+GENERATION_MARKER = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -100,6 +111,39 @@ class BadRecordsError(ValueError):
             f"{len(problems)} of {num_records} training records are bad ({summarize_problems(problems)}):\n  "
             f"{listed}{more}\nfix them, or pass --skip-bad-records (skip_bad_records=True) to train without them"
         )
+
+
+class ChatTemplateError(ValueError):
+    """The processor's chat template marks no assistant token in any record: every label would be -100."""
+
+
+def _default_template(chat_template):
+    """Named templates (a dict): the processor applies the "default" one."""
+    return chat_template.get("default") if isinstance(chat_template, dict) else chat_template
+
+
+def has_generation_markers(chat_template) -> bool:
+    chat_template = _default_template(chat_template)
+    return isinstance(chat_template, str) and GENERATION_MARKER.search(chat_template) is not None
+
+
+def chat_template_error(chat_template: str | None, num_tokenised: int | None = None) -> ChatTemplateError:
+    """The error for a template without `{% generation %}` markers (`num_tokenised` None: found before reading the
+    data) or whose markers enclose no token of the `num_tokenised` records rendered."""
+    if not isinstance(_default_template(chat_template), str) or not _default_template(chat_template):
+        what = f"the processor has no chat template (chat_template is {chat_template!r})"
+    elif has_generation_markers(chat_template):
+        what = f"its {{% generation %}} markers enclose no token of any of the {num_tokenised} record(s) rendered"
+    else:
+        what = "it has no {% generation %} ... {% endgeneration %} markers around the assistant replies"
+    return ChatTemplateError(
+        f"the processor's chat template marks no assistant tokens ({what}): every label would be -100 and "
+        "training would learn nothing (loss 0). Labels are the tokens inside the template's {% generation %} "
+        "markers (return_assistant_tokens_mask). Fix the checkpoint's template, e.g. with LLaVA-1.5's: `import "
+        "ms_llava; processor = AutoProcessor.from_pretrained(MODEL); processor.chat_template = "
+        "ms_llava.LLAVA_1_5_CHAT_TEMPLATE; processor.save_pretrained(MODEL)`, or wrap each assistant reply of your "
+        "template in {% generation %} ... {% endgeneration %}"
+    )
 
 
 def summarize_problems(problems: list[RecordProblem]) -> str:
@@ -223,21 +267,50 @@ def check_conversation(conversation: Conversation) -> None:
         )
 
 
+def describe_image(image: Any) -> str:
+    """A path, `embedded image bytes (path ...)` or `a PIL image`: how error messages name an image."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            size = len(image["bytes"])
+            path = f", path {image['path']!r}" if image.get("path") else ""
+            return f"embedded image bytes ({size} bytes{path})"
+        return str(image.get("path") or "<no path>")
+    if isinstance(image, Image.Image):
+        return f"a PIL image ({getattr(image, 'filename', '') or 'in memory'})"
+    return repr(image)
+
+
 def _check_image(image: Any, verify: bool) -> None:
+    """Always: the file exists and PIL identifies its header (`Image.open` reads the first bytes only). With `verify`:
+    PIL's `verify()` (PNG chunk checksums, up to the end chunk) and a full decode (`load()`, which finds a truncated
+    JPEG). Embedded bytes get the same checks."""
     if isinstance(image, str):
         if not Path(image).is_file():
             raise RecordError(MISSING_IMAGE, f"image file not found: {image}")
-        if verify:
-            try:
-                with Image.open(image) as opened:
-                    opened.verify()
-            except Exception as error:  # PIL raises many types for a bad file
-                raise RecordError(MISSING_IMAGE, f"cannot read image {image}: {error}") from error
+        _open_image(image, image, verify)
     elif isinstance(image, dict):
         if image.get("bytes") is None:
             _check_image(image.get("path") or "<no path>", verify)
+        else:
+            _open_image(lambda: io.BytesIO(image["bytes"]), describe_image(image), verify)
     elif not isinstance(image, Image.Image):
         raise RecordError(MISSING_IMAGE, f"an image must be a path, a PIL image or image bytes, got {image!r}")
+
+
+def _open_image(source, name: str, verify: bool) -> None:
+    """`source` is a path or a callable giving a fresh file object (PIL's verify() leaves an image unusable)."""
+    fresh = source if callable(source) else lambda: source
+    try:
+        with Image.open(fresh()) as opened:
+            if verify:
+                opened.verify()
+        if verify:
+            with Image.open(fresh()) as opened:
+                opened.load()
+    except Exception as error:  # PIL raises many types for a bad file
+        raise RecordError(MISSING_IMAGE, f"cannot read image {name}: {type(error).__name__}: {error}") from error
 
 
 def load_image(image: Any) -> Image.Image:
@@ -271,6 +344,17 @@ class TrainingRecords(Sequence):
     def __getitem__(self, index: int) -> Conversation:
         return self._converter(self._records[index], self.image_folder)
 
+    def describe(self, index: int) -> str:
+        """ "record 3 (id 'x'), image(s) /data/a.png": names a record in an error, without decoding its images."""
+        record = self._undecoded[index]
+        record_id = _record_id(record) if isinstance(record, dict) else None
+        try:
+            images = [describe_image(image) for image in self._converter(record, self.image_folder).images]
+        except Exception:  # a record the pre-pass rejects: no images to name
+            images = []
+        name = f"id {record_id!r}" if record_id is not None else "no id"
+        return f"record {index} ({name}), image(s) {', '.join(images) or 'none'}"
+
     def conversations_to_check(self) -> Iterator[tuple[int, str | None, Conversation | RecordError]]:
         """Yields `(index, record id, conversation or the RecordError converting it raised)` for every record."""
         for index, record in enumerate(self._undecoded):
@@ -302,8 +386,11 @@ def load_training_records(data, image_folder: str | Path | None = None) -> Train
     if suffix in (".parquet", ".arrow"):
         import datasets
 
-        builder = "parquet" if suffix == ".parquet" else "arrow"
-        return _from_hf_dataset(datasets.load_dataset(builder, data_files=str(path), split="train"), folder, str(path))
+        # Not datasets.load_dataset: its packaged builders send a download-count request to the Hub (S3) first.
+        dataset = (
+            datasets.Dataset.from_parquet(str(path)) if suffix == ".parquet" else datasets.Dataset.from_file(str(path))
+        )
+        return _from_hf_dataset(dataset, folder, str(path))
     if suffix not in (".json", ".jsonl"):
         raise ValueError(f"{path}: unsupported data file type {suffix!r}; use .json, .jsonl, .parquet or .arrow")
     records = _read_json_records(path)
@@ -379,13 +466,18 @@ def _without_image_decoding(dataset):
 
 @dataclass
 class DataCheck:
-    """The pre-pass result: `kept` indices to train on, `problems` of the others, and counts worth logging."""
+    """The pre-pass result: `kept` indices to train on, `problems` of the others, counts worth logging, and
+    `fingerprint`, a hash of the records in order (ids, messages, image references) and of the kept indices, which a
+    resumed run compares."""
 
     num_records: int
     kept: list[int]
     problems: list[RecordProblem]
     num_truncated: int = 0
     num_text_only: int = 0
+    num_tokenised: int = 0  # records whose chat template was rendered and tokenised
+    num_with_assistant_tokens: int = 0  # of those, records with at least one assistant (label) token
+    fingerprint: str = ""
 
     def summary(self) -> str:
         text = f"{len(self.kept)} of {self.num_records} records kept"
@@ -402,14 +494,26 @@ class DataCheck:
 def check_records(
     records: TrainingRecords, processor, max_length: int | None, verify_images: bool = False
 ) -> DataCheck:
-    """The pre-pass: every record is converted and checked (see the module docstring) without loading images (unless
-    `verify_images`); the chat template is rendered and tokenised in batches to check lengths."""
+    """The pre-pass: every record is converted and checked (see the module docstring) without decoding images (only
+    their headers are read, unless `verify_images`); the chat template is rendered and tokenised in batches, once, for
+    the lengths and the assistant-token masks.
+
+    Raises:
+        ChatTemplateError: the chat template has no `{% generation %}` markers (before any record is read), or no
+            record it tokenised has an assistant token.
+    """
+    chat_template = processor.chat_template
+    if not has_generation_markers(chat_template):
+        raise chat_template_error(chat_template)
     problems, pending = [], []
     check = DataCheck(num_records=len(records), kept=[], problems=problems)
+    fingerprint = hashlib.sha256()
     for index, record_id, conversation in records.conversations_to_check():
         if isinstance(conversation, RecordError):
             problems.append(RecordProblem(index, record_id, conversation.category, conversation.reason))
+            fingerprint.update(json.dumps([index, record_id, conversation.category]).encode())
             continue
+        fingerprint.update(_fingerprint_entry(index, conversation, records.image_folder))
         try:
             check_conversation(conversation)
             for image in conversation.images:
@@ -422,13 +526,34 @@ def check_records(
             _check_lengths(pending, processor, max_length, check)
             pending = []
     _check_lengths(pending, processor, max_length, check)
+    if check.num_tokenised and not check.num_with_assistant_tokens:
+        raise chat_template_error(chat_template, check.num_tokenised)
     problems.sort(key=lambda problem: problem.index)
+    fingerprint.update(json.dumps(check.kept).encode())
+    check.fingerprint = fingerprint.hexdigest()[:16]
     return check
+
+
+def _fingerprint_entry(index: int, conversation: Conversation, image_folder: Path | None) -> bytes:
+    """What identifies a record for `DataCheck.fingerprint`: its id, messages and image references (paths relative
+    to the image folder, so that moving the folder keeps the fingerprint; embedded images by their path and size)."""
+    images = []
+    for image in conversation.images:
+        if isinstance(image, str):
+            if image_folder is not None and image.startswith(str(image_folder) + os.sep):
+                image = os.path.relpath(image, image_folder)
+            images.append(image)
+        elif isinstance(image, dict):
+            images.append([image.get("path"), None if image.get("bytes") is None else len(image["bytes"])])
+        else:
+            images.append([type(image).__name__, getattr(image, "size", None)])
+    return json.dumps([index, conversation.record_id, conversation.messages, images], default=str).encode()
 
 
 def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_length: int | None, check: DataCheck):
     """Token counts as `SupervisedDataset` will see them: each image marker becomes M tokens, and the special tokens
-    the tokenizer adds (a BOS) are counted as a prefix, conservatively."""
+    the tokenizer adds (a BOS) are counted as a prefix, conservatively. The same encoding gives the assistant-token
+    mask: a record without any assistant token would train on nothing."""
     if not pending:
         return
     tokenizer = processor.tokenizer
@@ -444,6 +569,15 @@ def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_lengt
     for (index, conversation), ids, mask in zip(
         pending, encoded["input_ids"], encoded["assistant_masks"], strict=True
     ):
+        check.num_tokenised += 1
+        if not any(mask):
+            reason = (
+                "the chat template marks none of its tokens as an assistant token (none lies inside its "
+                "{% generation %} markers): it would train on nothing"
+            )
+            check.problems.append(RecordProblem(index, conversation.record_id, NO_ASSISTANT_TOKENS, reason))
+            continue
+        check.num_with_assistant_tokens += 1
         positions, position = [], num_special  # position of each token once image markers are expanded
         for token in ids:
             positions.append(position)
@@ -518,7 +652,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, position: int) -> dict:
-        return encode_conversation(self.processor, self.records[self.indices[position]], self.max_length)
+        index = self.indices[position]
+        try:
+            return encode_conversation(self.processor, self.records[index], self.max_length)
+        except Exception as error:  # a corrupt image (PIL's OSError ...) would otherwise name no record nor file
+            raise ValueError(
+                f"cannot load or encode training {self.records.describe(index)}: {type(error).__name__}: {error} "
+                "(--verify-images decodes every image in the pre-pass; --skip-bad-records then skips such records)"
+            ) from error
 
 
 class RightPaddingCollator:

@@ -122,7 +122,7 @@ def answer_accuracy(model, processor, data_path: str | Path, image_folder: str |
         inputs = processor(
             images=images[start : start + batch_size],
             text=prompts[start : start + batch_size],
-            padding=True,  # left padding: the processor's tokenizer default, right for batched generation
+            padding=True,  # the tokenizer's padding side: left in ms_llava.tiny's, as batched generation needs
             return_tensors="pt",
         ).to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

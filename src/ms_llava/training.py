@@ -20,14 +20,15 @@ two and a global batch they do not divide is refused. The loss covers the assist
 
 Dependability:
 
-- every record is checked by a pre-pass before the model is loaded (`ms_llava.data.check_records`); bad records
-  stop the run with an error naming them, or are skipped with `skip_bad_records=True` (counted in the log, listed in
-  `OUTPUT_DIR/skipped_records.jsonl`);
+- every record is checked by a pre-pass before the model is loaded (`ms_llava.data.check_records`, on the main
+  process; the others receive its result); bad records stop the run with an error naming them, or are skipped with
+  `skip_bad_records=True` (counted in the log, listed in `OUTPUT_DIR/skipped_records.jsonl`); a chat template that
+  marks no assistant token stops the run before training;
 - checkpoints appear atomically: `MSLlavaTrainer` writes each into `OUTPUT_DIR/.checkpoint-staging/` and renames it
   to `OUTPUT_DIR/checkpoint-N` once every process has finished writing, so a crash mid-save never leaves a
   `checkpoint-N` that `resume=True` would pick (transformers 5.23's `Trainer` writes straight into `checkpoint-N`);
 - `resume=True` continues from the last complete checkpoint with the same data order (a seeded sampler), and refuses
-  settings that would change the loss curve;
+  settings that would change the loss curve, bf16 and the data (a fingerprint of the records) included;
 - the per-step loss goes to `OUTPUT_DIR/loss_log.csv` as training runs, and the whole history to
   `OUTPUT_DIR/trainer_state.json` at the end.
 
@@ -178,6 +179,7 @@ class TrainingConfig:
         "max_grad_norm",
         "max_length",
         "seed",
+        "bf16",
         "lora",
         "qlora",
         "lora_r",
@@ -695,28 +697,66 @@ def _checkpoint_to_resume(output_dir: Path, config: TrainingConfig) -> Path | No
     return None
 
 
+@dataclass(frozen=True)
+class _PrePassFailure:
+    """What the other processes receive when the main process's pre-pass raised."""
+
+    error_type: str
+    message: str
+    value_error: bool
+
+
 def _pre_pass(records, processor, config: TrainingConfig, state) -> DataCheck:
-    """`check_records` on the main process, its result broadcast to the others."""
+    """`check_records` on the main process only, its result (or its error) broadcast to the others, which raise the
+    same message when it failed (rather than waiting forever for a result)."""
     if state.num_processes == 1:
-        return check_records(records, processor, config.max_length, config.verify_images)
+        return _check_records_logged(records, processor, config, state)
     from accelerate.utils import broadcast_object_list
 
-    payload = [check_records(records, processor, config.max_length, config.verify_images)]
-    if not state.is_main_process:
-        payload = [None]
+    payload, error = [None], None
+    if state.is_main_process:
+        try:
+            payload = [_check_records_logged(records, processor, config, state)]
+        except Exception as caught:
+            error = caught
+            payload = [_PrePassFailure(type(caught).__name__, str(caught), isinstance(caught, ValueError))]
     broadcast_object_list(payload, from_process=0)
-    return payload[0]
+    if error is not None:
+        raise error
+    result = payload[0]
+    if isinstance(result, _PrePassFailure):
+        message = f"the pre-pass on the main process failed: {result.error_type}: {result.message}"
+        raise ValueError(message) if result.value_error else RuntimeError(message)
+    return result
+
+
+def _check_records_logged(records, processor, config: TrainingConfig, state) -> DataCheck:
+    logger.info(
+        "pre-pass (process %d): checking %d records of %s", state.process_index, len(records), records.description
+    )
+    return check_records(records, processor, config.max_length, config.verify_images)
 
 
 def _prepare_output_dir(output_dir: Path, config, data_check: DataCheck, resume_from: Path | None, state) -> None:
-    """Checks that a resumed run keeps the settings that shape the loss curve (every process raises alike), then
-    removes what an interrupted save left, records the run's settings and lists the skipped records."""
-    record = {**config.curve_settings(), "num_examples": len(data_check.kept)}
+    """Checks that a resumed run keeps the settings that shape the loss curve and the same data (every process raises
+    alike), then removes what an interrupted save left, records the run's settings and lists the skipped records (or
+    removes the list an earlier run left when there are none)."""
+    record = {
+        **config.curve_settings(),
+        "num_examples": len(data_check.kept),
+        "data_fingerprint": data_check.fingerprint,
+    }
     record_path = output_dir / RUN_RECORD
     if resume_from is not None and record_path.is_file():
         previous = json.loads(record_path.read_text(encoding="utf-8"))
+        unrecorded = sorted(key for key in record if key not in previous)
+        if unrecorded and state.is_main_process:  # a run record written by an earlier version of this code
+            logger.warning("resume: %s records no %s; not compared", record_path, ", ".join(unrecorded))
         changed = [
-            f"{key} {previous.get(key)!r} -> {value!r}" for key, value in record.items() if previous.get(key) != value
+            f"{key} {previous[key]!r} -> {value!r}"
+            + (" (the training data differ)" if key == "data_fingerprint" else "")
+            for key, value in record.items()
+            if key in previous and previous[key] != value
         ]
         if changed:
             raise ValueError(
@@ -730,7 +770,9 @@ def _prepare_output_dir(output_dir: Path, config, data_check: DataCheck, resume_
             logger.warning("removing %s: an incomplete checkpoint left by an interrupted save", staging)
             shutil.rmtree(staging)
         record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if data_check.problems:
+        if not data_check.problems:
+            (output_dir / SKIPPED_RECORDS).unlink(missing_ok=True)  # an earlier run's list would mislead
+        else:
             with open(output_dir / SKIPPED_RECORDS, "w", encoding="utf-8") as handle:
                 for problem in data_check.problems:
                     handle.write(json.dumps(problem.to_dict()) + "\n")
@@ -804,7 +846,11 @@ _FLAG_OPTIONS = [
     ("--gradient-checkpointing", "gradient_checkpointing", "recompute activations in the backward pass"),
     ("--resume", "resume", "continue from the last complete checkpoint in --output-dir"),
     ("--skip-bad-records", "skip_bad_records", "skip records the pre-pass rejects (counted in the log)"),
-    ("--verify-images", "verify_images", "also open every image in the pre-pass (slower)"),
+    (
+        "--verify-images",
+        "verify_images",
+        "also decode every image in full in the pre-pass, embedded bytes included (slower)",
+    ),
     ("--lora", "lora", "LoRA on the language model; the projector trains fully (finetune only)"),
     ("--qlora", "qlora", "QLoRA: LoRA over a 4-bit LLM (needs a CUDA GPU and bitsandbytes)"),
     ("--merge-lora", "merge_lora", "also write the merged model to OUTPUT_DIR/merged"),
