@@ -1,6 +1,7 @@
 """Conversion scripts: LLaVA -> MS-LLaVA, original LLaVA format <-> transformers, on tiny odd-sized random models."""
 
 import json
+import re
 import runpy
 import subprocess
 import sys
@@ -9,14 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
     CLIPVisionConfig,
     CLIPVisionModel,
-    LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -27,17 +26,19 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 from conftest import chat
 from ms_llava import LLAVA_1_5_CHAT_TEMPLATE, MSLlavaConfig, MSLlavaForConditionalGeneration, MSLlavaProcessor
-from ms_llava.checkpoint_io import ConversionError, read_checkpoint
+from ms_llava.checkpoint_io import ConversionError, check_output, read_checkpoint
 from ms_llava.convert_llava import convert_llava_to_ms_llava
 from ms_llava.convert_llava import main as llava_main
 from ms_llava.convert_original import (
+    DEFAULT_MM_VISION_TOWER,
     ORIGINAL_TOWER_PREFIX,
     convert_hf_to_original,
     convert_original_to_hf,
+    output_mm_vision_tower,
 )
 from ms_llava.convert_original import main as original_main
 from ms_llava.modeling_ms_llava import MSResampler
-from ms_llava.tiny import build_tiny_tokenizer, sample_image
+from ms_llava.tiny import build_tiny_tokenizer, sample_image, tiny_text_config, tiny_vision_config
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB_4X_BUFFER = "vision_tower.vision_model.embeddings.position_ids"
@@ -63,53 +64,17 @@ def assert_same_tensors(expected: dict[str, torch.Tensor], actual: dict[str, tor
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def vision_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=24,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=4,
-        projection_dim=16,
-    )
-
-
-def text_config(tokenizer, vocab_size=None) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size or len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-
-
 def tokenizer_without_image_token() -> PreTrainedTokenizerFast:
     """Like an original LLaVA tokenizer: no <image> token (the original code base splices id -200 instead)."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(["USER: ASSISTANT: What is in the image? A red circle."] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return build_tiny_tokenizer(with_image_token=False)
 
 
 def save_llava(directory: Path, seed: int = 0) -> Path:
     """A tiny transformers LLaVA + LlavaProcessor, saved by transformers (its save writes the old top-level layout)."""
     tokenizer = build_tiny_tokenizer()
     config = LlavaConfig(
-        vision_config=vision_config(),
-        text_config=text_config(tokenizer),
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config(tokenizer),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=64,
     )
@@ -173,7 +138,7 @@ def llava_dirs(tmp_path_factory):
 
 
 def original_config(tokenizer_vocab: int, projector_type: str, tokenizer, mm_vision_tower: str) -> dict:
-    config = text_config(tokenizer, tokenizer_vocab).to_dict()
+    config = tiny_text_config(tokenizer, tokenizer_vocab).to_dict()
     for name in ("rope_parameters", "dtype", "transformers_version", "architectures"):
         config.pop(name, None)
     config.update(
@@ -207,8 +172,8 @@ def projector_tensors(projector_type: str, tokenizer) -> dict[str, torch.Tensor]
             "model.mm_projector.2.bias": torch.randn(32),
         }
     config = MSLlavaConfig(
-        vision_config=vision_config(),
-        text_config=text_config(tokenizer),
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config(tokenizer),
         resampler_config=dict(RESAMPLER, fusion_hidden_size=5),
     )
     resampler = MSResampler(config)
@@ -239,10 +204,10 @@ def make_original(
     tokenizer = tokenizer or tokenizer_without_image_token()
     directory.mkdir(parents=True)
     torch.manual_seed(1)
-    tensors = dict(LlamaForCausalLM(text_config(tokenizer)).state_dict())
+    tensors = dict(LlamaForCausalLM(tiny_text_config(tokenizer)).state_dict())
     tensors.update(projector_tensors(projector_type, tokenizer))
     if with_tower:
-        tower = CLIPVisionModel(vision_config()).state_dict()
+        tower = CLIPVisionModel(tiny_vision_config()).state_dict()
         tensors.update({ORIGINAL_TOWER_PREFIX + name: tensor for name, tensor in tower.items()})
     tensors = {name: tensor.detach().clone().contiguous() for name, tensor in tensors.items()}
     if weights == "bin":
@@ -261,7 +226,7 @@ def clip_dir(tmp_path_factory):
     """A transformers CLIPVisionModel directory, with a CLIP preprocessor config (the --vision-tower of stage 1)."""
     directory = tmp_path_factory.mktemp("clip")
     torch.manual_seed(2)
-    CLIPVisionModel(vision_config()).save_pretrained(directory)
+    CLIPVisionModel(tiny_vision_config()).save_pretrained(directory)
     preprocessor = {
         "crop_size": {"height": 32, "width": 32},
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
@@ -460,8 +425,15 @@ class _PickledObject:
         return (print, ("this must never run",))
 
 
+def previous_checkpoint(directory: Path, model_type: str = "ms_llava") -> Path:
+    """A directory that looks like an earlier conversion's output (what --overwrite may replace)."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return directory
+
+
 def test_non_empty_output_is_kept_unless_overwrite(llava_dirs, tmp_path):
-    (tmp_path / "out").mkdir()
+    previous_checkpoint(tmp_path / "out")  # --overwrite replaces only what looks like a conversion's output
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ConversionError, match="exists and is not empty; pass --overwrite"):
         convert_llava_to_ms_llava(llava_dirs["new layout"], tmp_path / "out", num_queries=16, log=quiet)
@@ -477,14 +449,176 @@ def test_a_failure_after_writing_leaves_the_previous_output(llava_dirs, tmp_path
     import ms_llava.convert_llava
 
     monkeypatch.setattr(ms_llava.convert_llava, "check_llava_parity", lambda *args: {"logits": 1e-3})
-    (tmp_path / "out").mkdir()
+    previous_checkpoint(tmp_path / "out")  # --overwrite replaces only what looks like a conversion's output
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ConversionError, match="parity check failed"):
         convert_llava_to_ms_llava(
             llava_dirs["new layout"], tmp_path / "out", num_queries=16, overwrite=True, log=quiet
         )
-    assert [path.name for path in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["config.json", "keep.txt"]
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {"model_type": "ms_llava"}
     assert not leftovers(tmp_path)
+
+
+def test_overwrite_replaces_a_previous_conversion_output(llava_dirs, tmp_path):
+    """What the conversions write (model_type ms_llava, llava_llama; no subdirectory) is what --overwrite replaces."""
+    source = llava_dirs["new layout"]
+    convert_llava_to_ms_llava(source, tmp_path / "out", num_queries=16, check_parity=False, log=quiet)
+    assert not [path for path in (tmp_path / "out").iterdir() if path.is_dir()]
+    report = convert_llava_to_ms_llava(
+        source, tmp_path / "out", num_queries=16, seed=3, overwrite=True, check_parity=False, log=quiet
+    )
+    assert report.output == tmp_path / "out" and MSLlavaConfig.from_pretrained(tmp_path / "out").model_type
+    convert_hf_to_original(tmp_path / "out", tmp_path / "orig", mm_vision_tower="tiny", check_parity=False, log=quiet)
+    convert_hf_to_original(
+        tmp_path / "out", tmp_path / "orig", mm_vision_tower="tiny2", overwrite=True, check_parity=False, log=quiet
+    )
+    assert json.loads((tmp_path / "orig" / "config.json").read_text())["mm_vision_tower"] == "tiny2"
+    assert not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        ("project folder", r"it has no config\.json, so it is not a checkpoint written by a conversion"),
+        ("config.json of another model", r"its config\.json has model_type 'clip_vision_model', not one"),
+        ("config.json that is not JSON", r"its config\.json cannot be read as JSON"),
+        ("config.json that is a list", r"its config\.json has model_type None"),
+        ("checkpoint with a subdirectory", r"it has subdirectories, which the conversions never write: \.git"),
+    ],
+)
+def test_overwrite_refuses_what_is_not_a_conversion_output(setup, reason, llava_dirs, tmp_path):
+    """--overwrite never deletes a directory that does not look like a checkpoint a conversion wrote; the error names
+    the path and why, and nothing in it changes."""
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    if setup == "project folder":
+        (output / "src").mkdir()
+        (output / "src" / "main.py").write_text("print('mine')")
+    elif setup == "config.json of another model":
+        (output / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+    elif setup == "config.json that is not JSON":
+        (output / "config.json").write_text("{not json")
+    elif setup == "config.json that is a list":
+        (output / "config.json").write_text("[]")
+    else:
+        (output / "config.json").write_text(json.dumps({"model_type": "llava"}))
+        (output / ".git").mkdir()
+    before = sorted(str(path.relative_to(output)) for path in output.rglob("*"))
+    for overwrite in (True, False):
+        with pytest.raises(
+            ConversionError, match=rf"--output {re.escape(str(output))} exists and is not empty.*{reason}"
+        ):
+            convert_llava_to_ms_llava(
+                llava_dirs["new layout"], output, num_queries=16, overwrite=overwrite, check_parity=False, log=quiet
+            )
+    assert sorted(str(path.relative_to(output)) for path in output.rglob("*")) == before
+    assert (output / "notes.txt").read_text() == "mine"
+    assert not leftovers(tmp_path)
+
+
+def test_overwrite_never_replaces_the_working_directory(llava_dirs, tmp_path, monkeypatch, capsys):
+    """`--output . --overwrite` in a folder (even one that looks like a checkpoint) is refused, and so is a folder
+    that contains the working directory."""
+    project = previous_checkpoint(tmp_path / "project")
+    (project / "keep.txt").write_text("mine")
+    (project / "sub").mkdir()
+    monkeypatch.chdir(project)
+    args = ["--source", str(llava_dirs["new layout"]), "--num-queries", "16", "--no-parity", "--overwrite"]
+    assert llava_main([*args, "--output", "."]) == 1
+    assert f"--output {project} cannot be written or replaced: it is the current working directory" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.chdir(project / "sub")
+    assert llava_main([*args, "--output", ".."]) == 1
+    assert "cannot be written or replaced: it contains the current working directory" in capsys.readouterr().err
+    assert sorted(path.name for path in project.iterdir()) == ["config.json", "keep.txt", "sub"]
+    assert not leftovers(tmp_path)
+
+
+def test_overwrite_never_replaces_home_or_a_root(llava_dirs, tmp_path, monkeypatch):
+    home = previous_checkpoint(tmp_path / "home")  # even a home that looks like a checkpoint
+    (home / "keep.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    for output in (home, tmp_path / "link-to-home"):
+        if output.name == "link-to-home":
+            output.symlink_to(home, target_is_directory=True)
+        with pytest.raises(ConversionError, match=r"cannot be written or replaced: it is the home directory"):
+            convert_llava_to_ms_llava(
+                llava_dirs["new layout"], output, num_queries=16, overwrite=True, check_parity=False, log=quiet
+            )
+    assert sorted(path.name for path in home.iterdir()) == ["config.json", "keep.txt"]
+    # a folder holding the home directory, and a filesystem root: the check alone, nothing is converted
+    with pytest.raises(ConversionError, match=r"it contains the home directory"):
+        check_output(tmp_path, overwrite=True)
+    with pytest.raises(ConversionError, match=r"--output / cannot be written or replaced: it is a filesystem root"):
+        check_output("/", overwrite=True)
+    assert not leftovers(tmp_path)
+
+
+def test_conversions_share_one_definition_of_constants_and_parity_reporting(
+    llava_dirs, clip_dir, tmp_path, monkeypatch
+):
+    from ms_llava import checkpoint_io, convert_llava, convert_original
+
+    assert convert_llava.HUB_ALLOW_PATTERNS is convert_original.HUB_ALLOW_PATTERNS is checkpoint_io.HUB_ALLOW_PATTERNS
+    assert "*.tiktoken" in checkpoint_io.HUB_ALLOW_PATTERNS and "*.bin" not in checkpoint_io.HUB_ALLOW_PATTERNS
+    assert convert_original.IMAGE_TOKEN is checkpoint_io.IMAGE_TOKEN == "<image>"
+    assert convert_llava.PARITY_MAX_PARAMETERS == checkpoint_io.PARITY_MAX_PARAMETERS == 1_500_000_000
+    assert "run_conversion" in checkpoint_io.__all__
+    assert all(hasattr(checkpoint_io, name) for name in checkpoint_io.__all__)
+    assert checkpoint_io.parity_skip_reason(False, 10) == "--no-parity"
+    assert checkpoint_io.parity_skip_reason(True, 10) is None
+    assert checkpoint_io.parity_skip_reason(True, 2_000_000_000) == (
+        "2,000,000,000 parameters > 1,500,000,000: too large to build both models"
+    )
+
+    # one implementation serves both modules: the size limit, and the failure messages each module always gave
+    monkeypatch.setattr(checkpoint_io, "PARITY_MAX_PARAMETERS", 1000)
+    report = convert_llava_to_ms_llava(llava_dirs["new layout"], tmp_path / "a", num_queries=16, log=quiet)
+    assert report.parity == {} and report.parity_skipped.endswith("parameters > 1,000: too large to build both models")
+    assert report.tensors_written == len(tensors_of(tmp_path / "a")) and report.peak_rss > 0 and report.seconds > 0
+    report = convert_hf_to_original(tmp_path / "a", tmp_path / "b", mm_vision_tower="tiny", log=quiet)
+    assert report.parity == {} and report.parity_skipped.endswith("parameters > 1,000: too large to build both models")
+    monkeypatch.undo()
+    monkeypatch.setattr(convert_llava, "check_llava_parity", lambda *args: {"logits": 1e-3})
+    with pytest.raises(
+        ConversionError, match=r"^parity check failed, the carried-over parts differ: \{'logits': 0\.001\}$"
+    ):
+        convert_llava_to_ms_llava(llava_dirs["new layout"], tmp_path / "c", num_queries=16, log=quiet)
+    monkeypatch.setattr(convert_original, "check_original_parity", lambda *args: {"logits": 0.0, "tower": 2.0})
+    with pytest.raises(ConversionError, match=r"^parity check failed: \{'tower': 2\.0\}$"):
+        convert_hf_to_original(tmp_path / "a", tmp_path / "d", mm_vision_tower="tiny", log=quiet)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_hub_sources_download_the_shared_patterns(tmp_path, monkeypatch):
+    """--source, --base-llm and --vision-tower given as Hub ids download HUB_ALLOW_PATTERNS (plus *.bin for original
+    checkpoints, which are often .bin)."""
+    import huggingface_hub
+
+    from ms_llava.checkpoint_io import HUB_ALLOW_PATTERNS
+
+    asked = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(ConversionError, match="downloading it from the Hub failed: offline"):
+        convert_llava_to_ms_llava("org/llava", tmp_path / "a", log=quiet)
+    with pytest.raises(ConversionError, match="downloading it from the Hub failed: offline"):
+        convert_original_to_hf("org/original", tmp_path / "b", log=quiet)
+    with pytest.raises(ConversionError, match="downloading it from the Hub failed: offline"):
+        convert_hf_to_original("org/hf", tmp_path / "c", log=quiet)
+    assert asked == [
+        ("org/llava", HUB_ALLOW_PATTERNS),
+        ("org/original", [*HUB_ALLOW_PATTERNS, "*.bin"]),
+        ("org/hf", HUB_ALLOW_PATTERNS),
+    ]
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
@@ -526,11 +660,16 @@ def test_original_to_hf_to_original_round_trip(projector_type, weights, clip_dir
     inputs = processor(images=sample_image(40), text=prompt, return_tensors="pt")
     model.generate(**inputs, max_new_tokens=2, do_sample=False)
 
+    # the source's mm_vision_tower (a local CLIP directory, not LLaVA-1.5's tower) is recorded in the HF config
+    assert model.config.vision_config.mm_vision_tower == str(clip_dir)
+
     report = convert_hf_to_original(tmp_path / "hf", tmp_path / "back", strip_image_token=True, log=quiet)
     assert set(report.parity.values()) == {0.0}
     assert_same_tensors(original, tensors_of(tmp_path / "back"))
     config, source_config = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "back", source))
+    assert config["mm_vision_tower"] == source_config["mm_vision_tower"] == str(clip_dir)
     for name in (
+        "mm_vision_tower",
         "mm_projector_type",
         "mm_vision_select_layer",
         "mm_vision_select_feature",
@@ -557,7 +696,7 @@ def test_stage1_projector_with_base_llm_and_vision_tower(clip_dir, tmp_path):
     )
     base = tmp_path / "vicuna"
     language_model = {name: tensor for name, tensor in full.items() if not name.startswith("model.mm_projector.")}
-    llama = LlamaForCausalLM(text_config(tokenizer))
+    llama = LlamaForCausalLM(tiny_text_config(tokenizer))
     llama.load_state_dict(language_model)
     llama.save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -581,11 +720,15 @@ def test_stage1_projector_with_base_llm_and_vision_tower(clip_dir, tmp_path):
         tmp_path / "hf", tmp_path / "back", strip_image_token=True, exclude_vision_tower=True, log=quiet
     )
     assert_same_tensors(full, tensors_of(tmp_path / "back"))
+    source_config = json.loads((stage1 / "config.json").read_text())
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["mm_vision_tower"] == str(clip_dir)
+    assert source_config["mm_vision_tower"] == str(clip_dir)
     convert_hf_to_original(tmp_path / "hf", tmp_path / "back_with_tower", strip_image_token=True, log=quiet)
     expected = dict(full, **{ORIGINAL_TOWER_PREFIX + name: t for name, t in clip.state_dict().items()})
     assert_same_tensors(expected, tensors_of(tmp_path / "back_with_tower"))
     config = json.loads((tmp_path / "back_with_tower" / "config.json").read_text())
     assert config["unfreeze_mm_vision_tower"] is True  # the original code base then uses the stored tower
+    assert config["mm_vision_tower"] == source_config["mm_vision_tower"]
 
 
 def test_transformers_llava_to_original_and_back(llava_dirs, clip_dir, tmp_path):
@@ -606,6 +749,101 @@ def test_transformers_llava_to_original_and_back(llava_dirs, clip_dir, tmp_path)
         assert torch.equal(after[name], tensor), name
 
 
+def test_hf_to_original_does_not_name_another_tower_clip_vit_l_336(llava_dirs, tmp_path):
+    """A transformers LLaVA records no mm_vision_tower: LLaVA-1.5's tower name is written only for a tower of its
+    dimensions, so the tiny tower needs --mm-vision-tower."""
+    message = (
+        r"the vision tower \(hidden_size 24, image_size 32, patch_size 4\) is not openai/clip-vit-large-patch14-336 "
+        r"\(hidden_size 1024, image_size 336, patch_size 14\) and the checkpoint records no mm_vision_tower .*"
+        r"pass --mm-vision-tower"
+    )
+    for exclude in (False, True):
+        with pytest.raises(ConversionError, match=message):
+            convert_hf_to_original(
+                llava_dirs["new layout"],
+                tmp_path / "orig",
+                exclude_vision_tower=exclude,
+                check_parity=False,
+                log=quiet,
+            )
+    assert not (tmp_path / "orig").exists() and not leftovers(tmp_path)
+
+
+def test_output_mm_vision_tower_rule():
+    vit_l_336 = CLIPVisionConfig(hidden_size=1024, num_attention_heads=16, image_size=336, patch_size=14)
+    assert output_mm_vision_tower(vit_l_336, None, Path("src")) == DEFAULT_MM_VISION_TOWER
+    assert output_mm_vision_tower(vit_l_336, "my/clip", Path("src")) == "my/clip"
+    vit_l_336.mm_vision_tower = "/data/clip-vit-large-patch14-336"  # recorded by original-to-hf
+    assert output_mm_vision_tower(vit_l_336, None, Path("src")) == "/data/clip-vit-large-patch14-336"
+    assert output_mm_vision_tower(vit_l_336, "my/clip", Path("src")) == "my/clip"
+    for other in ({"image_size": 224}, {"patch_size": 16, "image_size": 224}, {"hidden_size": 768}):
+        config = CLIPVisionConfig(
+            **{"hidden_size": 1024, "num_attention_heads": 16, "image_size": 336, "patch_size": 14, **other}
+        )
+        with pytest.raises(ConversionError, match=r"src: the vision tower .* pass --mm-vision-tower"):
+            output_mm_vision_tower(config, None, Path("src"))
+        config.mm_vision_tower = "openai/clip-vit-base-patch16"
+        assert output_mm_vision_tower(config, None, Path("src")) == "openai/clip-vit-base-patch16"
+
+
+def test_mm_vision_tower_survives_hf_save_load_and_llava_to_ms_llava(clip_dir, tmp_path):
+    """original (mm_vision_tower: a local CLIP directory) -> HF LLaVA -> MS-LLaVA -> original: the name comes back."""
+    make_original(tmp_path / "orig", "mlp2x_gelu", clip_dir, weights="safetensors")
+    convert_original_to_hf(tmp_path / "orig", tmp_path / "hf", check_parity=False, log=quiet)
+    stored = json.loads((tmp_path / "hf" / "config.json").read_text())["vision_config"]
+    assert stored["mm_vision_tower"] == str(clip_dir)
+    convert_llava_to_ms_llava(tmp_path / "hf", tmp_path / "ms", num_queries=16, check_parity=False, log=quiet)
+    assert MSLlavaConfig.from_pretrained(tmp_path / "ms").vision_config.mm_vision_tower == str(clip_dir)
+    convert_hf_to_original(tmp_path / "ms", tmp_path / "back", check_parity=False, log=quiet)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["mm_vision_tower"] == str(clip_dir)
+    # an explicit --mm-vision-tower wins over the recorded one
+    original_main(
+        ["--direction", "hf-to-original", "--source", str(tmp_path / "hf"), "--output", str(tmp_path / "named")]
+        + ["--mm-vision-tower", "org/my-clip", "--no-parity"]
+    )
+    assert json.loads((tmp_path / "named" / "config.json").read_text())["mm_vision_tower"] == "org/my-clip"
+
+
+def test_memory_benchmark_synthesises_llava_1_5_7b_keys_and_shapes():
+    """benchmarks/conversion_memory.py's synthetic checkpoints have exactly the keys and shapes of LLaVA-1.5-7B as
+    transformers builds it (checked on the meta device: no memory), in both layouts."""
+    import importlib.util
+
+    from ms_llava.checkpoint_io import build_on_meta, expected_state_dict_shapes
+    from ms_llava.convert_llava import canonical_llava_key
+    from ms_llava.convert_original import key_rules, original_to_hf_key
+
+    spec = importlib.util.spec_from_file_location("conversion_memory", ROOT / "benchmarks" / "conversion_memory.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert "torch" not in vars(benchmark)  # the driver stays light (see its docstring)
+    assert benchmark.parse_size("4.95GB") == 4_950_000_000 and benchmark.parse_size("2GiB") == 2 * 2**30
+
+    for vocab, shapes in ((32064, benchmark.llava_hf_shapes(32)), (32000, benchmark.original_shapes(32))):
+        config = LlavaConfig(
+            vision_config=benchmark.clip_config().to_dict(),
+            text_config=benchmark.llama_config(32, vocab).to_dict(),
+            image_token_index=31999,
+        )
+        expected, _ = expected_state_dict_shapes(build_on_meta(LlavaForConditionalGeneration, config))
+        if vocab == 32000:
+            rules = key_rules("mlp2x_gelu")
+            renamed = {original_to_hf_key(name, rules): shape for name, shape in shapes.items()}
+            renamed = {
+                name.replace("model.vision_tower.vision_model.", "model.vision_tower."): s
+                for name, s in renamed.items()
+            }
+        else:
+            renamed = {canonical_llava_key(name, expected): shape for name, shape in shapes.items()}
+        assert renamed == expected
+        assert sum(benchmark.numel(shape) for shape in shapes.values()) == sum(
+            benchmark.numel(shape) for shape in expected.values()
+        )
+    assert len(benchmark.original_shapes(32)) == 686
+    # llava-hf/llava-1.5-7b-hf's 7,063,427,072 parameters, in float16
+    assert benchmark.checkpoint_bytes(benchmark.llava_hf_shapes(32)) == 2 * 7_063_427_072
+
+
 def test_wrapper_scripts_run(llava_dirs, tmp_path, monkeypatch, capsys):
     """The two conversion_scripts/ wrappers run as plain scripts."""
     script = ROOT / "conversion_scripts" / "convert_original_llava_to_hf.py"
@@ -620,6 +858,9 @@ def test_wrapper_scripts_run(llava_dirs, tmp_path, monkeypatch, capsys):
             "--output",
             str(tmp_path / "orig"),
             "--no-parity",
+            # the tiny tower is not LLaVA-1.5's and the source records none: the name must be given
+            "--mm-vision-tower",
+            "tiny/clip-vision",
         ],
         capture_output=True,
         text=True,
@@ -627,6 +868,7 @@ def test_wrapper_scripts_run(llava_dirs, tmp_path, monkeypatch, capsys):
     )
     assert result.returncode == 0, result.stderr
     assert "parity: skipped (--no-parity)" in result.stdout
+    assert json.loads((tmp_path / "orig" / "config.json").read_text())["mm_vision_tower"] == "tiny/clip-vision"
     with pytest.raises(SystemExit) as exit_info:  # the other wrapper, run as __main__ in this process
         monkeypatch.setattr(sys, "argv", ["convert_llava_to_ms_llava.py", "--help"])
         runpy.run_path(str(ROOT / "conversion_scripts" / "convert_llava_to_ms_llava.py"), run_name="__main__")
@@ -654,7 +896,10 @@ def test_add_cli_registers_the_three_subcommands(llava_dirs, tmp_path, capsys):
     assert args.handler(args) == 0
     resampler = MSLlavaConfig.from_pretrained(tmp_path / "out").resampler_config
     assert (resampler.scope_windows, resampler.scope_bias_strength, resampler.fusion) == ([2, 8], 2.5, "attention")
-    args = parser.parse_args(["hf-to-original", "--source", str(tmp_path / "out"), "--output", str(tmp_path / "orig")])
+    args = parser.parse_args(
+        ["hf-to-original", "--source", str(tmp_path / "out"), "--output", str(tmp_path / "orig")]
+        + ["--mm-vision-tower", "tiny/clip-vision"]  # the tiny tower is not LLaVA-1.5's and the source records none
+    )
     assert args.handler(args) == 0
     assert json.loads((tmp_path / "orig" / "config.json").read_text())["mm_projector_type"] == "ms_resampler"
     args = parser.parse_args(["original-to-hf", "--source", str(tmp_path / "orig"), "--output", str(tmp_path / "out")])

@@ -13,7 +13,11 @@
   (with a ``model.safetensors.index.json`` as transformers writes it when there is more than one): each shard's header
   is computed from the declared shapes, then each tensor is loaded, written and freed, so a 7B checkpoint never sits
   in memory. :func:`staged_output` writes into a temporary sibling directory that is renamed into place only when
-  everything succeeded, so a failed conversion leaves no half-written output.
+  everything succeeded, so a failed conversion leaves no half-written output. :func:`check_output` decides what may be
+  replaced: with ``--overwrite``, only a directory that looks like a checkpoint a conversion wrote, and never a
+  filesystem root, the current working directory or the home directory.
+* **Shared by the conversions.** What to download from the Hub (:data:`HUB_ALLOW_PATTERNS`), the image token, the
+  parity size limit and the reporting (:class:`ConversionReport`, :func:`run_conversion`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +46,16 @@ BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 
 # Error messages list at most this many keys per kind of problem (and say how many more there are).
 MAX_LISTED_KEYS = 50
+
+# What to download when a source is a Hub repo id: configs, safetensors weights, tokenizer files (SentencePiece,
+# BPE vocabularies, tiktoken) and chat templates. Sources that may hold `.bin` weights add "*.bin".
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+# The image placeholder of LLaVA prompts: the original code base's DEFAULT_IMAGE_TOKEN and transformers LLaVA's
+# image token.
+IMAGE_TOKEN = "<image>"
+# Above this many parameters the parity checks (which load the source and the converted model, one after the other,
+# in float32) are skipped: 1.5e9 parameters are 6 GB in float32.
+PARITY_MAX_PARAMETERS = 1_500_000_000
 
 # safetensors dtype codes <-> torch dtypes
 _SAFETENSORS_DTYPES = {
@@ -474,9 +489,70 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
 
 
+# The model types of the checkpoints the conversions write (transformers LLaVA, MS-LLaVA, the original code base's
+# LlavaLlamaForCausalLM): --overwrite replaces an existing --output only when its config.json names one of them.
+OVERWRITABLE_MODEL_TYPES = ("llava", "ms_llava", "llava_llama")
+
+
+def _protected_reason(output: Path) -> str | None:
+    """Why `output` must never be replaced (it is a filesystem root, the current working directory, the user's home,
+    or contains one of these), or None. Both the path as given and with symlinks resolved are checked."""
+    candidates = {output, output.resolve()}
+    if any(path == path.parent for path in candidates):
+        return "it is a filesystem root"
+    protected = {}
+    for what, where in (("the current working directory", Path.cwd), ("the home directory", Path.home)):
+        try:
+            protected[what] = where()
+        except (OSError, KeyError, RuntimeError):  # a deleted working directory; no HOME and no passwd entry
+            pass
+    for what, directory in protected.items():
+        for path in candidates:
+            for place in {directory.absolute(), directory.resolve()}:
+                if path == place:
+                    return f"it is {what}"
+                if path in place.parents:
+                    return f"it contains {what} ({place})"
+    return None
+
+
+def _not_a_checkpoint_reason(output: Path) -> str | None:
+    """Why the existing directory `output` does not look like a checkpoint a conversion wrote, or None when it does:
+    it must hold a `config.json` that is a JSON object whose `model_type` is one of `OVERWRITABLE_MODEL_TYPES`, and no
+    subdirectory (the conversions write none)."""
+    config_path = output / "config.json"
+    if not config_path.is_file():
+        return "it has no config.json, so it is not a checkpoint written by a conversion"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"its config.json cannot be read as JSON ({error})"
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in OVERWRITABLE_MODEL_TYPES:
+        return (
+            f"its config.json has model_type {model_type!r}, not one the conversions write "
+            f"({', '.join(OVERWRITABLE_MODEL_TYPES)})"
+        )
+    subdirectories = sorted(path.name for path in output.iterdir() if path.is_dir())
+    if subdirectories:
+        return f"it has subdirectories, which the conversions never write: {format_keys(subdirectories, limit=5)}"
+    return None
+
+
 def check_output(output: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()) -> Path:
-    """Refuses a non-empty `output` unless `overwrite`, and an `output` that is or contains one of the `sources`.
-    Returns `output` as an absolute path."""
+    """Checks that a conversion may write `output`; returns it as an absolute path.
+
+    Refused, with a ConversionError naming the path and the reason:
+
+    * an `output` that is or contains one of the `sources`;
+    * an existing `output` that is not a directory;
+    * an existing `output` that is a filesystem root, the current working directory or the user's home, or contains
+      one of them (the staged write replaces the whole directory), with or without `overwrite`;
+    * an existing non-empty `output` without `overwrite`;
+    * with `overwrite`, an existing non-empty `output` that does not look like a checkpoint a conversion wrote: it
+      needs a top-level `config.json` whose `model_type` is `llava`, `ms_llava` or `llava_llama`, and no
+      subdirectory. Anything else (a project folder, a home directory, a checkpoint of another kind) is never deleted.
+    """
     output = Path(output).absolute()
     for source in sources:
         source = Path(source).absolute()
@@ -485,8 +561,18 @@ def check_output(output: str | Path, overwrite: bool = False, sources: Iterable[
     if output.exists():
         if not output.is_dir():
             raise ConversionError(f"--output {output} exists and is not a directory")
-        if any(output.iterdir()) and not overwrite:
-            raise ConversionError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+        protected = _protected_reason(output)
+        if protected:
+            raise ConversionError(f"--output {output} cannot be written or replaced: {protected}")
+        if any(output.iterdir()):
+            not_a_checkpoint = _not_a_checkpoint_reason(output)
+            if not overwrite and not not_a_checkpoint:
+                raise ConversionError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+            if not_a_checkpoint:
+                raise ConversionError(
+                    f"--output {output} exists and is not empty, and --overwrite will not replace it: "
+                    f"{not_a_checkpoint}; choose a new or empty directory"
+                )
     return output
 
 
@@ -597,6 +683,30 @@ class ConversionReport:
         lines.append(f"  peak resident memory (RSS): {format_bytes(self.peak_rss)}; time: {self.seconds:.1f} s")
         return lines
 
+    def check_parity_results(self, message: str = "parity check failed") -> None:
+        """Raises a ConversionError (`message: {what: difference}`) unless every parity difference is exactly 0."""
+        failed = {what: difference for what, difference in self.parity.items() if difference != 0}
+        if failed:
+            raise ConversionError(f"{message}: {failed}")
+
+    def finish(self, plan: KeyPlan, started: float) -> ConversionReport:
+        """Fills in what `plan` wrote, the peak RSS so far and the time since `started` (`time.perf_counter()`)."""
+        self.tensors_written = len(plan.entries)
+        self.bytes_written = plan.total_bytes
+        self.parameters_written = plan.total_parameters
+        self.peak_rss = peak_rss_bytes()
+        self.seconds = time.perf_counter() - started
+        return self
+
+
+def parity_skip_reason(check_parity: bool, parameters: int) -> str | None:
+    """Why the parity check is skipped (`--no-parity`, or more than `PARITY_MAX_PARAMETERS` parameters), or None."""
+    if not check_parity:
+        return "--no-parity"
+    if parameters > PARITY_MAX_PARAMETERS:
+        return f"{parameters:,} parameters > {PARITY_MAX_PARAMETERS:,}: too large to build both models"
+    return None
+
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
@@ -631,26 +741,44 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def run_conversion(convert: Callable[[], ConversionReport]) -> int:
+    """Runs a conversion for the command line: its report on success (exit 0), `error: ...` on stderr for a
+    `ConversionError` (exit 1), no traceback."""
+    try:
+        report = convert()
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print("\n".join(report.lines()))
+    return 0
+
+
 __all__ = [
+    "HUB_ALLOW_PATTERNS",
+    "IMAGE_TOKEN",
+    "OVERWRITABLE_MODEL_TYPES",
+    "PARITY_MAX_PARAMETERS",
     "ConversionError",
     "ConversionReport",
     "KeyPlan",
     "TensorSource",
-    "copy_files",
     "build_on_meta",
     "check_output",
+    "copy_files",
     "expected_state_dict_shapes",
     "format_bytes",
     "format_keys",
     "has_weights",
     "load_bin_file",
     "max_abs_difference",
+    "parity_skip_reason",
     "parse_size",
     "peak_rss_bytes",
     "quiet_transformers",
     "read_checkpoint",
     "read_json",
     "resolve_source",
+    "run_conversion",
     "staged_output",
     "tensor_source_from_tensor",
     "verify_written",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
 from collections.abc import Callable, Container
 from pathlib import Path
@@ -26,6 +25,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint_io import (
+    HUB_ALLOW_PATTERNS,
+    IMAGE_TOKEN,
+    PARITY_MAX_PARAMETERS,
     ConversionError,
     ConversionReport,
     KeyPlan,
@@ -35,12 +37,13 @@ from .checkpoint_io import (
     copy_files,
     expected_state_dict_shapes,
     max_abs_difference,
+    parity_skip_reason,
     parse_size,
-    peak_rss_bytes,
     quiet_transformers,
     read_checkpoint,
     read_json,
     resolve_source,
+    run_conversion,
     staged_output,
     tensor_source_from_tensor,
     verify_written,
@@ -51,15 +54,18 @@ from .image_processing_ms_llava import MSLlavaImageProcessor
 from .modeling_ms_llava import MSLlavaForConditionalGeneration, MSResampler, query_anchors
 from .processing_ms_llava import MSLlavaProcessor
 
-# Above this many parameters the parity check (which loads the source and the converted model, one after the other,
-# in float32) is skipped: 1.5e9 parameters are 6 GB in float32.
-PARITY_MAX_PARAMETERS = 1_500_000_000
+# PARITY_MAX_PARAMETERS (the parity check's size limit) and HUB_ALLOW_PATTERNS (what a Hub source downloads) are
+# shared with convert_original and live in checkpoint_io.
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-# What to download when --source is a Hub repo id: configs, safetensors weights, tokenizer and chat template files.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 # Tokenizer files copied byte for byte from the source (they hold the vocabulary; tokenizer_config.json is rewritten by
 # the processor, which records its own class there).
 TOKENIZER_DATA_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+# --overwrite's help, shared by the three conversions (the rule is checkpoint_io.check_output's).
+OVERWRITE_HELP = (
+    "replace a non-empty --output, only if it is a checkpoint a conversion could have written (a config.json with "
+    "model_type llava, ms_llava or llava_llama, no subdirectory); never the current directory, the home directory "
+    "or a filesystem root"
+)
 
 # Key layouts. transformers' in-memory names (and what MS-LLaVA saves) are the "new" layout; checkpoints written by
 # transformers < 4.52 (e.g. llava-hf/llava-1.5-7b-hf) and by transformers 5's save_pretrained use the "old" one.
@@ -174,7 +180,7 @@ def build_ms_llava_processor(source_dir: Path, config: MSLlavaConfig) -> tuple[M
     image_processor = getattr(source_processor, "image_processor", None)
     if tokenizer is None or image_processor is None:
         raise ConversionError(f"{source_dir}: expected a processor with a tokenizer and an image processor")
-    image_token = getattr(source_processor, "image_token", None) or "<image>"
+    image_token = getattr(source_processor, "image_token", None) or IMAGE_TOKEN
     token_ids = tokenizer.encode(image_token, add_special_tokens=False)
     if token_ids != [config.image_token_id]:
         raise ConversionError(
@@ -276,7 +282,8 @@ def convert_llava_to_ms_llava(
     Args:
         source: A `LlavaForConditionalGeneration` checkpoint directory (safetensors, sharded or not, old or new key
             layout, with its processor), or a Hub repo id to download.
-        output: The directory to write. Refused when it exists and is not empty, unless `overwrite`.
+        output: The directory to write. Refused when it exists and is not empty, unless `overwrite`; even then only a
+            checkpoint a conversion could have written is replaced (see `checkpoint_io.check_output`).
         num_queries: M, the visual tokens per image.
         scope_windows, scope_bias_strength, fusion: k^(e), beta and the fusion; `None` keeps MSResamplerConfig's
             defaults.
@@ -333,24 +340,12 @@ def convert_llava_to_ms_llava(
         processor.save_pretrained(staging)
         copy_files(source_dir, staging, TOKENIZER_DATA_FILES)
         report.tensors_verified = verify_written(staging, entries)
-        if not check_parity:
-            report.parity_skipped = "--no-parity"
-        elif plan.total_parameters > PARITY_MAX_PARAMETERS:
-            report.parity_skipped = (
-                f"{plan.total_parameters:,} parameters > {PARITY_MAX_PARAMETERS:,}: too large to build both models"
-            )
-        else:
+        report.parity_skipped = parity_skip_reason(check_parity, plan.total_parameters)
+        if report.parity_skipped is None:
             log("checking parity (source LLaVA vs converted MS-LLaVA)")
             report.parity = check_llava_parity(source_dir, staging, config)
-            failed = {what: difference for what, difference in report.parity.items() if difference != 0}
-            if failed:
-                raise ConversionError(f"parity check failed, the carried-over parts differ: {failed}")
-    report.tensors_written = len(entries)
-    report.bytes_written = plan.total_bytes
-    report.parameters_written = plan.total_parameters
-    report.peak_rss = peak_rss_bytes()
-    report.seconds = time.perf_counter() - started
-    return report
+            report.check_parity_results("parity check failed, the carried-over parts differ")
+    return report.finish(plan, started)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -371,13 +366,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest output shard, e.g. 5GB or 500MB (5GB)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-parity", action="store_true", help="skip the output parity check")
 
 
 def _handle(args: argparse.Namespace) -> int:
-    try:
-        report = convert_llava_to_ms_llava(
+    return run_conversion(
+        lambda: convert_llava_to_ms_llava(
             args.source,
             args.output,
             num_queries=args.num_queries,
@@ -389,11 +384,7 @@ def _handle(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             check_parity=not args.no_parity,
         )
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print("\n".join(report.lines()))
-    return 0
+    )
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:

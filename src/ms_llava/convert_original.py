@@ -37,6 +37,8 @@ import torch
 
 from .checkpoint_io import (
     BIN_WEIGHTS_NAME,
+    HUB_ALLOW_PATTERNS,
+    IMAGE_TOKEN,
     ConversionError,
     ConversionReport,
     KeyPlan,
@@ -48,12 +50,13 @@ from .checkpoint_io import (
     format_keys,
     has_weights,
     max_abs_difference,
+    parity_skip_reason,
     parse_size,
-    peak_rss_bytes,
     quiet_transformers,
     read_checkpoint,
     read_json,
     resolve_source,
+    run_conversion,
     staged_output,
     verify_written,
     write_safetensors,
@@ -61,7 +64,7 @@ from .checkpoint_io import (
 from .configuration_ms_llava import MSLlavaConfig, MSResamplerConfig
 from .convert_llava import (
     DEFAULT_MAX_SHARD_SIZE,
-    PARITY_MAX_PARAMETERS,
+    OVERWRITE_HELP,
     TOKENIZER_DATA_FILES,
     is_recomputed_buffer,
     plan_llava_tensors,
@@ -75,14 +78,19 @@ PROJECTOR_TYPES = ("mlp2x_gelu", "ms_resampler")
 ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 ORIGINAL_PROJECTOR_PREFIX = "model.mm_projector."
 STAGE1_PROJECTOR_FILE = "mm_projector.bin"
+# LLaVA-1.5's tower. hf-to-original writes this name only for a tower of its dimensions (DEFAULT_MM_VISION_TOWER_DIMS:
+# hidden_size, image_size, patch_size) when the checkpoint records no mm_vision_tower of its own.
 DEFAULT_MM_VISION_TOWER = "openai/clip-vit-large-patch14-336"
-IMAGE_TOKEN = "<image>"
+DEFAULT_MM_VISION_TOWER_DIMS = {"hidden_size": 1024, "image_size": 336, "patch_size": 14}
+# original-to-hf records the source's mm_vision_tower under this name in the HF config's vision_config, where it
+# survives save_pretrained / from_pretrained (and llava-to-ms-llava, which copies the vision_config); hf-to-original
+# writes it back.
+VISION_CONFIG_TOWER_FIELD = "mm_vision_tower"
 SELECT_FEATURE_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
 STRATEGY_TO_SELECT_FEATURE = {strategy: feature for feature, strategy in SELECT_FEATURE_TO_STRATEGY.items()}
 ORIGINAL_MODEL_TYPES = ("llava_llama", "llava", "llama")
 RESAMPLER_FIELDS = tuple(MSResamplerConfig.__annotations__)  # the resampler's own fields, as in mm_resampler_config
 TOKENIZER_FILES = (*TOKENIZER_DATA_FILES, "tokenizer_config.json", "special_tokens_map.json")
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 
 # config.json fields of the original code base that this converter reads, and those it knows to be training-only.
 ORIGINAL_MULTIMODAL_FIELDS = {
@@ -523,11 +531,18 @@ def build_hf_processor(projector_type: str, hf_config, tokenizer, image_settings
     )
 
 
-def build_hf_config(settings: OriginalSettings, vision_config, image_token_id: int):
+def build_hf_config(
+    settings: OriginalSettings, vision_config, image_token_id: int, mm_vision_tower: str | None = None
+):
+    """LlavaConfig (mlp2x_gelu) or MSLlavaConfig (ms_resampler), and the model class. `mm_vision_tower`, when given,
+    is recorded in the vision_config (`VISION_CONFIG_TOWER_FIELD`) for hf-to-original to write back."""
     from transformers import LlavaConfig
 
+    vision = vision_config.to_dict()
+    if mm_vision_tower:
+        vision[VISION_CONFIG_TOWER_FIELD] = mm_vision_tower
     common = {
-        "vision_config": vision_config.to_dict(),
+        "vision_config": vision,
         "text_config": settings.text_config.to_dict(),
         "vision_feature_layer": settings.select_layer,
         "vision_feature_select_strategy": settings.select_strategy,
@@ -645,20 +660,6 @@ def check_original_parity(
     return results
 
 
-def _check_parity_results(report: ConversionReport) -> None:
-    failed = {what: difference for what, difference in report.parity.items() if difference != 0}
-    if failed:
-        raise ConversionError(f"parity check failed: {failed}")
-
-
-def _parity_skip_reason(check_parity: bool, parameters: int) -> str | None:
-    if not check_parity:
-        return "--no-parity"
-    if parameters > PARITY_MAX_PARAMETERS:
-        return f"{parameters:,} parameters > {PARITY_MAX_PARAMETERS:,}: too large to build both models"
-    return None
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # original -> HF
 # --------------------------------------------------------------------------------------------------------------------
@@ -685,6 +686,9 @@ def convert_original_to_hf(
             `model.vision_tower.*` weights, otherwise used only for the vision config and the preprocessing.
         base_llm: A Llama checkpoint (the language model of a stage-1 checkpoint; also its tokenizer when the source
             has none).
+
+    The source's `mm_vision_tower` (else `vision_tower`) is recorded as `vision_config.mm_vision_tower` in the
+    output's config, for `convert_hf_to_original` to write back.
     """
     started = time.perf_counter()
     shard_bytes = parse_size(max_shard_size)
@@ -725,7 +729,9 @@ def convert_original_to_hf(
             f"{rows} rows"
         )
     settings.text_config.vocab_size = new_rows
-    hf_config, model_class = build_hf_config(settings, vision_config, image_token_id)
+    # the source's mm_vision_tower (else the --vision-tower it was converted with), for hf-to-original to restore
+    recorded_tower = settings.mm_vision_tower or (str(vision_tower) if vision_tower is not None else None)
+    hf_config, model_class = build_hf_config(settings, vision_config, image_token_id, recorded_tower)
     meta_model = build_on_meta(model_class, hf_config)
     expected_shapes, tied_keys = expected_state_dict_shapes(meta_model)
 
@@ -770,21 +776,12 @@ def convert_original_to_hf(
         processor.save_pretrained(staging)
         copy_files(tokenizer_dir, staging, ["tokenizer.model"] if token_added else TOKENIZER_DATA_FILES)
         report.tensors_verified = verify_written(staging, entries)
-        report.parity_skipped = _parity_skip_reason(check_parity, plan.total_parameters)
+        report.parity_skipped = parity_skip_reason(check_parity, plan.total_parameters)
         if report.parity_skipped is None:
             log("checking parity (HF model vs modules built from the original tensors)")
             report.parity = check_original_parity(staging, hf_config, settings.projector_type, original_sources)
-            _check_parity_results(report)
-    return _finish(report, plan, started)
-
-
-def _finish(report: ConversionReport, plan: KeyPlan, started: float) -> ConversionReport:
-    report.tensors_written = len(plan.entries)
-    report.bytes_written = plan.total_bytes
-    report.parameters_written = plan.total_parameters
-    report.peak_rss = peak_rss_bytes()
-    report.seconds = time.perf_counter() - started
-    return report
+            report.check_parity_results()
+    return report.finish(plan, started)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -796,7 +793,7 @@ def convert_hf_to_original(
     source: str | Path,
     output: str | Path,
     *,
-    mm_vision_tower: str = DEFAULT_MM_VISION_TOWER,
+    mm_vision_tower: str | None = None,
     exclude_vision_tower: bool = False,
     strip_image_token: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -810,7 +807,10 @@ def convert_hf_to_original(
         source: The HF checkpoint directory (old or new key layout) or a Hub repo id.
         output: The original-format directory to write.
         mm_vision_tower: What config.json's `mm_vision_tower` says (the original code base builds the CLIP tower from
-            it, then fills it from the checkpoint when `unfreeze_mm_vision_tower` is true).
+            it, then fills it from the checkpoint when `unfreeze_mm_vision_tower` is true). `None` (the default): the
+            name the checkpoint records (`vision_config.mm_vision_tower`, written by `original-to-hf`), else
+            `openai/clip-vit-large-patch14-336` if the tower has its dimensions, else a ConversionError (see
+            `output_mm_vision_tower`).
         exclude_vision_tower: Leave the tower's weights out (the original code base then loads `mm_vision_tower`).
         strip_image_token: Remove the `<image>` token that `original-to-hf` appended (it must be the last token and
             the last embedding row), giving back the original vocabulary.
@@ -893,7 +893,12 @@ def convert_hf_to_original(
     aspect = "square" if processor_config.get("do_pad") is False else "pad"  # LLaVA-1.5 pads unless told not to
     hf_config.dtype = plan.entries["model.embed_tokens.weight"].dtype
     original_config = original_config_dict(
-        hf_config, projector_type, mm_vision_tower, aspect, rows, tower_embedded=not exclude_vision_tower
+        hf_config,
+        projector_type,
+        output_mm_vision_tower(hf_config.vision_config, mm_vision_tower, source_dir),
+        aspect,
+        rows,
+        tower_embedded=not exclude_vision_tower,
     )
     entries = list(plan.entries.items())
     with staged_output(output, overwrite=overwrite, sources=[source_dir]) as staging:
@@ -905,13 +910,35 @@ def convert_hf_to_original(
         _make_tokenizer_class_portable(staging, report)
         (staging / "config.json").write_text(json.dumps(original_config, indent=2) + "\n", encoding="utf-8")
         report.tensors_verified = verify_written(staging, entries)
-        report.parity_skipped = _parity_skip_reason(check_parity, plan.total_parameters)
+        report.parity_skipped = parity_skip_reason(check_parity, plan.total_parameters)
         if report.parity_skipped is None:
             log("checking parity (source HF model vs modules built from the written original tensors)")
             written = {source.name: source for source in read_checkpoint(staging)}
             report.parity = check_original_parity(source_dir, hf_config, projector_type, written)
-            _check_parity_results(report)
-    return _finish(report, plan, started)
+            report.check_parity_results()
+    return report.finish(plan, started)
+
+
+def output_mm_vision_tower(vision_config, mm_vision_tower: str | None, source_dir: Path) -> str:
+    """The `mm_vision_tower` hf-to-original writes: `mm_vision_tower` when given; else the name recorded in the
+    vision config (`VISION_CONFIG_TOWER_FIELD`, which original-to-hf writes); else `DEFAULT_MM_VISION_TOWER` when the
+    tower has its hidden size, image size and patch size. A tower of other dimensions with no recorded name is a
+    ConversionError: writing LLaVA-1.5's tower name for it would make the original code base build the wrong tower."""
+    if mm_vision_tower:
+        return mm_vision_tower
+    recorded = getattr(vision_config, VISION_CONFIG_TOWER_FIELD, None)
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    dims = {name: getattr(vision_config, name, None) for name in DEFAULT_MM_VISION_TOWER_DIMS}
+    if dims == DEFAULT_MM_VISION_TOWER_DIMS:
+        return DEFAULT_MM_VISION_TOWER
+    shown = ", ".join(f"{name} {value}" for name, value in dims.items())
+    expected = ", ".join(f"{name} {value}" for name, value in DEFAULT_MM_VISION_TOWER_DIMS.items())
+    raise ConversionError(
+        f"{source_dir}: the vision tower ({shown}) is not {DEFAULT_MM_VISION_TOWER} ({expected}) and the checkpoint "
+        f"records no mm_vision_tower (vision_config.{VISION_CONFIG_TOWER_FIELD}): pass --mm-vision-tower NAME_OR_PATH, "
+        "the CLIP tower the original code base should load"
+    )
 
 
 def _make_tokenizer_class_portable(directory: Path, report: ConversionReport) -> None:
@@ -941,7 +968,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest output shard, e.g. 5GB or 500MB (5GB)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-parity", action="store_true", help="skip the output parity check")
 
 
@@ -958,8 +985,10 @@ def _add_hf_to_original_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="the original-format directory to write")
     parser.add_argument(
         "--mm-vision-tower",
-        default=DEFAULT_MM_VISION_TOWER,
-        help=f"config.json's mm_vision_tower (default {DEFAULT_MM_VISION_TOWER})",
+        default=None,
+        help="config.json's mm_vision_tower (default: from the checkpoint, i.e. the name original-to-hf recorded in "
+        f"vision_config.{VISION_CONFIG_TOWER_FIELD}, else {DEFAULT_MM_VISION_TOWER} if the tower has its "
+        "dimensions; otherwise this option is required)",
     )
     parser.add_argument(
         "--exclude-vision-tower", action="store_true", help="leave the tower out (loaded from mm_vision_tower)"
@@ -972,18 +1001,8 @@ def _add_hf_to_original_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common_arguments(parser)
 
 
-def _run(convert: Callable[[], ConversionReport]) -> int:
-    try:
-        report = convert()
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print("\n".join(report.lines()))
-    return 0
-
-
 def _handle_original_to_hf(args: argparse.Namespace) -> int:
-    return _run(
+    return run_conversion(
         lambda: convert_original_to_hf(
             args.source,
             args.output,
@@ -997,7 +1016,7 @@ def _handle_original_to_hf(args: argparse.Namespace) -> int:
 
 
 def _handle_hf_to_original(args: argparse.Namespace) -> int:
-    return _run(
+    return run_conversion(
         lambda: convert_hf_to_original(
             args.source,
             args.output,
@@ -1056,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
+    "DEFAULT_MM_VISION_TOWER",
     "ORIGINAL_PROJECTOR_PREFIX",
     "ORIGINAL_TOWER_PREFIX",
     "PROJECTOR_TYPES",
@@ -1066,4 +1086,5 @@ __all__ = [
     "key_rules",
     "main",
     "original_to_hf_key",
+    "output_mm_vision_tower",
 ]

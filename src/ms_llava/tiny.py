@@ -25,14 +25,16 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (a few hundred tokens) trained in memory, with `<image>` as a special token."""
+def build_tiny_tokenizer(with_image_token: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (a few hundred tokens) trained in memory, with `<image>` as a special token (or,
+    `with_image_token=False`, without it, like the original LLaVA code base's tokenizers)."""
+    special_tokens = SPECIAL_TOKENS if with_image_token else [t for t in SPECIAL_TOKENS if t != "<image>"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -43,14 +45,14 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>"} if with_image_token else {},
         padding_side="left",
     )
 
 
-def build_tiny_config(tokenizer: PreTrainedTokenizerFast, **resampler_kwargs) -> MSLlavaConfig:
-    """Odd-sized tiny dimensions: CLIP tower 32 px / patch 4 (an 8 x 8 grid), Llama width 32, M = 16, k = [2, 4, 8] by default."""
-    vision_config = CLIPVisionConfig(
+def tiny_vision_config() -> CLIPVisionConfig:
+    """An odd-sized CLIP tower: 32 px images, patch 4 (an 8 x 8 grid), width 24."""
+    return CLIPVisionConfig(
         hidden_size=24,
         intermediate_size=37,
         num_hidden_layers=2,
@@ -59,8 +61,12 @@ def build_tiny_config(tokenizer: PreTrainedTokenizerFast, **resampler_kwargs) ->
         patch_size=4,
         projection_dim=16,
     )
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
+
+
+def tiny_text_config(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None) -> LlamaConfig:
+    """An odd-sized Llama of width 32 whose special token ids are the tokenizer's."""
+    return LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=32,
         intermediate_size=37,
         num_hidden_layers=2,
@@ -71,6 +77,13 @@ def build_tiny_config(tokenizer: PreTrainedTokenizerFast, **resampler_kwargs) ->
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_tiny_config(tokenizer: PreTrainedTokenizerFast, **resampler_kwargs) -> MSLlavaConfig:
+    """Odd-sized tiny dimensions: CLIP tower 32 px / patch 4 (an 8 x 8 grid), Llama width 32, M = 16, k = [2, 4, 8] by
+    default."""
+    vision_config = tiny_vision_config()
+    text_config = tiny_text_config(tokenizer)
     resampler = {
         "num_queries": 16,
         "scope_windows": [2, 4, 8],
