@@ -69,3 +69,12 @@ def _no_network():
     yield
     uninstall()
     assert attempts == [], f"tests tried to reach the network: {attempts}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device; none is present")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)
