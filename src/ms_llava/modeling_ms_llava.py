@@ -182,7 +182,8 @@ class MSResampler(nn.Module):
     `(batch, N, vision_hidden)` tokens to `(batch, M, text_hidden)`.
 
     Each branch e has its own M learnable queries Q^(e) and key/value projections W_K^(e), W_V^(e). All branches run
-    as E * num_attention_heads heads of one attention call with the additive bias beta * B^(e) (Sec. 3.4). Where the
+    in one attention call with the additive bias beta * B^(e) (Sec. 3.4): the E branches are its heads and each
+    branch's `num_attention_heads` heads are folded into the batch, so one `(1, E, M, N)` bias serves all. Where the
     paper is silent we chose: a LayerNorm on the visual tokens before the key/value projections (shared by the
     branches), attention of width D = `hidden_size` split over `num_attention_heads` heads with the usual
     1/sqrt(head_dim) scaling, and one linear map from D to the language model's width after the fusion.
@@ -216,7 +217,7 @@ class MSResampler(nn.Module):
             self.native_grid = config.vision_grid_size
             grid_tokens = self.native_grid[0] * self.native_grid[1]
             self.learned_scope_bias = nn.Parameter(torch.empty(self.num_branches, self.num_queries, grid_tokens))
-        # beta * B per (grid, prefix tokens, device, dtype), built once: B depends only on the config and the grid.
+        # B (unscaled) per (grid, prefix tokens, device, dtype), built once: it depends only on the windows and grid.
         self._bias_cache: dict[tuple, torch.Tensor] = {}
         self.reset_parameters()
 
