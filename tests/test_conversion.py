@@ -594,7 +594,7 @@ def test_conversions_share_one_definition_of_constants_and_parity_reporting(
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
-def test_hub_sources_download_the_shared_patterns(tmp_path, monkeypatch):
+def test_hub_sources_download_the_shared_patterns(tmp_path, clip_dir, monkeypatch):
     """--source, --base-llm and --vision-tower given as Hub ids download HUB_ALLOW_PATTERNS (plus *.bin for original
     checkpoints, which are often .bin)."""
     import huggingface_hub
@@ -614,10 +614,14 @@ def test_hub_sources_download_the_shared_patterns(tmp_path, monkeypatch):
         convert_original_to_hf("org/original", tmp_path / "b", log=quiet)
     with pytest.raises(ConversionError, match="downloading it from the Hub failed: offline"):
         convert_hf_to_original("org/hf", tmp_path / "c", log=quiet)
+    make_original(tmp_path / "local", "mlp2x_gelu", clip_dir)  # a local source, with the base LLM on the Hub
+    with pytest.raises(ConversionError, match="downloading it from the Hub failed: offline"):
+        convert_original_to_hf(tmp_path / "local", tmp_path / "d", base_llm="org/vicuna", log=quiet)
     assert asked == [
         ("org/llava", HUB_ALLOW_PATTERNS),
         ("org/original", [*HUB_ALLOW_PATTERNS, "*.bin"]),
         ("org/hf", HUB_ALLOW_PATTERNS),
+        ("org/vicuna", [*HUB_ALLOW_PATTERNS, "*.bin"]),  # a base LLM is often .bin too
     ]
 
 

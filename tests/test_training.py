@@ -990,3 +990,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dir, shapes, tm
     weights_two = load_file(tmp_path / "two" / "model.safetensors")
     for key, value in weights_one.items():
         torch.testing.assert_close(weights_two[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_a_missing_training_extra_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from ms_llava.training import require_training_extra
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real_find_spec(name))
+    require_training_extra(lora=False)  # accelerate is there, peft is not needed
+    with pytest.raises(ImportError, match=r"needs peft: install the training extra, pip install -e '\.\[train\]'"):
+        require_training_extra(lora=True)

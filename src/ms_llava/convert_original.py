@@ -695,7 +695,7 @@ def convert_original_to_hf(
     check_output(output, overwrite)
     source_dir = resolve_source(source, HUB_ALLOW_PATTERNS + ["*.bin"])
     settings = parse_original_config(read_json(source_dir / "config.json"), source_dir / "config.json")
-    base_dir = resolve_source(base_llm, HUB_ALLOW_PATTERNS) if base_llm is not None else None
+    base_dir = resolve_source(base_llm, HUB_ALLOW_PATTERNS + ["*.bin"]) if base_llm is not None else None
     notes = [f"config fields not used: {', '.join(settings.ignored_fields)}"] if settings.ignored_fields else []
 
     sources = read_original_weights(source_dir, base_dir, log)

@@ -521,6 +521,17 @@ def merge_lora_adapter(adapter_dir: str | Path, output_dir: str | Path | None = 
 # --------------------------------------------------------------------------------------------- train
 
 
+def require_training_extra(lora: bool = False):
+    """Raises an ImportError naming the install command when a package of the `train` extra is missing."""
+    needed = ["accelerate"] + (["peft"] if lora else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"ms-llava train needs {', '.join(missing)}: install the training extra, pip install -e '.[train]' "
+            "(accelerate, peft, datasets)"
+        )
+
+
 def train(
     model_name_or_path: str | Path,
     stage: str,
@@ -548,9 +559,10 @@ def train(
             directory holding checkpoints without `resume=True`, or bad records (`BadRecordsError`) without
             `skip_bad_records=True`.
     """
+    config = TrainingConfig.for_stage(stage, **overrides)
+    require_training_extra(lora=config.lora or config.qlora)
     from accelerate import PartialState
 
-    config = TrainingConfig.for_stage(stage, **overrides)
     if config.qlora:
         require_qlora_support()
     world_size = launched_world_size()
