@@ -181,7 +181,6 @@ def test_saved_processor_files(tiny_dir):
 )
 def test_bad_processor_arguments(kwargs, message):
     tokenizer = build_tiny_tokenizer()
-    tokenizer.image_token = None
     with pytest.raises(ValueError, match=message):
         MSLlavaProcessor(MSLlavaImageProcessor(), tokenizer, **kwargs)
 

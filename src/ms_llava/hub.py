@@ -37,10 +37,6 @@ REMOTE_CODE_MODULES = (
     "processing_ms_llava.py",
     "image_processing_ms_llava.py",
 )
-CONFIG_AUTO_MAP = {
-    "AutoConfig": "configuration_ms_llava.MSLlavaConfig",
-    "AutoModelForImageTextToText": "modeling_ms_llava.MSLlavaForConditionalGeneration",
-}
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_ms_llava.MSLlavaProcessor"}
 IMAGE_PROCESSOR_AUTO_MAP = {
     "AutoImageProcessor": "image_processing_ms_llava.MSLlavaImageProcessor",
@@ -192,10 +188,13 @@ def _with_remote_code(directory: Path, files: list[str]) -> dict[str, bytes]:
     """Files to add or rewrite so that the repo carries the four modules and `auto_map`. Normally there is nothing to
     do: `save_pretrained` writes both whenever `ms_llava` is imported. Missing modules come from the installed
     package; missing `auto_map` entries are added."""
+    from .modeling_ms_llava import MODEL_AUTO_MAP  # the entries save_pretrained writes
+
     package = Path(__file__).resolve().parent
     extra = {module: (package / module).read_bytes() for module in REMOTE_CODE_MODULES if module not in files}
+    config_auto_map = {"AutoConfig": "configuration_ms_llava.MSLlavaConfig", **MODEL_AUTO_MAP}
     for name, auto_map, nested in (
-        ("config.json", CONFIG_AUTO_MAP, None),
+        ("config.json", config_auto_map, None),
         ("processor_config.json", PROCESSOR_AUTO_MAP, "image_processor"),
         ("tokenizer_config.json", PROCESSOR_AUTO_MAP, None),
     ):

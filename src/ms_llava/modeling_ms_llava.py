@@ -386,6 +386,13 @@ class MSResampler(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# The remote-code entries of config.json's auto_map for the model classes (configuration_ms_llava adds AutoConfig).
+MODEL_AUTO_MAP = {
+    "AutoModel": "modeling_ms_llava.MSLlavaModel",
+    "AutoModelForImageTextToText": "modeling_ms_llava.MSLlavaForConditionalGeneration",
+}
+
+
 class MSLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: MSLlavaConfig
     _no_split_modules = ["MSResampler"]
@@ -409,12 +416,7 @@ class MSLlavaPreTrainedModel(LlavaPreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Name both model classes in auto_map (transformers writes only the saved one), so that AutoModel and
         # AutoModelForImageTextToText both load the checkpoint through remote code.
-        module = "modeling_ms_llava"
-        self.config.auto_map = {
-            **(getattr(self.config, "auto_map", None) or {}),
-            "AutoModel": f"{module}.MSLlavaModel",
-            "AutoModelForImageTextToText": f"{module}.MSLlavaForConditionalGeneration",
-        }
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **MODEL_AUTO_MAP}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
