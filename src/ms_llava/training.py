@@ -35,6 +35,10 @@ Dependability:
 LoRA (`lora=True`) adapts the LLM's linear layers only, chosen by a regular expression anchored at
 `model.language_model.`, so no vision-tower module can match; the projector trains fully (`modules_to_save`). QLoRA
 (`qlora=True`) loads the LLM in 4 bits and needs a CUDA GPU and bitsandbytes.
+
+ScAle (`adapter="scale"`, `ms_llava.scale`, docs/scale.md) freezes the whole model, the projector included, and trains
+only bounded scalars (one per attention head and one per MLP of the LLM); the output folder holds the adapter in
+PEFT's format and the processor.
 """
 
 from __future__ import annotations
@@ -119,6 +123,10 @@ PAPER_RECIPES = {
 
 # LLaVA-1.5's LoRA recipe (scripts/v1_5/finetune_lora.sh): the paper trains no adapters.
 LORA_DEFAULTS = {"learning_rate": 2e-4, "projector_learning_rate": 2e-5}
+# ScAle (docs/scale.md): a few hundred to a thousand bounded scalars, d s / d theta = bound at initialisation; they
+# need a learning rate far above LoRA's to move in one epoch (ours, the ScAle abstract gives none).
+SCALE_DEFAULTS = {"learning_rate": 2e-2}
+ADAPTERS = ("lora", "scale")
 
 
 @dataclass
@@ -161,6 +169,12 @@ class TrainingConfig:
     lora_dropout: float = 0.05
     merge_lora: bool = False
     push_to_hub: str | None = None
+    # The adapter to train instead of the model: None (full fine-tune of the stage), "lora" (= lora=True) or "scale"
+    # (ScAle: only per-head and per-MLP scalars of the LLM train; ms_llava.scale).
+    adapter: str | None = None
+    scale_bound: float = 1.0  # ScAle: s = 1 + bound * tanh(theta), bound in (0, 1]
+    scale_token_scope: str = "last"  # ScAle: "last" (last prompt token and generated tokens) or "all"
+    scale_layers: list[int] | None = None  # ScAle: decoder layer indices; None: all
 
     # Settings that shape the loss curve: a resumed run must keep them.
     CURVE_FIELDS = (
@@ -185,6 +199,10 @@ class TrainingConfig:
         "lora_r",
         "lora_alpha",
         "lora_dropout",
+        "adapter",
+        "scale_bound",
+        "scale_token_scope",
+        "scale_layers",
     )
 
     @classmethod
@@ -196,17 +214,31 @@ class TrainingConfig:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        adapter = overrides.get("adapter")
+        scale_options = sorted(name for name in overrides if name.startswith("scale_"))
+        if scale_options and adapter != "scale":
+            raise ValueError(
+                f"{', '.join(scale_options)} set ScAle options, which need adapter='scale' (got {adapter!r})"
+            )
+        if adapter == "lora" and overrides.get("lora") is False:
+            raise ValueError("adapter='lora' and lora=False contradict each other")
         recipe = PAPER_RECIPES[stage]
         values = {
             "learning_rate": recipe.learning_rate,
             "global_batch_size": recipe.global_batch_size,
             "num_train_epochs": recipe.num_train_epochs,
         }
-        if overrides.get("lora") or overrides.get("qlora"):
+        if overrides.get("lora") or overrides.get("qlora") or adapter == "lora":
             values.update(LORA_DEFAULTS)
+        if adapter == "scale":
+            values.update(SCALE_DEFAULTS)
         values.update(overrides)
-        if values.get("qlora"):
+        if values.get("qlora") or adapter == "lora":
             values["lora"] = True
+        if values.get("lora") and adapter is None:
+            values["adapter"] = "lora"
+        if values.get("scale_layers") is not None:
+            values["scale_layers"] = list(values["scale_layers"])
         config = cls(stage=stage, **values)
         config.validate()
         return config
@@ -248,6 +280,38 @@ class TrainingConfig:
             )
         if self.merge_lora and not self.lora:
             raise ValueError("merge_lora needs lora=True")
+        if self.adapter is not None and self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {list(ADAPTERS)} or None, got {self.adapter!r}")
+        if self.adapter == "scale":
+            self._validate_scale()
+
+    def _validate_scale(self) -> None:
+        conflicts = {
+            "lora": self.lora,
+            "qlora": self.qlora,
+            "merge_lora": self.merge_lora,
+            "projector_learning_rate": self.projector_learning_rate,
+            "push_to_hub": self.push_to_hub,
+        }
+        conflicting = {name: value for name, value in conflicts.items() if value}
+        if conflicting:
+            raise ValueError(
+                f"adapter='scale' cannot be combined with {', '.join(f'{k}={v!r}' for k, v in conflicting.items())}: "
+                "ScAle freezes the whole model (projector included), is not LoRA, and its default 'last' token scope "
+                "cannot be merged (push the adapter folder with huggingface_hub instead)"
+            )
+        if self.stage != "finetune":
+            raise ValueError(f"adapter='scale' adapts a trained model: use stage 'finetune', got {self.stage!r}")
+        bound = self.scale_bound
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound <= 1:
+            raise ValueError(f"scale_bound must be a number in (0, 1], got {bound!r}")
+        if self.scale_token_scope not in ("last", "all"):
+            raise ValueError(f"scale_token_scope must be 'last' or 'all', got {self.scale_token_scope!r}")
+        layers = self.scale_layers
+        if layers is not None and (
+            not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+        ):
+            raise ValueError(f"scale_layers must be a non-empty list of non-negative layer indices, got {layers!r}")
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """`(per-device batch, gradient accumulation steps)` so that their product x `world_size` is the global
@@ -292,8 +356,9 @@ class TrainResult:
     num_examples: int
     skipped: list  # RecordProblem of every skipped record
     resumed_from: Path | None
-    adapter: bool  # True: output_dir holds a LoRA adapter (+ processor), not a full model
+    adapter: bool  # True: output_dir holds an adapter (LoRA or ScAle, + processor), not a full model
     merged_dir: Path | None
+    adapter_type: str | None = None  # "lora", "scale" or None
 
 
 # --------------------------------------------------------------------------------------------- trainer pieces
@@ -483,6 +548,8 @@ def load_model(model_name_or_path: str, config: TrainingConfig):
 def configure_trainable(model, config: TrainingConfig):
     """Freezes what the stage freezes; with LoRA, wraps the model in PEFT (adapters on the LLM's linear layers, the
     projector trained in full as a module to save). Returns the model to train."""
+    if config.adapter == "scale":
+        return add_scale_adapter(model, config)
     trained = PAPER_RECIPES[config.stage].trained_modules
     for name, param in model.named_parameters():
         param.requires_grad = any(name == prefix or name.startswith(prefix + ".") for prefix in trained)
@@ -501,6 +568,20 @@ def configure_trainable(model, config: TrainingConfig):
         bias="none",
     )
     return get_peft_model(model, lora_config)
+
+
+def add_scale_adapter(model, config: TrainingConfig):
+    """Freezes every weight (vision tower, projector, LLM, head) and wraps the model in PEFT with a ScAle adapter on the
+    LLM's attention heads and MLPs (`ms_llava.scale`); only the scalars train."""
+    from peft import get_peft_model
+
+    from .scale import ScaleConfig
+
+    model.requires_grad_(False)
+    scale_config = ScaleConfig(
+        bound=config.scale_bound, token_scope=config.scale_token_scope, layers_to_transform=config.scale_layers
+    )
+    return get_peft_model(model, scale_config)
 
 
 def merge_lora_adapter(adapter_dir: str | Path, output_dir: str | Path | None = None, base_model: str | None = None):
@@ -560,7 +641,7 @@ def train(
             `skip_bad_records=True`.
     """
     config = TrainingConfig.for_stage(stage, **overrides)
-    require_training_extra(lora=config.lora or config.qlora)
+    require_training_extra(lora=config.lora or config.qlora or config.adapter is not None)
     from accelerate import PartialState
 
     if config.qlora:
@@ -640,8 +721,9 @@ def train(
         num_examples=len(data_check.kept),
         skipped=list(data_check.problems),
         resumed_from=resume_from,
-        adapter=config.lora,
+        adapter=config.adapter is not None,
         merged_dir=merged_dir,
+        adapter_type=config.adapter,
     )
 
 
@@ -852,6 +934,10 @@ _VALUE_OPTIONS = [
     ("--lora-alpha", "lora_alpha", int, "LoRA alpha (default 256)"),
     ("--lora-dropout", "lora_dropout", float, "LoRA dropout (default 0.05)"),
     ("--push-to-hub", "push_to_hub", str, "upload the result to this Hub repository (org/name) when done"),
+    ("--adapter", "adapter", str, "train an adapter instead of the model: lora (= --lora) or scale (ScAle)"),
+    ("--scale-bound", "scale_bound", float, "ScAle: b in s = 1 + b*tanh(theta), in (0, 1] (default 1.0)"),
+    ("--scale-token-scope", "scale_token_scope", str, "ScAle: last (default) or all"),
+    ("--scale-layers", "scale_layers", None, "ScAle: comma-separated decoder layer indices (default: all)"),
 ]
 _FLAG_OPTIONS = [
     ("--bf16", "bf16", "bf16 mixed precision (autocast; weights and optimizer stay float32)"),
@@ -869,6 +955,15 @@ _FLAG_OPTIONS = [
 ]
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices such as 0,1,5, got {text!r}"
+        ) from None
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", required=True, choices=sorted(PAPER_RECIPES), help="the recipe stage to run")
     parser.add_argument("--model", required=True, help="MS-LLaVA checkpoint to start from (directory or Hub id)")
@@ -876,7 +971,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-folder", help="folder the image paths are relative to (default: the data's folder)")
     parser.add_argument("--output-dir", required=True, help="checkpoints, logs and the final model")
     for flag, field, kind, help_text in _VALUE_OPTIONS:
-        parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+        parser.add_argument(flag, dest=field, type=kind or _layer_list, default=None, help=help_text)
     for flag, field, help_text in _FLAG_OPTIONS:
         parser.add_argument(flag, dest=field, action="store_true", default=None, help=help_text)
     parser.set_defaults(handler=_train_command)
@@ -914,7 +1009,7 @@ def _train_command(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        what = "LoRA adapter" if result.adapter else "model"
+        what = {"lora": "LoRA adapter", "scale": "ScAle adapter"}.get(result.adapter_type, "model")
         final_loss = f"final loss {result.losses[-1][1]:.4f}, " if result.losses else ""
         print(
             f"trained {result.stage}: {result.global_step} steps, {result.num_examples} examples "
