@@ -38,6 +38,7 @@ import transformers
 from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from markdown_section import write_section
 from ms_llava.configuration_ms_llava import MSLlavaConfig
 from ms_llava.modeling_ms_llava import MSLlavaForConditionalGeneration, MSResampler
 
@@ -328,17 +329,6 @@ def plot(rows, path, title):
     canvas.save(path)
 
 
-def write_section(path, section):
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -392,7 +382,7 @@ def main():
             f"MS-LLaVA vs LLaVA MLP, {args.dims} dimensions, {device.type}, {dtype}".replace("torch.", ""),
         )
         section += f"\n\n![generation speed ratios](benchmarks/{args.plot.name})"
-        write_section(args.write, section)
+        write_section(args.write, section, START, END)
     print("\n" + section)
     if not args.no_write:
         print(f"\nwrote {args.write} and {args.plot}")

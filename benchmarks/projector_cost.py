@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from markdown_section import write_section
 from ms_llava.configuration_ms_llava import MSLlavaConfig
 from ms_llava.modeling_ms_llava import MSResampler
 
@@ -208,17 +209,6 @@ def render(results, threads, runs, warmup):
     return lines
 
 
-def write_section(path, section):
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -260,7 +250,7 @@ def main():
     section = "\n".join(render(results, threads, args.runs, args.warmup) + [""] + checks)
     print("\n" + section)
     if not args.no_write:
-        write_section(args.write, section)
+        write_section(args.write, section, START, END)
         print(f"\nwrote {args.write}")
     if gmacs > BUDGET_GMACS:
         raise SystemExit(f"MS-Resampler M=144 costs {gmacs:.3f} GMACs, over the {BUDGET_GMACS} GMACs budget")

@@ -25,6 +25,15 @@ def tiny_dir(tiny, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch runs on one thread for the module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def image():
     return sample_image(size=48, seed=1)

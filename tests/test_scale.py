@@ -41,12 +41,8 @@ from ms_llava.training import TrainingConfig, add_cli, train
 SMALL = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one thread: training runs are small, and with two their timing (and DDP's gloo) gets erratic on a 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
