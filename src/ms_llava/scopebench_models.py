@@ -1,0 +1,312 @@
+"""The model parts of ScopeBench: tokenizer, vision encoder (and its training objective), language model, and the
+assembly of MS-LLaVA and LLaVA (MLP projector) checkpoints from them.
+
+Vision encoder. A `CLIPVisionModel` at ScopeBench's resolution (336 px, patch 14: a 24 x 24 grid), 2 layers of width
+64. It is trained once on generated images (the ``encoder`` split, disjoint from train / val / test) with a **dense
+per-patch objective**: three linear heads read every patch token of the last layer (the layer the projector reads)
+and predict the colour (none or one of six) and the shape (none or one of three) of the object whose 3 x 3 block holds
+the patch, and the digit (none or 1-9) drawn in that patch; cross-entropy, summed. The heads are then thrown away and
+the tower is frozen for everything after. Why this objective: the paper's regime is a frozen CLIP tower whose patch
+tokens carry local content; a tower trained from scratch by a global objective (a caption, a count) could pool the
+evidence anywhere and leave the grid without spatial meaning, and then no spatial prior in the projector could
+matter. Dense labels make token (y, x) describe what lies at (y, x), as CLIP's patch tokens roughly do.
+
+Language model. A `LlamaForCausalLM` of width 64 (3 layers) with a byte-level BPE tokenizer trained on ScopeBench's
+words. It first gets a text-only warm-up (shared by every variant, `ms_llava.training.train` stage ``finetune`` on
+``text-train.json``): it learns the language of the task and to answer from a scene description standing where the
+image will be, as a pre-trained LLM brings its own language to the paper's stage 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
+
+from . import scopebench as sb
+from .configuration_ms_llava import MSLlavaConfig
+from .image_processing_ms_llava import MSLlavaImageProcessor
+from .modeling_ms_llava import MSLlavaForConditionalGeneration
+from .processing_ms_llava import MSLlavaProcessor
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+ENCODER_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": sb.IMAGE_SIZE,
+    "patch_size": sb.PATCH,
+    "projection_dim": 64,
+}
+LM_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+}
+RESAMPLER_DEFAULTS = {"hidden_size": 64, "num_attention_heads": 4, "fusion_hidden_size": 16}
+VISION_FEATURE_LAYER = -1  # the tower's last layer, the one its objective trains
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (420 tokens) trained on the words of ScopeBench and LLaVA's chat template."""
+    corpus = ["USER: ASSISTANT: " + sb.CAPTION_PROMPT]
+    for index in range(200):
+        scene = sb.make_scene(0, index)
+        corpus.append(scene.caption())
+        corpus += [f"{q.question} {q.answer}" for q in scene.questions]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def image_processor() -> MSLlavaImageProcessor:
+    size = sb.IMAGE_SIZE
+    return MSLlavaImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+# --------------------------------------------------------------------------------------------- the encoder
+
+
+class DensePatchHeads(nn.Module):
+    """The encoder's training heads (thrown away after training): colour, shape and digit per patch token."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.colour = nn.Linear(width, len(sb.COLOURS) + 1)
+        self.shape = nn.Linear(width, len(sb.SHAPES) + 1)
+        self.digit = nn.Linear(width, len(sb.DIGITS) + 1)
+
+    def forward(self, tokens):
+        return {"colour": self.colour(tokens), "shape": self.shape(tokens), "digit": self.digit(tokens)}
+
+
+def encoder_scene(index: int) -> sb.Scene:
+    """Image `index` of the encoder's training set: a scene of the ``encoder`` split in which every object carries a
+    digit (random, seeded), so that the tower sees several digits per image."""
+    scene = sb.make_scene(sb.SPLIT_SEEDS["encoder"], index)
+    rng = random.Random(f"scopebench-encoder-digits-{index}")
+    objects = tuple(dataclasses.replace(o, digit=o.digit or rng.choice(sb.DIGITS)) for o in scene.objects)
+    return dataclasses.replace(scene, objects=objects)
+
+
+def _encoder_batch(processor, scenes, device="cpu"):
+    pixels = processor([sb.render(s) for s in scenes], return_tensors="pt")["pixel_values"].to(device)
+    labels = [sb.patch_labels(s) for s in scenes]
+    return pixels, {key: torch.stack([lab[key] for lab in labels]).flatten(1).to(device) for key in labels[0]}
+
+
+def train_encoder(
+    output_dir: str | Path,
+    num_images: int = 1024,
+    epochs: int = 6,
+    batch_size: int = 16,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    log=print,
+) -> dict:
+    """Trains the ScopeBench vision tower with the dense per-patch objective, saves it (`save_pretrained`, frozen
+    weights only) to `output_dir` and returns its per-patch accuracies on 128 held-out images."""
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    processor = image_processor()
+    tower = CLIPVisionModel(CLIPVisionConfig(**ENCODER_CONFIG)).to(device)
+    heads = DensePatchHeads(ENCODER_CONFIG["hidden_size"]).to(device)
+    scenes = [encoder_scene(i) for i in range(num_images + 128)]
+    train_scenes, held_out = scenes[:num_images], scenes[num_images:]
+    # Pre-render once: the images are the same every epoch.
+    batches = [
+        _encoder_batch(processor, train_scenes[i : i + batch_size], device) for i in range(0, num_images, batch_size)
+    ]
+    params = list(tower.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    total = epochs * len(batches)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total, pct_start=0.1)
+    # The digit class is rare (one patch per object): weight its non-empty classes up.
+    digit_weight = torch.ones(len(sb.DIGITS) + 1)
+    digit_weight[1:] = 10.0
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(epochs):
+        tower.train()
+        for batch_index in torch.randperm(len(batches), generator=generator).tolist():
+            pixels, labels = batches[batch_index]
+            tokens = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[VISION_FEATURE_LAYER][:, 1:]
+            logits = heads(tokens)
+            loss = sum(
+                nn.functional.cross_entropy(
+                    logits[key].flatten(0, 1), labels[key].flatten(), weight=digit_weight if key == "digit" else None
+                )
+                for key in logits
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % 20 == 0 or step == total:
+                log(f"encoder step {step}/{total} epoch {epoch + 1} loss {loss.item():.4f}")
+    metrics = evaluate_encoder(tower, heads, processor, held_out, device)
+    metrics["mean_feature_norm_removed"] = round(centre_features(tower, batches[:8]), 3)
+    metrics["wall_time_s"] = round(time.perf_counter() - started, 1)
+    metrics["objective"] = "dense per-patch cross-entropy: colour (7), shape (4), digit (10) of every patch token"
+    output_dir = Path(output_dir)
+    tower.cpu().save_pretrained(output_dir)
+    (output_dir / "encoder_metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    log(f"encoder: {metrics}")
+    return metrics
+
+
+@torch.no_grad()
+def centre_features(tower, batches) -> float:
+    """Centres the tower's output features: subtracts their mean over the patch tokens of `batches` (images and
+    positions) from the bias of the last layer's MLP output, which adds straight into the residual stream, and returns
+    the norm of the mean removed. A tower trained from scratch carries a large constant vector in every token (norm
+    about 27, against about 3.5 for the part that varies); a projector then outputs mostly that constant, the
+    language model's RMSNorm scales the image-dependent part down to a few percent, and nothing downstream learns to
+    read the image (what we saw before this step). CLIP's features are centred by its final layer norm; this is
+    the frozen-tower equivalent for the layer the projector reads."""
+    tower.eval()
+    features = torch.cat(
+        [
+            tower(pixel_values=p, output_hidden_states=True).hidden_states[VISION_FEATURE_LAYER][:, 1:]
+            for p, _ in batches
+        ]
+    )
+    mean = features.flatten(0, 1).mean(0)
+    tower.get_submodule("encoder").layers[-1].mlp.fc2.bias -= mean
+    return mean.norm().item()
+
+
+@torch.no_grad()
+def evaluate_encoder(tower, heads, processor, scenes, device="cpu") -> dict:
+    """Per-patch accuracy of each head; for digits, on the patches that hold one."""
+    tower.eval()
+    pixels, labels = _encoder_batch(processor, scenes, device)
+    tokens = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[VISION_FEATURE_LAYER][:, 1:]
+    logits = heads(tokens)
+    out = {}
+    for key in logits:
+        predicted = logits[key].argmax(-1)
+        out[f"{key}_patch_accuracy"] = round((predicted == labels[key]).float().mean().item(), 4)
+    mask = labels["digit"] > 0
+    out["digit_accuracy_on_digit_patches"] = round(
+        (logits["digit"].argmax(-1)[mask] == labels["digit"][mask]).float().mean().item(), 4
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def text_config(tokenizer) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **LM_CONFIG,
+    )
+
+
+def build_ms_llava(encoder_dir, language_model, tokenizer, resampler: dict, seed: int = 0):
+    """(model, processor): MS-LLaVA with the trained tower of `encoder_dir` (None: a random one), the language model `language_model` (a
+    `LlamaForCausalLM`, or None for a random one) and a fresh projector of `resampler` (on top of
+    `RESAMPLER_DEFAULTS`), initialised with `seed`."""
+    if encoder_dir is None:  # a random tower: for the text-only warm-up, whose tower is never used
+        vision = CLIPVisionModel(CLIPVisionConfig(**ENCODER_CONFIG))
+    else:
+        vision = CLIPVisionModel.from_pretrained(encoder_dir)
+    config = MSLlavaConfig(
+        vision_config=vision.config,
+        text_config=language_model.config if language_model is not None else text_config(tokenizer),
+        resampler_config={**RESAMPLER_DEFAULTS, **resampler},
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=VISION_FEATURE_LAYER,
+    )
+    torch.manual_seed(seed)
+    model = MSLlavaForConditionalGeneration(config)
+    _load_parts(model, vision, language_model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = MSLlavaProcessor(
+        image_processor=image_processor(), tokenizer=tokenizer, num_image_tokens=config.num_image_tokens
+    )
+    return model.eval(), processor
+
+
+def build_llava_mlp(encoder_dir, language_model, tokenizer, seed: int = 0):
+    """(model, processor): transformers' LLaVA (its 2-layer MLP projector over all 576 tokens) with the same tower and
+    language model. The processor is `MSLlavaProcessor` with `num_image_tokens=576` (the same image processor, chat
+    template and tokenizer; each `<image>` becomes 576 placeholders, as `LlavaProcessor` would expand it):
+    `ms_llava.training`'s pre-pass reads `processor.num_image_tokens`, which `LlavaProcessor` does not have."""
+    vision = CLIPVisionModel.from_pretrained(encoder_dir)
+    config = LlavaConfig(
+        vision_config=vision.config,
+        text_config=language_model.config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=VISION_FEATURE_LAYER,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    _load_parts(model, vision, language_model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = MSLlavaProcessor(
+        image_processor=image_processor(), tokenizer=tokenizer, num_image_tokens=sb.GRID * sb.GRID
+    )
+    return model.eval(), processor
+
+
+def _load_parts(model, vision, language_model) -> None:
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    if language_model is not None:
+        model.model.language_model.load_state_dict(language_model.model.state_dict())
+        model.lm_head.load_state_dict(language_model.lm_head.state_dict())
+
+
+def language_model_from(checkpoint_dir) -> LlamaForCausalLM:
+    """The language model (decoder + head) of a saved MS-LLaVA checkpoint, as a `LlamaForCausalLM`."""
+    from transformers import AutoModelForImageTextToText
+
+    full = AutoModelForImageTextToText.from_pretrained(checkpoint_dir, dtype=torch.float32)
+    lm = LlamaForCausalLM(full.config.text_config)
+    lm.model.load_state_dict(full.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(full.lm_head.state_dict())
+    return lm

@@ -1,0 +1,186 @@
+"""ScopeBench's generator (determinism, splits, balance, answers checked from the pixels) and the shipped default
+checkpoint (loads with the Auto classes, is MS-LLaVA with E = 3, answers its demo samples)."""
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ms_llava
+from ms_llava import scopebench as sb
+
+DEFAULT = Path(ms_llava.__file__).parent / "default_checkpoint"
+MAX_DEFAULT_MB = 10.0
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes():
+    for index in range(3):
+        first = _png(sb.render(sb.make_scene(1000, index)))
+        assert first == _png(sb.render(sb.make_scene(1000, index)))
+        assert first != _png(sb.render(sb.make_scene(1001, index)))
+        assert sb.make_scene(1000, index) == sb.make_scene(1000, index)
+    assert sb.make_scene(1000, 0) != sb.make_scene(1000, 1)
+    image = sb.render(sb.make_scene(1000, 0))
+    assert image.size == (336, 336) and sb.GRID == 24
+
+
+def test_splits_are_disjoint():
+    assert len(set(sb.SPLIT_SEEDS.values())) == len(sb.SPLIT_SEEDS)
+    seen = {}
+    for split, seed in sb.SPLIT_SEEDS.items():
+        for index in range(40):
+            key = sb.make_scene(seed, index).objects
+            assert key not in seen, f"{split} {index} repeats {seen.get(key)}"
+            seen[key] = (split, index)
+
+
+def test_answers_balanced_and_every_type_present():
+    counts = Counter()
+    for index in range(36):  # a common multiple of the block sizes 9, 6, 4, 3, 2
+        scene = sb.make_scene(sb.SPLIT_SEEDS["train"], index)
+        assert sorted(q.type for q in scene.questions) == sorted(sb.QUESTION_TYPES)
+        counts.update((q.type, q.answer) for q in scene.questions)
+    assert {counts[("fine_digit", d)] for d in sb.DIGITS} == {4}
+    assert {counts[("global_count", w)] for w in sb.COUNT_WORDS.values()} == {9}
+    assert {counts[("attribute_colour", c)] for c in sb.COLOURS} == {6}
+    assert {counts[("attribute_shape", s)] for s in sb.SHAPES} == {12}
+    assert counts[("global_layout", "left")] == counts[("global_layout", "right")] == 18
+
+
+def _objects_from_pixels(image: Image.Image) -> dict[str, dict]:
+    """An independent reading of the picture: per colour present, its pixels' centroid, the fill ratio of its
+    bounding box, and the ink (near-black pixels) inside that box, cropped to the ink."""
+    pixels = np.asarray(image).astype(int)
+    found = {}
+    for name, rgb in sb.COLOURS.items():
+        mask = np.abs(pixels - np.array(rgb)).sum(-1) == 0
+        if not mask.any():
+            continue
+        ys, xs = np.nonzero(mask)
+        top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
+        ink = pixels[top : bottom + 1, left : right + 1].sum(-1) < 100
+        fill = (mask[top : bottom + 1, left : right + 1].sum() + ink.sum()) / ink.size
+        glyph = None
+        if ink.any():
+            iy, ix = np.nonzero(ink)
+            glyph = ink[iy.min() : iy.max() + 1, ix.min() : ix.max() + 1]
+        found[name] = {"centre": (ys.mean(), xs.mean()), "fill": fill, "glyph": glyph}
+    return found
+
+
+def _read_digit(glyph: np.ndarray) -> str:
+    for digit, rows in sb.FONT.items():
+        bitmap = np.array([[c == "#" for c in row] for row in rows])
+        ys, xs = np.nonzero(bitmap)
+        bitmap = bitmap[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        if bitmap.shape == glyph.shape and (bitmap == glyph).all():
+            return digit
+    raise AssertionError("no digit matches the ink")
+
+
+def _shape(fill: float) -> str:
+    return "square" if fill > 0.9 else ("circle" if fill > 0.65 else "triangle")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_answer_is_right_for_its_image(split):
+    words = {v: k for k, v in sb.COUNT_WORDS.items()}
+    for index in range(24):
+        scene = sb.make_scene(sb.SPLIT_SEEDS[split], index)
+        seen = _objects_from_pixels(sb.render(scene))
+        marked = [name for name, o in seen.items() if o["glyph"] is not None]
+        assert len(marked) == 1  # exactly one object carries a digit
+        marked = seen[marked[0]]
+        for q in scene.questions:
+            if q.type == "global_count":
+                assert len(seen) == words[q.answer]
+            elif q.type == "fine_digit":
+                assert _read_digit(marked["glyph"]) == q.answer
+            elif q.type == "attribute_shape":
+                assert _shape(marked["fill"]) == q.answer, (q, marked["fill"])
+            elif q.type == "attribute_colour":
+                assert seen[q.answer] is marked
+            else:  # layout, from pixel centroids
+                left = sum(o["centre"][1] < sb.IMAGE_SIZE / 2 for o in seen.values())
+                assert (left > len(seen) - left) == (q.answer == "left") and left != len(seen) - left
+
+
+def test_written_split_is_llava_json(tmp_path):
+    paths = sb.write_split(tmp_path, "val", 3)
+    qa = json.loads(paths["qa"].read_text())
+    assert len(qa) == 15 and [r["image"] for r in qa[::5]] == ["val-00000.png", "val-00001.png", "val-00002.png"]
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in qa)
+    assert all(len(r["conversations"]) == 2 and len(r["types"]) == 1 for r in qa)
+    assert sorted(r["types"][0] for r in qa[:5]) == sorted(sb.QUESTION_TYPES)
+    caption = json.loads(paths["caption"].read_text())
+    assert caption[0]["conversations"][1]["value"] == sb.make_scene(sb.SPLIT_SEEDS["val"], 0).caption()
+    text = json.loads(paths["text"].read_text())
+    assert "image" not in text[0] and "<image>" not in json.dumps(text[0])
+    assert Image.open(tmp_path / "images" / "val-00000.png").size == (336, 336)
+
+
+# --------------------------------------------------------------------------------------------- the default
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(DEFAULT)
+    processor = AutoProcessor.from_pretrained(DEFAULT)
+    return model.eval(), processor
+
+
+def test_default_checkpoint_files():
+    files = [f for f in DEFAULT.rglob("*") if f.is_file()]
+    names = {f.name for f in files}
+    assert {"config.json", "model.safetensors", "README.md", "demo_samples.json", "processor_config.json"} <= names
+    assert not [f for f in files if f.suffix == ".py"], "remote-code copies must not be shipped"
+    size_mb = sum(f.stat().st_size for f in files) / 1e6
+    assert size_mb < MAX_DEFAULT_MB, size_mb
+    card = (DEFAULT / "README.md").read_text()
+    assert card.startswith("---\n") and "toy" in card.lower()
+
+
+def test_default_checkpoint_is_ms_llava_with_three_scopes(default_model):
+    model, processor = default_model
+    assert type(model).__name__ == "MSLlavaForConditionalGeneration"
+    assert len(model.config.resampler_config.scope_windows) == 3
+    assert processor.num_image_tokens == model.config.resampler_config.num_queries
+    assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
+
+
+def test_default_checkpoint_answers_its_demo_samples(default_model):
+    model, processor = default_model
+    samples = json.loads((DEFAULT / "demo_samples.json").read_text())
+    assert len(samples) >= 4
+    assert "global_count" in {s["type"] for s in samples}
+    assert len({s["image"] for s in samples}) == len(samples)
+    for sample in samples:
+        image = Image.open(DEFAULT / sample["image"]).convert("RGB")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        assert answer == sample["answer"], sample
+
+
+def test_scorer_on_default_checkpoint(default_model, tmp_path):
+    model, processor = default_model
+    paths = sb.write_split(tmp_path, "test", 4)
+    accuracy = sb.question_type_accuracy(model, processor, paths["qa"])
+    assert set(accuracy) == {"overall", "fine", "attribute", "global", *sb.QUESTION_TYPES}
+    assert all(0.0 <= value <= 1.0 for value in accuracy.values())
