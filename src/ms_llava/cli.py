@@ -117,6 +117,24 @@ def draw_attention(model, processor, image, output, query=None, query_at=None, n
     return result
 
 
+def print_measured_accuracy(checkpoint: str | Path) -> None:
+    """Prints the checkpoint's held-out accuracy by question type (its `scopebench_result.json`, written when
+    ScopeBench ships a model), next to chance, so that a few right demo answers are not read as more than they are."""
+    path = Path(checkpoint) / "scopebench_result.json"
+    if not path.is_file():
+        return
+    result = json.loads(path.read_text(encoding="utf-8"))
+    accuracy, chance = result.get("single_turn_accuracy_by_type", {}), result.get("chance_by_type", {})
+    cells = [
+        f"{kind} {100 * value:.1f}% (chance {100 * chance.get(kind, 0):.1f}%)" for kind, value in accuracy.items()
+    ]
+    print(f"held-out ScopeBench test accuracy of this checkpoint: {'; '.join(cells)}")
+    print(
+        "  (a toy model; the demo samples below are held-out questions of the types it learned, picked among those "
+        "it answers right: docs/scopebench.md)"
+    )
+
+
 def run_demo(
     checkpoint: str | None = None,
     image_path: str | None = None,
@@ -130,6 +148,7 @@ def run_demo(
     expected answer, answer and right or wrong, and draws one query's attention for the first sample. Returns the
     samples with their answers."""
     path, model, processor, generator = load_checkpoint(checkpoint)
+    print_measured_accuracy(path)
     samples = load_demo_samples(path)
     if image_path is not None or question is not None or not samples:
         first = samples[0] if samples else {}
