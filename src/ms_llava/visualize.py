@@ -367,13 +367,15 @@ def render(
     for index, branch in enumerate(result.branches):
         x = MARGIN + (index + 1) * (panel_size + MARGIN)
         canvas.paste(_branch_panel(result, branch, panel_size), (x, top))
+        rows = branch.window_tokens[2] - branch.window_tokens[0] + 1
+        cols = branch.window_tokens[3] - branch.window_tokens[1] + 1
         third = f"in window {100 * branch.mass_inside:.1f}%, peak {100 * float(branch.attention.max()):.1f}%"
         if result.num_prefix_tokens:
             third += f", CLS {100 * branch.prefix_mass:.1f}%"
         captions.append(
             [
-                f"branch {index + 1}: k={branch.window} ({branch.window}x{branch.window} window)",
-                f"window rows {branch.window_tokens[0]}-{branch.window_tokens[2]}, "
+                f"branch {index + 1}: k={branch.window}, window {rows}x{cols} tokens (Eq. 4)",
+                f"rows {branch.window_tokens[0]}-{branch.window_tokens[2]}, "
                 f"cols {branch.window_tokens[1]}-{branch.window_tokens[3]}",
                 third,
             ]
