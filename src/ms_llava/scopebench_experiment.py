@@ -207,6 +207,9 @@ def aggregate(results: list[dict], split: str = "test") -> dict[str, dict]:
 
 
 def _cell(stat: dict) -> str:
+    """`mean ± std` over the seeds; the bare value for one seed (it has no spread to show)."""
+    if len(stat["values"]) == 1:
+        return f"{100 * stat['mean']:.1f}"
     return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
 
 
