@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
@@ -43,8 +42,8 @@ from .configuration_ms_llava import MSLlavaConfig
 from .image_processing_ms_llava import MSLlavaImageProcessor
 from .modeling_ms_llava import MSLlavaForConditionalGeneration
 from .processing_ms_llava import MSLlavaProcessor
+from .tiny import train_bpe_tokenizer
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 ENCODER_CONFIG = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -73,25 +72,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         scene = sb.make_scene(0, index)
         corpus.append(scene.caption())
         corpus += [f"{q.question} {q.answer}" for q in scene.questions]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=420,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
+    return train_bpe_tokenizer(corpus, vocab_size=420)
 
 
 def image_processor() -> MSLlavaImageProcessor:

@@ -28,17 +28,23 @@ _CORPUS = [
 def build_tiny_tokenizer(with_image_token: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (a few hundred tokens) trained in memory, with `<image>` as a special token (or,
     `with_image_token=False`, without it, like the original LLaVA code base's tokenizers)."""
+    return train_bpe_tokenizer(_CORPUS * 4, vocab_size=400, with_image_token=with_image_token)
+
+
+def train_bpe_tokenizer(corpus: list[str], vocab_size: int, with_image_token: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained in memory on `corpus`, with LLaVA's special tokens
+    (`<s>`, `</s>`, `<pad>`, `<unk>`, and `<image>` unless `with_image_token=False`), padding on the left."""
     special_tokens = SPECIAL_TOKENS if with_image_token else [t for t in SPECIAL_TOKENS if t != "<image>"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         unk_token="<unk>",
