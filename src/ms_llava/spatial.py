@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .tiny_shapes import COLOURS, answer_accuracy, write_shapes_dataset
+from .tiny_shapes import COLOURS, answer_accuracy, write_records, write_shapes_dataset
 
 RELATIONS = ("left", "right", "above", "below")
 QUESTION = "Where is the circle relative to the square?"
@@ -98,16 +98,6 @@ def spatial_records(
         pairs.append((record, image))
     rng.shuffle(pairs)
     return pairs
-
-
-def write_records(directory: Path, name: str, pairs) -> Path:
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    for record, image in pairs:
-        if "image" in record:
-            image.save(directory / "images" / record["image"])
-    path = directory / f"{name}.json"
-    path.write_text(json.dumps([record for record, _ in pairs], indent=1), encoding="utf-8")
-    return path
 
 
 def write_spatial_data(directory: str | Path, seed: int = 0, train: int = 128, test: int = 256, general: int = 96):

@@ -81,15 +81,19 @@ def shapes_records(
 def write_shapes_dataset(directory: str | Path, task: str, num_records: int, seed: int = 0) -> Path:
     """Writes `num_records` records of `task` as `DIRECTORY/<task>-<seed>.json` (LLaVA format) with their images in
     `DIRECTORY/images/` (none for ``text``), and returns the JSON's path. Use `DIRECTORY/images` as the image folder."""
+    return write_records(directory, f"{task}-{seed}", shapes_records(task, num_records, seed))
+
+
+def write_records(directory: str | Path, name: str, pairs) -> Path:
+    """Writes (LLaVA record, image) `pairs` as `DIRECTORY/<name>.json` with the images of the records that have one
+    in `DIRECTORY/images/`, and returns the JSON's path."""
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for record, image in shapes_records(task, num_records, seed):
+    for record, image in pairs:
         if "image" in record:
             image.save(directory / "images" / record["image"])
-        records.append(record)
-    path = directory / f"{task}-{seed}.json"
-    path.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps([record for record, _ in pairs], indent=1), encoding="utf-8")
     return path
 
 
