@@ -17,12 +17,14 @@ from pathlib import Path
 DEFAULT_QUESTION = "What is in the image?"
 DEMO_OUTPUT = "ms-llava-demo.png"
 VISUALIZE_OUTPUT = "ms-llava-attention.png"
+# The embedded default checkpoint; `python -m ms_llava.scopebench ship` writes it.
+DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parent / "default_checkpoint"
 
 
 def default_checkpoint_path() -> Path:
     """The folder of the embedded default checkpoint (`src/ms_llava/default_checkpoint/`): a trained MS-LLaVA with its
     processor, model card and `demo_samples.json`. Raises `FileNotFoundError` naming what is missing."""
-    path = Path(__file__).resolve().parent / "default_checkpoint"
+    path = DEFAULT_CHECKPOINT_DIR
     missing = [name for name in ("config.json", "demo_samples.json") if not (path / name).is_file()]
     if not any(path.glob("*.safetensors")):
         missing.append("*.safetensors")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import scopebench as sb
+from .cli import DEFAULT_CHECKPOINT_DIR
 
 # The recipe's settings overridden for a tiny model trained from a random start in minutes (the paper's lrs, 1e-3 /
 # 2e-5, and one epoch of 558K / 665K examples move nothing here). Everything else is `TrainingConfig`'s default.
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--output", default="docs/scopebench")
     ship = commands.add_parser("ship", help="copy the best E=3 run (by validation accuracy) to the default checkpoint")
     ship.add_argument("--run", help="a run name (default: the best E = 3 run by validation accuracy)")
-    ship.add_argument("--output", default=str(Path(__file__).parent / "default_checkpoint"))
+    ship.add_argument("--output", default=str(DEFAULT_CHECKPOINT_DIR))
     args = parser.parse_args(argv)
     runs = Path(args.runs)
     data = runs / "data"
