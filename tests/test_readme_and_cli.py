@@ -53,7 +53,7 @@ def test_demo_on_the_embedded_default(tmp_path, capsys, monkeypatch):
 def test_default_checkpoint_path_names_what_is_missing(tmp_path, monkeypatch):
     from ms_llava import cli
 
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "cli.py"))
+    monkeypatch.setattr(cli, "DEFAULT_CHECKPOINT_DIR", tmp_path / "default_checkpoint")
     (tmp_path / "default_checkpoint").mkdir()
     (tmp_path / "default_checkpoint" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"default_checkpoint lacks demo_samples.json, \*.safetensors"):
