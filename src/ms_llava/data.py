@@ -31,6 +31,7 @@ from the cache position, not from the attention mask) and padding is masked (att
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -645,8 +646,17 @@ def encode_conversation(processor, conversation: Conversation, max_length: int |
 class SupervisedDataset(torch.utils.data.Dataset):
     """The records at `indices` (those the pre-pass kept), encoded on access by `encode_conversation`."""
 
-    def __init__(self, records: TrainingRecords, indices: list[int], processor, max_length: int | None):
+    def __init__(
+        self, records: TrainingRecords, indices: list[int], processor, max_length: int | None, feature_cache=None
+    ):
         self.records, self.indices, self.processor, self.max_length = records, indices, processor, max_length
+        # ms_llava.feature_cache.FeatureCache: images become cache-row stand-ins (the rows only: the tensors stay
+        # with the model, out of data-loader workers).
+        self.feature_cache = None if feature_cache is None else dataclasses.replace(feature_cache, hidden_states={})
+        if feature_cache is not None:
+            from .feature_cache import stand_in_processor
+
+            self.processor = stand_in_processor(processor, feature_cache)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -654,7 +664,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> dict:
         index = self.indices[position]
         try:
-            return encode_conversation(self.processor, self.records[index], self.max_length)
+            conversation = self.records[index]
+            if self.feature_cache is not None:
+                from .feature_cache import stand_in_image
+
+                images = [stand_in_image(self.feature_cache, image) for image in conversation.images]
+                conversation = dataclasses.replace(conversation, images=images)
+            return encode_conversation(self.processor, conversation, self.max_length)
         except Exception as error:  # a corrupt image (PIL's OSError ...) would otherwise name no record nor file
             raise ValueError(
                 f"cannot load or encode training {self.records.describe(index)}: {type(error).__name__}: {error} "

@@ -44,6 +44,7 @@ PEFT's format and the processor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import importlib.util
@@ -76,6 +77,7 @@ from .data import (
     load_training_records,
     pad_token_id,
 )
+from .feature_cache import cached_vision_tower
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +163,8 @@ class TrainingConfig:
     resume: bool = False
     skip_bad_records: bool = False
     verify_images: bool = False
+    # The frozen vision tower runs once per distinct image, not once per visit (ms_llava.feature_cache; same losses).
+    cache_vision_features: bool = False
     # Parameter-efficient fine-tuning (finetune stage only).
     lora: bool = False
     qlora: bool = False
@@ -687,17 +691,21 @@ def train(
         config.learning_rate,
         f" (projector {config.projector_learning_rate:g})" if config.projector_learning_rate else "",
     )
+    feature_cache = None
+    if config.cache_vision_features:
+        feature_cache = _build_feature_cache(model, processor, records, data_check.kept, state)
     trainer = MSLlavaTrainer(
         model=model,
         args=args,
-        train_dataset=SupervisedDataset(records, data_check.kept, processor, config.max_length),
+        train_dataset=SupervisedDataset(records, data_check.kept, processor, config.max_length, feature_cache),
         data_collator=RightPaddingCollator(pad_token_id(processor.tokenizer)),
         processing_class=processor,
         callbacks=[LossLogCallback(output_dir / LOSS_LOG), *(callbacks or [])],
         projector_learning_rate=config.projector_learning_rate,
     )
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with cached_vision_tower(model, feature_cache) if feature_cache else contextlib.nullcontext():
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.save_model(str(output_dir))  # model or adapter, with the processor (main process writes)
     trainer.save_state()  # trainer_state.json with the whole log history
     wall_time = time.perf_counter() - started
@@ -725,6 +733,18 @@ def train(
         merged_dir=merged_dir,
         adapter_type=config.adapter,
     )
+
+
+def _build_feature_cache(model, processor, records, kept: list[int], state):
+    """The frozen tower's features of every distinct image of the kept records (`ms_llava.feature_cache`)."""
+    from .feature_cache import build_cache, check_cacheable
+
+    check_cacheable(model)
+    images = [image for index in kept for image in records[index].images]
+    started = time.perf_counter()
+    cache = build_cache(model, processor, images, log=lambda message, *args: _log_main(state, message, *args))
+    _log_main(state, "vision feature cache ready in %.1f s", time.perf_counter() - started)
+    return cache
 
 
 def launched_world_size() -> int:
@@ -943,6 +963,11 @@ _FLAG_OPTIONS = [
     ("--bf16", "bf16", "bf16 mixed precision (autocast; weights and optimizer stay float32)"),
     ("--gradient-checkpointing", "gradient_checkpointing", "recompute activations in the backward pass"),
     ("--resume", "resume", "continue from the last complete checkpoint in --output-dir"),
+    (
+        "--cache-vision-features",
+        "cache_vision_features",
+        "run the frozen vision tower once per distinct image file and reuse its features (same losses, faster)",
+    ),
     ("--skip-bad-records", "skip_bad_records", "skip records the pre-pass rejects (counted in the log)"),
     (
         "--verify-images",
