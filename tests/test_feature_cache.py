@@ -70,7 +70,10 @@ def test_the_cache_gives_the_same_losses_and_weights(architecture, stage, tiny_d
     torch.testing.assert_close(
         [loss for _, loss in cached.losses], [loss for _, loss in plain.losses], rtol=0, atol=1e-6
     )
-    expected, got = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "cached" / "model.safetensors")
+    expected, got = (
+        load_file(tmp_path / "plain" / "model.safetensors"),
+        load_file(tmp_path / "cached" / "model.safetensors"),
+    )
     assert expected.keys() == got.keys()
     tower = [key for key in got if "vision_tower" in key]
     assert tower
@@ -88,6 +91,19 @@ def test_a_later_run_in_the_same_process_reuses_the_cache(tiny_dir, shapes, tmp_
     train(tiny_dir, "finetune", shapes["qa"], shapes["images"], tmp_path / "b", cache_vision_features=True, **RUN,
           max_steps=1)  # fmt: skip
     assert "vision feature cache: reused (48 images)" in caplog.text
+
+
+def test_text_only_records_train_with_the_flag(tiny_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    records = [
+        {"id": f"t{i}", "conversations": [{"from": "human", "value": "a red circle"}, {"from": "gpt", "value": "red"}]}
+        for i in range(8)
+    ]
+    (tmp_path / "text.json").write_text(json.dumps(records))
+    result = train(tiny_dir, "finetune", tmp_path / "text.json", None, tmp_path / "out", cache_vision_features=True,
+                   **RUN, max_steps=2)  # fmt: skip
+    assert result.global_step == 2
+    assert "the kept records hold no image, nothing to cache" in caplog.text
 
 
 def test_the_tower_is_restored_and_real_pixels_under_the_cache_are_refused(tiny, shapes):

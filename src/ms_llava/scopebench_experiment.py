@@ -35,7 +35,15 @@ STAGES = {
     "pretrain": {"learning_rate": 3e-3, "global_batch_size": 16, "max_steps": 40, "warmup_ratio": 0.1},
     "finetune": {"learning_rate": 3e-3, "global_batch_size": 16, "max_steps": 200, "warmup_ratio": 0.05},
 }
-COMMON = {"dataloader_num_workers": 0, "save_steps": 100000, "logging_steps": 10, "save_total_limit": 1}
+# The vision tower is frozen in both stages: its features are computed once per image (ms_llava.feature_cache; the
+# losses are the same as without the cache) and shared by every run of the process.
+COMMON = {
+    "dataloader_num_workers": 0,
+    "save_steps": 100000,
+    "logging_steps": 10,
+    "save_total_limit": 1,
+    "cache_vision_features": True,
+}
 BUDGETS = (144, 64, 36)
 ABLATION_M = 64
 

@@ -741,6 +741,9 @@ def _build_feature_cache(model, processor, records, kept: list[int], state):
 
     check_cacheable(model)
     images = [image for index in kept for image in records[index].images]
+    if not images:
+        _log_main(state, "vision feature cache: the kept records hold no image, nothing to cache")
+        return None
     started = time.perf_counter()
     cache = build_cache(model, processor, images, log=lambda message, *args: _log_main(state, message, *args))
     _log_main(state, "vision feature cache ready in %.1f s", time.perf_counter() - started)
