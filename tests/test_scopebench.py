@@ -126,7 +126,12 @@ def test_written_split_is_llava_json(tmp_path):
     caption = json.loads(paths["caption"].read_text())
     assert caption[0]["conversations"][1]["value"] == sb.make_scene(sb.SPLIT_SEEDS["val"], 0).caption()
     text = json.loads(paths["text"].read_text())
-    assert "image" not in text[0] and "<image>" not in json.dumps(text[0])
+    assert len(text) == 18 and not any("image" in r or "<image>" in json.dumps(r) for r in text)
+    caption_text = caption[0]["conversations"][1]["value"]
+    assert len(text[0]["conversations"]) == 12  # the caption, then the five questions in one conversation
+    for record, question in zip(text[1:6], qa[:5], strict=True):  # then each question alone after the caption
+        assert record["conversations"][0]["value"] == caption_text + question["conversations"][0]["value"][7:]
+        assert record["conversations"][1] == question["conversations"][1]
     assert Image.open(tmp_path / "images" / "val-00000.png").size == (336, 336)
 
 

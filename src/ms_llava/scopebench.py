@@ -31,8 +31,9 @@ Files (LLaVA JSON, images relative to ``images/``):
 - ``qa-<split>.json`` (stage 2 and evaluation): one record per question, ``<image>`` + the question -> the answer
   (each question asked alone, as ``ms-llava demo`` asks); each record also has ``types`` (its question type) and
   ``scene`` (the generator's description).
-- ``text-<split>.json`` (the language model's text-only warm-up): the caption's words stand where the image would be,
-  then the caption and the five questions in one conversation.
+- ``text-<split>.json`` (the language model's text-only warm-up), six records per image: the caption's words stand
+  where the image would be, then the caption and the five questions in one conversation; and each question alone
+  after the caption's words (the form in which stage 2 asks it).
 
 `question_type_accuracy` scores a model with greedy exact match per question type (batched generation). The model
 parts and the experiment live in `ms_llava.scopebench_models` and `ms_llava.scopebench_experiment`; ``python -m
@@ -223,8 +224,8 @@ def patch_labels(scene: Scene) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------- files
 
 
-def split_records(split: str, count: int, seed: int | None = None) -> list[tuple[Scene, dict, dict, dict]]:
-    """(scene, caption record, qa records (one per question), text record) for images 0..count-1 of `split`."""
+def split_records(split: str, count: int, seed: int | None = None) -> list[tuple[Scene, dict, list, list]]:
+    """(scene, caption record, qa records (one per question), text records) for images 0..count-1 of `split`."""
     seed = SPLIT_SEEDS[split] if seed is None else seed
     out = []
     for index in range(count):
@@ -261,8 +262,18 @@ def split_records(split: str, count: int, seed: int | None = None) -> list[tuple
             {"from": "human", "value": f"{caption}\n{CAPTION_PROMPT}"},
             {"from": "gpt", "value": caption},
         ] + turns
-        text_record = {"id": f"text-{name}", "conversations": text_turns}
-        out.append((scene, caption_record, qa_records, text_record))
+        # The warm-up: the whole conversation, then each question alone after the caption, the form stage 2 asks in.
+        text_records = [{"id": f"text-{name}", "conversations": text_turns}] + [
+            {
+                "id": f"text-{name}-{q.type}",
+                "conversations": [
+                    {"from": "human", "value": f"{caption}\n{q.question}"},
+                    {"from": "gpt", "value": q.answer},
+                ],
+            }
+            for q in scene.questions
+        ]
+        out.append((scene, caption_record, qa_records, text_records))
     return out
 
 
@@ -279,7 +290,7 @@ def write_split(directory: str | Path, split: str, count: int, images: bool = Tr
                 render(scene).save(path, optimize=False)
         by_task["caption"].append(caption)
         by_task["qa"].extend(qa)
-        by_task["text"].append(text)
+        by_task["text"].extend(text)
     paths = {}
     for task, records in by_task.items():
         paths[task] = directory / f"{task}-{split}.json"

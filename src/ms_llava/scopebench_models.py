@@ -54,8 +54,8 @@ ENCODER_CONFIG = {
     "projection_dim": 64,
 }
 LM_CONFIG = {
-    "hidden_size": 64,
-    "intermediate_size": 192,
+    "hidden_size": 128,
+    "intermediate_size": 384,
     "num_hidden_layers": 3,
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
