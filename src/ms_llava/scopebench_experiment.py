@@ -32,8 +32,8 @@ from .cli import DEFAULT_CHECKPOINT_DIR
 # 2e-5, and one epoch of 558K / 665K examples move nothing here). Everything else is `TrainingConfig`'s default.
 WARMUP = {"learning_rate": 3e-3, "global_batch_size": 16, "num_train_epochs": 1, "warmup_ratio": 0.05}
 STAGES = {
-    "pretrain": {"learning_rate": 3e-3, "global_batch_size": 16, "max_steps": 40, "warmup_ratio": 0.1},
-    "finetune": {"learning_rate": 3e-3, "global_batch_size": 16, "max_steps": 200, "warmup_ratio": 0.05},
+    "pretrain": {"learning_rate": 3e-3, "global_batch_size": 16, "max_steps": 50, "warmup_ratio": 0.1},
+    "finetune": {"learning_rate": 3e-3, "global_batch_size": 16, "max_steps": 500, "warmup_ratio": 0.05},
 }
 # The vision tower is frozen in both stages: its features are computed once per image (ms_llava.feature_cache; the
 # losses are the same as without the cache) and shared by every run of the process.
