@@ -32,13 +32,14 @@ tags:
 The embedded default checkpoint of `ms-llava`: the best MS-LLaVA (E = 3) of the ScopeBench experiment
 (docs/scopebench.md), chosen by validation accuracy among the finished E = 3 runs. **A toy**: {params:,} parameters,
 trained in minutes on a CPU on generated 336 x 336 images of two to five coloured shapes, one of which carries a small
-digit. It is meant for ScopeBench's five kinds of question about such images and nothing else, and answers only two of
-them better than chance (below).
+digit. It is meant for ScopeBench's five kinds of question about such images and nothing else, and answers {num_allowed} of
+them at 1.5 times chance or better (below).
 
 - Run: `{run}` (projector: MS-Resampler, M = {M}, k = {windows}, beta = {beta}, fusion `{fusion}`).
 - Vision tower: CLIP ViT, 336 px, patch 14 (24 x 24 grid), 2 layers of width 64, trained on generated images with a
   dense per-patch objective (colour, shape, digit of every patch), then frozen.
-- Language model: Llama, 3 layers of width 64, 420-token byte-level BPE vocabulary, warmed up on text only.
+- Language model: Llama, {lm_layers} layers of width {lm_width}, {vocab}-token byte-level BPE vocabulary, warmed up on
+  text only.
 - Training: `ms_llava.training.train`, stage `pretrain` (projector, captions, {steps1} steps) then `finetune`
   (projector + language model, question answering, {steps2} steps), batch 16, on ScopeBench's train split (2,000
   images, 10,000 questions).
@@ -49,9 +50,9 @@ them better than chance (below).
 |---|---|
 {rows}
 
-Chance (one answer at random): digit 11.1%, colour 16.7%, shape 33.3%, count 25%, layout 50%. The model reads the
-object count and, partly, the marked object's colour; on the digit, the shape and the layout it is at chance.
-`demo_samples.json` therefore only holds questions of the types it answers well above chance ({allowed}).
+Chance (one answer at random): digit 11.1%, colour 16.7%, shape 33.3%, count 25%, layout 50%. At 1.5 times chance
+or better: {allowed}; below that: {not_allowed}. `demo_samples.json` therefore only holds questions of the first
+kind.
 
 ## Use
 
@@ -178,7 +179,12 @@ def ship_default(runs: Path, output: Path, run: str | None = None, num_samples: 
         fusion=resampler.fusion,
         n_test=len(items),
         rows=rows,
-        allowed=", ".join(allowed),
+        num_allowed=len(allowed),
+        allowed=", ".join(allowed) or "none",
+        not_allowed=", ".join(t for t in sb.QUESTION_TYPES if t not in allowed) or "none",
+        lm_layers=model.config.text_config.num_hidden_layers,
+        lm_width=model.config.text_config.hidden_size,
+        vocab=model.config.text_config.vocab_size,
         steps1=_steps(source.parent / "stage2", "pretrain"),
         steps2=_steps(source, "finetune"),
     )
