@@ -140,7 +140,7 @@ def build_cache(model, processor, images: list, batch_size: int = 32, log=logger
             outputs = tower(pixel_values.to(device, dtype), output_hidden_states=True, return_dict=True)
             num_layers = len(outputs.hidden_states)
             for layer in layers:
-                hidden[layer].append(outputs.hidden_states[layer].detach())
+                hidden[layer].append(outputs.hidden_states[layer].detach().cpu())
     finally:
         tower.train(was_training)
     cache = FeatureCache(
