@@ -264,7 +264,7 @@ def claims(table: dict) -> list[str]:
     def mean(name, key="overall"):
         return table[name][key]["mean"]
 
-    gaps = {}
+    gaps, gap_verdicts = {}, {}
     for m in BUDGETS:
         singles = [f"e1-k{k}-m{m}" for k in (2, 6, 12, 24) if f"e1-k{k}-m{m}" in table]
         multis = [f"e3-{w}-m{m}" for w in ("2-6-14", "2-6-24") if f"e3-{w}-m{m}" in table]
@@ -274,6 +274,7 @@ def claims(table: dict) -> list[str]:
             continue
         best_single, best_multi = max(singles, key=mean), max(multis, key=mean)
         gaps[m] = mean(best_multi) - mean(vanilla)
+        gap_verdicts[m] = compare(table, best_multi, vanilla).split("(")[1].split(";")[0]
         out.append(
             f"M = {m}: best E=3 `{best_multi}` {100 * mean(best_multi):.1f} vs best E=1 `{best_single}` "
             f"{100 * mean(best_single):.1f}: {compare(table, best_multi, best_single)}; best E=1 vs vanilla "
@@ -284,8 +285,9 @@ def claims(table: dict) -> list[str]:
         widening = gaps[36] > gaps[64] > gaps[144]
         out.append(
             "gap best E=3 - vanilla: "
-            + ", ".join(f"M = {m}: {100 * g:+.1f}" for m, g in gaps.items())
+            + ", ".join(f"M = {m}: {100 * g:+.1f} ({gap_verdicts[m]})" for m, g in gaps.items())
             + f" points: {'widens' if widening else 'does not widen monotonically'} as M shrinks"
+            + ("" if all(v != "within noise" for v in gap_verdicts.values()) else ", but not every gap is above noise")
         )
     e3 = [f"e3-{w}-m144" for w in ("2-6-14", "2-6-24") if f"e3-{w}-m144" in table]
     if e3 and "mlp" in table:
