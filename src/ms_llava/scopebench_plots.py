@@ -19,6 +19,14 @@ def _get(table, name, key):
     return (100 * row[key]["mean"], 100 * row[key]["std"]) if row else (float("nan"), 0.0)
 
 
+def _save(fig, path: Path) -> Path:
+    """Lays out, writes (110 dpi) and closes `fig`; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_budget(table: dict, output: Path, key: str = "overall") -> Path:
     """Accuracy against M for every projector of the main table (error bars: std over seeds), MLP as a line."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -34,11 +42,7 @@ def plot_budget(table: dict, output: Path, key: str = "overall") -> Path:
     ax.set_ylabel(f"test accuracy, {key} (%)")
     ax.set_title(f"ScopeBench: {key} accuracy by visual token budget")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = output / f"budget_{key}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, output / f"budget_{key}.png")
 
 
 def plot_scopes(table: dict, output: Path, m: int = 64) -> Path:
@@ -61,11 +65,7 @@ def plot_scopes(table: dict, output: Path, m: int = 64) -> Path:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"ScopeBench accuracy by question scope (M = {m}; MLP: 576 tokens)")
     ax.legend()
-    fig.tight_layout()
-    path = output / f"scopes_m{m}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, output / f"scopes_m{m}.png")
 
 
 def plot_ablation(table: dict, output: Path, m: int = 64) -> Path:
@@ -86,11 +86,7 @@ def plot_ablation(table: dict, output: Path, m: int = 64) -> Path:
     right.bar(fusions, [v[0] for v in values], yerr=[v[1] for v in values], capsize=3)
     right.set_title(f"fusion (overall, M = {m})", fontsize=9)
     right.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    path = output / f"ablations_m{m}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, output / f"ablations_m{m}.png")
 
 
 def plot_all(table: dict, output: Path) -> list[Path]:
