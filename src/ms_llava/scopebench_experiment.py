@@ -248,13 +248,20 @@ def _standard_error(row: dict, key: str = "overall") -> float:
     return max(stat["std"] / math.sqrt(seeds), binomial)
 
 
-def compare(table: dict, first: str, second: str, key: str = "overall") -> str:
-    """'higher', 'lower' or 'within noise' (difference under two standard errors of the difference)."""
+def verdict(table: dict, first: str, second: str, key: str = "overall") -> tuple[float, str, float]:
+    """(difference, 'higher' | 'lower' | 'within noise', twice the standard error of the difference): within noise
+    when the difference is under two standard errors."""
     a, b = table[first], table[second]
     difference = a[key]["mean"] - b[key]["mean"]
     noise = 2 * math.hypot(_standard_error(a, key), _standard_error(b, key))
-    verdict = "within noise" if abs(difference) < noise else ("higher" if difference > 0 else "lower")
-    return f"{100 * difference:+.1f} points ({verdict}; 2 SE = {100 * noise:.1f})"
+    word = "within noise" if abs(difference) < noise else ("higher" if difference > 0 else "lower")
+    return difference, word, noise
+
+
+def compare(table: dict, first: str, second: str, key: str = "overall") -> str:
+    """The difference with `verdict`'s word and noise, as text."""
+    difference, word, noise = verdict(table, first, second, key)
+    return f"{100 * difference:+.1f} points ({word}; 2 SE = {100 * noise:.1f})"
 
 
 def claims(table: dict) -> list[str]:
@@ -274,7 +281,7 @@ def claims(table: dict) -> list[str]:
             continue
         best_single, best_multi = max(singles, key=mean), max(multis, key=mean)
         gaps[m] = mean(best_multi) - mean(vanilla)
-        gap_verdicts[m] = compare(table, best_multi, vanilla).split("(")[1].split(";")[0]
+        gap_verdicts[m] = verdict(table, best_multi, vanilla)[1]
         out.append(
             f"M = {m}: best E=3 `{best_multi}` {100 * mean(best_multi):.1f} vs best E=1 `{best_single}` "
             f"{100 * mean(best_single):.1f}: {compare(table, best_multi, best_single)}; best E=1 vs vanilla "
