@@ -45,7 +45,6 @@ class FeatureCache:
     hidden_states: dict[int, torch.Tensor]
     num_layers: int  # entries of the tower's own `hidden_states` tuple (embeddings + every layer)
     pixel_shape: tuple[int, ...]  # (channels, height, width) of one pre-processed image
-    fingerprint: str
 
 
 def image_key(image) -> str:
@@ -148,7 +147,6 @@ def build_cache(model, processor, images: list, batch_size: int = 32, log=logger
         hidden_states={layer: torch.cat(parts) for layer, parts in hidden.items()},
         num_layers=num_layers,
         pixel_shape=pixel_shape,
-        fingerprint=fingerprint,
     )
     size = sum(t.numel() * t.element_size() for t in cache.hidden_states.values())
     log("vision feature cache: %d images, layers %s, %.1f MB", len(keys), layers, size / 2**20)
