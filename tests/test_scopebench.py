@@ -135,6 +135,48 @@ def test_written_split_is_llava_json(tmp_path):
     assert Image.open(tmp_path / "images" / "val-00000.png").size == (336, 336)
 
 
+def test_grid_cells_place_each_object_where_it_lies():
+    from ms_llava.scopebench_models import grid_cells
+
+    scene = sb.make_scene(sb.SPLIT_SEEDS["val"], 4).to_dict()
+    full = grid_cells(scene, sb.GRID)  # one cell per patch: an object in its 3 x 3 block, its digit at the centre
+    for obj in scene["objects"]:
+        block = {(obj["row"] + r) * sb.GRID + obj["col"] + c for r in range(3) for c in range(3)}
+        assert {i for i, words in enumerate(full) if obj["colour"] in words} == block
+        if obj["digit"]:
+            centre = (obj["row"] + 1) * sb.GRID + obj["col"] + 1
+            assert [i for i, words in enumerate(full) if obj["digit"] in words] == [centre]
+    marked = next(o for o in scene["objects"] if o["digit"])
+    for side in (6, 8, 12):
+        cells = grid_cells(scene, side)
+        with_digit = [words for words in cells if marked["digit"] in words]
+        assert len(with_digit) == 1 and {marked["colour"], marked["shape"]} <= set(with_digit[0])
+        touched = sum(obj["colour"] in words for words in cells for obj in scene["objects"])
+        assert len(scene["objects"]) <= touched <= 4 * len(scene["objects"])  # a 3 x 3 block spans 1 to 4 cells
+    with pytest.raises(ValueError, match="got 5"):
+        grid_cells(scene, 5)
+
+
+def test_grid_warm_up_trains_the_language_model_and_saves_a_warm_up_folder(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from ms_llava.scopebench_models import build_ms_llava, build_tokenizer, grid_warm_up
+
+    sb.write_split(tmp_path / "data", "train", 4, images=False)
+    sb.write_split(tmp_path / "data", "val", 2, images=False)
+    model, processor = build_ms_llava(None, None, build_tokenizer(), {"num_queries": 36, "scope_windows": [2]})
+    model.save_pretrained(tmp_path / "source")
+    processor.save_pretrained(tmp_path / "source")
+    report = grid_warm_up(tmp_path / "source", tmp_path / "out", tmp_path / "data", steps=3, batch_size=4,
+                          eval_questions=10, log=lambda _: None)  # fmt: skip
+    assert set(report["after"]) == {6, 8, 12} and set(report["after"][8]) == set(sb.QUESTION_TYPES)
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    before, after = model.state_dict(), saved.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.language_model.", "lm_head.")) for k in changed)
+    assert json.loads((tmp_path / "out" / "grid_warmup.json").read_text())["wall_s"] >= 0
+
+
 # --------------------------------------------------------------------------------------------- the default
 
 
@@ -189,3 +231,42 @@ def test_scorer_on_default_checkpoint(default_model, tmp_path):
     accuracy = sb.question_type_accuracy(model, processor, paths["qa"])
     assert set(accuracy) == {"overall", "fine", "attribute", "global", *sb.QUESTION_TYPES}
     assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+
+
+def test_linear_probe_reads_a_linear_label_and_not_noise():
+    from ms_llava.scopebench_probe import linear_probe
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 9, (600,), generator=generator)
+    noise = torch.randn(600, 32, generator=generator)
+    coded = noise + 5 * torch.nn.functional.one_hot(labels, 32).float()  # the label is a direction
+    readable = linear_probe(coded[:400], labels[:400], coded[400:], labels[400:], 9)
+    unreadable = linear_probe(noise[:400], labels[:400], noise[400:], labels[400:], 9)
+    assert readable["test"] > 0.9 and unreadable["test"] < 0.3
+
+
+def test_probe_targets_use_the_digit_cell_of_the_grid(tmp_path):
+    from ms_llava.scopebench_models import grid_cells
+    from ms_llava.scopebench_probe import targets
+
+    scenes = [(f"{i}.png", sb.make_scene(sb.SPLIT_SEEDS["val"], i).to_dict()) for i in range(9)]
+    for side in (6, 8, 12):
+        found = targets(scenes, side)
+        for index, (_, scene) in enumerate(scenes):
+            marked = next(o for o in scene["objects"] if o["digit"])
+            cells = grid_cells(scene, side)
+            assert marked["digit"] in cells[found["cell"][index]]
+            assert found["digit"][index] + 1 == int(marked["digit"])
+            assert tuple(sb.COLOURS)[found["colour"][index]] == marked["colour"]
+
+
+def test_probe_model_on_the_default_checkpoint(default_model, tmp_path):
+    from ms_llava.scopebench_probe import probe_model
+
+    sb.write_split(tmp_path, "train", 12)
+    sb.write_split(tmp_path, "test", 6)
+    model, processor = default_model
+    result = probe_model(model, processor, tmp_path, train_images=12, test_images=6)
+    assert result["M"] == model.config.num_image_tokens and result["test_images"] == 6
+    for key in ("digit@anchor", "colour@anchor", "digit@all", "colour@all"):
+        assert 0.0 <= result[key]["test"] <= 1.0 and result[key]["train"] > 0.5  # 12 rows: a linear probe fits them

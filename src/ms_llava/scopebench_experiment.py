@@ -172,6 +172,7 @@ def run_one(variant: dict, seed: int, runs: Path, data: Path, log=print) -> dict
         "kind": variant["kind"],
         "resampler": variant["resampler"],
         "seed": seed,
+        "steps": {stage: STAGES[stage]["max_steps"] for stage in ("pretrain", "finetune")},
         "stage1_loss": round(stage1.train_loss, 4),
         "stage2_loss": round(stage2.train_loss, 4),
         "stage2_last_loss": round(stage2.losses[-1][1], 4),
@@ -328,7 +329,12 @@ def report(runs: Path, output: Path, log=print) -> dict:
     text += [f"## Fusion (E = 3, k = {{2, 6, 14}}, M = {ABLATION_M})", "", markdown_table(table, fusion_names), ""]
     long_names = sorted(n for n, row in table.items() if row["group"] == "long")
     if long_names:
-        text += ["## Longer stage 2 (same recipe, more steps)", "", markdown_table(table, long_names), ""]
+        text += [
+            "## Other schedules (the name's suffix gives the step counts)",
+            "",
+            markdown_table(table, long_names),
+            "",
+        ]
     try:
         text += ["## Claims (test means)", ""] + [f"- {c}" for c in claims(table)]
     except KeyError as error:  # a row the claims need has not run yet
@@ -347,6 +353,35 @@ def report(runs: Path, output: Path, log=print) -> dict:
     return table
 
 
+def probe_runs(runs: Path, data: Path, names: list[str], init_variants: list[str]):
+    """Yields (name, probes) for finished runs and for fresh projectors (`init-<variant>`, seed 0); each result is
+    also written to RUNS/probes/<name>.json."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .scopebench_models import build_ms_llava, language_model_from
+    from .scopebench_probe import probe_model
+
+    by_name = {v["name"]: v for v in variants()}
+    for name in [*names, *(f"init-{v}" for v in init_variants)]:
+        if name.startswith("init-"):
+            variant = by_name.get(name[len("init-") :])
+            if variant is None or variant["kind"] != "ms":
+                raise ValueError(f"--init takes MS-Resampler variant names, got {name[len('init-') :]!r}")
+            tokenizer = AutoProcessor.from_pretrained(runs / "warmup").tokenizer
+            lm = language_model_from(runs / "warmup")
+            model, processor = build_ms_llava(runs / "encoder", lm, tokenizer, variant["resampler"], seed=0)
+        else:
+            folder = runs / "models" / name / "stage2"
+            if not folder.is_dir():
+                raise ValueError(f"no finished run {name!r}: {folder} does not exist")
+            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+            processor = AutoProcessor.from_pretrained(folder)
+        result = probe_model(model, processor, data)
+        (runs / "probes").mkdir(exist_ok=True)
+        (runs / "probes" / f"{name}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+        yield name, result
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -361,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     enc.add_argument("--images", type=int, default=1024)
     enc.add_argument("--epochs", type=int, default=6)
     commands.add_parser("warmup", help="tokenizer + random LM, then the text-only warm-up into RUNS/warmup")
+    grid = commands.add_parser(
+        "grid-warmup", help="exploration: RUNS/warmup's LM trained on oracle grids, saved to OUTPUT (a warm-up folder)"
+    )
+    grid.add_argument("--output", required=True, help="e.g. OTHER_RUNS/warmup (OTHER_RUNS with RUNS' data, encoder)")
+    grid.add_argument("--steps", type=int, default=3000)
+    grid.add_argument("--lr", type=float, default=1e-3)
     run = commands.add_parser("run", help="train and score the variants (resumable; results in RUNS/results)")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     run.add_argument("--extra-seed", type=int, help="a further seed for --extra-variants")
@@ -368,10 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", nargs="*", help="run only these variant names")
     run.add_argument("--pretrain-steps", type=int, help=f"stage 1 steps (default {STAGES['pretrain']['max_steps']})")
     run.add_argument("--finetune-steps", type=int, help=f"stage 2 steps (default {STAGES['finetune']['max_steps']})")
-    run.add_argument("--suffix", help="appended to the run names (e.g. -long1200), reported as a separate table")
+    run.add_argument("--suffix", help="appended to the run names (e.g. -long1500), reported as a separate table")
     run.add_argument("--reverse", action="store_true", help="go through the plan from its end (a second process)")
     run.add_argument("--worker", type=int, default=0)
     run.add_argument("--workers", type=int, default=1)
+    probe = commands.add_parser("probe", help="linear probes on the visual tokens of runs (ms_llava.scopebench_probe)")
+    probe.add_argument("runs_to_probe", nargs="*", metavar="RUN", help="finished runs, e.g. e3-2-6-14-m64-s0")
+    probe.add_argument("--init", nargs="*", default=[], metavar="VARIANT", help="variants with a fresh projector")
     rep = commands.add_parser("report", help="aggregate results into OUTPUT (table.md, results.json, plots)")
     rep.add_argument("--output", default="docs/scopebench")
     ship = commands.add_parser("ship", help="copy the best E=3 run (by validation accuracy) to the default checkpoint")
@@ -391,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         train_encoder(runs / "encoder", num_images=args.images, epochs=args.epochs)
     elif args.command == "warmup":
         print(warm_up(runs, data))
+    elif args.command == "grid-warmup":
+        from .scopebench_models import grid_warm_up
+
+        report = grid_warm_up(runs / "warmup", Path(args.output), data, steps=args.steps, lr=args.lr)
+        print(json.dumps(report, indent=1))
     elif args.command == "run":
         plan = run_plan(args.seeds, args.extra_variants, args.extra_seed)
         if args.only:
@@ -406,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         for position, (variant, seed) in enumerate(plan):
             if position % args.workers == args.worker:
                 run_one(variant, seed, runs, data)
+    elif args.command == "probe":
+        for name, result in probe_runs(runs, data, args.runs_to_probe, args.init):
+            print(name, json.dumps(result))
     elif args.command == "report":
         report(runs, Path(args.output))
     elif args.command == "ship":

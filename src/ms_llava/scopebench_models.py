@@ -11,10 +11,15 @@ tokens carry local content; a tower trained from scratch by a global objective (
 evidence anywhere and leave the grid without spatial meaning, and then no spatial prior in the projector could
 matter. Dense labels make token (y, x) describe what lies at (y, x), as CLIP's patch tokens roughly do.
 
-Language model. A `LlamaForCausalLM` of width 64 (3 layers) with a byte-level BPE tokenizer trained on ScopeBench's
+Language model. A `LlamaForCausalLM` of width 128 (3 layers) with a byte-level BPE tokenizer trained on ScopeBench's
 words. It first gets a text-only warm-up (shared by every variant, `ms_llava.training.train` stage ``finetune`` on
 ``text-train.json``): it learns the language of the task and to answer from a scene description standing where the
 image will be, as a pre-trained LLM brings its own language to the paper's stage 1.
+
+Grid warm-up (an exploration, `grid_warm_up`): the text-warmed LM further trained to answer from an "oracle" grid, a
+G x G sequence of input vectors standing where the M visual tokens will be, each the sum of the word embeddings of
+what lies in that cell of the image (G = 6, 8, 12: the query grids of M = 36, 64, 144). It tells whether the language
+model can find one token among M, apart from whether a projector delivers it.
 """
 
 from __future__ import annotations
@@ -291,3 +296,148 @@ def language_model_from(checkpoint_dir) -> LlamaForCausalLM:
     lm.model.load_state_dict(full.model.language_model.state_dict())
     lm.lm_head.load_state_dict(full.lm_head.state_dict())
     return lm
+
+
+# --------------------------------------------------------------------------------------------- grid warm-up
+
+GRID_SIDES = (6, 8, 12)  # the query grids of M = 36, 64, 144
+
+
+def grid_cells(scene: dict, side: int) -> list[list[str]]:
+    """Words of what lies in each cell of a `side` x `side` grid over the 24 x 24 patch grid, in raster order: an
+    object's colour and shape in every cell its block touches, its digit in the cell of its centre patch."""
+    if side < 1 or sb.GRID % side:
+        raise ValueError(f"side must divide the {sb.GRID} x {sb.GRID} patch grid, got {side}")
+    per_cell = sb.GRID // side
+    cells: list[list[str]] = [[] for _ in range(side * side)]
+    for obj in scene["objects"]:
+        touched = {
+            (r // per_cell) * side + c // per_cell
+            for r in range(obj["row"], obj["row"] + sb.BLOCK)
+            for c in range(obj["col"], obj["col"] + sb.BLOCK)
+        }
+        for cell in sorted(touched):
+            cells[cell] += [obj["colour"], obj["shape"]]
+        if obj["digit"]:
+            row, col = obj["row"] + sb.BLOCK // 2, obj["col"] + sb.BLOCK // 2
+            cells[(row // per_cell) * side + col // per_cell].append(obj["digit"])
+    return cells
+
+
+class _GridBatcher:
+    """LLaVA-JSON records (with their `scene`) -> input vectors with the `<image>` token replaced by an oracle grid."""
+
+    def __init__(self, tokenizer, image_token_id: int, embeddings: nn.Embedding):
+        self.tokenizer, self.image_token_id, self.embeddings = tokenizer, image_token_id, embeddings
+        self.word_ids: dict[str, int] = {}
+
+    def word_id(self, word: str) -> int:
+        if word not in self.word_ids:
+            ids = self.tokenizer.encode(" " + word, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"grid word {word!r} is not one token: {ids}")
+            self.word_ids[word] = ids[0]
+        return self.word_ids[word]
+
+    def encode(self, record: dict, side: int, prompt_only: bool = False):
+        question = record["conversations"][0]["value"].replace("<image>", "").strip()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        if not prompt_only:
+            answer = record["conversations"][1]["value"]
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        encoded = self.tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=not prompt_only,
+            add_generation_prompt=prompt_only,
+        )  # fmt: skip
+        ids = list(encoded["input_ids"])
+        mask = list(encoded.get("assistant_masks", [0] * len(ids)))
+        at = ids.index(self.image_token_id)
+        cells = [[self.word_id(w) for w in words] for words in grid_cells(record["scene"], side)]
+        ids = ids[:at] + [self.image_token_id] * len(cells) + ids[at + 1 :]
+        mask = mask[:at] + [0] * len(cells) + mask[at + 1 :]
+        return ids, mask, at, cells
+
+    def batch(self, items):
+        """Right-padded (inputs_embeds, attention_mask, labels) for `encode` outputs; empty cells are zero vectors."""
+        length = max(len(ids) for ids, *_ in items)
+        ids = torch.full((len(items), length), self.tokenizer.pad_token_id)
+        labels = torch.full((len(items), length), -100)
+        attention = torch.zeros((len(items), length), dtype=torch.long)
+        for b, (seq, mask, _, _) in enumerate(items):
+            ids[b, : len(seq)] = torch.tensor(seq)
+            attention[b, : len(seq)] = 1
+            labels[b, : len(seq)] = torch.where(torch.tensor(mask).bool(), torch.tensor(seq), -100)
+        weight = self.embeddings.weight
+        embeds = self.embeddings(ids).clone()
+        for b, (_, _, at, cells) in enumerate(items):
+            embeds[b, at : at + len(cells)] = torch.stack(
+                [weight[cell].sum(0) if cell else weight.new_zeros(weight.shape[1]) for cell in cells]
+            )
+        return embeds, attention, labels
+
+
+@torch.no_grad()
+def grid_accuracy(lm, batcher: _GridBatcher, records: list[dict], side: int) -> dict[str, float]:
+    """Per question type: how often the greedy first answer token after the prompt, with an oracle grid, is right."""
+    was_training = lm.training
+    lm.eval()
+    right: dict[str, list[bool]] = {}
+    for start in range(0, len(records), 50):
+        chunk = records[start : start + 50]
+        items = [batcher.encode(r, side, prompt_only=True) for r in chunk]
+        embeds, attention, _ = batcher.batch(items)
+        logits = lm(inputs_embeds=embeds, attention_mask=attention).logits
+        for b, record in enumerate(chunk):
+            token = int(logits[b, len(items[b][0]) - 1].argmax())
+            predicted = batcher.tokenizer.decode([token]).strip()
+            right.setdefault(record["types"][0], []).append(predicted == record["conversations"][1]["value"])
+    lm.train(was_training)
+    return {kind: sum(v) / len(v) for kind, v in sorted(right.items())}
+
+
+def grid_warm_up(source, output, data, steps: int = 3000, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
+                 eval_questions: int = 400, log=print) -> dict:  # fmt: skip
+    """Trains the language model of the warm-up checkpoint `source` on oracle grids (the stage-2 questions and stage-1
+    captions of `data`'s train split, one grid side from `GRID_SIDES` per batch; AdamW, one-cycle lr, grad-norm clip
+    1) and saves the MS-LLaVA checkpoint with that LM to `output`. Returns (and writes to `grid_warmup.json`) the grid
+    accuracy by side and question type on the first `eval_questions` validation questions, before and after."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(seed)
+    data = Path(data)
+    processor = AutoProcessor.from_pretrained(source)
+    lm = language_model_from(source)
+    batcher = _GridBatcher(processor.tokenizer, processor.image_token_id, lm.get_input_embeddings())
+    questions = json.loads((data / "qa-train.json").read_text(encoding="utf-8"))
+    scenes = {r["image"]: r["scene"] for r in questions}
+    captions = json.loads((data / "caption-train.json").read_text(encoding="utf-8"))
+    records = questions + [{**c, "scene": scenes[c["image"]]} for c in captions]
+    val = json.loads((data / "qa-val.json").read_text(encoding="utf-8"))[:eval_questions]
+    report = {"before": {side: grid_accuracy(lm, batcher, val, side) for side in GRID_SIDES}}
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    lm.train()
+    for step in range(steps):
+        side = rng.choice(GRID_SIDES)
+        embeds, attention, labels = batcher.batch(
+            [batcher.encode(rng.choice(records), side) for _ in range(batch_size)]
+        )
+        loss = lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 500 == 0 or step == steps - 1:
+            log(f"grid warm-up step {step}: loss {loss.item():.4f}, {time.perf_counter() - started:.0f} s")
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["after"] = {side: grid_accuracy(lm, batcher, val, side) for side in GRID_SIDES}
+    full = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32)
+    full.model.language_model.load_state_dict(lm.model.state_dict())
+    full.lm_head.load_state_dict(lm.lm_head.state_dict())
+    full.save_pretrained(output)
+    processor.save_pretrained(output)
+    (Path(output) / "grid_warmup.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return report
