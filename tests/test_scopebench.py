@@ -270,3 +270,26 @@ def test_probe_model_on_the_default_checkpoint(default_model, tmp_path):
     assert result["M"] == model.config.num_image_tokens and result["test_images"] == 6
     for key in ("digit@anchor", "colour@anchor", "digit@all", "colour@all"):
         assert 0.0 <= result[key]["test"] <= 1.0 and result[key]["train"] > 0.5  # 12 rows: a linear probe fits them
+
+
+def test_report_command_writes_the_tables(tmp_path):
+    import random
+
+    from ms_llava.scopebench_experiment import main, variants
+
+    rng = random.Random(0)
+    (tmp_path / "results").mkdir()
+    rows = [(v, "") for v in variants()] + [(v, "-long1500") for v in variants() if v["name"] == "vanilla-m64"]
+    for variant, suffix in rows:
+        test = {kind: rng.random() for kind in sb.QUESTION_TYPES}
+        test["overall"], test["fine"] = sum(test.values()) / 5, test["fine_digit"]
+        test["attribute"] = (test["attribute_colour"] + test["attribute_shape"]) / 2
+        test["global"] = (test["global_count"] + test["global_layout"]) / 2
+        name = variant["name"] + suffix
+        result = {"run": f"{name}-s0", "variant": name, "group": "long" if suffix else variant["group"],
+                  "M": variant["M"], "kind": variant["kind"], "seed": 0, "test": test, "wall_s": 1.0}  # fmt: skip
+        (tmp_path / "results" / f"{name}-s0.json").write_text(json.dumps(result))
+    assert main(["--runs", str(tmp_path), "report", "--output", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "Main table" in table and "Other schedules" in table and "| vanilla-m64-long1500 | 64 | 1 |" in table
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["runs"]) == len(rows)

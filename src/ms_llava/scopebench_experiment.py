@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "grid-warmup":
         from .scopebench_models import grid_warm_up
 
-        report = grid_warm_up(runs / "warmup", Path(args.output), data, steps=args.steps, lr=args.lr)
-        print(json.dumps(report, indent=1))
+        accuracy = grid_warm_up(runs / "warmup", Path(args.output), data, steps=args.steps, lr=args.lr)
+        print(json.dumps(accuracy, indent=1))
     elif args.command == "run":
         plan = run_plan(args.seeds, args.extra_variants, args.extra_seed)
         if args.only:
