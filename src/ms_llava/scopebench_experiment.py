@@ -173,6 +173,7 @@ def run_one(variant: dict, seed: int, runs: Path, data: Path, log=print) -> dict
         "resampler": variant["resampler"],
         "seed": seed,
         "steps": {stage: STAGES[stage]["max_steps"] for stage in ("pretrain", "finetune")},
+        "stages": {stage: dict(STAGES[stage]) for stage in ("pretrain", "finetune")},
         "stage1_loss": round(stage1.train_loss, 4),
         "stage2_loss": round(stage2.train_loss, 4),
         "stage2_last_loss": round(stage2.losses[-1][1], 4),
@@ -409,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", nargs="*", help="run only these variant names")
     run.add_argument("--pretrain-steps", type=int, help=f"stage 1 steps (default {STAGES['pretrain']['max_steps']})")
     run.add_argument("--finetune-steps", type=int, help=f"stage 2 steps (default {STAGES['finetune']['max_steps']})")
+    run.add_argument("--finetune-projector-lr", type=float, help="stage 2 learning rate of the projector alone")
     run.add_argument("--suffix", help="appended to the run names (e.g. -long1500), reported as a separate table")
     run.add_argument("--reverse", action="store_true", help="go through the plan from its end (a second process)")
     run.add_argument("--worker", type=int, default=0)
@@ -448,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             STAGES["pretrain"]["max_steps"] = args.pretrain_steps
         if args.finetune_steps:
             STAGES["finetune"]["max_steps"] = args.finetune_steps
+        if args.finetune_projector_lr:
+            STAGES["finetune"]["projector_learning_rate"] = args.finetune_projector_lr
         if args.suffix:
             plan = [({**v, "name": f"{v['name']}{args.suffix}", "group": "long"}, s) for v, s in plan]
         if args.reverse:

@@ -72,9 +72,11 @@ greedy).
 """
 
 
-def _steps(folder: Path, stage: str) -> str:
-    """The number of steps of a run's stage, from the trainer state that `train` leaves (stage 1's folder is deleted
-    after the run: its step count is in the results' recipe, `STAGES`)."""
+def _steps(folder: Path, stage: str, result: dict) -> str:
+    """The number of steps of a run's stage: from its result's `steps` (recorded by `run_one`), else from the trainer
+    state that `train` leaves (stage 2 only: stage 1's folder is deleted after the run), else the recipe, `STAGES`."""
+    if stage in result.get("steps", {}):
+        return str(result["steps"][stage])
     state = folder / "trainer_state.json"
     if stage == "finetune" and state.exists():
         return str(json.loads(state.read_text())["global_step"])
@@ -185,8 +187,8 @@ def ship_default(runs: Path, output: Path, run: str | None = None, num_samples: 
         lm_layers=model.config.text_config.num_hidden_layers,
         lm_width=model.config.text_config.hidden_size,
         vocab=model.config.text_config.vocab_size,
-        steps1=_steps(source.parent / "stage2", "pretrain"),
-        steps2=_steps(source, "finetune"),
+        steps1=_steps(source, "pretrain", result),
+        steps2=_steps(source, "finetune", result),
     )
     (output / "README.md").write_text(card, encoding="utf-8")
     info = {
