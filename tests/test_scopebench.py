@@ -291,5 +291,9 @@ def test_report_command_writes_the_tables(tmp_path):
         (tmp_path / "results" / f"{name}-s0.json").write_text(json.dumps(result))
     assert main(["--runs", str(tmp_path), "report", "--output", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "Main table" in table and "Other schedules" in table and "| vanilla-m64-long1500 | 64 | 1 |" in table
+    assert (
+        "Main table" in table
+        and "Other schedules and settings" in table
+        and "| vanilla-m64-long1500 | 64 | 1 |" in table
+    )
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())["runs"]) == len(rows)

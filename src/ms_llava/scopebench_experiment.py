@@ -176,7 +176,7 @@ def run_one(variant: dict, seed: int, runs: Path, data: Path, log=print) -> dict
         "stages": {stage: dict(STAGES[stage]) for stage in ("pretrain", "finetune")},
         "stage1_loss": round(stage1.train_loss, 4),
         "stage2_loss": round(stage2.train_loss, 4),
-        "stage2_last_loss": round(stage2.losses[-1][1], 4),
+        "stage2_last_loss": round(stage2.losses[-1][1], 4) if stage2.losses else None,  # none logged in < 10 steps
         "test": sb.question_type_accuracy(model, processor, data / "qa-test.json"),
     }
     if variant["kind"] == "ms" and len(variant["resampler"]["scope_windows"]) == 3:
@@ -331,7 +331,7 @@ def report(runs: Path, output: Path, log=print) -> dict:
     long_names = sorted(n for n, row in table.items() if row["group"] == "long")
     if long_names:
         text += [
-            "## Other schedules (the name's suffix gives the step counts)",
+            "## Other schedules and settings (the name's suffix says which)",
             "",
             markdown_table(table, long_names),
             "",
