@@ -127,6 +127,28 @@ def side(obj: SceneObject) -> str:
     return "left" if obj.centre[1] < GRID / 2 else "right"
 
 
+def patch_cell(row: int, col: int, cells_per_side: int) -> int:
+    """Raster index of the cell that holds patch (row, col) when the GRID x GRID patches are cut into
+    `cells_per_side` x `cells_per_side` equal cells (MS-Resampler's query cells for M = cells_per_side ** 2)."""
+    if cells_per_side < 1 or GRID % cells_per_side:
+        raise ValueError(f"the cells must divide the {GRID} x {GRID} patch grid, got {cells_per_side} per side")
+    per_cell = GRID // cells_per_side
+    return (row // per_cell) * cells_per_side + col // per_cell
+
+
+def centre_patch(obj: dict) -> tuple[int, int]:
+    """(row, col) of the centre patch of an object's block (a scene dict's object): where its digit is drawn."""
+    return obj["row"] + BLOCK // 2, obj["col"] + BLOCK // 2
+
+
+def scenes_by_image(qa_path: str | Path) -> dict[str, dict]:
+    """{image file: scene dict} of a `qa-<split>.json`, in the file's order."""
+    scenes: dict[str, dict] = {}
+    for record in json.loads(Path(qa_path).read_text(encoding="utf-8")):
+        scenes.setdefault(record["image"], record["scene"])
+    return scenes
+
+
 def _place(rng: random.Random, sides: list[str]) -> list[tuple[int, int]]:
     """Non-touching block positions (at least one patch between blocks), object i wholly in half `sides[i]`."""
     while True:

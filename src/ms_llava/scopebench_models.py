@@ -306,21 +306,18 @@ GRID_SIDES = (6, 8, 12)  # the query grids of M = 36, 64, 144
 def grid_cells(scene: dict, side: int) -> list[list[str]]:
     """Words of what lies in each cell of a `side` x `side` grid over the 24 x 24 patch grid, in raster order: an
     object's colour and shape in every cell its block touches, its digit in the cell of its centre patch."""
-    if side < 1 or sb.GRID % side:
-        raise ValueError(f"side must divide the {sb.GRID} x {sb.GRID} patch grid, got {side}")
-    per_cell = sb.GRID // side
+    sb.patch_cell(0, 0, side)  # refuses a side that does not divide the patch grid
     cells: list[list[str]] = [[] for _ in range(side * side)]
     for obj in scene["objects"]:
         touched = {
-            (r // per_cell) * side + c // per_cell
+            sb.patch_cell(r, c, side)
             for r in range(obj["row"], obj["row"] + sb.BLOCK)
             for c in range(obj["col"], obj["col"] + sb.BLOCK)
         }
         for cell in sorted(touched):
             cells[cell] += [obj["colour"], obj["shape"]]
         if obj["digit"]:
-            row, col = obj["row"] + sb.BLOCK // 2, obj["col"] + sb.BLOCK // 2
-            cells[(row // per_cell) * side + col // per_cell].append(obj["digit"])
+            cells[sb.patch_cell(*sb.centre_patch(obj), side)].append(obj["digit"])
     return cells
 
 
@@ -409,7 +406,7 @@ def grid_warm_up(source, output, data, steps: int = 3000, lr: float = 1e-3, batc
     lm = language_model_from(source)
     batcher = _GridBatcher(processor.tokenizer, processor.image_token_id, lm.get_input_embeddings())
     questions = json.loads((data / "qa-train.json").read_text(encoding="utf-8"))
-    scenes = {r["image"]: r["scene"] for r in questions}
+    scenes = sb.scenes_by_image(data / "qa-train.json")
     captions = json.loads((data / "caption-train.json").read_text(encoding="utf-8"))
     records = questions + [{**c, "scene": scenes[c["image"]]} for c in captions]
     val = json.loads((data / "qa-val.json").read_text(encoding="utf-8"))[:eval_questions]

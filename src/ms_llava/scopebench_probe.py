@@ -14,7 +14,6 @@ chance says the language model does not read it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -27,10 +26,7 @@ COLOURS = tuple(sb.COLOURS)
 
 def first_scenes(data: Path, split: str, count: int) -> list[tuple[str, dict]]:
     """(image file, scene) of the first `count` images of `split`, from `qa-<split>.json`."""
-    scenes: dict[str, dict] = {}
-    for record in json.loads((Path(data) / f"qa-{split}.json").read_text(encoding="utf-8")):
-        scenes.setdefault(record["image"], record["scene"])
-    return list(scenes.items())[:count]
+    return list(sb.scenes_by_image(Path(data) / f"qa-{split}.json").items())[:count]
 
 
 @torch.no_grad()
@@ -52,13 +48,11 @@ def visual_tokens(model, processor, images: list[Path], batch_size: int = 50) ->
 def targets(scenes: list[tuple[str, dict]], side: int) -> dict[str, torch.Tensor]:
     """Digit (0-8), marked object's colour (0-5) and the raster index of the query cell that holds the digit."""
     digit, colour, cell = [], [], []
-    per_cell = sb.GRID // side
     for _, scene in scenes:
         marked = next(o for o in scene["objects"] if o["digit"])
         digit.append(int(marked["digit"]) - 1)
         colour.append(COLOURS.index(marked["colour"]))
-        row, col = marked["row"] + sb.BLOCK // 2, marked["col"] + sb.BLOCK // 2
-        cell.append((row // per_cell) * side + col // per_cell)
+        cell.append(sb.patch_cell(*sb.centre_patch(marked), side))
     return {"digit": torch.tensor(digit), "colour": torch.tensor(colour), "cell": torch.tensor(cell)}
 
 
