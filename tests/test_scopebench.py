@@ -297,3 +297,12 @@ def test_report_command_writes_the_tables(tmp_path):
         and "| vanilla-m64-long1500 | 64 | 1 |" in table
     )
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())["runs"]) == len(rows)
+
+
+def test_probe_command_refuses_unknown_runs_and_non_resampler_variants(tmp_path):
+    from ms_llava.scopebench_experiment import main, probe_runs
+
+    with pytest.raises(ValueError, match="no finished run 'e3-2-6-14-m64-s9'"):
+        next(probe_runs(tmp_path, tmp_path / "data", ["e3-2-6-14-m64-s9"], []))
+    with pytest.raises(ValueError, match="--init takes MS-Resampler variant names, got 'mlp'"):
+        main(["--runs", str(tmp_path), "probe", "--init", "mlp"])
