@@ -306,3 +306,77 @@ def test_probe_command_refuses_unknown_runs_and_non_resampler_variants(tmp_path)
         next(probe_runs(tmp_path, tmp_path / "data", ["e3-2-6-14-m64-s9"], []))
     with pytest.raises(ValueError, match="--init takes MS-Resampler variant names, got 'mlp'"):
         main(["--runs", str(tmp_path), "probe", "--init", "mlp"])
+
+
+# --------------------------------------------------------------------------------------------- the readout
+
+
+def test_readout_labels_follow_the_answers(tmp_path):
+    from ms_llava.scopebench_readout import ANSWERS, labels
+
+    paths = sb.write_split(tmp_path, "val", 9, images=False)
+    images, answers = labels(paths["qa"])
+    assert answers.shape == (9, len(ANSWERS)) and len(set(images)) == 9
+    records = json.loads(paths["qa"].read_text())
+    for record in records:
+        (qtype,) = record["types"]
+        row, column = images.index(record["image"]), list(ANSWERS).index(qtype)
+        assert ANSWERS[qtype][answers[row, column]] == record["conversations"][1]["value"]
+    records[0]["conversations"][1]["value"] = "magenta"
+    paths["qa"].write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="'magenta'"):
+        labels(paths["qa"])
+
+
+def test_readout_finds_the_one_token_that_holds_the_answer_and_refuses_other_shapes():
+    """What the readout is for: an answer held by one token among M, at a position that changes per image."""
+    from ms_llava.scopebench_readout import ANSWERS, Readout
+
+    generator = torch.Generator().manual_seed(0)
+    num, m, width = 1200, 36, 32
+    tokens = torch.randn(num, m, width, generator=generator)
+    where = torch.randint(0, m, (num,), generator=generator)
+    digit = torch.randint(0, 9, (num,), generator=generator)
+    tokens[torch.arange(num), where, :9] += 6 * torch.nn.functional.one_hot(digit, 9).float()  # the digit's token
+    tokens[torch.arange(num), where, 31] += 6  # and a marker saying which token it is
+    torch.manual_seed(0)
+    readout = Readout(width, m)
+    optimizer = torch.optim.Adam(readout.parameters(), lr=3e-3)
+    column = list(ANSWERS).index("fine_digit")
+    for step in range(300):
+        batch = torch.arange(step * 32, step * 32 + 32) % 1000
+        loss = torch.nn.functional.cross_entropy(readout(tokens[batch])[column], digit[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        held_out = (readout(tokens[1000:])[column].argmax(-1) == digit[1000:]).float().mean().item()
+    assert held_out > 0.9, held_out  # chance is 1 / 9
+    with pytest.raises(ValueError, match=r"\(batch, \(36, 32\)\), got \(2, 35, 32\)"):
+        readout(torch.zeros(2, 35, 32))
+
+
+def test_readout_run_trains_only_the_projector_and_reports_the_table_format(tmp_path):
+    from ms_llava.scopebench_models import build_ms_llava, build_tokenizer
+    from ms_llava.scopebench_readout import train_readout
+
+    for split, count in (("train", 6), ("val", 3), ("test", 3)):
+        sb.write_split(tmp_path, split, count)
+    model, _ = build_ms_llava(None, None, build_tokenizer(), {"num_queries": 36, "scope_windows": [2, 6]})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_readout(model, tmp_path, seed=0, steps=3, log=lambda _: None)
+    assert set(result["test"]) == {"overall", "fine", "attribute", "global", *sb.QUESTION_TYPES}
+    assert all(0.0 <= value <= 1.0 for value in [*result["test"].values(), *result["val"].values()])
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed)
+    with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
+        train_readout(model, tmp_path, seed=0, steps=0)
+
+
+def test_readout_command_refuses_unknown_variants_and_an_empty_report(tmp_path):
+    from ms_llava.scopebench_experiment import main
+
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['e3-9-m64'\]"):
+        main(["--runs", str(tmp_path), "readout", "--only", "e3-9-m64"])
+    with pytest.raises(ValueError, match="no readout results in"):
+        main(["--runs", str(tmp_path), "readout", "--report", "--output", str(tmp_path / "out")])

@@ -354,6 +354,36 @@ def report(runs: Path, output: Path, log=print) -> dict:
     return table
 
 
+def readout_report(runs: Path, output: Path, log=print) -> dict:
+    """The readout experiment's table (`ms_llava.scopebench_readout`): `output/readout-table.md` and
+    `output/readout-results.json`, from RUNS/readout; the same aggregation and claim checks as `report`."""
+    results = [json.loads(p.read_text()) for p in sorted((runs / "readout").glob("*.json"))]
+    if not results:
+        raise ValueError(f"no readout results in {runs / 'readout'}; run the readout command first")
+    table = aggregate(results)
+    main_names = ["mlp"] + [
+        f"{n}-m{m}"
+        for m in BUDGETS
+        for n in ("vanilla", "e1-k2", "e1-k6", "e1-k12", "e1-k24", "e3-2-6-14", "e3-2-6-24")
+    ]
+    others = sorted(n for n in table if n not in main_names)
+    text = ["## Readout table (test accuracy, %, mean ± std over seeds)", "", markdown_table(table, main_names), ""]
+    if others:
+        text += ["## Other readout rows", "", markdown_table(table, others), ""]
+    try:
+        text += ["## Claims (test means)", ""] + [f"- {c}" for c in claims(table)]
+    except KeyError as error:
+        text += ["## Claims", "", f"not evaluated: no result yet for {error}"]
+    walls = [r["wall_s"] for r in results]
+    steps = sorted({r["readout"]["steps"] for r in results})
+    text += ["", f"{len(results)} runs ({steps} steps), {sum(walls):.0f} s of run time in all."]
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "readout-table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
+    (output / "readout-results.json").write_text(json.dumps({"runs": results, "table": table}, indent=1), "utf-8")
+    log("\n".join(text))
+    return table
+
+
 def probe_runs(runs: Path, data: Path, names: list[str], init_variants: list[str]):
     """Yields (name, probes) for finished runs and for fresh projectors (`init-<variant>`, seed 0); each result is
     also written to RUNS/probes/<name>.json."""
@@ -418,6 +448,15 @@ def main(argv: list[str] | None = None) -> int:
     probe = commands.add_parser("probe", help="linear probes on the visual tokens of runs (ms_llava.scopebench_probe)")
     probe.add_argument("runs_to_probe", nargs="*", metavar="RUN", help="finished runs, e.g. e3-2-6-14-m64-s0")
     probe.add_argument("--init", nargs="*", default=[], metavar="VARIANT", help="variants with a fresh projector")
+    rd = commands.add_parser(
+        "readout", help="the projectors with a trained readout in place of the LM (ms_llava.scopebench_readout)"
+    )
+    rd.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    rd.add_argument("--only", nargs="*", help="only these variant names (default: the main table's rows)")
+    rd.add_argument("--steps", type=int, help="training steps (default scopebench_readout.READOUT['steps'])")
+    rd.add_argument("--reverse", action="store_true", help="go through the plan from its end (a second process)")
+    rd.add_argument("--report", action="store_true", help="only aggregate RUNS/readout into --output")
+    rd.add_argument("--output", default="docs/scopebench")
     rep = commands.add_parser("report", help="aggregate results into OUTPUT (table.md, results.json, plots)")
     rep.add_argument("--output", default="docs/scopebench")
     ship = commands.add_parser("ship", help="copy the best E=3 run (by validation accuracy) to the default checkpoint")
@@ -462,6 +501,20 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "probe":
         for name, result in probe_runs(runs, data, args.runs_to_probe, args.init):
             print(name, json.dumps(result))
+    elif args.command == "readout":
+        from .scopebench_readout import READOUT, readout_one
+
+        if args.report:
+            readout_report(runs, Path(args.output))
+            return 0
+        rows = {v["name"]: v for v in variants()}
+        unknown = [name for name in args.only or [] if name not in rows]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; the variants are {sorted(rows)}")
+        names = args.only or [name for name, v in rows.items() if v["group"] == "main"]
+        plan = [(rows[name], seed) for seed in args.seeds for name in names]
+        for variant, seed in plan[::-1] if args.reverse else plan:
+            readout_one(variant, seed, runs, steps=args.steps or READOUT["steps"])
     elif args.command == "report":
         report(runs, Path(args.output))
     elif args.command == "ship":
