@@ -43,7 +43,7 @@ ANSWERS = {
     "global_count": tuple(sb.COUNT_WORDS.values()),
     "global_layout": ("left", "right"),
 }
-READOUT = {"learning_rate": 1e-3, "weight_decay": 0.01, "batch_size": 32, "steps": 1500, "warmup_ratio": 0.05}
+READOUT = {"learning_rate": 1e-3, "weight_decay": 0.01, "batch_size": 32, "steps": 600, "warmup_ratio": 0.05}
 
 
 def labels(qa_path: Path) -> tuple[list[str], torch.Tensor]:
