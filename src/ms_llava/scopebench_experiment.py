@@ -1,7 +1,7 @@
 """The ScopeBench experiment: the paper's projector table in miniature, trained with `ms_llava.training.train`.
 
-``python -m ms_llava.scopebench generate|encoder|warmup|run|report|ship`` (docs/scopebench.md has the commands and
-the results). Every variant starts from the same frozen vision tower and the same warmed-up language model, gets a
+``python -m ms_llava.scopebench generate|encoder|warmup|grid-warmup|run|probe|readout|report|ship``
+(docs/scopebench.md has the commands and the results). Every variant starts from the same frozen vision tower and the same warmed-up language model, gets a
 fresh projector (seeded) and runs the recipe's two stages with the same overridden settings (`STAGES`):
 
 1. stage ``pretrain`` (projector only) on ``caption-train.json``;

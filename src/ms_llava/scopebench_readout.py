@@ -98,8 +98,7 @@ def projected(model, rows: torch.Tensor, pixel_shape: tuple[int, ...]) -> torch.
         vision_feature_layer=model.config.vision_feature_layer,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
     )
-    output = features.pooler_output if hasattr(features, "pooler_output") else features
-    return torch.stack(list(output)) if isinstance(output, (list, tuple)) else output
+    return torch.stack(list(features.pooler_output))  # one (M, width) tensor per image, for LLaVA and MS-LLaVA
 
 
 def accuracy(model, readout, rows: torch.Tensor, answers: torch.Tensor, pixel_shape, batch_size: int = 100) -> dict:
