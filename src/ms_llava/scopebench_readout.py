@@ -119,7 +119,8 @@ def accuracy(model, readout, rows: torch.Tensor, answers: torch.Tensor, pixel_sh
 
 def train_readout(model, data: Path, seed: int, steps: int = READOUT["steps"], log=print) -> dict:
     """Trains `model`'s projector (everything else frozen) and a fresh readout on the train split's answers; returns
-    `{"test", "val", "train_loss", "last_loss"}`."""
+    `{"test", "val", "curve", "train_loss", "last_loss"}` (`curve`: the loss and validation accuracy every 250
+    steps, for reading only; nothing is selected on it)."""
     from transformers import get_cosine_schedule_with_warmup
 
     from .feature_cache import build_cache, cached_vision_tower
