@@ -126,31 +126,60 @@ def _strip(directory: Path) -> None:
         path.unlink()
 
 
-def run_one(variant: dict, seed: int, runs: Path, data: Path, log=print) -> dict:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from .scopebench_models import build_llava_mlp, build_ms_llava, language_model_from
-
-    name = f"{variant['name']}-s{seed}"
-    result_path = runs / "results" / f"{name}.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+def claim_run(result_path: Path, name: str, log=print) -> Path | None:
+    """Creates the run's lock file next to `result_path` and returns it; None when another process holds it (a
+    crash leaves it behind: delete it)."""
     result_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = result_path.with_suffix(".lock")  # another process is on this run (a crash leaves it: delete it)
+    lock = result_path.with_suffix(".lock")
     try:
         os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         log(f"{name}: running elsewhere ({lock} exists), skipped")
         return None
-    started = time.perf_counter()
-    folder = runs / "models" / name
-    shutil.rmtree(folder, ignore_errors=True)
+    return lock
+
+
+def build_variant(variant: dict, seed: int, runs: Path):
+    """(model, processor) of `variant` with a fresh projector seeded with `seed`, RUNS/encoder's tower and
+    RUNS/warmup's language model."""
+    from transformers import AutoProcessor
+
+    from .scopebench_models import build_llava_mlp, build_ms_llava, language_model_from
+
     tokenizer = AutoProcessor.from_pretrained(runs / "warmup").tokenizer
     lm = language_model_from(runs / "warmup")
     if variant["kind"] == "mlp":
-        model, processor = build_llava_mlp(runs / "encoder", lm, tokenizer, seed=seed)
-    else:
-        model, processor = build_ms_llava(runs / "encoder", lm, tokenizer, variant["resampler"], seed=seed)
+        return build_llava_mlp(runs / "encoder", lm, tokenizer, seed=seed)
+    return build_ms_llava(runs / "encoder", lm, tokenizer, variant["resampler"], seed=seed)
+
+
+def run_identity(variant: dict, seed: int) -> dict:
+    """The keys every result file starts with (`aggregate` reads `variant`, `group`, `M`, `seed`)."""
+    return {
+        "run": f"{variant['name']}-s{seed}",
+        "variant": variant["name"],
+        "group": variant["group"],
+        "M": variant["M"],
+        "kind": variant["kind"],
+        "resampler": variant["resampler"],
+        "seed": seed,
+    }
+
+
+def run_one(variant: dict, seed: int, runs: Path, data: Path, log=print) -> dict:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    name = f"{variant['name']}-s{seed}"
+    result_path = runs / "results" / f"{name}.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    lock = claim_run(result_path, name, log)
+    if lock is None:
+        return None
+    started = time.perf_counter()
+    folder = runs / "models" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    model, processor = build_variant(variant, seed, runs)
     model.save_pretrained(folder / "init")
     processor.save_pretrained(folder / "init")
     stage1 = _train(folder / "init", "pretrain", data / "caption-train.json", data / "images", folder / "stage1", seed=seed,
@@ -165,13 +194,7 @@ def run_one(variant: dict, seed: int, runs: Path, data: Path, log=print) -> dict
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     processor = AutoProcessor.from_pretrained(folder / "stage2")
     result = {
-        "run": name,
-        "variant": variant["name"],
-        "group": variant["group"],
-        "M": variant["M"],
-        "kind": variant["kind"],
-        "resampler": variant["resampler"],
-        "seed": seed,
+        **run_identity(variant, seed),
         "steps": {stage: STAGES[stage]["max_steps"] for stage in ("pretrain", "finetune")},
         "stages": {stage: dict(STAGES[stage]) for stage in ("pretrain", "finetune")},
         "stage1_loss": round(stage1.train_loss, 4),

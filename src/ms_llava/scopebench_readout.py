@@ -26,7 +26,6 @@ readable form at its M, which is what the paper's claims are about; it does not 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -187,39 +186,22 @@ def train_readout(model, data: Path, seed: int, steps: int = READOUT["steps"], l
 
 def readout_one(variant: dict, seed: int, runs: Path, steps: int = READOUT["steps"], log=print) -> dict | None:
     """One (variant, seed) of the readout table; `RUNS/readout/<variant>-s<seed>.json`, skipped when it exists."""
-    from transformers import AutoProcessor
-
-    from .scopebench_models import build_llava_mlp, build_ms_llava, language_model_from
+    from .scopebench_experiment import build_variant, claim_run, run_identity
 
     name = f"{variant['name']}-s{seed}"
     path = runs / "readout" / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_suffix(".lock")
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        log(f"{name}: running elsewhere ({lock} exists), skipped")
+    lock = claim_run(path, name, log)
+    if lock is None:
         return None
     try:
         started = time.perf_counter()
         # The language model only gives the projector its output width; the readout replaces it.
-        tokenizer = AutoProcessor.from_pretrained(runs / "warmup").tokenizer
-        lm = language_model_from(runs / "warmup")
-        if variant["kind"] == "mlp":
-            model, _ = build_llava_mlp(runs / "encoder", lm, tokenizer, seed=seed)
-        else:
-            model, _ = build_ms_llava(runs / "encoder", lm, tokenizer, variant["resampler"], seed=seed)
+        model, _ = build_variant(variant, seed, runs)
         scores = train_readout(model, runs / "data", seed, steps=steps, log=lambda text: log(f"{name}: {text}"))
         result = {
-            "run": name,
-            "variant": variant["name"],
-            "group": variant["group"],
-            "M": variant["M"],
-            "kind": variant["kind"],
-            "resampler": variant["resampler"],
-            "seed": seed,
+            **run_identity(variant, seed),
             "readout": {**READOUT, "steps": steps},
             **scores,
             "wall_s": round(time.perf_counter() - started, 1),
