@@ -1,8 +1,9 @@
 """The ScopeBench experiment: the paper's projector table in miniature, trained with `ms_llava.training.train`.
 
 ``python -m ms_llava.scopebench generate|encoder|warmup|grid-warmup|run|probe|readout|report|ship``
-(docs/scopebench.md has the commands and the results). Every variant starts from the same frozen vision tower and the same warmed-up language model, gets a
-fresh projector (seeded) and runs the recipe's two stages with the same overridden settings (`STAGES`):
+(docs/scopebench.md has the commands and the results). Every variant starts from the same frozen vision tower and
+the same warmed-up language model, gets a fresh projector (seeded) and runs the recipe's two stages with the same
+overridden settings (`STAGES`):
 
 1. stage ``pretrain`` (projector only) on ``caption-train.json``;
 2. stage ``finetune`` (projector + language model) on ``qa-train.json``;
@@ -328,6 +329,15 @@ def claims(table: dict) -> list[str]:
     return out
 
 
+def main_row_names() -> list[str]:
+    """The main table's rows in the order the tables print them: the MLP, then each M's projectors."""
+    return ["mlp"] + [
+        f"{n}-m{m}"
+        for m in BUDGETS
+        for n in ("vanilla", "e1-k2", "e1-k6", "e1-k12", "e1-k24", "e3-2-6-14", "e3-2-6-24")
+    ]
+
+
 def report(runs: Path, output: Path, log=print) -> dict:
     """Writes `output/results.json`, `output/table.md` and the plots; returns the aggregated table."""
     global NUM_TEST_QUESTIONS
@@ -337,11 +347,7 @@ def report(runs: Path, output: Path, log=print) -> dict:
     results = load_results(runs)
     table = aggregate(results)
     output.mkdir(parents=True, exist_ok=True)
-    main_names = ["mlp"] + [
-        f"{n}-m{m}"
-        for m in BUDGETS
-        for n in ("vanilla", "e1-k2", "e1-k6", "e1-k12", "e1-k24", "e3-2-6-14", "e3-2-6-24")
-    ]
+    main_names = main_row_names()
     beta_names = [f"vanilla-m{ABLATION_M}"] + [
         f"e3-2-6-14-beta{b:g}-m{ABLATION_M}" if b != 5 else f"e3-2-6-14-m{ABLATION_M}" for b in (0, 1, 2.5, 5, 10)
     ]
@@ -384,11 +390,7 @@ def readout_report(runs: Path, output: Path, log=print) -> dict:
     if not results:
         raise ValueError(f"no readout results in {runs / 'readout'}; run the readout command first")
     table = aggregate(results)
-    main_names = ["mlp"] + [
-        f"{n}-m{m}"
-        for m in BUDGETS
-        for n in ("vanilla", "e1-k2", "e1-k6", "e1-k12", "e1-k24", "e3-2-6-14", "e3-2-6-24")
-    ]
+    main_names = main_row_names()
     others = sorted(n for n in table if n not in main_names)
     text = ["## Readout table (test accuracy, %, mean ± std over seeds)", "", markdown_table(table, main_names), ""]
     if others:
@@ -412,7 +414,6 @@ def probe_runs(runs: Path, data: Path, names: list[str], init_variants: list[str
     also written to RUNS/probes/<name>.json."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .scopebench_models import build_ms_llava, language_model_from
     from .scopebench_probe import probe_model
 
     by_name = {v["name"]: v for v in variants()}
@@ -421,9 +422,7 @@ def probe_runs(runs: Path, data: Path, names: list[str], init_variants: list[str
             variant = by_name.get(name[len("init-") :])
             if variant is None or variant["kind"] != "ms":
                 raise ValueError(f"--init takes MS-Resampler variant names, got {name[len('init-') :]!r}")
-            tokenizer = AutoProcessor.from_pretrained(runs / "warmup").tokenizer
-            lm = language_model_from(runs / "warmup")
-            model, processor = build_ms_llava(runs / "encoder", lm, tokenizer, variant["resampler"], seed=0)
+            model, processor = build_variant(variant, 0, runs)
         else:
             folder = runs / "models" / name / "stage2"
             if not folder.is_dir():
