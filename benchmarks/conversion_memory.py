@@ -2,8 +2,8 @@
 
 Builds a random-weight float16 checkpoint with the real key names and shapes of LLaVA-1.5-7B (Llama-2-7B language
 model, CLIP ViT-L/14-336 tower, `mlp2x_gelu` projector) in a temporary directory, converts it in a child process
-through the command-line entry point (`ms_llava.convert_llava.main`, i.e. `convert_llava_to_ms_llava`, or
-`ms_llava.convert_original.main`), reports the child's peak resident set size (`ru_maxrss` of the `os.wait4` rusage of
+through the command-line entry point (`ms_llava.conversion.llava.main`, i.e. `convert_llava_to_ms_llava`, or
+`ms_llava.conversion.original.main`), reports the child's peak resident set size (`ru_maxrss` of the `os.wait4` rusage of
 that one child) and its wall time, then deletes every file it wrote.
 
 Linux starts a child's `ru_maxrss` at its parent's resident set size when it is spawned, so this driver process stays
@@ -64,7 +64,7 @@ DTYPE_BYTES = 2  # float16
 DEFAULT_SOURCE_SHARD_SIZE = {"llava-to-ms-llava": "4.95GB", "original-round-trip": "10GB"}
 # The child: `python -c CHILD module args...` runs `module.main(args)`, the conversion's command line.
 CHILD = "import importlib, sys; sys.exit(importlib.import_module(sys.argv[1]).main(sys.argv[2:]))"
-IMPORTS_ONLY = "import ms_llava.convert_llava, ms_llava.convert_original"
+IMPORTS_ONLY = "import ms_llava.conversion.llava, ms_llava.conversion.original"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def make_llava_hf(directory: Path, layers: int, shard_bytes: int) -> tuple[dict,
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     from ms_llava import LLAVA_1_5_CHAT_TEMPLATE
-    from ms_llava.checkpoint_io import TensorSource, write_safetensors
+    from ms_llava.conversion.checkpoint_io import TensorSource, write_safetensors
 
     directory.mkdir(parents=True)
     shapes = llava_hf_shapes(layers)
@@ -382,7 +382,7 @@ def compare_checkpoints(first: Path, second: Path) -> None:
     """--internal-compare (in a child): prints whether the two checkpoints hold the same tensors, bit for bit."""
     import torch
 
-    from ms_llava.checkpoint_io import read_checkpoint
+    from ms_llava.conversion.checkpoint_io import read_checkpoint
 
     before = {source.name: source for source in read_checkpoint(first)}
     after = {source.name: source for source in read_checkpoint(second)}
@@ -478,16 +478,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if not round_trip:
             arguments = ["--source", str(source), "--output", str(root / "ms-llava"), "--num-queries", "144"]
-            result = convert("ms_llava.convert_llava", arguments + ([] if args.parity else ["--no-parity"]))
+            result = convert("ms_llava.conversion.llava", arguments + ([] if args.parity else ["--no-parity"]))
             name = "llava-to-ms-llava" + (" (with parity)" if args.parity else " --no-parity")
             rows.append((name, result, directory_bytes(root / "ms-llava")))
         else:
             result = convert(
-                "ms_llava.convert_original", ["--source", str(source), "--output", str(root / "hf"), "--no-parity"]
+                "ms_llava.conversion.original", ["--source", str(source), "--output", str(root / "hf"), "--no-parity"]
             )
             rows.append(("original-to-hf --no-parity", result, directory_bytes(root / "hf")))
             result = convert(
-                "ms_llava.convert_original",
+                "ms_llava.conversion.original",
                 ["--direction", "hf-to-original", "--source", str(root / "hf"), "--output", str(root / "back")]
                 + ["--strip-image-token", "--no-parity"],
             )

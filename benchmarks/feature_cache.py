@@ -37,10 +37,10 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from ms_llava import scopebench as sb
-    from ms_llava.feature_cache import build_cache
-    from ms_llava.scopebench_models import build_ms_llava, build_tokenizer
+    from experiments.scopebench import generator as sb
+    from experiments.scopebench.models import build_ms_llava, build_tokenizer
     from ms_llava.training import train
+    from ms_llava.training.feature_cache import build_cache
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

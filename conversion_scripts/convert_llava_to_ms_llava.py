@@ -9,7 +9,7 @@ Also `ms-llava convert llava-to-ms-llava ...`. See docs/conversion.md.
 
 import sys
 
-from ms_llava.convert_llava import main
+from ms_llava.conversion.llava import main
 
 if __name__ == "__main__":
     sys.exit(main())

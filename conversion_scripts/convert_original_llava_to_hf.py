@@ -11,7 +11,7 @@ Also `ms-llava convert original-to-hf ...` and `ms-llava convert hf-to-original 
 
 import sys
 
-from ms_llava.convert_original import main
+from ms_llava.conversion.original import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@ import torch
 
 from hub_server import HubServer
 from isolation import install_network_guard, local_hub_clients
-from ms_llava.tiny import build_tiny_checkpoint, build_tiny_processor, build_tiny_tokenizer, sample_image
+from ms_llava.testing_utils import build_tiny_checkpoint, build_tiny_processor, build_tiny_tokenizer, sample_image
 
 
 @pytest.fixture(scope="session")

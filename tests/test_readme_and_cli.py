@@ -7,7 +7,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from ms_llava import MSLlavaForConditionalGeneration
-from ms_llava.cli import default_checkpoint_path, load_demo_samples, main
+from ms_llava.cli import main
+from ms_llava.demo import default_checkpoint_path, load_demo_samples
 from ms_llava.visualize import panel_layout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,13 +52,13 @@ def test_demo_on_the_embedded_default(tmp_path, capsys, monkeypatch):
 
 
 def test_default_checkpoint_path_names_what_is_missing(tmp_path, monkeypatch):
-    from ms_llava import cli
+    from ms_llava import demo
 
-    monkeypatch.setattr(cli, "DEFAULT_CHECKPOINT_DIR", tmp_path / "default_checkpoint")
+    monkeypatch.setattr(demo, "DEFAULT_CHECKPOINT_DIR", tmp_path / "default_checkpoint")
     (tmp_path / "default_checkpoint").mkdir()
     (tmp_path / "default_checkpoint" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"default_checkpoint lacks demo_samples.json, \*.safetensors"):
-        cli.default_checkpoint_path()
+        demo.default_checkpoint_path()
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ MANAGED_FILES = [*CHECKPOINT_FILES, "pytorch_model*.bin", "pytorch_model.bin.ind
 def paper_recipe() -> dict:
     """The paper's training recipe (Sec. 4.1) as the card shows it. The numbers come from
     `ms_llava.training.PAPER_RECIPES`, the recipe `ms-llava train` runs, so card and trainer cannot disagree."""
-    from .training import PAPER_RECIPES
+    from .recipes import PAPER_RECIPES
 
     def row(stage: str, title: str, trained: str, frozen: str, data: str) -> dict:
         recipe = PAPER_RECIPES[stage]

@@ -1,0 +1,7 @@
+"""`python -m experiments.spatial_scale ...` from the repository root."""
+
+import sys
+
+from .spatial import main
+
+sys.exit(main())

@@ -1,0 +1,48 @@
+"""The paper's training recipe (Sec. 4.1) as data: what each stage trains and its hyper-parameters, and the defaults
+of the adapters the paper does not use. Read by the trainer (`ms_llava.training`) and by the model card
+(`ms_llava.hub`); imports neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROJECTOR = "multi_modal_projector"
+
+
+@dataclass(frozen=True)
+class StageRecipe:
+    """One stage of the paper's recipe (Sec. 4.1): what trains, and the stage's hyper-parameters."""
+
+    stage: str
+    description: str
+    trained_modules: tuple[str, ...]  # parameter-name prefixes that train; everything else is frozen
+    learning_rate: float
+    global_batch_size: int
+    num_train_epochs: float
+
+
+PAPER_RECIPES = {
+    "pretrain": StageRecipe(
+        stage="pretrain",
+        description="projector pre-training on image-caption pairs (LLaVA-1.5's 558K); vision tower and LLM frozen",
+        trained_modules=(f"model.{PROJECTOR}",),
+        learning_rate=1e-3,
+        global_batch_size=32,
+        num_train_epochs=1.0,
+    ),
+    "finetune": StageRecipe(
+        stage="finetune",
+        description="instruction tuning (LLaVA-1.5's 665K); projector and LLM train, vision tower frozen",
+        trained_modules=(f"model.{PROJECTOR}", "model.language_model", "lm_head"),
+        learning_rate=1e-5,
+        global_batch_size=16,
+        num_train_epochs=1.0,
+    ),
+}
+
+# LLaVA-1.5's LoRA recipe (scripts/v1_5/finetune_lora.sh): the paper trains no adapters.
+LORA_DEFAULTS = {"learning_rate": 2e-4, "projector_learning_rate": 2e-5}
+# ScAle (docs/scale.md): a few hundred to a thousand bounded scalars, d s / d theta = bound at initialisation; they
+# need a learning rate far above LoRA's to move in one epoch (ours, the ScAle abstract gives none).
+SCALE_DEFAULTS = {"learning_rate": 2e-2}
