@@ -14,12 +14,14 @@ chance says the language model does not read it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from . import generator as sb
+from .runs import build_variant, variants
 
 COLOURS = tuple(sb.COLOURS)
 
@@ -94,3 +96,32 @@ def probe_model(model, processor, data: Path, train_images: int = 1500, test_ima
             x_train.flatten(1), y_train[target], x_test.flatten(1), y_test[target], classes, weight_decay=1e-2
         )
     return result
+
+
+def probe_runs(runs: Path, data: Path, names: list[str], init_variants: list[str]):
+    """Yields (name, probes) for finished runs and for fresh projectors (`init-<variant>`, seed 0); each result is
+    also written to RUNS/probes/<name>.json."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .probe import probe_model
+
+    by_name = {v["name"]: v for v in variants()}
+    for name in [*names, *(f"init-{v}" for v in init_variants)]:
+        if name.startswith("init-"):
+            variant = by_name.get(name[len("init-") :])
+            if variant is None or variant["kind"] != "ms":
+                raise ValueError(f"--init takes MS-Resampler variant names, got {name[len('init-') :]!r}")
+            model, processor = build_variant(variant, 0, runs)
+        else:
+            folder = runs / "models" / name / "stage2"
+            if not folder.is_dir():
+                raise ValueError(f"no finished run {name!r}: {folder} does not exist")
+            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+            processor = AutoProcessor.from_pretrained(folder)
+        result = probe_model(model, processor, data)
+        (runs / "probes").mkdir(exist_ok=True)
+        (runs / "probes" / f"{name}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+        yield name, result
+
+
+# --------------------------------------------------------------------------------------------- CLI

@@ -187,7 +187,7 @@ def train_readout(model, data: Path, seed: int, steps: int = READOUT["steps"], l
 
 def readout_one(variant: dict, seed: int, runs: Path, steps: int = READOUT["steps"], log=print) -> dict | None:
     """One (variant, seed) of the readout table; `RUNS/readout/<variant>-s<seed>.json`, skipped when it exists."""
-    from .experiment import build_variant, claim_run, run_identity
+    from .runs import build_variant, claim_run, run_identity
 
     name = f"{variant['name']}-s{seed}"
     path = runs / "readout" / f"{name}.json"

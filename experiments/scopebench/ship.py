@@ -80,7 +80,7 @@ def _steps(folder: Path, stage: str, result: dict) -> str:
     state = folder / "trainer_state.json"
     if stage == "finetune" and state.exists():
         return str(json.loads(state.read_text())["global_step"])
-    from .experiment import STAGES
+    from .runs import STAGES
 
     return str(STAGES[stage]["max_steps"])
 

@@ -275,7 +275,8 @@ def test_probe_model_on_the_default_checkpoint(default_model, tmp_path):
 def test_report_command_writes_the_tables(tmp_path):
     import random
 
-    from experiments.scopebench.experiment import main, variants
+    from experiments.scopebench.cli import main
+    from experiments.scopebench.runs import variants
 
     rng = random.Random(0)
     (tmp_path / "results").mkdir()
@@ -300,7 +301,8 @@ def test_report_command_writes_the_tables(tmp_path):
 
 
 def test_probe_command_refuses_unknown_runs_and_non_resampler_variants(tmp_path):
-    from experiments.scopebench.experiment import main, probe_runs
+    from experiments.scopebench.cli import main
+    from experiments.scopebench.probe import probe_runs
 
     with pytest.raises(ValueError, match="no finished run 'e3-2-6-14-m64-s9'"):
         next(probe_runs(tmp_path, tmp_path / "data", ["e3-2-6-14-m64-s9"], []))
@@ -374,7 +376,7 @@ def test_readout_run_trains_only_the_projector_and_reports_the_table_format(tmp_
 
 
 def test_readout_command_refuses_unknown_variants_and_an_empty_report(tmp_path):
-    from experiments.scopebench.experiment import main
+    from experiments.scopebench.cli import main
 
     with pytest.raises(ValueError, match=r"unknown variant\(s\) \['e3-9-m64'\]"):
         main(["--runs", str(tmp_path), "readout", "--only", "e3-9-m64"])
