@@ -103,8 +103,6 @@ def probe_runs(runs: Path, data: Path, names: list[str], init_variants: list[str
     also written to RUNS/probes/<name>.json."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .probe import probe_model
-
     by_name = {v["name"]: v for v in variants()}
     for name in [*names, *(f"init-{v}" for v in init_variants)]:
         if name.startswith("init-"):

@@ -142,8 +142,6 @@ def build_tiny_checkpoint(seed: int = 0, **resampler_kwargs):
 
 def write_tiny_checkpoint(directory: str | Path, seed: int = 0) -> Path:
     """Saves a tiny untrained MS-LLaVA (model, processor, remote-code modules) to `directory`."""
-    from .testing_utils import build_tiny_checkpoint
-
     directory = Path(directory)
     model, processor = build_tiny_checkpoint(seed=seed)
     model.save_pretrained(directory)
