@@ -225,12 +225,25 @@ def test_default_checkpoint_answers_its_demo_samples(default_model):
         assert answer == sample["answer"], sample
 
 
-def test_scorer_on_default_checkpoint(default_model, tmp_path):
+def test_scorer_on_default_checkpoint_equals_one_generate_per_question(default_model, tmp_path):
+    """The batched scorer (shared tower pass, left padding) gives the accuracies that plain `generate`, one question
+    at a time, gives."""
     model, processor = default_model
     paths = sb.write_split(tmp_path, "test", 4)
     accuracy = sb.question_type_accuracy(model, processor, paths["qa"])
     assert set(accuracy) == {"overall", "fine", "attribute", "global", *sb.QUESTION_TYPES}
-    assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+    records = json.loads(Path(paths["qa"]).read_text(encoding="utf-8"))
+    hits = {key: [] for key in accuracy}
+    for prompt, index, reference, qtype in sb.qa_prompts(processor, records):
+        image = Image.open(Path(paths["qa"]).parent / "images" / records[index]["image"]).convert("RGB")
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        for key in ("overall", qtype, sb.SCOPES[qtype]):
+            hits[key].append(answer == reference)
+    assert accuracy == {key: sum(values) / len(values) for key, values in hits.items()}
+    assert 0.0 < accuracy["overall"] < 1.0  # both right and wrong answers occur, so the comparison has teeth
 
 
 def test_linear_probe_reads_a_linear_label_and_not_noise():

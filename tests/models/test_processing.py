@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from ms_llava import LLAVA_1_5_CHAT_TEMPLATE, MSLlavaImageProcessor, MSLlavaProcessor
+from ms_llava import MSLlavaImageProcessor, MSLlavaProcessor
 from ms_llava.testing_utils import build_tiny_checkpoint, build_tiny_tokenizer
 
 
@@ -185,6 +186,14 @@ def test_bad_processor_arguments(kwargs, message):
         MSLlavaProcessor(MSLlavaImageProcessor(), tokenizer, **kwargs)
 
 
-def test_default_chat_template_is_the_documented_one():
-    _, processor = build_tiny_checkpoint()
-    assert processor.chat_template == LLAVA_1_5_CHAT_TEMPLATE
+def test_default_chat_template_renders_the_documented_prompt(tmp_path):
+    """A processor given no chat template renders the README's Quick-start prompt, also after save -> load."""
+    documented = "USER: <image>\nWhat is in the image? ASSISTANT:"
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert f'# "{documented}"'.replace("\n", "\\n") in readme
+    _, built = build_tiny_checkpoint()
+    processor = MSLlavaProcessor(built.image_processor, built.tokenizer, num_image_tokens=16)
+    processor.save_pretrained(tmp_path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    for candidate in (processor, MSLlavaProcessor.from_pretrained(tmp_path)):
+        assert candidate.apply_chat_template(messages, add_generation_prompt=True) == documented
