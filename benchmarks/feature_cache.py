@@ -2,7 +2,7 @@
 
     python benchmarks/feature_cache.py            # writes its section of BENCHMARKS.md
 
-At ScopeBench's size (docs/scopebench.md): generated 336 x 336 images, its CLIP tower (24 x 24 grid, 2 layers, width
+At ScopeBench's size (experiments/scopebench/README.md): generated 336 x 336 images, its CLIP tower (24 x 24 grid, 2 layers, width
 64) and language model (3 layers, width 128), MS-Resampler M = 64, k = {2, 6, 14}, random weights, stage `finetune`,
 global batch 16, one thread, no data-loader workers. Both runs train the same steps in one process, uncached first,
 the cache is built (and timed) between them and reused by the cached run. The per-step losses of the two runs are compared too:

@@ -1,7 +1,7 @@
 """The ScopeBench experiment: the paper's projector table in miniature, trained with `ms_llava.training.train`.
 
 ``python -m experiments.scopebench generate|encoder|warmup|grid-warmup|run|probe|readout|report|ship``
-(docs/scopebench.md has the commands and the results). Every variant starts from the same frozen vision tower and
+(experiments/scopebench/README.md has the commands and the results). Every variant starts from the same frozen vision tower and
 the same warmed-up language model, gets a fresh projector (seeded) and runs the recipe's two stages with the same
 overridden settings (`STAGES`):
 
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("--steps", type=int, help="training steps (default scopebench_readout.READOUT['steps'])")
     rd.add_argument("--reverse", action="store_true", help="go through the plan from its end (a second process)")
     rd.add_argument("--report", action="store_true", help="only aggregate RUNS/readout into --output")
-    rd.add_argument("--output", default="docs/scopebench")
+    rd.add_argument("--output", default="experiments/scopebench/results")
     rep = commands.add_parser("report", help="aggregate results into OUTPUT (table.md, results.json, plots)")
-    rep.add_argument("--output", default="docs/scopebench")
+    rep.add_argument("--output", default="experiments/scopebench/results")
     ship = commands.add_parser(
         "ship", help="copy the best E=3 run (by validation accuracy) into --output (e.g. the embedded default)"
     )

@@ -14,7 +14,7 @@ few pixels of one patch. Five questions per image, each with a one-word answer, 
 
 No question names an object by its colour or shape: a first design did ("What digit is on the red object?"), and
 the tiny language models that fit this CPU budget did not learn that two-step look-up in a few hundred steps (they
-stayed at chance, docs/scopebench.md); the questions above need one look-up per question type, so what the projector
+stayed at chance, README.md here); the questions above need one look-up per question type, so what the projector
 keeps of the evidence decides the answer.
 
 Answers are balanced by construction (`balanced`): in every block of 9 consecutive images the digit takes each value
@@ -37,7 +37,7 @@ Files (LLaVA JSON, images relative to ``images/``):
 
 `question_type_accuracy` scores a model with greedy exact match per question type (batched generation). The model
 parts and the experiment live in `experiments.scopebench.models` and `experiments.scopebench.experiment`; ``python -m
-experiments.scopebench.generator --help`` lists the commands (docs/scopebench.md).
+experiments.scopebench.generator --help`` lists the commands (README.md here).
 """
 
 from __future__ import annotations

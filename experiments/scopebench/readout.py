@@ -1,7 +1,7 @@
 """The projector table with the language model replaced by a trained readout: what can each projector carry at M?
 
 The table's end-to-end runs do not separate the projectors because the tiny language model reads nothing of the
-image but the count (docs/scopebench.md, "Where the evidence is lost"). This experiment keeps everything upstream of
+image but the count (README.md here, "Where the evidence is lost"). This experiment keeps everything upstream of
 the language model as it is, the frozen tower, the same projector built with the same seed through the same
 `get_image_features` path, and replaces the language model by a small readout trained with the projector on the
 answers, as classification:

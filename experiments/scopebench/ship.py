@@ -30,7 +30,7 @@ tags:
 # MS-LLaVA ScopeBench default (a toy)
 
 The embedded default checkpoint of `ms-llava`: the best MS-LLaVA (E = 3) of the ScopeBench experiment
-(docs/scopebench.md), chosen by validation accuracy among the finished E = 3 runs. **A toy**: {params:,} parameters,
+(experiments/scopebench/README.md in the ms-llava repository), chosen by validation accuracy among the finished E = 3 runs. **A toy**: {params:,} parameters,
 trained in minutes on a CPU on generated 336 x 336 images of two to five coloured shapes, one of which carries a small
 digit. It is meant for ScopeBench's five kinds of question about such images and nothing else, and answers {num_allowed} of
 them at 1.5 times chance or better (below).

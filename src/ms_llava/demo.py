@@ -115,7 +115,7 @@ def print_measured_accuracy(checkpoint: str | Path) -> None:
     print(f"held-out ScopeBench test accuracy of this checkpoint: {'; '.join(cells)}")
     print(
         "  (a toy model; the demo samples below are held-out questions of the types it learned, picked among those "
-        "it answers right: docs/scopebench.md)"
+        "it answers right: experiments/scopebench/README.md)"
     )
 
 
