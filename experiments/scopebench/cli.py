@@ -1,8 +1,8 @@
 """The ScopeBench experiment: the paper's projector table in miniature, trained with `ms_llava.training.train`.
 
 ``python -m experiments.scopebench generate|encoder|warmup|grid-warmup|run|probe|readout|report|ship``
-(experiments/scopebench/README.md has the commands and the results). Every variant starts from the same frozen vision tower and
-the same warmed-up language model, gets a fresh projector (seeded) and runs the recipe's two stages with the same
+(README.md here has the commands and the results). Every variant starts from the same frozen vision tower and the
+same warmed-up language model, gets a fresh projector (seeded) and runs the recipe's two stages with the same
 overridden settings (`STAGES`):
 
 1. stage ``pretrain`` (projector only) on ``caption-train.json``;

@@ -36,8 +36,8 @@ Files (LLaVA JSON, images relative to ``images/``):
   after the caption's words (the form in which stage 2 asks it).
 
 `question_type_accuracy` scores a model with greedy exact match per question type (batched generation). The model
-parts and the experiment live in `experiments.scopebench.models` and `experiments.scopebench.experiment`; ``python -m
-experiments.scopebench.generator --help`` lists the commands (README.md here).
+parts live in `models`, the runs in `runs`; ``python -m experiments.scopebench --help`` lists the commands (README.md
+here).
 """
 
 from __future__ import annotations
