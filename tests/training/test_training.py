@@ -827,6 +827,90 @@ def test_qlora_without_a_gpu_is_a_clear_error(tiny_dir, shapes, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+# Every option string of `ms-llava train` as of commit 0225c8f (before the options became a TrainingArguments
+# subclass): the command keeps all of them, with the meanings below.
+TRAIN_FLAGS = [
+    "--adapter", "--bf16", "--cache-vision-features", "--data", "--epochs", "--global-batch-size",
+    "--gradient-checkpointing", "--help", "--image-folder", "--learning-rate", "--logging-steps", "--lora",
+    "--lora-alpha", "--lora-dropout", "--lora-r", "--lr-scheduler", "--max-grad-norm", "--max-length", "--max-steps",
+    "--merge-lora", "--model", "--num-workers", "--output-dir", "--per-device-batch-size", "--projector-learning-rate",
+    "--push-to-hub", "--qlora", "--resume", "--save-steps", "--save-total-limit", "--scale-bound", "--scale-layers",
+    "--scale-token-scope", "--seed", "--skip-bad-records", "--stage", "--verify-images", "--warmup-ratio",
+    "--weight-decay", "-h",
+]  # fmt: skip
+# (option, its value on the command line or None for a bare flag, the attribute it sets, the value it parses to)
+TRAIN_FLAG_MEANINGS = [
+    ("--learning-rate", "2e-5", "learning_rate", 2e-5),
+    ("--projector-learning-rate", "3e-5", "projector_learning_rate", 3e-5),
+    ("--global-batch-size", "64", "global_batch_size", 64),
+    ("--per-device-batch-size", "4", "per_device_batch_size", 4),
+    ("--epochs", "2.5", "num_train_epochs", 2.5),
+    ("--max-steps", "7", "max_steps", 7),
+    ("--save-steps", "11", "save_steps", 11),
+    ("--save-total-limit", "3", "save_total_limit", 3),
+    ("--seed", "5", "seed", 5),
+    ("--max-length", "512", "max_length", 512),
+    ("--lr-scheduler", "linear", "lr_scheduler_type", "linear"),
+    ("--warmup-ratio", "0.1", "warmup_ratio", 0.1),
+    ("--weight-decay", "0.01", "weight_decay", 0.01),
+    ("--max-grad-norm", "0.5", "max_grad_norm", 0.5),
+    ("--logging-steps", "2", "logging_steps", 2),
+    ("--num-workers", "0", "dataloader_num_workers", 0),
+    ("--lora-r", "8", "lora_r", 8),
+    ("--lora-alpha", "16", "lora_alpha", 16),
+    ("--lora-dropout", "0.1", "lora_dropout", 0.1),
+    ("--push-to-hub", "org/name", "push_to_hub", "org/name"),
+    ("--adapter", "scale", "adapter", "scale"),
+    ("--scale-bound", "0.5", "scale_bound", 0.5),
+    ("--scale-token-scope", "all", "scale_token_scope", "all"),
+    ("--scale-layers", "0,2", "scale_layers", [0, 2]),
+    ("--bf16", None, "bf16", True),
+    ("--gradient-checkpointing", None, "gradient_checkpointing", True),
+    ("--resume", None, "resume", True),
+    ("--cache-vision-features", None, "cache_vision_features", True),
+    ("--skip-bad-records", None, "skip_bad_records", True),
+    ("--verify-images", None, "verify_images", True),
+    ("--lora", None, "lora", True),
+    ("--qlora", None, "qlora", True),
+    ("--merge-lora", None, "merge_lora", True),
+]
+
+
+def test_the_train_command_keeps_every_flag_with_its_meaning():
+    """Today's flags are all there and listed in --help; each parses to the same attribute and value, and one left
+    out parses to None (the stage recipe's value)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ms-llava")
+    train_parser = add_cli(parser.add_subparsers(dest="command", required=True))
+    flags = {option for action in train_parser._actions for option in action.option_strings}
+    assert set(TRAIN_FLAGS) <= flags, sorted(set(TRAIN_FLAGS) - flags)
+    help_text = train_parser.format_help()
+    assert all(re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", help_text) for flag in TRAIN_FLAGS), help_text
+    required = ["train", "--stage", "finetune", "--model", "m", "--data", "d.json", "--output-dir", "out"]
+    bare = parser.parse_args(required)
+    assert (bare.stage, bare.model, bare.data, bare.output_dir, bare.image_folder) == (
+        "finetune",
+        "m",
+        "d.json",
+        "out",
+        None,
+    )
+    for _, _, attribute, _ in TRAIN_FLAG_MEANINGS:
+        assert getattr(bare, attribute) is None, attribute
+    assert parser.parse_args([*required, "--image-folder", "imgs"]).image_folder == "imgs"
+    for flag, value, attribute, expected in TRAIN_FLAG_MEANINGS:
+        parsed = parser.parse_args([*required, flag] + ([] if value is None else [value]))
+        assert getattr(parsed, attribute) == expected, flag
+        assert type(getattr(parsed, attribute)) is type(expected), flag
+    for missing in ("--stage", "--model", "--data", "--output-dir"):
+        index = required.index(missing)
+        with pytest.raises(SystemExit):
+            parser.parse_args(required[:index] + required[index + 2 :])
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, "--scale-layers", "a,b"])
+
+
 def test_train_command(tiny_dir, shapes, tmp_path, capsys):
     import argparse
 
