@@ -16,7 +16,6 @@ transformers' own `model.push_to_hub(repo_id)` and `processor.push_to_hub(repo_i
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ IMAGE_PROCESSOR_AUTO_MAP = {
     "AutoProcessor": "processing_ms_llava.MSLlavaProcessor",
 }
 CARD_TAGS = ["ms-llava", "llava", "multimodal", "image-text-to-text", "ms-resampler"]
-# Files a push uploads (and replaces: stale ones matching these are deleted from the branch). Anything else in the
+# Files a push uploads: `upload_folder`'s allow_patterns (fnmatch, `*` crosses folders). Anything else in the
 # directory (optimizer states, logs, pickled weights) stays local.
 CHECKPOINT_FILES = [
     "config.json",
@@ -65,9 +64,17 @@ CHECKPOINT_FILES = [
     "additional_chat_templates/*.jinja",
     *REMOTE_CODE_MODULES,
 ]
-# Non-weight files of the model side, kept when a processor is given to replace the directory's processor files.
-MODEL_SIDE_FILES = ["config.json", "generation_config.json", "configuration_ms_llava.py", "modeling_ms_llava.py"]
+# Files of the repo that a checkpoint owns: `upload_folder`'s delete_patterns, so those this push does not rewrite (the
+# shards of an earlier sharded push, its pickled weights) are deleted in the same commit.
 MANAGED_FILES = [*CHECKPOINT_FILES, "pytorch_model*.bin", "pytorch_model.bin.index.json", "README.md"]
+# The model side of a directory, kept when a processor object is given to replace the directory's processor files.
+MODEL_SIDE_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors*",
+    "configuration_ms_llava.py",
+    "modeling_ms_llava.py",
+]
 
 
 def paper_recipe() -> dict:
@@ -147,6 +154,12 @@ def _missing_processor_files(directory: Path) -> list[str]:
     return missing
 
 
+def _matching(names: list[str], patterns: list[str]) -> list[str]:
+    from huggingface_hub.utils import filter_repo_objects
+
+    return list(filter_repo_objects(names, allow_patterns=patterns))
+
+
 def checkpoint_files(directory: str | Path, label: str | None = None) -> list[str]:
     """Checks that `directory` is a complete MS-LLaVA checkpoint and returns the files a push uploads.
 
@@ -175,7 +188,7 @@ def checkpoint_files(directory: str | Path, label: str | None = None) -> list[st
             f"model config has resampler_config.num_queries={num_queries}; they must agree"
         )
     names = sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*") if path.is_file())
-    files = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in CHECKPOINT_FILES)]
+    files = _matching(names, CHECKPOINT_FILES)  # what upload_folder(allow_patterns=CHECKPOINT_FILES) uploads
     skipped = [name for name in names if name not in files]
     if skipped:
         logger.warning(
@@ -184,21 +197,23 @@ def checkpoint_files(directory: str | Path, label: str | None = None) -> list[st
     return files
 
 
-def _with_remote_code(directory: Path, files: list[str]) -> dict[str, bytes]:
-    """Files to add or rewrite so that the repo carries the four modules and `auto_map`. Normally there is nothing to
-    do: `save_pretrained` writes both whenever `ms_llava` is imported. Missing modules come from the installed
-    package; missing `auto_map` entries are added."""
+def _add_remote_code(folder: Path, files: list[str]) -> None:
+    """Makes the staged `folder` carry the four modules and `auto_map`, without which the repo does not load with
+    `trust_remote_code=True`. Normally there is nothing to do: `save_pretrained` writes both whenever `ms_llava` is
+    imported. Missing modules come from the installed package; missing `auto_map` entries are added."""
     from .modeling_ms_llava import MODEL_AUTO_MAP  # the entries save_pretrained writes
 
     package = Path(__file__).resolve().parent
-    extra = {module: (package / module).read_bytes() for module in REMOTE_CODE_MODULES if module not in files}
+    for module in REMOTE_CODE_MODULES:
+        if module not in files:
+            _write(folder / module, (package / module).read_bytes())
     config_auto_map = {"AutoConfig": "configuration_ms_llava.MSLlavaConfig", **MODEL_AUTO_MAP}
     for name, auto_map, nested in (
         ("config.json", config_auto_map, None),
         ("processor_config.json", PROCESSOR_AUTO_MAP, "image_processor"),
         ("tokenizer_config.json", PROCESSOR_AUTO_MAP, None),
     ):
-        original = _read_json(directory / name)
+        original = _read_json(folder / name)
         content = json.loads(json.dumps(original))  # a deep copy
         for key, value in auto_map.items():
             content.setdefault("auto_map", {}).setdefault(key, value)
@@ -206,8 +221,14 @@ def _with_remote_code(directory: Path, files: list[str]) -> dict[str, bytes]:
             for key, value in IMAGE_PROCESSOR_AUTO_MAP.items():
                 content[nested].setdefault("auto_map", {}).setdefault(key, value)
         if content != original:
-            extra[name] = (json.dumps(content, indent=2) + "\n").encode()
-    return extra
+            _write(folder / name, (json.dumps(content, indent=2) + "\n").encode())
+
+
+def _write(path: Path, content: bytes) -> None:
+    """Writes a file of the staged folder. A staged file may be a link to the user's checkpoint: unlinking it first
+    keeps the write from going through the link into the checkpoint."""
+    path.unlink(missing_ok=True)
+    path.write_bytes(content)
 
 
 # --------------------------------------------------------------------------------------------- model card
@@ -395,83 +416,77 @@ def push_to_hub(
     (weights, configs, processor files, modules, README.md) but that this checkpoint no longer has, such as the
     shards of an earlier sharded upload, are deleted in the same commit.
     """
+    from huggingface_hub import HfApi
+
+    from . import __version__
+
     _check_results(results)
     _check_training(training)
     if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
         raise ValueError(f"repo_id must be 'org/name', got {repo_id!r}")
+    card_kwargs = {"base_model": base_model, "license": license, "results": results, "training": training}
+    # upload_folder uploads one folder; the card and any rewritten config must not be written into the user's
+    # checkpoint, so the commit is staged in a scratch folder of links to the checkpoint's files.
     with tempfile.TemporaryDirectory(prefix="ms-llava-push-") as scratch:
-        directory, label = _stage(checkpoint, processor, Path(scratch))
-        files = checkpoint_files(directory, label)
-        extra = _with_remote_code(directory, files)
-        card = {"base_model": base_model, "license": license, "results": results, "training": training}
-        return _commit(directory, files, extra, repo_id, card, private, revision, commit_message, token, endpoint)
+        folder = Path(scratch)
+        label = _stage(checkpoint, processor, folder)
+        files = checkpoint_files(folder, label)
+        _add_remote_code(folder, files)
+        # The card reads and checks the config: build it before any request, so a bad checkpoint sends nothing.
+        card = build_model_card(folder, repo_id, files=files, **card_kwargs)
+        api = HfApi(endpoint=endpoint, token=token, library_name="ms-llava", library_version=__version__)
+        created_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if created_id != repo_id:  # "name" becomes "user/name": the card's snippets name the full id
+            repo_id, card = created_id, build_model_card(folder, created_id, files=files, **card_kwargs)
+        _write(folder / "README.md", str(card).encode())
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        if commit_message is None:
+            resampler = _read_json(folder / "config.json").get("resampler_config") or {}
+            commit_message = (
+                f"Upload MS-LLaVA (M={resampler.get('num_queries', 144)}, windows {resampler.get('scope_windows')})"
+            )
+        # One commit: without hf_xet (or with HF_HUB_DISABLE_XET) upload_folder makes exactly one; with it, its
+        # pipeline splits only above 250 files or 100 MB of non-LFS content, far above a checkpoint's.
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            allow_patterns=[*CHECKPOINT_FILES, "README.md"],
+            delete_patterns=MANAGED_FILES,
+            revision=revision,
+            commit_message=commit_message,
+        )
+    logger.info("pushed %s to %s at %s", label, repo_id, commit.oid)
+    return commit
 
 
-def _stage(checkpoint, processor, scratch: Path) -> tuple[Path, str]:
-    """The directory to upload: the checkpoint itself, or `scratch` holding a saved model and/or the given processor."""
+def _stage(checkpoint, processor, folder: Path) -> str:
+    """Fills the empty `folder` with the checkpoint to upload: links to the directory's files, or the model given saved
+    there; a processor given replaces the directory's processor files. Returns the checkpoint's name for messages."""
     if not isinstance(checkpoint, (str, Path)):
         if processor is None:
             raise ValueError("pushing a model object needs its processor: push_to_hub(model, repo_id, processor=...)")
-        checkpoint.save_pretrained(scratch)
-        processor.save_pretrained(scratch)
-        return scratch, f"the {type(checkpoint).__name__} given"
+        checkpoint.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        return f"the {type(checkpoint).__name__} given"
     directory = Path(checkpoint)
-    if processor is None:
-        return directory, str(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory} is not a directory (expected a checkpoint written by save_pretrained)")
-    missing = _missing_model_files(directory)
-    if missing:
-        raise ValueError(f"{directory} is not a complete MS-LLaVA checkpoint: missing {', '.join(missing)}")
-    # The directory's model files (weights linked, not copied) and the given processor instead of the directory's.
-    for path in directory.rglob("*"):
-        name = path.relative_to(directory).as_posix()
-        if path.is_file() and (fnmatch.fnmatch(name, "model*.safetensors*") or name in MODEL_SIDE_FILES):
-            target = scratch / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if name.endswith(".safetensors"):
-                target.symlink_to(path.resolve())
-            else:
-                shutil.copyfile(path, target)
-    processor.save_pretrained(scratch)
-    return scratch, f"{directory} with the processor given"
-
-
-def _commit(directory, files, extra, repo_id, card_kwargs, private, revision, commit_message, token, endpoint):
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-
-    from . import __version__
-
-    # The card reads and checks the config: build it before any request, so a bad checkpoint sends nothing.
-    card = build_model_card(directory, repo_id, files=files, **card_kwargs)
-    api = HfApi(endpoint=endpoint, token=token, library_name="ms-llava", library_version=__version__)
-    created_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if created_id != repo_id:  # "name" becomes "user/name": the card's snippets name the full id
-        repo_id, card = created_id, build_model_card(directory, created_id, files=files, **card_kwargs)
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    uploads: dict[str, str | bytes] = {name: str(directory / name) for name in files if name not in extra}
-    uploads.update(extra)
-    uploads["README.md"] = str(card).encode()
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in sorted(uploads.items())
-    ]
-    stale = [
-        name
-        for name in api.list_repo_files(repo_id, revision=revision)
-        if name not in uploads and any(fnmatch.fnmatch(name, pattern) for pattern in MANAGED_FILES)
-    ]
-    if stale:
-        logger.warning("%s: deleting files this checkpoint replaces or no longer has: %s", repo_id, stale)
-    operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
-    if commit_message is None:
-        resampler = _read_json(directory / "config.json").get("resampler_config") or {}
-        commit_message = (
-            f"Upload MS-LLaVA (M={resampler.get('num_queries', 144)}, windows {resampler.get('scope_windows')})"
-        )
-    commit = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
-    logger.info("pushed %s to %s at %s", directory, repo_id, commit.oid)
-    return commit
+    names = sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*") if path.is_file())
+    if processor is not None:
+        missing = _missing_model_files(directory)
+        if missing:
+            raise ValueError(f"{directory} is not a complete MS-LLaVA checkpoint: missing {', '.join(missing)}")
+        processor.save_pretrained(folder)  # first, into the empty folder: it never writes through a link
+        names = _matching(names, MODEL_SIDE_FILES)
+    for name in names:
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:  # a link, not a copy: weights are gigabytes
+            target.symlink_to((directory / name).resolve())
+        except OSError:  # no symlinks allowed (Windows without developer mode)
+            shutil.copyfile(directory / name, target)
+    return str(directory) if processor is None else f"{directory} with the processor given"
 
 
 # --------------------------------------------------------------------------------------------- command line

@@ -1,11 +1,12 @@
 """The work item's evidence, end to end: a transformers LLaVA checkpoint -> `convert` -> `push` -> pulled in a fresh
 process that cannot import ms_llava (remote code only) -> the same logits as before the push."""
 
+import pytest
 import torch
-from test_conversion import quiet, save_llava
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import chat
+from conversion.test_conversion import quiet, save_llava
 from isolation import hub_subprocess_env, run_python
 from ms_llava.conversion.llava import convert_llava_to_ms_llava
 from ms_llava.hub import push_to_hub
@@ -30,6 +31,7 @@ torch.save({"input_ids": inputs["input_ids"], "logits": logits}, out)
 """
 
 
+@pytest.mark.slow
 def test_llava_converted_pushed_and_pulled_without_the_package(hub, tmp_path):
     llava_dir = save_llava(tmp_path / "llava")
     converted = tmp_path / "ms-llava"

@@ -52,6 +52,10 @@ def logits_of(model, inputs):
         return model(**inputs).logits
 
 
+def directory_contents(directory: Path) -> dict[str, bytes]:
+    return {path.relative_to(directory).as_posix(): path.read_bytes() for path in directory.rglob("*")}
+
+
 def usage_snippet(card_text: str, marker: str) -> str:
     match = re.search(rf"<!-- {marker} -->\n```python\n(.+?)\n```", card_text, flags=re.S)
     assert match, f"the model card lost its {marker} snippet"
@@ -88,7 +92,9 @@ def published(hub_server, tiny, tiny_dir, tmp_path_factory):
             content.pop("auto_map")
             content.get("image_processor", {}).pop("auto_map", None)
             (bare / name).write_text(json.dumps(content))
+        bare_before = directory_contents(bare)
         push_to_hub(bare, FILLED)
+        bare_after = directory_contents(bare)
 
         from peft import LoraConfig, get_peft_model
 
@@ -111,6 +117,7 @@ def published(hub_server, tiny, tiny_dir, tmp_path_factory):
         "native_pulled_with_package": (type(base), base_logits),
         "adapted_logits": adapted_logits,
         "lora_modules": lora_modules,
+        "bare_directory": (bare_before, bare_after),
     }
 
 
@@ -161,6 +168,7 @@ torch.save(result, out)
 """
 
 
+@pytest.mark.slow
 def test_pull_without_the_package_in_a_fresh_process(published, hub_server, tmp_path):
     """Remote code only: bit-exact logits on main, at the first commit's sha, at a tag, on a branch, for transformers'
     own push, for a push that had to add the modules, and for a LoRA adapter on its base; the card's snippet runs."""
@@ -192,6 +200,13 @@ def test_pull_without_the_package_in_a_fresh_process(published, hub_server, tmp_
     assert torch.equal(result["adapter"], published["adapted_logits"])
     assert isinstance(result["snippet_answer"], str)
     assert hub_server.errors == [] and hub_server.unhandled == []
+
+
+def test_push_leaves_the_checkpoint_directory_as_it_was(published):
+    """The push adds the modules and auto_map to the commit (staged elsewhere), never to the directory it reads."""
+    before, after = published["bare_directory"]
+    assert after == before
+    assert not set(REMOTE_CODE_MODULES) & set(after) and "auto_map" not in json.loads(after["config.json"])
 
 
 def test_pull_with_the_package(published, hub):
@@ -345,6 +360,22 @@ def test_push_with_a_processor_replaces_the_directory_processor_and_prunes_stale
         "generation_config.json",
         "model.safetensors",
     ]  # staged elsewhere: the directory is left as it was
+
+
+def test_push_deletes_the_shards_of_an_earlier_sharded_push(tiny, tiny_dir, tmp_path, hub):
+    model, processor = tiny
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    processor.save_pretrained(sharded)
+    shards = {path.name for path in sharded.glob("model-*.safetensors")}
+    assert len(shards) > 1
+    repo = "ms-llava-test/resharded"
+    push_to_hub(sharded, repo)
+    assert shards | {"model.safetensors.index.json"} <= set(HfApi().list_repo_files(repo))
+    commit = push_to_hub(tiny_dir, repo)
+    assert set(HfApi().list_repo_files(repo)) == CHECKPOINT_FILES
+    assert HfApi().list_repo_commits(repo)[0].commit_id == commit.oid  # the upload and the deletions: one commit
+    assert len(HfApi().list_repo_commits(repo)) == 3
 
 
 def test_push_command(tiny_dir, tmp_path, hub, capsys):
