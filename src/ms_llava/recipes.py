@@ -1,6 +1,6 @@
-"""The paper's training recipe (Sec. 4.1) as data: what each stage trains and its hyper-parameters, and the defaults
-of the adapters the paper does not use. Read by the trainer (`ms_llava.training`) and by the model card
-(`ms_llava.hub`); imports neither.
+"""The paper's training recipe (Sec. 4.1) as data: what each stage trains and its hyper-parameters, the defaults of
+the adapters the paper does not use, and `preset`, the option values a run starts from. Read by the training options
+(`ms_llava.training.arguments`) and by the model card (`ms_llava.hub`); imports neither.
 """
 
 from __future__ import annotations
@@ -46,3 +46,15 @@ LORA_DEFAULTS = {"learning_rate": 2e-4, "projector_learning_rate": 2e-5}
 # ScAle (docs/scale.md): a few hundred to a thousand bounded scalars, d s / d theta = bound at initialisation; they
 # need a learning rate far above LoRA's to move in one epoch (ours, the ScAle abstract gives none).
 SCALE_DEFAULTS = {"learning_rate": 2e-2}
+
+
+def preset(stage: str, adapter: str | None = None) -> dict:
+    """The option values a run of `stage` starts from (`adapter`: None, "lora" or "scale"), by option name; the
+    training arguments take them where the caller set no value."""
+    recipe = PAPER_RECIPES[stage]
+    values = {
+        "learning_rate": recipe.learning_rate,
+        "global_batch_size": recipe.global_batch_size,
+        "num_train_epochs": recipe.num_train_epochs,
+    }
+    return {**values, **{"lora": LORA_DEFAULTS, "scale": SCALE_DEFAULTS}.get(adapter, {})}

@@ -23,10 +23,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 import ms_llava
 from ms_llava import LLAVA_1_5_CHAT_TEMPLATE
+from ms_llava.recipes import LORA_DEFAULTS, PAPER_RECIPES
 from ms_llava.testing_utils import answer_accuracy, write_shapes_dataset
+from ms_llava.training.adapters import language_model_lora_targets, require_qlora_support
+from ms_llava.training.arguments import TrainingConfig, gradient_accumulation_steps
 from ms_llava.training.data import (
     IGNORE_INDEX,
     BadRecordsError,
@@ -39,19 +43,7 @@ from ms_llava.training.data import (
     llava_record_to_conversation,
     load_training_records,
 )
-from ms_llava.training.trainer import (
-    LORA_DEFAULTS,
-    PAPER_RECIPES,
-    STAGING_DIR,
-    TrainingConfig,
-    add_cli,
-    complete_checkpoints,
-    gradient_accumulation_steps,
-    language_model_lora_targets,
-    publish_directory,
-    require_qlora_support,
-    train,
-)
+from ms_llava.training.trainer import add_cli, complete_checkpoints, train
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIGS = REPO_ROOT / "configs" / "accelerate"
@@ -595,6 +587,7 @@ def changed(before: Path, after: Path, prefix: str) -> bool:
     return any(not torch.equal(old[key], new[key]) for key in old)
 
 
+@pytest.mark.slow
 def test_stage_1_trains_only_the_projector_and_stage_2_also_the_llm(two_stages):
     _, _, dirs = two_stages
     assert changed(dirs["warm-up"], dirs["pretrain"], "model.multi_modal_projector.")
@@ -607,6 +600,7 @@ def test_stage_1_trains_only_the_projector_and_stage_2_also_the_llm(two_stages):
         assert not changed(dirs[before], dirs[after], "model.vision_tower.")
 
 
+@pytest.mark.slow
 def test_both_stages_lower_the_loss_and_the_model_answers_better(two_stages):
     runs, accuracies, dirs = two_stages
     for stage in ("pretrain", "finetune"):
@@ -621,6 +615,7 @@ def test_both_stages_lower_the_loss_and_the_model_answers_better(two_stages):
     assert accuracies["finetune"] >= 0.6 and accuracies["finetune"] >= accuracies["warm-up"] + 0.3, accuracies
 
 
+@pytest.mark.slow
 def test_the_final_model_is_a_complete_hf_checkpoint(two_stages):
     runs, _, dirs = two_stages
     final = dirs["finetune"]
@@ -642,9 +637,11 @@ def test_the_final_model_is_a_complete_hf_checkpoint(two_stages):
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
-def test_resume_after_a_crash_mid_save_reproduces_the_loss_curve(tiny_dir, shapes, tmp_path):
+@pytest.mark.slow
+def test_resume_after_a_crash_mid_save_reproduces_the_loss_curve(tiny_dir, shapes, tmp_path, caplog):
     """A crash while checkpoint-6 is written leaves checkpoint-3 as the last complete one; resuming from it gives the
-    uninterrupted run's per-step losses and final weights (exactly on CPU; the test allows 1e-6)."""
+    uninterrupted run's per-step losses and final weights (exactly on CPU; the test allows 1e-6). transformers'
+    own choice (get_last_checkpoint, what resume_from_checkpoint=True takes) would be the half-written checkpoint-6."""
     settings = {"global_batch_size": 8, "per_device_batch_size": 4, "learning_rate": 1e-2, "max_steps": 8}
     settings.update(dataloader_num_workers=0, save_steps=3, warmup_ratio=0.1)
     args = (tiny_dir, "finetune", shapes["qa"], shapes["images"])
@@ -662,8 +659,10 @@ def test_resume_after_a_crash_mid_save_reproduces_the_loss_curve(tiny_dir, shape
     with mock.patch.object(Trainer, "_save_rng_state", crash_while_saving_step_6):
         with pytest.raises(RuntimeError, match="simulated crash mid-save"):
             train(*args, output_dir, **settings)
-    assert (output_dir / STAGING_DIR / "checkpoint-6" / "model.safetensors").is_file()  # half-written, out of sight
-    assert not (output_dir / "checkpoint-6").exists()
+    half_written = output_dir / "checkpoint-6"
+    assert (half_written / "model.safetensors").is_file() and (half_written / "optimizer.pt").is_file()
+    assert not (half_written / "trainer_state.json").exists() and not (half_written / "rng_state.pth").exists()
+    assert get_last_checkpoint(str(output_dir)) == str(half_written)
     assert [path.name for path in complete_checkpoints(output_dir)] == ["checkpoint-3"]
 
     with pytest.raises(ValueError, match="already holds checkpoints \\(checkpoint-3\\): pass --resume"):
@@ -671,9 +670,16 @@ def test_resume_after_a_crash_mid_save_reproduces_the_loss_curve(tiny_dir, shape
     with pytest.raises(ValueError, match="settings that change the loss curve: learning_rate 0.01 -> 0.02"):
         train(*args, output_dir, resume=True, **{**settings, "learning_rate": 0.02})
 
-    resumed = train(*args, output_dir, resume=True, **settings)
+    with caplog.at_level("WARNING", logger="ms_llava.training.trainer"):
+        resumed = train(*args, output_dir, resume=True, **settings)
+    assert f"removing {half_written}: an incomplete checkpoint left by an interrupted save" in caplog.text
     assert resumed.resumed_from == output_dir / "checkpoint-3"
-    assert not (output_dir / STAGING_DIR).exists()
+    every_checkpoint = sorted(path.name for path in output_dir.glob("checkpoint-*"))
+    assert (
+        every_checkpoint
+        == [path.name for path in complete_checkpoints(output_dir)]
+        == ["checkpoint-6", "checkpoint-8"]
+    )
     steps = [step for step, _ in resumed.losses]
     assert steps == list(range(1, 9)) == [step for step, _ in read_loss_log(output_dir)]
     torch.testing.assert_close(
@@ -714,24 +720,21 @@ def test_resume_refuses_other_bf16_or_other_data_and_no_stale_skipped_list_remai
     assert train(*args, resume=True, **settings).resumed_from == output_dir / "checkpoint-2"
 
 
-def test_checkpoints_are_published_whole(tmp_path):
-    staging, final = tmp_path / STAGING_DIR / "checkpoint-4", tmp_path / "checkpoint-4"
-    staging.mkdir(parents=True)
-    (staging / "model.safetensors").write_text("new")
-    (staging / "trainer_state.json").write_text("{}")
-    final.mkdir()
-    (final / "stale.bin").write_text("old")
-    publish_directory(staging, final)
-    assert sorted(path.name for path in final.iterdir()) == ["model.safetensors", "trainer_state.json"]
-    assert not staging.exists()
-    (tmp_path / "checkpoint-9").mkdir()  # without trainer state: a non-atomic writer died in it
-    (tmp_path / "checkpoint-x").mkdir()
-    assert complete_checkpoints(tmp_path) == [final]
+def test_only_checkpoints_holding_a_trainer_state_are_complete(tmp_path):
+    for name in ("checkpoint-4", "checkpoint-10", "checkpoint-9", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    for name in ("checkpoint-4", "checkpoint-10"):
+        (tmp_path / name / "trainer_state.json").write_text("{}")  # the file Trainer writes last
+    (tmp_path / "checkpoint-9" / "model.safetensors").write_text("a save died after the weights")
+    (tmp_path / "checkpoint-12").write_text("not a directory")
+    assert complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-4", tmp_path / "checkpoint-10"]  # by step
+    assert complete_checkpoints(tmp_path / "no-such-dir") == []
 
 
 # --------------------------------------------------------------------------------------------- options
 
 
+@pytest.mark.slow
 def test_bf16_and_gradient_checkpointing_train(tiny_dir, shapes, tmp_path):
     settings = {"global_batch_size": 8, "learning_rate": 1e-2, "max_steps": 3, **RUN}
     plain = train(tiny_dir, "finetune", shapes["qa"], shapes["images"], tmp_path / "fp32", **settings)
@@ -762,6 +765,7 @@ class RecordOptimizerGroups(TrainerCallback):
         ]
 
 
+@pytest.mark.slow
 def test_lora_adapts_only_the_llm_trains_the_projector_and_merges(tiny_dir, tiny, shapes, tmp_path):
     from peft import PeftModel
 
@@ -1040,6 +1044,7 @@ def run_cpu_training(launcher: list[str], arguments: list[str]) -> str:
     return output
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_dir, shapes, tmp_path):
     """`accelerate launch` with configs/accelerate/ddp.yaml, 2 CPU processes over gloo, 4 examples each per step,
     against one process accumulating 2 x 4 (both in CPU subprocesses). Both draw the same seeded permutation
