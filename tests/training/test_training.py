@@ -117,6 +117,35 @@ def test_paper_recipe_is_the_default_and_every_setting_can_be_overridden():
         TrainingConfig.for_stage("pretrain", lora=True)
 
 
+def test_the_options_are_training_arguments_with_the_recipe_as_preset():
+    """The options object is what Trainer gets: the batch layout, warm-up, data seed and activation checkpointing
+    follow from ms-llava's options (and are no options themselves); other TrainingArguments options pass through;
+    --push-to-hub names the repository without turning on Trainer's own per-checkpoint push."""
+    from transformers import TrainingArguments
+
+    config = TrainingConfig.for_stage(
+        "pretrain",
+        per_device_batch_size=4,
+        warmup_ratio=0.1,
+        seed=7,
+        gradient_checkpointing=True,
+        optim="sgd",
+        push_to_hub="org/name",
+    )
+    assert isinstance(config, TrainingArguments)
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (4, 8)  # 32 = 4 x 8 x 1
+    assert (config.warmup_steps, config.data_seed, config.activation_checkpointing) == (0.1, 7, True)
+    assert (config.learning_rate, config.num_train_epochs, config.max_steps) == (1e-3, 1.0, -1)
+    assert config.optim == "sgd" and config.remove_unused_columns is False
+    assert (config.push_to_hub, config.hub_model_id) == (False, "org/name")
+    assert TrainingConfig.for_stage("finetune", adapter="scale").learning_rate == 2e-2  # ScAle's preset
+    for derived in ("per_device_train_batch_size", "gradient_accumulation_steps", "warmup_steps", "data_seed"):
+        with pytest.raises(ValueError, match=rf"unknown training option\(s\) \['{derived}'\]"):
+            TrainingConfig.for_stage("pretrain", **{derived: 1})
+    with pytest.raises(ValueError, match=r"\['learning_rat'\]; did you mean learning_rate\b"):
+        TrainingConfig.for_stage("pretrain", learning_rat=1.0)
+
+
 @pytest.mark.parametrize(
     ("global_batch", "per_device", "world", "accumulation"),
     [(32, 32, 1, 1), (32, 4, 1, 8), (32, 4, 2, 4), (16, 2, 8, 1), (128, 4, 8, 4)],

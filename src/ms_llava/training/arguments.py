@@ -84,7 +84,8 @@ class MSLlavaTrainingArguments(TrainingArguments):
     num_train_epochs: float | None = field(default=None, metadata=_help("default 1", aliases=["--epochs"]))
     # Where the paper is silent: LLaVA-1.5's training scripts.
     lr_scheduler_type: SchedulerType | str = field(
-        default="cosine", metadata=_help("transformers scheduler name (default cosine)", aliases=["--lr-scheduler"])
+        default="cosine",
+        metadata=_help("transformers scheduler name (default cosine)", aliases=["--lr-scheduler"], metavar="NAME"),
     )
     warmup_ratio: float = field(default=0.03, metadata=_help("fraction of the steps spent warming up (default 0.03)"))
     optim: str = field(default="adamw_torch", metadata=_help("optimizer (default adamw_torch, as LLaVA-1.5)"))
@@ -147,6 +148,7 @@ class MSLlavaTrainingArguments(TrainingArguments):
     data_seed: int | None = field(default=None, init=False)
     activation_checkpointing: bool | None = field(default=None, init=False)
     remove_unused_columns: bool = field(default=False, init=False)  # the collator needs every column
+    resume_from_checkpoint: str | None = field(default=None, init=False)  # `resume` picks the checkpoint
 
     # Settings that shape the loss curve: a resumed run must keep them.
     CURVE_FIELDS = (
@@ -318,7 +320,7 @@ class MSLlavaTrainingArguments(TrainingArguments):
 TrainingConfig = MSLlavaTrainingArguments  # the name train()'s callers and docs use
 
 # TrainingArguments options that `ms-llava train --help` lists besides the ones declared above; the other inherited
-# ones parse but are left out of the help, which would otherwise list about 110 options ms-llava does not document.
+# ones (90) parse but are left out of the help, which would otherwise list them beside the ones ms-llava documents.
 LISTED_INHERITED_OPTIONS = ("max_steps", "seed", "weight_decay", "max_grad_norm", "bf16")
 
 
@@ -349,5 +351,7 @@ def train_argument_parser(**kwargs) -> HfArgumentParser:
     for action in parser._actions:
         if action.dest not in listed and action.option_strings and action.dest != "help":
             action.help = argparse.SUPPRESS
+        # usage and help name an option by its first spelling: the dashed one ms-llava documents, not --name_like_this
+        action.option_strings.sort(key=lambda option: ("_" in option, len(option)))
     parser.set_defaults(**{item.name: None for item in dataclasses.fields(MSLlavaTrainingArguments) if item.init})
     return parser
