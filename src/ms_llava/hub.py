@@ -447,7 +447,7 @@ def push_to_hub(
                 f"Upload MS-LLaVA (M={resampler.get('num_queries', 144)}, windows {resampler.get('scope_windows')})"
             )
         # One commit: without hf_xet (or with HF_HUB_DISABLE_XET) upload_folder makes exactly one; with it, its
-        # pipeline splits only above 250 files or 100 MB of non-LFS content, far above a checkpoint's.
+        # pipeline splits a folder only past 250 files or 100 MB of regular (non-LFS) files, far above a checkpoint.
         commit = api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
@@ -474,9 +474,6 @@ def _stage(checkpoint, processor, folder: Path) -> str:
         raise ValueError(f"{directory} is not a directory (expected a checkpoint written by save_pretrained)")
     names = sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*") if path.is_file())
     if processor is not None:
-        missing = _missing_model_files(directory)
-        if missing:
-            raise ValueError(f"{directory} is not a complete MS-LLaVA checkpoint: missing {', '.join(missing)}")
         processor.save_pretrained(folder)  # first, into the empty folder: it never writes through a link
         names = _matching(names, MODEL_SIDE_FILES)
     for name in names:

@@ -340,6 +340,15 @@ def test_push_refuses_bad_arguments_before_sending_anything(tiny, tiny_dir, hub)
     assert _requests(hub) == sent
 
 
+def test_push_with_a_processor_refuses_a_directory_without_weights(tiny, tiny_dir, tmp_path, hub):
+    broken = shutil.copytree(tiny_dir, tmp_path / "broken")
+    (broken / "model.safetensors").unlink()
+    sent = _requests(hub)
+    with pytest.raises(ValueError, match=r"with the processor given is not a complete .* missing model\.safetensors$"):
+        push_to_hub(broken, "ms-llava-test/broken", processor=tiny[1])
+    assert _requests(hub) == sent
+
+
 def test_push_with_a_processor_replaces_the_directory_processor_and_prunes_stale_files(tiny, tiny_dir, tmp_path, hub):
     _, processor = tiny
     model_only = tmp_path / "model_only"
