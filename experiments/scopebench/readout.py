@@ -88,24 +88,20 @@ class Readout(nn.Module):
         return [head(pooled[:, i]) for i, head in enumerate(self.heads)]
 
 
-def projected(model, rows: torch.Tensor, pixel_shape: tuple[int, ...]) -> torch.Tensor:
-    """The projector's tokens `(batch, M, width)` for the cache rows `rows`, through the model's own
-    `get_image_features` (the tower's forward is the cache look-up, `feature_cache.cached_vision_tower`)."""
-    stand_in = rows.float().view(-1, 1, 1, 1).expand(len(rows), *pixel_shape)
-    features = model.model.get_image_features(
-        pixel_values=stand_in,
-        vision_feature_layer=model.config.vision_feature_layer,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-    )
-    return torch.stack(list(features.pooler_output))  # one (M, width) tensor per image, for LLaVA and MS-LLaVA
+def projected(model, rows: torch.Tensor, cache) -> torch.Tensor:
+    """The projector's tokens `(batch, M, width)` for the cache rows `rows`: MS-LLaVA's own `get_image_features` on
+    their `vision_features`, LLaVA's projector as its `get_image_features` calls it (`feature_cache.projected`)."""
+    from ms_llava.training import feature_cache
+
+    return torch.stack(feature_cache.projected(model, cache.features[rows]))  # one (M, width) tensor per image
 
 
-def accuracy(model, readout, rows: torch.Tensor, answers: torch.Tensor, pixel_shape, batch_size: int = 100) -> dict:
+def accuracy(model, readout, rows: torch.Tensor, answers: torch.Tensor, cache, batch_size: int = 100) -> dict:
     """Per question type, per scope and overall, as `scopebench.question_type_accuracy` reports them."""
     correct = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            logits = readout(projected(model, rows[start : start + batch_size], pixel_shape))
+            logits = readout(projected(model, rows[start : start + batch_size], cache))
             correct.append(torch.stack([lg.argmax(-1) for lg in logits], 1) == answers[start : start + batch_size])
     hits = torch.cat(correct).float()
     out = {qtype: hits[:, i].mean().item() for i, qtype in enumerate(ANSWERS)}
@@ -122,7 +118,7 @@ def train_readout(model, data: Path, seed: int, steps: int = READOUT["steps"], l
     steps, for reading only; nothing is selected on it)."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from ms_llava.training.feature_cache import build_cache, cached_vision_tower
+    from ms_llava.training.feature_cache import build_cache
 
     from .models import image_processor
 
@@ -143,46 +139,45 @@ def train_readout(model, data: Path, seed: int, steps: int = READOUT["steps"], l
     for parameter in projector.parameters():
         parameter.requires_grad_(True)
     width = model.config.text_config.hidden_size
-    with cached_vision_tower(model, cache):
-        num_tokens = projected(model, rows["train"][:1], cache.pixel_shape).shape[1]
-        torch.manual_seed(seed)
-        readout = Readout(width, num_tokens)
-        parameters = [*projector.parameters(), *readout.parameters()]
-        optimizer = torch.optim.AdamW(parameters, lr=READOUT["learning_rate"], weight_decay=READOUT["weight_decay"])
-        schedule = get_cosine_schedule_with_warmup(optimizer, round(READOUT["warmup_ratio"] * steps), steps)
-        generator = torch.Generator().manual_seed(seed)
-        train_rows, train_answers = rows["train"], splits["train"][1]
-        order, position, losses, curve = torch.randperm(len(train_rows), generator=generator), 0, [], []
-        model.train()
-        for step in range(steps):
-            if position + READOUT["batch_size"] > len(order):
-                order, position = torch.randperm(len(train_rows), generator=generator), 0
-            batch = order[position : position + READOUT["batch_size"]]
-            position += READOUT["batch_size"]
-            logits = readout(projected(model, train_rows[batch], cache.pixel_shape))
-            loss = sum(nn.functional.cross_entropy(lg, train_answers[batch, i]) for i, lg in enumerate(logits))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            if (step + 1) % 250 == 0 or step + 1 == steps:
-                readout.eval()
-                val = accuracy(model, readout, rows["val"], splits["val"][1], cache.pixel_shape)
-                readout.train()
-                curve.append({"step": step + 1, "loss": round(sum(losses[-250:]) / len(losses[-250:]), 4), "val": val})
-                log(f"step {step + 1}: loss {curve[-1]['loss']:.3f}, val " + ", ".join(
-                    f"{qtype.split('_')[1]} {100 * val[qtype]:.1f}" for qtype in ANSWERS))  # fmt: skip
-        model.eval()
-        readout.eval()
-        return {
-            "test": accuracy(model, readout, rows["test"], splits["test"][1], cache.pixel_shape),
-            "val": curve[-1]["val"],
-            "curve": curve,
-            "train_loss": round(sum(losses) / len(losses), 4),
-            "last_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
-        }
+    num_tokens = projected(model, rows["train"][:1], cache).shape[1]
+    torch.manual_seed(seed)
+    readout = Readout(width, num_tokens)
+    parameters = [*projector.parameters(), *readout.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=READOUT["learning_rate"], weight_decay=READOUT["weight_decay"])
+    schedule = get_cosine_schedule_with_warmup(optimizer, round(READOUT["warmup_ratio"] * steps), steps)
+    generator = torch.Generator().manual_seed(seed)
+    train_rows, train_answers = rows["train"], splits["train"][1]
+    order, position, losses, curve = torch.randperm(len(train_rows), generator=generator), 0, [], []
+    model.train()
+    for step in range(steps):
+        if position + READOUT["batch_size"] > len(order):
+            order, position = torch.randperm(len(train_rows), generator=generator), 0
+        batch = order[position : position + READOUT["batch_size"]]
+        position += READOUT["batch_size"]
+        logits = readout(projected(model, train_rows[batch], cache))
+        loss = sum(nn.functional.cross_entropy(lg, train_answers[batch, i]) for i, lg in enumerate(logits))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            readout.eval()
+            val = accuracy(model, readout, rows["val"], splits["val"][1], cache)
+            readout.train()
+            curve.append({"step": step + 1, "loss": round(sum(losses[-250:]) / len(losses[-250:]), 4), "val": val})
+            log(f"step {step + 1}: loss {curve[-1]['loss']:.3f}, val " + ", ".join(
+                f"{qtype.split('_')[1]} {100 * val[qtype]:.1f}" for qtype in ANSWERS))  # fmt: skip
+    model.eval()
+    readout.eval()
+    return {
+        "test": accuracy(model, readout, rows["test"], splits["test"][1], cache),
+        "val": curve[-1]["val"],
+        "curve": curve,
+        "train_loss": round(sum(losses) / len(losses), 4),
+        "last_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+    }
 
 
 def readout_one(variant: dict, seed: int, runs: Path, steps: int = READOUT["steps"], log=print) -> dict | None:

@@ -435,38 +435,97 @@ class MSLlavaModel(MSLlavaPreTrainedModel, LlavaModel):
     @select_hidden_states("vision_feature_layer")
     def get_image_features(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple | BaseModelOutputWithPooling:
-        """Runs the vision tower and MS-Resampler on `pixel_values` `(num_images, channels, height, width)`.
+        """Runs the vision tower and MS-Resampler on `pixel_values` `(num_images, channels, height, width)`, or
+        MS-Resampler alone on `vision_features` (what `get_vision_features` returns for those pixels; the shape
+        `check_vision_features` accepts).
 
         `pooler_output` holds the projected tokens, one `(M, text_hidden)` tensor per image.
         """
         if image_sizes is not None:
             raise ValueError("MS-LLaVA takes fixed-size square crops; image_sizes is not supported")
+        if (pixel_values is None) == (vision_features is None):
+            raise ValueError(
+                "get_image_features takes either pixel_values or vision_features (the vision tower's selected hidden "
+                f"states for those pixels); got {'both' if vision_features is not None else 'neither'}"
+            )
+        if vision_features is not None:
+            grid_size = self.check_vision_features(vision_features)
+            image_outputs = BaseModelOutputWithPooling()
+        else:
+            image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+            vision_features, grid_size = self._select_vision_features(
+                image_outputs, pixel_values, vision_feature_layer, vision_feature_select_strategy
+            )
+        image_features = self.multi_modal_projector(
+            vision_features,
+            grid_size=grid_size,
+            num_prefix_tokens=vision_features.shape[1] - grid_size[0] * grid_size[1],
+        )
+        image_outputs.pooler_output = list(image_features)
+        return image_outputs
+
+    @merge_with_config_defaults
+    @select_hidden_states("vision_feature_layer")
+    def get_vision_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The vision tower's hidden states that MS-Resampler reads, `(num_images, prefix + H*W, vision_hidden *
+        layers)`: the `vision_feature_layer` layers concatenated on channels, CLS dropped under "default". Passed as
+        `vision_features` (to `forward`, `generate` or `get_image_features`) they stand for `pixel_values`."""
         image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        return self._select_vision_features(
+            image_outputs, pixel_values, vision_feature_layer, vision_feature_select_strategy
+        )[0]
+
+    def _select_vision_features(self, image_outputs, pixel_values, vision_feature_layer, strategy):
         patch_size = self.config.vision_config.patch_size
         patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
         grid_size = (pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w)
         layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
         # Tokens before the H x W patches: CLS for CLIP, none for SigLIP. "default" drops CLS as LLaVA does.
         num_tower_prefix = image_outputs.hidden_states[layers[0]].shape[1] - grid_size[0] * grid_size[1]
-        if vision_feature_select_strategy == "default" and num_tower_prefix < 1:
+        if strategy == "default" and num_tower_prefix < 1:
             raise ValueError(
                 f"vision_feature_select_strategy='default' drops the CLS token, but this vision tower returns "
                 f"{grid_size[0]}x{grid_size[1]} patch tokens and no CLS token; use 'full'"
             )
-        dropped = 1 if vision_feature_select_strategy == "default" else 0
+        dropped = 1 if strategy == "default" else 0
         hidden_states = [image_outputs.hidden_states[layer][:, dropped:] for layer in layers]
-        selected = torch.cat(hidden_states, dim=-1)  # (num_images, prefix + H*W, vision_hidden * layers)
-        image_features = self.multi_modal_projector(
-            selected, grid_size=grid_size, num_prefix_tokens=num_tower_prefix - dropped
-        )
-        image_outputs.pooler_output = list(image_features)
-        return image_outputs
+        return torch.cat(hidden_states, dim=-1), grid_size  # (num_images, prefix + H*W, vision_hidden * layers)
+
+    def check_vision_features(self, vision_features: torch.Tensor) -> tuple[int, int]:
+        """The patch grid `(H, W)` of `vision_features`; ValueError naming the shapes unless it is `(num_images,
+        H*W or 1 + H*W, vision_hidden * layers)` for the tower's native H x W grid (`config.vision_grid_size`),
+        after at most one prefix token (the CLS that vision_feature_select_strategy='full' keeps)."""
+        layer = self.config.vision_feature_layer
+        width = self.config.vision_config.hidden_size * (1 if isinstance(layer, int) else len(layer))
+        grid_h, grid_w = self.config.vision_grid_size
+        shape = tuple(vision_features.shape)
+        if len(shape) != 3 or shape[1] - grid_h * grid_w not in (0, 1) or shape[2] != width:
+            raise ValueError(
+                f"vision_features must have shape (num_images, {grid_h * grid_w} or {grid_h * grid_w + 1}, {width}): "
+                f"the vision tower's {grid_h}x{grid_w} patch tokens after at most one prefix token, with the hidden "
+                f"states of vision_feature_layer={layer} concatenated (get_vision_features); got {shape}"
+            )
+        return grid_h, grid_w
+
+    def forward(
+        self, input_ids=None, pixel_values=None, *args, vision_features=None, mm_encoder_outputs=None, **kwargs
+    ):
+        """As LLaVA's; `vision_features` (`get_vision_features`) stand for `pixel_values`."""
+        mm_encoder_outputs = _encode_vision_features(self, vision_features, pixel_values, mm_encoder_outputs)
+        return super().forward(input_ids, pixel_values, *args, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
         """As LLaVA's, and also checks every image's run of placeholder tokens: each must hold exactly M tokens."""
@@ -499,6 +558,54 @@ class MSLlavaForConditionalGeneration(MSLlavaPreTrainedModel, LlavaForConditiona
         self.model = MSLlavaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_features: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """`MSLlavaModel.get_image_features`: `pixel_values` or `vision_features`."""
+        return self.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            vision_features=vision_features,
+            **kwargs,
+        )
+
+    def forward(
+        self, input_ids=None, pixel_values=None, *args, vision_features=None, mm_encoder_outputs=None, **kwargs
+    ):
+        """As LLaVA's; `vision_features` (`MSLlavaModel.get_vision_features`) stand for `pixel_values`."""
+        mm_encoder_outputs = _encode_vision_features(self, vision_features, pixel_values, mm_encoder_outputs)
+        return super().forward(input_ids, pixel_values, *args, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
+
+    def generate(self, *args, vision_features=None, **kwargs):
+        """As LLaVA's; `vision_features` stand for `pixel_values` (encoded here: `generate` would drop them)."""
+        if vision_features is not None:
+            with torch.no_grad():
+                kwargs["mm_encoder_outputs"] = _encode_vision_features(
+                    self, vision_features, kwargs.get("pixel_values"), kwargs.get("mm_encoder_outputs")
+                )
+        return super().generate(*args, **kwargs)
+
+
+def _encode_vision_features(model, vision_features, pixel_values, mm_encoder_outputs):
+    """`mm_encoder_outputs` (transformers' input for images encoded beforehand) with `vision_features` projected."""
+    if vision_features is None:
+        return mm_encoder_outputs
+    if pixel_values is not None:
+        raise ValueError(
+            "got both pixel_values and vision_features; pass one (vision_features are the vision tower's selected "
+            "hidden states for the pixels)"
+        )
+    if (mm_encoder_outputs or {}).get("image") is not None:
+        raise ValueError("got both vision_features and mm_encoder_outputs['image']; pass one")
+    image = model.get_image_features(vision_features=vision_features, return_dict=True)
+    return {**(mm_encoder_outputs or {}), "image": image}
 
 
 __all__ = [

@@ -31,7 +31,6 @@ from the cache position, not from the attention mask) and padding is masked (att
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -609,28 +608,35 @@ def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_lengt
 # --------------------------------------------------------------------------------------------- encoding
 
 
-def encode_conversation(processor, conversation: Conversation, max_length: int | None = None) -> dict:
+def encode_conversation(
+    processor, conversation: Conversation, max_length: int | None = None, vision_features: torch.Tensor | None = None
+) -> dict:
     """Tokenises one conversation with its images: `input_ids` and `labels` (1-D, cut to `max_length` tokens from
     the right), `pixel_values` (images, 3, H, W) when it has images. Labels keep only the tokens inside the chat
-    template's generation markers."""
-    images = iter([load_image(image) for image in conversation.images])
-    messages = [
-        {
-            **message,
-            "content": [
-                {"type": "image", "image": next(images)} if part["type"] == "image" else part
-                for part in message["content"]
-            ],
-        }
-        for message in conversation.messages
-    ]
-    encoded = processor.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
-    )
+    template's generation markers. With `vision_features` (its images' features, `(images, tokens, dim)`) the images
+    are not loaded: the example holds those in place of `pixel_values`, and the same `input_ids` and `labels`."""
+    if vision_features is not None:
+        input_ids, assistant_mask = _encode_text(processor, conversation.messages)
+    else:
+        images = iter([load_image(image) for image in conversation.images])
+        messages = [
+            {
+                **message,
+                "content": [
+                    {"type": "image", "image": next(images)} if part["type"] == "image" else part
+                    for part in message["content"]
+                ],
+            }
+            for message in conversation.messages
+        ]
+        encoded = processor.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+        )
+        input_ids, assistant_mask = encoded["input_ids"][0], encoded["assistant_masks"][0]
     # Truncated here rather than by the tokenizer, whose backend would keep (and save with the processor) the
     # truncation settings. The pre-pass drops records whose images would not fit.
-    input_ids = encoded["input_ids"][0, :max_length]
-    labels = torch.where(encoded["assistant_masks"][0, :max_length].bool(), input_ids, IGNORE_INDEX)
+    input_ids = input_ids[:max_length]
+    labels = torch.where(assistant_mask[:max_length].bool(), input_ids, IGNORE_INDEX)
     num_image_tokens = int((input_ids == processor.image_token_id).sum())
     if num_image_tokens != processor.num_image_tokens * len(conversation.images):
         raise ValueError(
@@ -638,25 +644,53 @@ def encode_conversation(processor, conversation: Conversation, max_length: int |
             "(check_records) rejects such records"
         )
     example = {"input_ids": input_ids, "labels": labels}
-    if "pixel_values" in encoded:
+    if vision_features is not None:
+        example["vision_features"] = vision_features
+    elif "pixel_values" in encoded:
         example["pixel_values"] = encoded["pixel_values"]
     return example
+
+
+def _encode_text(processor, messages: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and the assistant mask that `processor.apply_chat_template` gives, without images: the prompt it
+    renders, each image token expanded to M as it does, tokenised as it does (special tokens unless the prompt opens
+    with BOS); the mask from the tokenizer's own chat template with the image tokens expanded alike."""
+    tokenizer, image_id, num_image_tokens = processor.tokenizer, processor.image_token_id, processor.num_image_tokens
+    prompt = processor.apply_chat_template(messages, tokenize=False)
+    bos = tokenizer.bos_token
+    input_ids = tokenizer(
+        prompt.replace(processor.image_token, processor.image_token * num_image_tokens),
+        add_special_tokens=not (bos is not None and prompt.startswith(bos)),
+    )["input_ids"]
+    plain = tokenizer.apply_chat_template(
+        messages, chat_template=processor.chat_template, tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True,
+    )  # fmt: skip
+    expanded_ids, expanded_mask = [], []
+    for token, keep in zip(plain["input_ids"], plain["assistant_masks"], strict=True):
+        copies = num_image_tokens if token == image_id else 1
+        expanded_ids += [token] * copies
+        expanded_mask += [0 if token == image_id else keep] * copies
+    # The special tokens the processor adds (BOS) surround the same tokens: find where these start.
+    for start in range(len(input_ids) - len(expanded_ids) + 1):
+        if input_ids[start : start + len(expanded_ids)] == expanded_ids:
+            mask = [0] * start + expanded_mask + [0] * (len(input_ids) - start - len(expanded_ids))
+            return torch.tensor(input_ids), torch.tensor(mask)
+    # Without this check a tokenizer that merges text across image tokens would get labels on the wrong tokens.
+    raise ValueError("the tokenizer splits the prompt differently around expanded image tokens; train without the "
+                     "vision feature cache")  # fmt: skip
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
     """The records at `indices` (those the pre-pass kept), encoded on access by `encode_conversation`."""
 
     def __init__(
-        self, records: TrainingRecords, indices: list[int], processor, max_length: int | None, feature_cache=None
+        self, records: TrainingRecords, indices: list[int], processor, max_length: int | None, vision_features=None
     ):
         self.records, self.indices, self.processor, self.max_length = records, indices, processor, max_length
-        # ms_llava.training.feature_cache.FeatureCache: images become cache-row stand-ins (the rows only: the tensors stay
-        # with the model, out of data-loader workers).
-        self.feature_cache = None if feature_cache is None else dataclasses.replace(feature_cache, hidden_states={})
-        if feature_cache is not None:
-            from .feature_cache import stand_in_processor
-
-            self.processor = stand_in_processor(processor, feature_cache)
+        # A mapping from a record's image (its path) to the image's `vision_features` `(tokens, dim)`, e.g.
+        # ms_llava.training.feature_cache.FeatureCache: records with images then yield those, the images unloaded.
+        self.vision_features = vision_features
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -665,12 +699,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         index = self.indices[position]
         try:
             conversation = self.records[index]
-            if self.feature_cache is not None:
-                from .feature_cache import stand_in_image
-
-                images = [stand_in_image(self.feature_cache, image) for image in conversation.images]
-                conversation = dataclasses.replace(conversation, images=images)
-            return encode_conversation(self.processor, conversation, self.max_length)
+            features = None
+            if self.vision_features is not None and conversation.images:
+                features = torch.stack([self.vision_features[image] for image in conversation.images])
+            return encode_conversation(self.processor, conversation, self.max_length, features)
         except Exception as error:  # a corrupt image (PIL's OSError ...) would otherwise name no record nor file
             raise ValueError(
                 f"cannot load or encode training {self.records.describe(index)}: {type(error).__name__}: {error} "
@@ -680,7 +712,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 class RightPaddingCollator:
     """Pads a list of encoded examples on the right: `input_ids` with the pad token, `labels` with -100,
-    `attention_mask` 0 on padding; concatenates the examples' `pixel_values` in order."""
+    `attention_mask` 0 on padding; concatenates the examples' `pixel_values` (or `vision_features`) in order."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -697,9 +729,10 @@ class RightPaddingCollator:
             batch["input_ids"][row, :length] = example["input_ids"]
             batch["attention_mask"][row, :length] = 1
             batch["labels"][row, :length] = example["labels"]
-        pixel_values = [example["pixel_values"] for example in examples if "pixel_values" in example]
-        if pixel_values:
-            batch["pixel_values"] = torch.cat(pixel_values)
+        for key in ("pixel_values", "vision_features"):
+            images = [example[key] for example in examples if key in example]
+            if images:
+                batch[key] = torch.cat(images)
         return batch
 
 

@@ -1,27 +1,22 @@
-"""The frozen vision tower's outputs, computed once per image for a training run (`train(..., cache_vision_features=
-True)`, `ms-llava train --cache-vision-features`).
+"""The frozen vision tower's features, computed once per distinct image for a training run (`train(...,
+cache_vision_features=True)`, `ms-llava train --cache-vision-features`).
 
-Both stages of the recipe keep the vision tower frozen, so every time an image comes round again the tower computes
-the same features. With the cache, `train()` runs the tower once over every distinct image of the kept records
-(no gradient, eval mode, batches of `batch_size`) and keeps the hidden states the projector reads
-(`vision_feature_layer`). During training the data set skips decoding and pre-processing the image: each example
-carries a stand-in `pixel_values` tensor of the real shape whose every value is the image's row in the cache, and the
-vision tower's `forward` (replaced on the instance for the run, restored afterwards; its weights and the saved
-checkpoints are untouched) returns that row's hidden states. The projector, the language model and the loss see the
-same numbers as without the cache (tested to 1e-6 on the losses).
+Both stages keep the tower frozen, so it would compute the same features every time an image comes round again.
+`build_cache` runs it once over the distinct image files (eval mode, no gradient) and keeps each image's
+`vision_features`: the tower's hidden states as the projector reads them (`vision_feature_layer`, CLS dropped under
+"default"). The data set then yields them in place of `pixel_values`; MS-LLaVA takes them as its `vision_features`
+input, transformers' LLaVA through `vision_features_input`. The losses equal an uncached run's (tested).
 
-Where it applies: images given as files (the key is the resolved path with its size and modification time), a
-vision tower without active dropout (the cache is computed in eval mode), float32 stand-ins (a row index must survive
-the cast). A cache is kept in memory for later `train()` calls of the same process when the tower's weights, the
-image processor's settings, the feature layers and the image files are the same, so stage 2 reuses stage 1's.
-Nothing is written to disk.
+Where it applies: images given as files (keyed by resolved path, size and modification time) and a tower without
+active dropout. To share one cache between runs of a process (both stages over the same images, several projector
+variants), build it once and pass it: `train(..., cache_vision_features=True, feature_cache=cache)`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -29,22 +24,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-logger = logging.getLogger(__name__)
+from .data import load_image
 
-_MEMO: dict[str, FeatureCache] = {}  # fingerprint -> cache, the latest one only (it can be large)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class FeatureCache:
-    """`rows[key]` is an image's row in `hidden_states[layer]` `(num_images, tokens, dim)` for every cached layer."""
+    """`features[rows[image_key(image)]]` is an image's `vision_features` `(tokens, dim)`; `cache[image]` looks it up.
+
+    `fingerprint` names what the features depend on besides the images: the tower's weights, the image processor's
+    settings and the feature selection."""
 
     rows: dict[str, int]
-    hidden_states: dict[int, torch.Tensor]
-    num_layers: int  # entries of the tower's own `hidden_states` tuple (embeddings + every layer)
-    pixel_shape: tuple[int, ...]  # (channels, height, width) of one pre-processed image
+    features: torch.Tensor  # (num_images, tokens, dim)
+    fingerprint: str
+
+    def __getitem__(self, image) -> torch.Tensor:
+        row = self.rows.get(image_key(image))
+        if row is None:
+            raise KeyError(f"image {image!r} is not in the vision feature cache")
+        return self.features[row]
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 def image_key(image) -> str:
@@ -59,19 +64,24 @@ def image_key(image) -> str:
     return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
-def vision_tower_of(model):
-    """The vision tower module that `get_image_features` calls (through a PEFT wrapper too)."""
+def _inner(model):
+    """The model holding `vision_tower` and `multi_modal_projector` (through a PEFT wrapper too)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(base, "model", base)
-    tower = getattr(inner, "vision_tower", None)
-    if tower is None:
+    if getattr(inner, "vision_tower", None) is None:
         raise ValueError(f"cache_vision_features: {type(base).__name__} has no model.vision_tower")
-    return tower, inner.config
+    return inner
 
 
-def feature_layers(config) -> list[int]:
-    layer = config.vision_feature_layer
-    return [layer] if isinstance(layer, int) else list(layer)
+def vision_tower_of(model):
+    """The vision tower module and the config that selects its features."""
+    inner = _inner(model)
+    return inner.vision_tower, inner.config
+
+
+def takes_vision_features(model) -> bool:
+    """Whether the model takes `vision_features` itself (MS-LLaVA) rather than through `vision_features_input`."""
+    return "vision_features" in inspect.signature(_inner(model).get_image_features).parameters
 
 
 def check_cacheable(model) -> None:
@@ -95,133 +105,107 @@ def check_cacheable(model) -> None:
         raise ValueError(f"cache_vision_features: the vision tower has active dropout {dropout}; it cannot be cached")
 
 
-def _fingerprint(tower, image_processor, layers: list[int], keys: list[str]) -> str:
+def vision_features_of(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The tower's hidden states that the projector reads, `(num_images, tokens, dim)`."""
+    inner = _inner(model)
+    if takes_vision_features(model):
+        return inner.get_vision_features(pixel_values)
+    # transformers' LlavaModel.get_image_features selects them this way before its projector.
+    config = inner.config
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    outputs = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    layers = [layer] if isinstance(layer, int) else layer
+    dropped = 1 if strategy == "default" else 0
+    return torch.cat([outputs.hidden_states[index][:, dropped:] for index in layers], dim=-1)
+
+
+def _fingerprint(model, image_processor) -> str:
+    tower, config = vision_tower_of(model)
     digest = hashlib.sha256()
     for name, tensor in sorted(tower.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
-    digest.update(json.dumps(layers).encode())
-    digest.update("\n".join(keys).encode())
+    selection = [config.vision_feature_layer, config.vision_feature_select_strategy, takes_vision_features(model)]
+    digest.update(json.dumps(selection).encode())
     return digest.hexdigest()
 
 
 @torch.no_grad()
-def build_cache(model, processor, images: list, batch_size: int = 32, log=logger.info) -> FeatureCache:
-    """Runs the frozen tower once over every distinct image in `images` (file paths); reuses this process's last
-    cache when nothing it depends on changed."""
-    from .data import load_image
-
+def build_cache(
+    model, processor, images: list, batch_size: int = 32, log=logger.info, reuse: FeatureCache | None = None
+) -> FeatureCache:
+    """Runs the frozen tower once over every distinct image in `images` (file paths). With `reuse` (a cache built
+    before), returns it instead when it holds every image for this tower, image processor and feature selection,
+    and raises ValueError when it does not."""
     keys, sources = [], {}
     for image in images:
         key = image_key(image)
         if key not in sources:
             sources[key] = image
             keys.append(key)
-    tower, config = vision_tower_of(model)
-    layers = feature_layers(config)
-    fingerprint = _fingerprint(tower, processor.image_processor, layers, keys)
-    if fingerprint in _MEMO:
+    fingerprint = _fingerprint(model, processor.image_processor)
+    if reuse is not None:
+        missing = [key for key in keys if key not in reuse.rows]
+        if reuse.fingerprint != fingerprint or missing:
+            reason = (
+                f"lacks {len(missing)} of the {len(keys)} images (first: {sources[missing[0]]})"
+                if missing
+                else "was built for another vision tower, image processor or feature selection"
+            )
+            raise ValueError(f"the feature_cache given {reason}")
         log("vision feature cache: reused (%d images)", len(keys))
-        return _MEMO[fingerprint]
-    _MEMO.clear()
+        return reuse
+    tower, _ = vision_tower_of(model)
     was_training = tower.training
     tower.eval()
-    device = next(tower.parameters()).device
-    dtype = next(tower.parameters()).dtype
-    hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    num_layers, pixel_shape = None, None
+    device, dtype = next(tower.parameters()).device, next(tower.parameters()).dtype
+    parts = []
     try:
         for start in range(0, len(keys), batch_size):
             batch = [load_image(sources[key]) for key in keys[start : start + batch_size]]
             pixel_values = processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-            pixel_shape = tuple(pixel_values.shape[1:])
-            outputs = tower(pixel_values.to(device, dtype), output_hidden_states=True, return_dict=True)
-            num_layers = len(outputs.hidden_states)
-            for layer in layers:
-                hidden[layer].append(outputs.hidden_states[layer].detach().cpu())
+            parts.append(vision_features_of(model, pixel_values.to(device, dtype)).detach().cpu())
     finally:
         tower.train(was_training)
-    cache = FeatureCache(
-        rows={key: row for row, key in enumerate(keys)},
-        hidden_states={layer: torch.cat(parts) for layer, parts in hidden.items()},
-        num_layers=num_layers,
-        pixel_shape=pixel_shape,
-    )
-    size = sum(t.numel() * t.element_size() for t in cache.hidden_states.values())
-    log("vision feature cache: %d images, layers %s, %.1f MB", len(keys), layers, size / 2**20)
-    _MEMO[fingerprint] = cache
+    cache = FeatureCache({key: row for row, key in enumerate(keys)}, torch.cat(parts), fingerprint)
+    size = cache.features.numel() * cache.features.element_size()
+    log("vision feature cache: %d images, features %s, %.1f MB", len(keys), tuple(cache.features.shape[1:]),
+        size / 2**20)  # fmt: skip
     return cache
 
 
-_ROW = "ms_llava_feature_cache_row"
-
-
-def stand_in_image(cache: FeatureCache, image) -> Image.Image:
-    """A 1 x 1 placeholder image that carries the image's cache row (in `info`), for `stand_in_processor`."""
-    row = cache.rows.get(image_key(image))
-    if row is None:
-        raise ValueError(f"image {image!r} is not in the vision feature cache")
-    placeholder = Image.new("RGB", (1, 1))
-    placeholder.info[_ROW] = row
-    return placeholder
-
-
-class _StandInImageProcessor:
-    """Turns placeholder images into `(1, C, H, W)` stand-ins that hold their cache row everywhere (expanded views:
-    no memory of their own); everything else is the real image processor's."""
-
-    def __init__(self, image_processor, cache: FeatureCache):
-        self._image_processor, self._cache = image_processor, cache
-
-    def __getattr__(self, name):
-        return getattr(self._image_processor, name)
-
-    def __call__(self, images=None, *args, **kwargs):
-        from transformers import BatchFeature
-
-        flat = images if isinstance(images, (list, tuple)) else [images]
-        flat = [image for item in flat for image in (item if isinstance(item, (list, tuple)) else [item])]
-        rows = [image.info.get(_ROW) if isinstance(image, Image.Image) else None for image in flat]
-        if any(row is None for row in rows):
-            raise ValueError("cache_vision_features: an image reached the processor without its cache row")
-        stand_ins = [torch.tensor(float(row)).view(1, 1, 1, 1).expand(1, *self._cache.pixel_shape) for row in rows]
-        return BatchFeature({"pixel_values": torch.cat(stand_ins)})
-
-
-def stand_in_processor(processor, cache: FeatureCache):
-    """A shallow copy of `processor` whose image processor emits cache-row stand-ins instead of pixels."""
-    copied = copy.copy(processor)
-    copied.image_processor = _StandInImageProcessor(processor.image_processor, cache)
-    return copied
+def projected(model, vision_features: torch.Tensor) -> list[torch.Tensor]:
+    """The projector's tokens for `vision_features`, one `(tokens, text_hidden)` tensor per image."""
+    inner = _inner(model)
+    if takes_vision_features(model):
+        return list(inner.get_image_features(vision_features=vision_features).pooler_output)
+    return list(inner.multi_modal_projector(vision_features))  # as LlavaModel.get_image_features does
 
 
 @contextlib.contextmanager
-def cached_vision_tower(model, cache: FeatureCache):
-    """Replaces the tower's `forward` (on the instance) with a look-up of the stand-ins' rows, for the block."""
-    tower, _ = vision_tower_of(model)
-    size = len(cache.rows)
+def vision_features_input(model):
+    """Lets the model take `vision_features` in place of `pixel_values` for the block.
 
-    def forward(pixel_values, *args, output_hidden_states=None, return_dict=None, **kwargs):
-        rows = pixel_values[:, 0, 0, 0]
-        index = rows.long()
-        if (
-            pixel_values.dtype != torch.float32
-            or not torch.equal(index.to(rows.dtype), rows)
-            or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= size))
-        ):
-            raise ValueError(
-                "cache_vision_features: the vision tower got pixel values that are not cache rows (dtype "
-                f"{pixel_values.dtype}); a model call outside the training loop must not run under the cache"
-            )
-        states = [None] * cache.num_layers
-        for layer, table in cache.hidden_states.items():
-            states[layer] = table[index.to(table.device)].to(pixel_values.device)
-        last = states[-1] if states[-1] is not None else next(s for s in reversed(states) if s is not None)
-        return BaseModelOutputWithPooling(last_hidden_state=last, hidden_states=tuple(states))
+    MS-LLaVA takes them itself: nothing to do. transformers' LlavaForConditionalGeneration has no such input and
+    hands unknown keywords on to its LlavaModel, so a forward pre-hook (PyTorch's API, removed after the block) on
+    that LlavaModel turns them into its own `mm_encoder_outputs` input, projected there: inside the model's call, so
+    under the same autocast and DDP forward as the projector without the cache."""
+    if takes_vision_features(model):
+        yield
+        return
 
-    tower.forward = forward
+    def encode(module, args, kwargs):
+        features = kwargs.pop("vision_features", None)
+        if features is None:
+            return None
+        if kwargs.get("pixel_values") is not None:
+            raise ValueError("got both pixel_values and vision_features; pass one")
+        image = BaseModelOutputWithPooling(pooler_output=list(module.multi_modal_projector(features)))
+        return args, {**kwargs, "mm_encoder_outputs": {**(kwargs.get("mm_encoder_outputs") or {}), "image": image}}
+
+    handle = _inner(model).register_forward_pre_hook(encode, with_kwargs=True)
     try:
-        yield tower
+        yield
     finally:
-        del tower.forward
+        handle.remove()

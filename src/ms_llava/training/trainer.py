@@ -43,7 +43,7 @@ from .data import (
     load_training_records,
     pad_token_id,
 )
-from .feature_cache import cached_vision_tower
+from .feature_cache import FeatureCache, vision_features_input
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ def train(
     output_dir: str | Path = "ms-llava-output",
     *,
     callbacks: list[TrainerCallback] | None = None,
+    feature_cache: FeatureCache | None = None,
     **overrides,
 ) -> TrainResult:
     """Runs one stage of the recipe and saves the result in `output_dir` (HF layout: model or LoRA adapter, with the
@@ -186,6 +187,8 @@ def train(
         image_folder: the folder image paths are relative to (default: the data file's folder).
         output_dir: where checkpoints, logs and the final model go.
         callbacks: extra `TrainerCallback`s.
+        feature_cache: with `cache_vision_features=True`, a cache from `feature_cache.build_cache` to use (shared
+            between runs) rather than one built for this run.
         **overrides: any option of `MSLlavaTrainingArguments` (`learning_rate=...`, `lora=True`, `resume=True`,
             `optim=...`); options left out take the stage recipe's value.
 
@@ -240,9 +243,10 @@ def train(
         config.learning_rate,
         f" (projector {config.projector_learning_rate:g})" if config.projector_learning_rate else "",
     )
-    feature_cache = None
+    if feature_cache is not None and not config.cache_vision_features:
+        raise ValueError("feature_cache is used with cache_vision_features=True only")
     if config.cache_vision_features:
-        feature_cache = _build_feature_cache(model, processor, records, data_check.kept, state)
+        feature_cache = _build_feature_cache(model, processor, records, data_check.kept, state, feature_cache)
     trainer = MSLlavaTrainer(
         model=model,
         args=config,
@@ -253,7 +257,7 @@ def train(
         projector_learning_rate=config.projector_learning_rate,
     )
     started = time.perf_counter()
-    with cached_vision_tower(model, feature_cache) if feature_cache else contextlib.nullcontext():
+    with vision_features_input(model) if feature_cache else contextlib.nullcontext():
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.save_model(str(output_dir))  # model or adapter, with the processor (main process writes)
     trainer.save_state()  # trainer_state.json with the whole log history
@@ -284,8 +288,9 @@ def train(
     )
 
 
-def _build_feature_cache(model, processor, records, kept: list[int], state):
-    """The frozen tower's features of every distinct image of the kept records (`ms_llava.training.feature_cache`)."""
+def _build_feature_cache(model, processor, records, kept: list[int], state, reuse: FeatureCache | None):
+    """The frozen tower's features of every distinct image of the kept records (`ms_llava.training.feature_cache`),
+    `reuse` when given."""
     from .feature_cache import build_cache, check_cacheable
 
     check_cacheable(model)
@@ -294,7 +299,9 @@ def _build_feature_cache(model, processor, records, kept: list[int], state):
         _log_main(state, "vision feature cache: the kept records hold no image, nothing to cache")
         return None
     started = time.perf_counter()
-    cache = build_cache(model, processor, images, log=lambda message, *args: _log_main(state, message, *args))
+    cache = build_cache(
+        model, processor, images, log=lambda message, *args: _log_main(state, message, *args), reuse=reuse
+    )
     _log_main(state, "vision feature cache ready in %.1f s", time.perf_counter() - started)
     return cache
 
