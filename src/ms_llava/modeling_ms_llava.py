@@ -7,7 +7,7 @@ imports from the ``ms_llava`` package only relatively, so that it can ship with 
 
 import torch
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -21,7 +21,7 @@ from transformers.utils import is_torchdynamo_compiling
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import select_hidden_states
 
-from .configuration_ms_llava import MSLlavaConfig
+from .configuration_ms_llava import MSLlavaConfig, MSResamplerConfig
 
 # --------------------------------------------------------------------------------------------------------------------
 # Spatial scope prior (Sec. 3.4)
@@ -177,7 +177,7 @@ def eager_resampler_attention(
     return output.transpose(1, 2).contiguous(), probs
 
 
-class MSResampler(nn.Module):
+class MSResampler(PreTrainedModel):
     """MS-Resampler: E scoped resampling branches (Eq. 3) fused per token (Eq. 7-8), mapping the vision tower's
     `(batch, N, vision_hidden)` tokens to `(batch, M, text_hidden)`.
 
@@ -187,13 +187,23 @@ class MSResampler(nn.Module):
     paper is silent we chose: a LayerNorm on the visual tokens before the key/value projections (shared by the
     branches), attention of width D = `hidden_size` split over `num_attention_heads` heads with the usual
     1/sqrt(head_dim) scaling, and one linear map from D to the language model's width after the fusion.
+
+    It is a sub-model whose config is the model's `resampler_config` (as Idefics2's perceiver is), so that
+    transformers checks and sets its attention implementation like the vision tower's and the language model's,
+    from `attn_implementation` at load time and in `set_attn_implementation`. It is built from the whole
+    `MSLlavaConfig`, which gives it the vision and text widths.
     """
 
+    config: MSResamplerConfig
+    input_modalities = ("image",)
+    _supports_sdpa = True
+    _supports_flash_attn = True  # runs SDPA under a flash implementation, see `forward`
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
     def __init__(self, config: MSLlavaConfig):
-        super().__init__()
         resampler_config = config.resampler_config
-        self.config = resampler_config
-        self.model_config = config  # the attention implementation is chosen on the whole model
+        super().__init__(resampler_config)
         self.scope_windows = list(resampler_config.scope_windows)
         self.num_branches = resampler_config.num_branches
         self.num_queries = resampler_config.num_queries
@@ -219,7 +229,16 @@ class MSResampler(nn.Module):
             self.learned_scope_bias = nn.Parameter(torch.empty(self.num_branches, self.num_queries, grid_tokens))
         # B (unscaled) per (grid, prefix tokens, device, dtype), built once: it depends only on the windows and grid.
         self._bias_cache: dict[tuple, torch.Tensor] = {}
+        # No `post_init` here: the enclosing model's `post_init` initialises this sub-model through `_init_weights`
+        # in the same order as its other modules, so a seeded model keeps the weights it had when the resampler was a
+        # plain module (a second initialisation here would shift every later random draw).
         self.reset_parameters()
+
+    def _init_weights(self, module):
+        if isinstance(module, (MSResampler, ChannelMLPFusion)):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
 
     def reset_parameters(self):
         """Initialises every parameter (also called by the model's `_init_weights`); loaded weights are kept."""
@@ -352,7 +371,7 @@ class MSResampler(nn.Module):
             query = query.detach()  # at batch 1 it is a view of the parameter, which flex refuses on CPU
         bias = self._attention_bias(grid_height, grid_width, num_prefix_tokens, key.device, key.dtype)
 
-        implementation = self.config._attn_implementation or self.model_config._attn_implementation or "eager"
+        implementation = self.config._attn_implementation
         if output_attentions or implementation == "eager":
             attention = eager_resampler_attention
         elif "flash" in implementation:
@@ -396,22 +415,6 @@ MODEL_AUTO_MAP = {
 class MSLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: MSLlavaConfig
     _no_split_modules = ["MSResampler"]
-
-    def _init_weights(self, module):
-        if isinstance(module, (MSResampler, ChannelMLPFusion)):
-            module.reset_parameters()
-        else:
-            super()._init_weights(module)
-
-    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
-        # The resampler is no PreTrainedModel, so transformers would set its sub-config "in the dark" with a
-        # warning of undefined behaviour; set it first (the resampler accepts every registered implementation).
-        requested = attn_implementation
-        if isinstance(requested, dict):
-            requested = requested.get("resampler_config", requested.get(""))
-        if isinstance(requested, str):
-            self.config.resampler_config._attn_implementation_internal = requested
-        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Name both model classes in auto_map (transformers writes only the saved one), so that AutoModel and

@@ -233,6 +233,58 @@ def test_attn_implementation_choice_is_followed(tiny_dir, tiny, attn, image, mon
     assert len(calls) == 1
 
 
+def attn_implementations(model) -> dict:
+    config = model.config
+    return {key: getattr(config, key)._attn_implementation for key in config.sub_configs} | {
+        "": config._attn_implementation
+    }
+
+
+@pytest.mark.parametrize("rejected", ["foo", {"resampler_config": "foo"}])
+def test_rejected_attn_implementation_leaves_the_model_as_it_was(tiny_dir, tiny, image, rejected):
+    _, processor = tiny
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    inputs = prompt_inputs(processor, [image], [("Hi", 1)])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    before = attn_implementations(model)
+    assert set(before.values()) == {"eager"}
+    with pytest.raises(ValueError, match='attn_implementation="foo"'):
+        model.set_attn_implementation(rejected)
+    assert attn_implementations(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_attn_implementation_can_target_the_resampler_alone(tiny_dir, tiny, image, monkeypatch):
+    from ms_llava import modeling_ms_llava
+
+    _, processor = tiny
+    model = AutoModelForImageTextToText.from_pretrained(
+        tiny_dir, attn_implementation={"": "sdpa", "resampler_config": "eager"}
+    ).eval()
+    assert attn_implementations(model) == {
+        "": "sdpa",
+        "vision_config": "sdpa",
+        "text_config": "sdpa",
+        "resampler_config": "eager",
+    }
+    calls = []
+    eager = modeling_ms_llava.eager_resampler_attention
+    monkeypatch.setattr(
+        modeling_ms_llava, "eager_resampler_attention", lambda *a, **k: calls.append(1) or eager(*a, **k)
+    )
+    inputs = prompt_inputs(processor, [image], [("Hi", 1)])
+    with torch.no_grad():
+        model(**inputs)
+    assert len(calls) == 1
+    model.set_attn_implementation({"resampler_config": "sdpa"})
+    assert set(attn_implementations(model).values()) == {"sdpa"}
+    with torch.no_grad():
+        model(**inputs)
+    assert len(calls) == 1
+
+
 def test_siglip_tower_without_cls_token(image):
     from transformers import SiglipVisionConfig
 
