@@ -157,6 +157,7 @@ def test_grid_cells_place_each_object_where_it_lies():
         grid_cells(scene, 5)
 
 
+@pytest.mark.slow
 def test_grid_warm_up_trains_the_language_model_and_saves_a_warm_up_folder(tmp_path):
     from transformers import AutoModelForImageTextToText
 
@@ -225,6 +226,7 @@ def test_default_checkpoint_answers_its_demo_samples(default_model):
         assert answer == sample["answer"], sample
 
 
+@pytest.mark.slow
 def test_scorer_on_default_checkpoint_equals_one_generate_per_question(default_model, tmp_path):
     """The batched scorer (shared tower pass, left padding) gives the accuracies that plain `generate`, one question
     at a time, gives."""
@@ -246,6 +248,7 @@ def test_scorer_on_default_checkpoint_equals_one_generate_per_question(default_m
     assert 0.0 < accuracy["overall"] < 1.0  # both right and wrong answers occur, so the comparison has teeth
 
 
+@pytest.mark.slow
 def test_linear_probe_reads_a_linear_label_and_not_noise():
     from experiments.scopebench.probe import linear_probe
 
@@ -273,6 +276,7 @@ def test_probe_targets_use_the_digit_cell_of_the_grid(tmp_path):
             assert tuple(sb.COLOURS)[found["colour"][index]] == marked["colour"]
 
 
+@pytest.mark.slow
 def test_probe_model_on_the_default_checkpoint(default_model, tmp_path):
     from experiments.scopebench.probe import probe_model
 
@@ -343,6 +347,7 @@ def test_readout_labels_follow_the_answers(tmp_path):
         labels(paths["qa"])
 
 
+@pytest.mark.slow
 def test_readout_finds_the_one_token_that_holds_the_answer_and_refuses_other_shapes():
     """What the readout is for: an answer held by one token among M, at a position that changes per image."""
     from experiments.scopebench.readout import ANSWERS, Readout

@@ -373,6 +373,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_remote_code_load_without_the_package(tiny, tiny_dir, image, tmp_path):
     model, processor = tiny
     image_path, result_path = tmp_path / "image.png", tmp_path / "result.pt"

@@ -223,6 +223,7 @@ def test_unknown_attention_implementation_is_refused_when_built():
         make_resampler(attn="foo")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_flex_attention_agrees_with_eager(batch_size):
     pytest.importorskip("torch.nn.attention.flex_attention")
