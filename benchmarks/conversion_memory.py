@@ -26,8 +26,9 @@ layers, so ~28.3 GB; 2.8 GB each with `--layers 4`, ~5.6 GB) and three times for
 32 layers, ~8.4 GB with `--layers 4`). The script first checks that `--workdir` (default: the system temporary
 directory) has that much free, plus 2 % and 1 GiB (30 / 7 GB and 44 / 10 GB).
 
-Memory: the synthetic safetensors are written tensor by tensor; a `.bin` shard is built in memory by `torch.save`, so
-`original-round-trip` needs RAM for its largest shard (`--source-shard-size`, 10 GB by default).
+Memory: each synthetic source shard is built in memory (safetensors' `save_file`, or `torch.save` for a `.bin`), so
+building the source needs RAM for its largest shard (`--source-shard-size`: 4.95 GB, or 10 GB for
+`original-round-trip`). That happens in a child of its own and is not part of the measured peaks.
 
 Run from the repository root, with the package installed:
 
@@ -223,8 +224,9 @@ def llama_config(layers: int, vocab: int, **kwargs):
 
 
 def make_llava_hf(directory: Path, layers: int, shard_bytes: int) -> tuple[dict, int]:
-    """A llava-hf-like checkpoint: safetensors shards + index written tensor by tensor (random normal(0, 0.02)
-    float16, generated as each is written), LlavaConfig, LlavaProcessor. Returns the shapes and the shard count."""
+    """A llava-hf-like checkpoint: safetensors shards + index written shard by shard (random normal(0, 0.02)
+    float16, generated as each shard is written), LlavaConfig, LlavaProcessor. Returns the shapes and the shard
+    count."""
     import torch
     from transformers import AddedToken, LlavaConfig, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil

@@ -5,12 +5,14 @@ import re
 import runpy
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
@@ -332,6 +334,66 @@ def test_sharded_output_loads_with_from_pretrained(llava_dirs, tmp_path, capsys)
     assert sorted(model.state_dict()) == sorted(index["weight_map"])
 
 
+def test_write_safetensors_shards_are_indexed_within_the_size_and_loaded_one_shard_at_a_time(tmp_path):
+    """Every shard opens with safetensors.safe_open and holds exactly what the index's weight_map says; the weight map
+    covers every key; a shard exceeds the size only when one tensor alone does; at most one shard's tensors are alive
+    while writing (what bounds the conversions' memory)."""
+    from safetensors import safe_open
+
+    from ms_llava.conversion.checkpoint_io import TensorSource, write_safetensors
+
+    alive = weakref.WeakSet()
+    peak_alive_bytes = 0
+
+    def source(name, values: torch.Tensor) -> TensorSource:
+        def load():
+            nonlocal peak_alive_bytes
+            tensor = values.clone()
+            alive.add(tensor)
+            peak_alive_bytes = max(peak_alive_bytes, sum(t.nbytes for t in alive))
+            return tensor
+
+        return TensorSource(name, values.dtype, tuple(values.shape), load, "test")
+
+    torch.manual_seed(0)
+    expected = {f"layers.{i}.weight": torch.randn(10 + 7 * i, 25) for i in range(12)}  # 1,000 to 8,700 bytes
+    expected["embed.weight"] = torch.randn(130, 25)  # 13,000 bytes: alone in a shard above the size
+    expected.update({"bf16": torch.randn(3, 5).bfloat16(), "int": torch.arange(6), "empty": torch.zeros(0, 4)})
+    expected["scalar"] = torch.tensor(2.5)
+    tied = torch.randn(7, 3)  # two keys, one storage (weights tied in a .bin): save_file would refuse them as is
+    entries = [(name, source(name, tensor)) for name, tensor in expected.items()]
+    entries += [("tied.a", TensorSource("tied.a", tied.dtype, (7, 3), lambda: tied, "test"))]
+    entries += [("tied.b", TensorSource("tied.b", tied.dtype, (7, 3), lambda: tied, "test"))]
+    expected.update({"tied.a": tied, "tied.b": tied})
+    max_shard_size = 10_000
+    weight_map = write_safetensors(entries, tmp_path, max_shard_size)
+
+    assert peak_alive_bytes <= 13_000
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == weight_map and sorted(weight_map) == sorted(expected)
+    assert index["metadata"] == {
+        "total_parameters": sum(tensor.numel() for tensor in expected.values()),
+        "total_size": sum(tensor.nbytes for tensor in expected.values()),
+    }
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) > 3 and shards == sorted(path.name for path in tmp_path.glob("model-*.safetensors"))
+    for shard in shards:
+        with safe_open(str(tmp_path / shard), framework="pt") as handle:
+            assert sorted(handle.keys()) == sorted(name for name, file in weight_map.items() if file == shard)
+            assert handle.metadata() == {"format": "pt"}  # what transformers' from_pretrained expects
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        assert sum(t.nbytes for t in tensors.values()) <= max_shard_size or list(tensors) == ["embed.weight"], shard
+        for name, tensor in tensors.items():
+            assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
+
+    # under the size: one model.safetensors and no index
+    single = tmp_path / "single"
+    single.mkdir()
+    assert set(write_safetensors(entries, single, 10**9).values()) == {"model.safetensors"}
+    assert sorted(path.name for path in single.iterdir()) == ["model.safetensors"]
+    assert_same_tensors(expected, tensors_of(single))
+
+
 def test_non_llava_source_and_bad_settings_are_refused(llava_dirs, tmp_path):
     with pytest.raises(ConversionError, match=r"num_queries \(M\) must be a perfect square"):
         convert_llava_to_ms_llava(llava_dirs["new layout"], tmp_path / "out", num_queries=15, log=quiet)
@@ -558,21 +620,17 @@ def test_overwrite_never_replaces_home_or_a_root(llava_dirs, tmp_path, monkeypat
     assert not leftovers(tmp_path)
 
 
-def test_conversions_share_one_definition_of_constants_and_parity_reporting(
+def test_conversions_share_the_parity_limit_image_token_and_failure_reporting(
     llava_dirs, clip_dir, tmp_path, monkeypatch
 ):
     from ms_llava.conversion import checkpoint_io
     from ms_llava.conversion import llava as convert_llava
     from ms_llava.conversion import original as convert_original
 
-    assert convert_llava.HUB_ALLOW_PATTERNS is convert_original.HUB_ALLOW_PATTERNS is checkpoint_io.HUB_ALLOW_PATTERNS
-    assert "*.tiktoken" in checkpoint_io.HUB_ALLOW_PATTERNS and "*.bin" not in checkpoint_io.HUB_ALLOW_PATTERNS
-    assert convert_original.IMAGE_TOKEN is checkpoint_io.IMAGE_TOKEN == "<image>"
-    assert convert_llava.PARITY_MAX_PARAMETERS == checkpoint_io.PARITY_MAX_PARAMETERS == 1_500_000_000
-    assert "run_conversion" in checkpoint_io.__all__
     assert all(hasattr(checkpoint_io, name) for name in checkpoint_io.__all__)
     assert checkpoint_io.parity_skip_reason(False, 10) == "--no-parity"
     assert checkpoint_io.parity_skip_reason(True, 10) is None
+    assert checkpoint_io.parity_skip_reason(True, 1_500_000_000) is None  # the limit itself is still checked
     assert checkpoint_io.parity_skip_reason(True, 2_000_000_000) == (
         "2,000,000,000 parameters > 1,500,000,000: too large to build both models"
     )
@@ -584,6 +642,15 @@ def test_conversions_share_one_definition_of_constants_and_parity_reporting(
     assert report.tensors_written == len(tensors_of(tmp_path / "a")) and report.peak_rss > 0 and report.seconds > 0
     report = convert_hf_to_original(tmp_path / "a", tmp_path / "b", mm_vision_tower="tiny", log=quiet)
     assert report.parity == {} and report.parity_skipped.endswith("parameters > 1,000: too large to build both models")
+    make_original(tmp_path / "orig", "mlp2x_gelu", clip_dir, weights="safetensors")
+    report = convert_original_to_hf(tmp_path / "orig", tmp_path / "hf", log=quiet)
+    assert report.parity == {} and report.parity_skipped.endswith("parameters > 1,000: too large to build both models")
+    # the image token original-to-hf adds is the one the LLaVA -> MS-LLaVA output and its source use
+    for directory in (tmp_path / "hf", tmp_path / "a", llava_dirs["new layout"]):
+        processor = AutoProcessor.from_pretrained(directory)
+        image_token_id = AutoConfig.from_pretrained(directory).image_token_id
+        assert processor.image_token == "<image>", directory
+        assert processor.tokenizer.convert_ids_to_tokens(image_token_id) == "<image>", directory
     monkeypatch.undo()
     monkeypatch.setattr(convert_llava, "check_llava_parity", lambda *args: {"logits": 1e-3})
     with pytest.raises(
@@ -619,12 +686,15 @@ def test_hub_sources_download_the_shared_patterns(tmp_path, clip_dir, monkeypatc
     make_original(tmp_path / "local", "mlp2x_gelu", clip_dir)  # a local source, with the base LLM on the Hub
     with pytest.raises(ConversionError, match="downloading it from the Hub failed: offline"):
         convert_original_to_hf(tmp_path / "local", tmp_path / "d", base_llm="org/vicuna", log=quiet)
+    for _, patterns in asked:  # configs, safetensors weights, tokenizers of every kind and chat templates
+        assert {"*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"} <= set(patterns)
     assert asked == [
         ("org/llava", HUB_ALLOW_PATTERNS),
         ("org/original", [*HUB_ALLOW_PATTERNS, "*.bin"]),
         ("org/hf", HUB_ALLOW_PATTERNS),
         ("org/vicuna", [*HUB_ALLOW_PATTERNS, "*.bin"]),  # a base LLM is often .bin too
     ]
+    assert "*.bin" not in asked[0][1] and "*.bin" not in asked[2][1]  # transformers checkpoints: safetensors only
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
@@ -850,6 +920,7 @@ def test_memory_benchmark_synthesises_llava_1_5_7b_keys_and_shapes():
     assert benchmark.checkpoint_bytes(benchmark.llava_hf_shapes(32)) == 2 * 7_063_427_072
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_wrapper_scripts_run(llava_dirs, tmp_path, monkeypatch, capsys):
     """The two conversion_scripts/ wrappers run as plain scripts."""
     script = ROOT / "conversion_scripts" / "convert_original_llava_to_hf.py"

@@ -2,20 +2,20 @@
 
 * **Reading.** :func:`read_checkpoint` lists the tensors of a checkpoint directory (``model.safetensors``, a sharded
   safetensors index, ``pytorch_model.bin``, a sharded ``.bin`` index) or of one weight file, *without loading them*:
-  each :class:`TensorSource` knows its name, dtype and shape and loads its data on demand. Safetensors files are
-  validated by the ``safetensors`` library first (a truncated file is refused before anything is written) and then read
-  tensor by tensor with plain file reads (no memory map, so the resident set stays about one tensor). ``.bin`` files
-  are read with ``torch.load(weights_only=True, map_location="cpu")``, memory-mapped when they are zip archives, one
-  shard at a time.
+  each :class:`TensorSource` knows its name, dtype and shape and loads its data on demand. Safetensors files are read
+  with ``safetensors.safe_open`` (which refuses a truncated or corrupt file before anything is written), one tensor at
+  a time. ``.bin`` files are read with ``torch.load(weights_only=True, map_location="cpu")``, memory-mapped when they
+  are zip archives, one shard at a time.
 * **Key accounting.** :class:`KeyPlan` collects ``target name -> source tensor`` pairs and raises a
   :class:`ConversionError` listing every unknown source key, unfilled target key, shape mismatch and doubly filled key.
-* **Writing.** :func:`write_safetensors` streams tensors into safetensors shards of at most ``max_shard_size`` bytes
-  (with a ``model.safetensors.index.json`` as transformers writes it when there is more than one): each shard's header
-  is computed from the declared shapes, then each tensor is loaded, written and freed, so a 7B checkpoint never sits
-  in memory. :func:`staged_output` writes into a temporary sibling directory that is renamed into place only when
-  everything succeeded, so a failed conversion leaves no half-written output. :func:`check_output` decides what may be
-  replaced: with ``--overwrite``, only a directory that looks like a checkpoint a conversion wrote, and never a
-  filesystem root, the current working directory or the home directory.
+* **Writing.** :func:`write_safetensors` plans shards of at most ``max_shard_size`` bytes with
+  ``huggingface_hub.split_torch_state_dict_into_shards`` (on meta tensors: no memory) and writes each with
+  ``safetensors.torch.save_file``, plus transformers' ``model.safetensors.index.json`` when there is more than one.
+  Only one shard's tensors are in memory at a time, so the shard size bounds the memory. :func:`staged_output` writes
+  into a temporary sibling directory that is renamed into place only when everything succeeded, so a failed
+  conversion leaves no half-written output. :func:`check_output` decides what may be replaced: with ``--overwrite``,
+  only a directory that looks like a checkpoint a conversion wrote, and never a filesystem root, the current working
+  directory or the home directory.
 * **Shared by the conversions.** What to download from the Hub (:data:`HUB_ALLOW_PATTERNS`), the image token, the
   parity size limit and the reporting (:class:`ConversionReport`, :func:`run_conversion`).
 """
@@ -26,7 +26,6 @@ import json
 import os
 import resource
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -38,6 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers.modeling_utils import str_to_torch_dtype
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -56,23 +59,6 @@ IMAGE_TOKEN = "<image>"
 # Above this many parameters the parity checks (which load the source and the converted model, one after the other,
 # in float32) are skipped: 1.5e9 parameters are 6 GB in float32.
 PARITY_MAX_PARAMETERS = 1_500_000_000
-
-# safetensors dtype codes <-> torch dtypes
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-_SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 
 
 class ConversionError(ValueError):
@@ -115,56 +101,30 @@ def tensor_source_from_tensor(name: str, tensor: torch.Tensor, origin: str) -> T
     return TensorSource(name, tensor.dtype, tuple(tensor.shape), lambda: tensor, origin)
 
 
-def _validate_safetensors(path: Path) -> None:
-    """Lets the safetensors library check the header and that the data section covers the file exactly."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            handle.keys()
-    except Exception as error:  # SafetensorError, OSError, ...
-        raise ConversionError(f"{path}: not a valid safetensors file (truncated or corrupt?): {error}") from error
-
-
-def _read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """Returns the header (name -> {dtype, shape, data_offsets}) and the offset where the data section starts."""
-    with open(path, "rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_size))
-    header.pop("__metadata__", None)
-    return header, 8 + header_size
-
-
-def _safetensors_loader(path: Path, start: int, end: int, dtype: torch.dtype, shape: tuple[int, ...]):
+def _safetensors_loader(path: Path, name: str) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
-        if end == start:
-            return torch.empty(shape, dtype=dtype)
-        buffer = bytearray(end - start)
-        with open(path, "rb") as handle:
-            handle.seek(start)
-            if handle.readinto(buffer) != len(buffer):
-                raise ConversionError(f"{path}: file ended while reading a tensor (truncated?)")
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        # One handle per tensor: safe_open memory-maps the file, and every tensor read through one handle stays in the
+        # resident set until the handle closes (a 5 GB source shard would cost 5 GB of RSS).
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     return load
 
 
 def read_safetensors_file(path: Path) -> list[TensorSource]:
-    """The tensors of one safetensors file, validated, each loaded on demand by a plain read of its byte range."""
+    """The tensors of one safetensors file, validated by `safe_open`, each loaded on demand."""
     path = Path(path)
-    _validate_safetensors(path)
-    header, data_start = _read_safetensors_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            views = {name: handle.get_slice(name) for name in handle.keys()}
+            headers = {name: (view.get_dtype(), tuple(view.get_shape())) for name, view in views.items()}
+    except Exception as error:  # SafetensorError, OSError, ...
+        raise ConversionError(f"{path}: not a valid safetensors file (truncated or corrupt?): {error}") from error
     sources = []
-    for name, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ConversionError(
-                f"{path}: tensor {name!r} has dtype {info['dtype']}, which this converter cannot copy"
-            )
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        shape = tuple(info["shape"])
-        begin, end = info["data_offsets"]
-        loader = _safetensors_loader(path, data_start + begin, data_start + end, dtype, shape)
-        sources.append(TensorSource(name, dtype, shape, loader, str(path)))
+    for name, (code, shape) in headers.items():
+        if code not in str_to_torch_dtype:
+            raise ConversionError(f"{path}: tensor {name!r} has dtype {code}, which this converter cannot copy")
+        sources.append(TensorSource(name, str_to_torch_dtype[code], shape, _safetensors_loader(path, name), str(path)))
     return sources
 
 
@@ -393,77 +353,48 @@ def format_bytes(count: int) -> str:
     return f"{count} B"
 
 
-def _plan_shards(entries: list[tuple[str, TensorSource]], max_shard_size: int) -> list[list[tuple[str, TensorSource]]]:
-    shards: list[list[tuple[str, TensorSource]]] = [[]]
-    size = 0
-    for entry in entries:
-        if shards[-1] and size + entry[1].nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += entry[1].nbytes
-    return shards
+def _load_checked(source: TensorSource) -> torch.Tensor:
+    tensor = source.load()
+    if tensor.dtype != source.dtype or tuple(tensor.shape) != tuple(source.shape):
+        raise ConversionError(
+            f"{source.name} ({source.origin}) loaded as {tensor.dtype} {list(tensor.shape)}, "
+            f"but its header says {source.dtype} {list(source.shape)}"
+        )
+    return tensor.contiguous()
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a tensor, without a copy when it is already contiguous."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-
-
-def _write_one_safetensors(path: Path, entries: list[tuple[str, TensorSource]]) -> None:
-    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for target, source in entries:
-        if source.dtype not in _SAFETENSORS_CODES:
-            raise ConversionError(f"{source.name}: dtype {source.dtype} cannot be stored in safetensors")
-        header[target] = {
-            "dtype": _SAFETENSORS_CODES[source.dtype],
-            "shape": list(source.shape),
-            "data_offsets": [offset, offset + source.nbytes],
-        }
-        offset += source.nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)  # the data section starts 8-byte aligned, as safetensors writes
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(header_bytes)))
-        handle.write(header_bytes)
-        for _, source in entries:
-            tensor = source.load()
-            if tensor.dtype != source.dtype or tuple(tensor.shape) != tuple(source.shape):
-                raise ConversionError(
-                    f"{source.name} ({source.origin}) loaded as {tensor.dtype} {list(tensor.shape)}, "
-                    f"but its header says {source.dtype} {list(source.shape)}"
-                )
-            handle.write(_tensor_bytes(tensor))
-            del tensor
-    _validate_safetensors(path)
+def _load_shard(sources: dict[str, TensorSource], targets: list[str]) -> dict[str, torch.Tensor]:
+    shard: dict[str, torch.Tensor] = {}
+    storages = set()
+    for target in targets:
+        tensor = _load_checked(sources[target])
+        # save_file refuses tensors that share memory (weights tied in a .bin share one storage): copy the second.
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        shard[target] = tensor
+    return shard
 
 
 def write_safetensors(entries: list[tuple[str, TensorSource]], directory: Path, max_shard_size: int) -> dict[str, str]:
-    """Streams `(target name, source)` pairs, in order, into `model.safetensors` or, above `max_shard_size` bytes,
-    `model-0000i-of-0000n.safetensors` shards with a `model.safetensors.index.json`. Returns name -> file."""
+    """Writes `(target name, source)` pairs into `model.safetensors` or, above `max_shard_size` bytes,
+    `model-0000i-of-0000n.safetensors` shards with a `model.safetensors.index.json`, loading one shard's tensors at a
+    time. Returns name -> file."""
     directory = Path(directory)
-    shards = _plan_shards(entries, max_shard_size)
-    weight_map: dict[str, str] = {}
-    for number, shard in enumerate(shards, start=1):
-        file_name = SAFE_WEIGHTS_NAME if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        _write_one_safetensors(directory / file_name, shard)
-        weight_map.update({target: file_name for target, _ in shard})
-    if len(shards) > 1:
+    sources = dict(entries)
+    meta = {target: torch.empty(source.shape, dtype=source.dtype, device="meta") for target, source in entries}
+    split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+    for file_name, targets in split.filename_to_tensors.items():
+        save_file(_load_shard(sources, targets), directory / file_name, metadata={"format": "pt"})
+    if split.is_sharded:
         index = {
-            "metadata": {
-                "total_parameters": sum(source.numel for _, source in entries),
-                "total_size": sum(source.nbytes for _, source in entries),
-            },
-            "weight_map": dict(sorted(weight_map.items())),
+            "metadata": {"total_parameters": sum(source.numel for _, source in entries), **split.metadata},
+            "weight_map": dict(sorted(split.tensor_to_filename.items())),
         }
         with open(directory / SAFE_WEIGHTS_INDEX_NAME, "w", encoding="utf-8") as handle:
             json.dump(index, handle, indent=2)
             handle.write("\n")
-    return weight_map
+    return split.tensor_to_filename
 
 
 def verify_written(directory: Path, entries: list[tuple[str, TensorSource]]) -> int:
@@ -496,23 +427,19 @@ OVERWRITABLE_MODEL_TYPES = ("llava", "ms_llava", "llava_llama")
 
 def _protected_reason(output: Path) -> str | None:
     """Why `output` must never be replaced (it is a filesystem root, the current working directory, the user's home,
-    or contains one of these), or None. Both the path as given and with symlinks resolved are checked."""
-    candidates = {output, output.resolve()}
-    if any(path == path.parent for path in candidates):
+    or contains one of these), or None. Paths are compared with symlinks resolved (a link to the home is the home)."""
+    resolved = output.resolve()
+    if resolved == resolved.parent:
         return "it is a filesystem root"
-    protected = {}
     for what, where in (("the current working directory", Path.cwd), ("the home directory", Path.home)):
         try:
-            protected[what] = where()
+            place = where().resolve()
         except (OSError, KeyError, RuntimeError):  # a deleted working directory; no HOME and no passwd entry
-            pass
-    for what, directory in protected.items():
-        for path in candidates:
-            for place in {directory.absolute(), directory.resolve()}:
-                if path == place:
-                    return f"it is {what}"
-                if path in place.parents:
-                    return f"it contains {what} ({place})"
+            continue
+        if resolved == place:
+            return f"it is {what}"
+        if resolved in place.parents:
+            return f"it contains {what} ({place})"
     return None
 
 
@@ -564,15 +491,14 @@ def check_output(output: str | Path, overwrite: bool = False, sources: Iterable[
         protected = _protected_reason(output)
         if protected:
             raise ConversionError(f"--output {output} cannot be written or replaced: {protected}")
-        if any(output.iterdir()):
-            not_a_checkpoint = _not_a_checkpoint_reason(output)
-            if not overwrite and not not_a_checkpoint:
-                raise ConversionError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
-            if not_a_checkpoint:
-                raise ConversionError(
-                    f"--output {output} exists and is not empty, and --overwrite will not replace it: "
-                    f"{not_a_checkpoint}; choose a new or empty directory"
-                )
+        not_a_checkpoint = _not_a_checkpoint_reason(output) if any(output.iterdir()) else None
+        if not_a_checkpoint:
+            raise ConversionError(
+                f"--output {output} exists and is not empty, and --overwrite will not replace it: "
+                f"{not_a_checkpoint}; choose a new or empty directory"
+            )
+        if not overwrite and any(output.iterdir()):
+            raise ConversionError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
     return output
 
 
@@ -587,10 +513,13 @@ def staged_output(output: str | Path, overwrite: bool = False, sources: Iterable
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         yield staging
+        # mkdtemp creates the directory 0o700: give the output the permissions a plain mkdir would.
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)
         if output.exists():
+            # os.replace cannot replace a non-empty directory: move the previous output aside, then delete it (a
+            # failure between the two renames leaves it in `.<name>.previous-*`, not deleted).
             previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.previous-", dir=output.parent))
             os.replace(output, previous / output.name)
             os.replace(staging, output)
@@ -598,8 +527,7 @@ def staged_output(output: str | Path, overwrite: bool = False, sources: Iterable
         else:
             os.replace(staging, output)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # a failed conversion leaves nothing half-written
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ bit; LLaVA's MLP projector (`multi_modal_projector.*`) is dropped and replaced b
 tokens. This is how stage-1 (projector) training of MS-LLaVA starts from a LLaVA checkpoint.
 
 The conversion streams: it reads the source's safetensors headers, checks every key against the MS-LLaVA model built
-on the meta device, then copies one tensor at a time into the output shards. It never builds the source model and never
-holds a second copy of the weights, so a 7B checkpoint converts in well under 24 GiB of RAM (see docs/conversion.md for
-the measured peak).
+on the meta device, then writes the output one shard at a time (`--max-shard-size`). It never builds the source model,
+so a 7B checkpoint converts in about one output shard of RAM beyond the imports (see docs/conversion.md for the
+measured peak).
 
     python conversion_scripts/convert_llava_to_ms_llava.py --source llava-hf/llava-1.5-7b-hf --output ms-llava-7b \\
         --num-queries 144 --scope-windows 2 6 24 --scope-bias-strength 5 --fusion channel_mlp
@@ -56,7 +56,9 @@ from .checkpoint_io import (
 
 # PARITY_MAX_PARAMETERS (the parity check's size limit) and HUB_ALLOW_PATTERNS (what a Hub source downloads) are
 # shared with convert_original and live in checkpoint_io.
-DEFAULT_MAX_SHARD_SIZE = "5GB"
+# safetensors' save_file holds a whole shard in memory: 500 MB keeps a 7B conversion's peak RSS under 1 GiB
+# (measured with benchmarks/conversion_memory.py, see docs/conversion.md).
+DEFAULT_MAX_SHARD_SIZE = "500MB"
 # Tokenizer files copied byte for byte from the source (they hold the vocabulary; tokenizer_config.json is rewritten by
 # the processor, which records its own class there).
 TOKENIZER_DATA_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -364,7 +366,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fusion", choices=FUSIONS, help="how the branches are fused (default channel_mlp)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MS-Resampler initialisation (0)")
     parser.add_argument(
-        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest output shard, e.g. 5GB or 500MB (5GB)"
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest output shard, e.g. 2GB or 200MB ({DEFAULT_MAX_SHARD_SIZE}; each is held in memory to write it)",
     )
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-parity", action="store_true", help="skip the output parity check")

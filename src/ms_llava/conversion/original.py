@@ -966,7 +966,9 @@ def _make_tokenizer_class_portable(directory: Path, report: ConversionReport) ->
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest output shard, e.g. 5GB or 500MB (5GB)"
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest output shard, e.g. 2GB or 200MB ({DEFAULT_MAX_SHARD_SIZE}; each is held in memory to write it)",
     )
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-parity", action="store_true", help="skip the output parity check")
