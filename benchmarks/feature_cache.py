@@ -5,7 +5,7 @@
 At ScopeBench's size (experiments/scopebench/README.md): generated 336 x 336 images, its CLIP tower (24 x 24 grid, 2 layers, width
 64) and language model (3 layers, width 128), MS-Resampler M = 64, k = {2, 6, 14}, random weights, stage `finetune`,
 global batch 16, one thread, no data-loader workers. Both runs train the same steps in one process, uncached first,
-the cache is built (and timed) between them and reused by the cached run. The per-step losses of the two runs are compared too:
+the cache is built (and timed) between them and handed to the cached run (`feature_cache=`). The per-step losses of the two runs are compared too:
 the cache must change the time only.
 """
 
@@ -23,6 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))  # experiments/ (ScopeBench's generator and models) is no installed package
 from markdown_section import write_section  # noqa: E402
 
 START, END = "<!-- feature-cache:start -->", "<!-- feature-cache:end -->"
@@ -57,12 +58,12 @@ def main():
         run = dict(model_name_or_path=tmp / "init", stage="finetune", data_path=paths["qa"],
                    image_folder=tmp / "data" / "images", **settings)  # fmt: skip
         plain = train(output_dir=tmp / "plain", **run)
-        # The cache, built here to time it; train() then reuses it (same tower, image processor and files).
+        # The cache, built here to time it, then handed to train() (same tower, image processor and files).
         images = [tmp / "data" / "images" / record["image"] for record in json.loads(paths["qa"].read_text())]
         started = time.perf_counter()
-        build_cache(model, processor, images)
+        cache = build_cache(model, processor, images)
         build = time.perf_counter() - started
-        cached = train(output_dir=tmp / "cached", cache_vision_features=True, **run)
+        cached = train(output_dir=tmp / "cached", cache_vision_features=True, feature_cache=cache, **run)
     step_plain, step_cached = plain.wall_time_s / args.steps, cached.wall_time_s / args.steps
     worst = max(abs(a - b) for (_, a), (_, b) in zip(plain.losses, cached.losses, strict=True))
     section = "\n".join(
