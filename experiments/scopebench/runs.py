@@ -20,8 +20,8 @@ STAGES = {
     "pretrain": {"learning_rate": 3e-3, "global_batch_size": 16, "max_steps": 50, "warmup_ratio": 0.1},
     "finetune": {"learning_rate": 3e-3, "global_batch_size": 16, "max_steps": 500, "warmup_ratio": 0.05},
 }
-# The vision tower is frozen in both stages: its features are computed once per image (ms_llava.training.feature_cache; the
-# losses are the same as without the cache) and shared by every run of the process.
+# The vision tower is frozen in both stages: its features are computed once per image of each run
+# (ms_llava.training.feature_cache; the losses are the same as without the cache).
 COMMON = {
     "dataloader_num_workers": 0,
     "save_steps": 100000,
