@@ -21,13 +21,12 @@ from transformers import (
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from conftest import chat
-from ms_llava import LLAVA_1_5_CHAT_TEMPLATE, MSLlavaConfig, MSLlavaForConditionalGeneration, MSLlavaProcessor
+from llava_checkpoints import save_llava
+from ms_llava import MSLlavaConfig, MSLlavaForConditionalGeneration, MSLlavaProcessor
 from ms_llava.conversion.checkpoint_io import ConversionError, check_output, read_checkpoint
 from ms_llava.conversion.llava import convert_llava_to_ms_llava
 from ms_llava.conversion.llava import main as llava_main
@@ -69,32 +68,6 @@ def assert_same_tensors(expected: dict[str, torch.Tensor], actual: dict[str, tor
 def tokenizer_without_image_token() -> PreTrainedTokenizerFast:
     """Like an original LLaVA tokenizer: no <image> token (the original code base splices id -200 instead)."""
     return build_tiny_tokenizer(with_image_token=False)
-
-
-def save_llava(directory: Path, seed: int = 0) -> Path:
-    """A tiny transformers LLaVA + LlavaProcessor, saved by transformers (its save writes the old top-level layout)."""
-    tokenizer = build_tiny_tokenizer()
-    config = LlavaConfig(
-        vision_config=tiny_vision_config(),
-        text_config=tiny_text_config(tokenizer),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=64,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_pad=True
-        ),
-        tokenizer=tokenizer,
-        patch_size=4,
-        vision_feature_select_strategy="default",
-        chat_template=LLAVA_1_5_CHAT_TEMPLATE.replace("USER: ", "USER:  "),  # a template of its own, to see it kept
-        num_additional_image_tokens=1,
-    )
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
 
 
 def rewrite_weights(source: Path, target: Path, rename, extra: dict | None = None) -> Path:
