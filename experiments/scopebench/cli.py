@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rd.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     rd.add_argument("--only", nargs="*", help="only these variant names (default: the main table's rows)")
-    rd.add_argument("--steps", type=int, help="training steps (default scopebench_readout.READOUT['steps'])")
+    rd.add_argument("--steps", type=int, help="training steps (default readout.READOUT['steps'])")
     rd.add_argument("--reverse", action="store_true", help="go through the plan from its end (a second process)")
     rd.add_argument("--report", action="store_true", help="only aggregate RUNS/readout into --output")
     rd.add_argument("--output", default="experiments/scopebench/results")

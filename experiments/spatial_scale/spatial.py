@@ -101,7 +101,7 @@ def spatial_records(
 
 
 def write_spatial_data(directory: str | Path, seed: int = 0, train: int = 128, test: int = 256, general: int = 96):
-    """Writes, under `directory`: the general task's files (tiny_shapes `text`, `caption`, `qa`; spatial `text` mixed
+    """Writes, under `directory`: the general task's files (`ms_llava.testing_utils` shapes `text`, `caption`, `qa`; spatial `text` mixed
     into the warm-up, `general` spatial questions mixed into stage 2) and the spatial `train` / `test` splits. Every
     split draws from its own seed, derived from `seed`. Returns a dict of paths."""
     directory = Path(directory)
