@@ -212,17 +212,24 @@ def test_untrained_parameters_are_initialised_on_load(tmp_path):
     assert 0.3 < resampler.fusion.weight1.std().item() < 0.9  # N(0, 1/E), E = 3
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_attn_implementation_choice_is_followed(tiny_dir, tiny, attn, image, monkeypatch):
+def count_eager_resampler_calls(monkeypatch) -> list:
+    """A list that gets one entry per call of the eager resampler attention (still computed) from now on."""
     from ms_llava import modeling_ms_llava
 
-    model, processor = tiny
-    loaded = AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation=attn).eval()
     calls = []
     eager = modeling_ms_llava.eager_resampler_attention
     monkeypatch.setattr(
         modeling_ms_llava, "eager_resampler_attention", lambda *a, **k: calls.append(1) or eager(*a, **k)
     )
+    return calls
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attn_implementation_choice_is_followed(tiny_dir, tiny, attn, image, monkeypatch):
+
+    model, processor = tiny
+    loaded = AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation=attn).eval()
+    calls = count_eager_resampler_calls(monkeypatch)
     inputs = prompt_inputs(processor, [image], [("Hi", 1)])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
@@ -257,7 +264,6 @@ def test_rejected_attn_implementation_leaves_the_model_as_it_was(tiny_dir, tiny,
 
 
 def test_attn_implementation_can_target_the_resampler_alone(tiny_dir, tiny, image, monkeypatch):
-    from ms_llava import modeling_ms_llava
 
     _, processor = tiny
     model = AutoModelForImageTextToText.from_pretrained(
@@ -269,11 +275,7 @@ def test_attn_implementation_can_target_the_resampler_alone(tiny_dir, tiny, imag
         "text_config": "sdpa",
         "resampler_config": "eager",
     }
-    calls = []
-    eager = modeling_ms_llava.eager_resampler_attention
-    monkeypatch.setattr(
-        modeling_ms_llava, "eager_resampler_attention", lambda *a, **k: calls.append(1) or eager(*a, **k)
-    )
+    calls = count_eager_resampler_calls(monkeypatch)
     inputs = prompt_inputs(processor, [image], [("Hi", 1)])
     with torch.no_grad():
         model(**inputs)
