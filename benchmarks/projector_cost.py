@@ -138,7 +138,7 @@ def measure(name, module):
     with torch.inference_mode():
         module(*inputs)  # fills the resampler's scope-bias cache
     macs, by_op = count_macs(module, inputs)
-    attn = (module.config._attn_implementation or module.model_config._attn_implementation) if is_resampler else "-"
+    attn = module.config._attn_implementation if is_resampler else "-"
     cache = sum(t.numel() * t.element_size() for t in getattr(module, "_bias_cache", {}).values())
     return dict(
         name=name,
