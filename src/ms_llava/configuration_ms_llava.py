@@ -234,6 +234,21 @@ class MSLlavaConfig(PreTrainedConfig):
         return self.resampler_config.num_queries
 
     @property
+    def image_seq_length(self) -> int:
+        """LlavaConfig's name for M, read by code written for LLaVA. Not stored: it follows `num_queries`."""
+        return self.resampler_config.num_queries
+
+    @image_seq_length.setter
+    def image_seq_length(self, value):
+        # A config.json or kwargs may carry LLaVA's field (transformers sets unknown keys with setattr); a stored copy
+        # would go stale when M changes, so the value is only checked against M.
+        if value != self.resampler_config.num_queries:
+            raise ValueError(
+                f"image_seq_length={value!r} disagrees with resampler_config.num_queries "
+                f"(M = {self.resampler_config.num_queries}); image_seq_length is M, set resampler_config.num_queries"
+            )
+
+    @property
     def vision_grid_size(self) -> tuple[int, int]:
         """`(H, W)`: the vision tower's native patch grid, from `image_size // patch_size`."""
         image_size = getattr(self.vision_config, "image_size", None)

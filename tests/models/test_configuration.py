@@ -87,3 +87,36 @@ def test_bad_value_in_saved_config_is_refused_on_load(tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"scope_windows.*\[3, -1\]"):
         AutoConfig.from_pretrained(tmp_path)
+
+
+def test_image_seq_length_is_m_for_code_written_for_llava():
+    """LlavaConfig's `image_seq_length` (read by code written for LLaVA) is M, and follows M when M changes."""
+    config = MSLlavaConfig(resampler_config={"num_queries": 36})
+    assert config.image_seq_length == config.num_image_tokens == 36
+    config.resampler_config.num_queries = 64
+    assert config.image_seq_length == 64
+    with pytest.raises(ValueError, match=r"image_seq_length=100.*num_queries.*M = 64"):
+        config.image_seq_length = 100  # one source of truth: M is set in resampler_config
+    assert config.image_seq_length == config.resampler_config.num_queries == 64
+    config.image_seq_length = 64  # the same value is accepted (a config.json may carry it)
+    assert MSLlavaConfig(resampler_config={"num_queries": 16}, image_seq_length=16).image_seq_length == 16
+    with pytest.raises(ValueError, match=r"image_seq_length=576.*M = 144"):
+        MSLlavaConfig(image_seq_length=576)
+
+
+def test_image_seq_length_round_trips_through_config_json(tmp_path):
+    MSLlavaConfig(resampler_config={"num_queries": 36}).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    assert "image_seq_length" not in saved  # M is stored once, in resampler_config
+    assert AutoConfig.from_pretrained(tmp_path).image_seq_length == 36
+    saved["image_seq_length"] = 36  # written by a tool that serialises LLaVA's field: loads
+    path.write_text(json.dumps(saved))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.image_seq_length == loaded.resampler_config.num_queries == 36
+    loaded.save_pretrained(tmp_path / "again")
+    assert "image_seq_length" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    saved["image_seq_length"] = 576  # disagrees with M: refused, naming both values
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"image_seq_length=576.*M = 36"):
+        AutoConfig.from_pretrained(tmp_path)
