@@ -416,6 +416,16 @@ class MSLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: MSLlavaConfig
     _no_split_modules = ["MSResampler"]
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # For custom code, transformers' `initialize_weights` marks every module without parameters of its own as
+        # initialised without calling `_init_weights` (guarding custom inits that bypass `transformers.initialization`),
+        # and passes that down into the sub-models: on `from_pretrained`, CLIP's attention and MLP blocks, whose init
+        # draws their projections' std from the width and depth, were skipped and missing weights kept N(0, 0.02).
+        # Every init of this model goes through `transformers.initialization`, which leaves loaded tensors alone, so
+        # it takes the library's own path and initialises missing weights as the constructor does.
+        return False
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Name both model classes in auto_map (transformers writes only the saved one), so that AutoModel and
         # AutoModelForImageTextToText both load the checkpoint through remote code.

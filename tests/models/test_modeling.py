@@ -215,6 +215,56 @@ def test_untrained_parameters_are_initialised_on_load(tmp_path):
     assert 0.3 < resampler.fusion.weight1.std().item() < 0.9  # N(0, 1/E), E = 3
 
 
+def test_missing_weights_get_the_constructors_init_on_load(tmp_path):
+    """from_pretrained initialises the weights a checkpoint lacks as MSLlavaForConditionalGeneration(config) does, in
+    the vision tower (CLIP's own init, e.g. attention projections with std 1/sqrt(d) * (2 L)^-1/2, not 0.02), the
+    projector and the language model; the weights it holds are kept. Compared over 8 seeds per key: values the
+    constructor sets the same for every seed (norms, biases, the padding row) must be equal, the others must have
+    the constructor's mean and standard deviation (within 6 standard errors)."""
+    from safetensors.torch import load_file, save_file
+
+    seeds = range(8)
+    model, _ = build_tiny_checkpoint(seed=0)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    dropped_prefixes = (
+        "model.vision_tower.embeddings.",
+        "model.vision_tower.encoder.layers.0.",
+        "model.vision_tower.post_layernorm.",
+        "model.multi_modal_projector.",
+        "model.language_model.embed_tokens.",
+        "model.language_model.layers.1.",
+        "lm_head.",
+    )
+    dropped = {key for key in saved if key.startswith(dropped_prefixes)}
+    assert any("vision_tower.encoder.layers.0.self_attn" in key for key in dropped) and len(dropped) < len(saved)
+    save_file({k: v for k, v in saved.items() if k not in dropped}, tmp_path / "model.safetensors")
+
+    def states(build):
+        result = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            result.append(build().state_dict())
+        return result
+
+    constructed = states(lambda: MSLlavaForConditionalGeneration(model.config))
+    loaded = states(lambda: MSLlavaForConditionalGeneration.from_pretrained(tmp_path))
+    for key in saved.keys() - dropped:
+        assert all(torch.equal(state[key], saved[key]) for state in loaded), key
+    for key in sorted(dropped):
+        reference = torch.stack([state[key] for state in constructed]).double()
+        values = torch.stack([state[key] for state in loaded]).double()
+        fixed = (reference == reference[0]).all(dim=0)  # what the constructor's init sets deterministically
+        assert torch.equal(values[:, fixed], reference[:, fixed]), key
+        if not fixed.all():
+            reference, values = reference[:, ~fixed], values[:, ~fixed]
+            n = reference.numel()
+            log_ratio = (values.std() / reference.std()).log().abs().item()
+            assert log_ratio < 6 / n**0.5, f"{key}: std {values.std():.4f}, the constructor's {reference.std():.4f}"
+            gap = (values.mean() - reference.mean()).abs().item()
+            assert gap < 6 * reference.std().item() * (2 / n) ** 0.5, f"{key}: mean off by {gap:.4f}"
+
+
 def count_eager_resampler_calls(monkeypatch) -> list:
     """A list that gets one entry per call of the eager resampler attention (still computed) from now on."""
     from ms_llava import modeling_ms_llava
