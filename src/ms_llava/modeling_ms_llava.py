@@ -592,8 +592,14 @@ class MSLlavaForConditionalGeneration(MSLlavaPreTrainedModel, LlavaForConditiona
     def forward(
         self, input_ids=None, pixel_values=None, *args, vision_features=None, mm_encoder_outputs=None, **kwargs
     ):
-        """As LLaVA's; `vision_features` (`MSLlavaModel.get_vision_features`) stand for `pixel_values`."""
+        """As LLaVA's; `vision_features` (`MSLlavaModel.get_vision_features`) stand for `pixel_values`. `labels` at
+        image placeholder positions (`input_ids == image_token_id`) count as -100 (the caller's tensor is unchanged)."""
         mm_encoder_outputs = _encode_vision_features(self, vision_features, pixel_values, mm_encoder_outputs)
+        if kwargs.get("labels") is not None and input_ids is not None:
+            # LLaVA's loss takes labels as given: labels copied from input_ids (a plain causal-LM collator, llava-hf's
+            # fine-tuning examples) would train the model to predict the M placeholders the projector's outputs fill.
+            is_image = input_ids == self.config.image_token_id
+            kwargs["labels"] = kwargs["labels"].masked_fill(is_image.to(kwargs["labels"].device), -100)
         return super().forward(input_ids, pixel_values, *args, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
     def generate(self, *args, vision_features=None, **kwargs):

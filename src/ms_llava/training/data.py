@@ -27,6 +27,7 @@ record that fails to load or encode during training (an image corrupt beyond its
 raises a `ValueError` naming its index, id and image(s), the original error chained.
 `RightPaddingCollator` pads on the right, so that each sequence keeps positions 0..n-1 (the model derives positions
 from the cache position, not from the attention mask) and padding is masked (attention 0, label -100).
+`chat_template_for_trl` is the template that makes TRL's `SFTTrainer` see the same tokens (docs/training.md).
 """
 
 from __future__ import annotations
@@ -679,6 +680,20 @@ def _encode_text(processor, messages: list[dict]) -> tuple[torch.Tensor, torch.T
     # Without this check a tokenizer that merges text across image tokens would get labels on the wrong tokens.
     raise ValueError("the tokenizer splits the prompt differently around expanded image tokens; train without the "
                      "vision feature cache")  # fmt: skip
+
+
+def chat_template_for_trl(processor) -> str:
+    """The chat template to give TRL's `DataCollatorForVisionLanguageModeling` so that TRL tokenises a conversation
+    exactly as `encode_conversation` does: the processor's template, with `{{ bos_token }}` in front when the
+    tokenizer adds a BOS and the template writes none (TRL tokenises with `add_special_tokens=False`; the processor,
+    here and at inference, lets the tokenizer add its BOS)."""
+    chat_template = _default_template(processor.chat_template)
+    tokenizer = processor.tokenizer
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    if not adds_bos:
+        return chat_template
+    rendered = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "a"}]}])
+    return chat_template if rendered.startswith(tokenizer.bos_token) else "{{ bos_token }}" + chat_template
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
