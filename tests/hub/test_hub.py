@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -426,7 +425,9 @@ def test_model_card_template_ships_with_the_package():
     root = Path(__file__).resolve().parents[2]
     assert resources.files("ms_llava.model_cards").joinpath(MODEL_CARD_TEMPLATE).is_file()
     assert model_card_template() == (root / "model_cards" / MODEL_CARD_TEMPLATE).read_text()
-    packages = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    from setuptools.config.pyprojecttoml import read_configuration  # reads TOML on Python 3.10 too (no tomllib)
+
+    packages = set(read_configuration(root / "pyproject.toml")["tool"]["setuptools"]["packages"])
     on_disk = {".".join(init.parent.relative_to(root / "src").parts) for init in (root / "src").rglob("__init__.py")}
     assert on_disk | {"ms_llava.model_cards"} == packages
 
