@@ -187,17 +187,30 @@ def llava_record_to_conversation(record: Any, image_folder: Path | None) -> Conv
     for number, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
             raise RecordError(MALFORMED, f"turn {number} needs 'from' and a string 'value', got {turn!r}")
-        role = LLAVA_ROLES.get(turn["from"])
+        role = LLAVA_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise RecordError(MALFORMED, f"turn {number} is from {turn['from']!r}; expected 'human' or 'gpt'")
-        value = turn["value"]
+        value = _unicode_text(turn["value"], f"turn {number}")
         if role == "user":
             text = value.replace(IMAGE_TOKEN, "").strip()
             content = [{"type": "image"}] * value.count(IMAGE_TOKEN) + [{"type": "text", "text": text}]
         else:
             content = _text_parts(value)  # an <image> here is flagged by check_conversation
         messages.append({"role": role, "content": content})
+    images = [_unicode_text(path, "'image'") for path in images]
     return Conversation(messages, [_resolve_image(path, image_folder) for path in images], _record_id(record))
+
+
+def _unicode_text(text: str, where: str) -> str:
+    """`text` if it is valid Unicode; JSON's `\\ud800` escapes give lone surrogates, which the tokenizer (and the file
+    system) cannot encode: a record error rather than a crash of the whole pre-pass."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RecordError(
+            MALFORMED, f"{where} holds {text[error.start : error.end]!r}, a lone surrogate that is not valid Unicode"
+        ) from None
+    return text
 
 
 def messages_record_to_conversation(record: Any, image_folder: Path | None) -> Conversation:
@@ -213,7 +226,7 @@ def messages_record_to_conversation(record: Any, image_folder: Path | None) -> C
             raise RecordError(MALFORMED, f"message {number} needs 'role' and 'content', got {message!r}")
         content = message["content"]
         if isinstance(content, str):
-            parts = _text_parts(content)
+            parts = _text_parts(_unicode_text(content, f"message {number}"))
         elif isinstance(content, list):
             parts = []
             for part in content:
@@ -222,7 +235,7 @@ def messages_record_to_conversation(record: Any, image_folder: Path | None) -> C
                 if kind == "image":
                     parts.append({"type": "image"})
                 elif kind == "text" and isinstance(part.get("text"), str):
-                    parts.extend(_text_parts(part["text"]))
+                    parts.extend(_text_parts(_unicode_text(part["text"], f"message {number}")))
                 else:
                     raise RecordError(MALFORMED, f"message {number} has a content part {part!r}")
         else:
@@ -379,7 +392,14 @@ def load_training_records(data, image_folder: str | Path | None = None) -> Train
     if path.is_dir():
         import datasets
 
-        return _from_hf_dataset(datasets.load_from_disk(str(path)), folder, str(path))
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except FileNotFoundError as error:  # a folder that save_to_disk did not write
+            raise ValueError(
+                f"{path} is a folder but not a data set written by Dataset.save_to_disk ({error}); give a data file "
+                "(.json, .jsonl, .parquet, .arrow) or such a folder"
+            ) from error
+        return _from_hf_dataset(dataset, folder, str(path))
     if not path.is_file():
         raise ValueError(f"training data not found: {path}")
     folder = folder if folder is not None else path.parent
@@ -388,35 +408,84 @@ def load_training_records(data, image_folder: str | Path | None = None) -> Train
         import datasets
 
         # Not datasets.load_dataset: its packaged builders send a download-count request to the Hub (S3) first.
-        dataset = (
-            datasets.Dataset.from_parquet(str(path)) if suffix == ".parquet" else datasets.Dataset.from_file(str(path))
-        )
+        try:
+            dataset = (
+                datasets.Dataset.from_parquet(str(path))
+                if suffix == ".parquet"
+                else datasets.Dataset.from_file(str(path))
+            )
+        except Exception as error:  # pyarrow raises its own types (ArrowInvalid ...) for a file that is not one
+            kind = "a Parquet" if suffix == ".parquet" else "an Arrow"
+            raise ValueError(
+                f"{path} is not {kind} file that can be read: {type(error).__name__}: {error}; write it again (e.g. "
+                "with datasets' Dataset.to_parquet), or give the data as .json / .jsonl"
+            ) from error
         return _from_hf_dataset(dataset, folder, str(path))
     if suffix not in (".json", ".jsonl"):
         raise ValueError(f"{path}: unsupported data file type {suffix!r}; use .json, .jsonl, .parquet or .arrow")
     records = _read_json_records(path)
-    first = next((record for record in records if isinstance(record, dict)), {})
-    if "conversations" in first:
+    if not records:
+        raise ValueError(f"{path} holds no records: nothing to train on")
+    first = next(((index, record) for index, record in enumerate(records) if isinstance(record, dict)), None)
+    if first is None:
+        raise ValueError(
+            f"{path}: no record is a JSON object (record 0 is {type(records[0]).__name__}); each record must be an "
+            "object with 'conversations' (LLaVA format) or 'messages' (messages format)"
+        )
+    index, record = first
+    if "conversations" in record:
         return TrainingRecords(records, llava_record_to_conversation, folder, f"{path} (LLaVA format)")
-    if "messages" in first:
+    if "messages" in record:
         return TrainingRecords(records, messages_record_to_conversation, folder, f"{path} (messages format)")
     raise ValueError(
-        f"{path}: cannot tell the format: the first record has neither 'conversations' (LLaVA) nor 'messages' "
-        f"(keys: {sorted(first)})"
+        f"{path}: cannot tell the format: record {index}, the first JSON object, has neither 'conversations' (LLaVA "
+        f"format) nor 'messages' (messages format); its keys are {sorted(record)[:10]}"
     )
 
 
 def _read_json_records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    """The records of a `.json` file (one JSON list) or a `.jsonl` file (one JSON value per line). Every way the file
+    can fail to be that is a ValueError naming the file (and the line, for `.jsonl`) and what to do."""
+    layout = (
+        "a .jsonl file holds one JSON record per line"
+        if path.suffix.lower() == ".jsonl"
+        else "a .json file holds one JSON list of records"
+    )
     try:
-        if path.suffix.lower() == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+        data = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read training data {path}: {error.strerror or error}") from error
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is accepted
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path} is not UTF-8 text: byte {data[error.start]:#04x} at offset {error.start} (line {line}) "
+            f"cannot be decoded ({error.reason}); JSON training data must be UTF-8: re-encode the file (e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`) or fix that line"
+        ) from error
+    if path.suffix.lower() == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                records.append(_parse_json(line, path, f"line {number} of {path}", layout))
+        return records
+    records = _parse_json(text, path, str(path), layout)
     if not isinstance(records, list):
-        raise ValueError(f"{path} must hold a JSON list of records, got {type(records).__name__}")
+        got = (
+            f"a JSON object with keys {sorted(records)[:10]}" if isinstance(records, dict) else type(records).__name__
+        )
+        raise ValueError(f"{path} must hold a JSON list of records, got {got}; {layout}")
     return records
+
+
+def _parse_json(text: str, path: Path, where: str, layout: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON: {error}; {layout}") from error
+    except RecursionError as error:
+        raise ValueError(f"{where} nests JSON too deeply to read; {layout}") from error
 
 
 def _is_hf_dataset(data) -> bool:

@@ -20,9 +20,12 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,9 @@ logger = logging.getLogger(__name__)
 LOSS_LOG = "loss_log.csv"
 RUN_RECORD = "ms_llava_training.json"
 SKIPPED_RECORDS = "skipped_records.jsonl"
+# The final save is written here (inside OUTPUT_DIR), then its files are moved into OUTPUT_DIR (`save_final_model`).
+FINAL_SAVE_STAGING = ".ms_llava_final_save"
+STAGED_COMPLETE = ".complete"  # written into the staging folder once every file of the save is in it
 
 
 @dataclass
@@ -129,16 +135,20 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 class LossLogCallback(TrainerCallback):
-    """Appends every logged training loss to `OUTPUT_DIR/loss_log.csv` (main process). At the start of a run the file
-    is rewritten from the trainer state, so after a resume it holds the steps up to the checkpoint, then the new
-    ones."""
+    """Appends every logged training loss to `OUTPUT_DIR/loss_log.csv` (main process). At the end of the run's first
+    step (before its loss is logged) the file is rewritten from the trainer state, so after a resume it holds the steps
+    up to the checkpoint, then the new ones; a run that fails before its first step leaves the file as it was."""
 
     FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.started = False
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.started:
+            return
+        self.started = True
         if state.is_world_process_zero:
             with open(self.path, "w", newline="", encoding="utf-8") as handle:
                 writer = csv.DictWriter(handle, self.FIELDS, extrasaction="ignore")
@@ -146,10 +156,130 @@ class LossLogCallback(TrainerCallback):
                 writer.writerows(entry for entry in state.log_history if "loss" in entry)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs and "loss" in logs:
+        if self.started and state.is_world_process_zero and logs and "loss" in logs:
             with open(self.path, "a", newline="", encoding="utf-8") as handle:
                 row = {**logs, "step": state.global_step}
                 csv.DictWriter(handle, self.FIELDS, extrasaction="ignore").writerow(row)
+
+
+class RunStartCallback(TrainerCallback):
+    """Calls `start()` once, at the end of the run's first optimizer step: after the step, before `Trainer` can save
+    a checkpoint or log its loss. `train` writes the run record and the skipped-records list there, so that a run that
+    fails before its first step (a record that fails to load in the first batch, an option the model refuses, Ctrl-C)
+    leaves the output folder as it found it."""
+
+    def __init__(self, start=None):
+        self.start = start  # set once the data are checked
+        self.started = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.fire()
+
+    def fire(self) -> None:
+        if not self.started:
+            self.started = True
+            self.start()
+
+
+# --------------------------------------------------------------------------------------------- final save
+
+
+@contextlib.contextmanager
+def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C (SIGINT) and SIGTERM received inside the block take effect when it ends (the default handlers then act
+    as usual: KeyboardInterrupt, termination). Outside the main thread, where Python cannot set handlers, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number)) for number in signals}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file (or a folder's entries) to disk, so that a rename after it never exposes unwritten data."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def commit_staged_save(output_dir: str | Path) -> list[str]:
+    """Moves the files of a complete staged save (`OUTPUT_DIR/.ms_llava_final_save`, marked complete) into
+    `output_dir`, each with one `os.replace` (atomic: a reader sees the old file or the new one, never part of
+    one), with Ctrl-C and SIGTERM held until the last one is in; then removes the staging folder. Returns the names
+    moved. Also completes a commit that a kill (SIGKILL, power loss) cut short: `train` calls it when it starts."""
+    output_dir = Path(output_dir)
+    staging = output_dir / FINAL_SAVE_STAGING
+    moved = []
+    with signals_deferred():
+        for entry in sorted(staging.iterdir()):
+            if entry.name == STAGED_COMPLETE:
+                continue
+            target = output_dir / entry.name
+            if entry.is_dir() and target.is_dir():
+                shutil.rmtree(target)  # os.replace does not replace a non-empty folder
+            os.replace(entry, target)
+            moved.append(entry.name)
+        _fsync(output_dir)
+        shutil.rmtree(staging)
+    return moved
+
+
+def recover_final_save(output_dir: str | Path) -> None:
+    """What an interrupted final save left in `output_dir`: a complete staged save (killed while its files were moved
+    in) is moved in; an incomplete one (killed while it was written) is removed, `output_dir` keeping the old state."""
+    staging = Path(output_dir) / FINAL_SAVE_STAGING
+    if not staging.is_dir():
+        return
+    if (staging / STAGED_COMPLETE).is_file():
+        logger.warning("completing the final save that an interrupted run left in %s", staging)
+        commit_staged_save(output_dir)
+    else:
+        logger.warning("removing %s: an incomplete final save left by an interrupted run", staging)
+        shutil.rmtree(staging)
+
+
+def save_final_model(trainer: Trainer, output_dir: str | Path, state) -> list[str]:
+    """`trainer.save_model` and the trainer state, saved atomically into `output_dir`: written into the staging
+    folder `OUTPUT_DIR/.ms_llava_final_save` (every process takes part, the main process writes), flushed to disk,
+    marked complete, then moved in by `commit_staged_save`. An interrupt while the files are written leaves
+    `output_dir` as it was (the staging folder is removed; after a kill the next run removes it); Ctrl-C while they
+    are moved in waits until the move is done. Without this, Ctrl-C during `save_pretrained` left a 0-byte
+    `config.json` that later loads failed on."""
+    output_dir = Path(output_dir)
+    staging = output_dir / FINAL_SAVE_STAGING
+    if state.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    state.wait_for_everyone()
+    try:
+        trainer.save_model(str(staging))  # model or adapter, with the processor
+        if state.is_main_process:
+            trainer.state.save_to_json(str(staging / TRAINER_STATE_NAME))  # the whole log history
+            for path in staging.rglob("*"):
+                if path.is_file():
+                    _fsync(path)
+    except BaseException:
+        if state.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    moved = []
+    if state.is_main_process:
+        with signals_deferred():
+            (staging / STAGED_COMPLETE).touch()
+            _fsync(staging)
+            moved = commit_staged_save(output_dir)
+    state.wait_for_everyone()
+    return moved
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -197,6 +327,8 @@ def train(
             directory holding checkpoints without `resume=True`, or bad records (`BadRecordsError`) without
             `skip_bad_records=True`.
     """
+    output_dir = Path(output_dir)
+    created = _first_missing(output_dir)  # what this call creates, and removes again when it fails before starting
     adapted = overrides.get("lora") or overrides.get("qlora") or overrides.get("adapter") is not None
     require_training_extra(lora=adapted)
     config = TrainingConfig.for_stage(stage, output_dir=str(output_dir), **overrides)
@@ -205,17 +337,43 @@ def train(
     if config.qlora:
         require_qlora_support()
     world_size = launched_world_size()
-    output_dir = Path(output_dir)
     model_name_or_path = (
         str(Path(model_name_or_path).resolve()) if Path(model_name_or_path).is_dir() else str(model_name_or_path)
     )
-    resume_from = _checkpoint_to_resume(output_dir, config)
     state = PartialState()  # set up by TrainingArguments (gloo on CPU, NCCL on GPUs)
+    resume_from = _checkpoint_to_resume(output_dir, config, state)
     if state.num_processes != world_size:
         raise ValueError(
             f"the launcher started {world_size} processes but the process group has {state.num_processes}"
         )
+    run_start = RunStartCallback()
+    try:
+        return _train(
+            model_name_or_path, data_path, image_folder, output_dir, config, state, resume_from, run_start,
+            callbacks, feature_cache,
+        )  # fmt: skip
+    except BaseException:
+        if not run_start.started and created is not None and state.is_main_process and created.exists():
+            logger.warning("removing %s: this run created it and failed before its first step", created)
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` (itself included) that does not exist yet; None when `path` exists."""
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _train(
+    model_name_or_path, data_path, image_folder, output_dir, config, state, resume_from, run_start, callbacks,
+    feature_cache,
+) -> TrainResult:  # fmt: skip
+    """`train` from loading the data on; `run_start` fires at the end of the first step."""
+    world_size = state.num_processes
     processor = AutoProcessor.from_pretrained(model_name_or_path)
     records = load_training_records(data_path, image_folder)
     data_check = _pre_pass(records, processor, config, state)
@@ -223,7 +381,16 @@ def train(
         raise BadRecordsError(data_check.problems, data_check.num_records)
     if not data_check.kept:
         raise ValueError(f"{records.description}: no record left to train on ({data_check.summary()})")
-    _prepare_output_dir(output_dir, config, data_check, resume_from, state)
+    _check_run_record(output_dir, config, data_check, resume_from, state)
+    run_start.start = lambda: _record_run_start(output_dir, config, data_check, state)
+    if data_check.problems and state.is_main_process:
+        logger.warning(
+            "skipping %d bad record(s) (%s); they are listed in %s once training starts",
+            len(data_check.problems),
+            ", ".join(str(problem) for problem in data_check.problems[:3])
+            + (" ..." if len(data_check.problems) > 3 else ""),
+            output_dir / SKIPPED_RECORDS,
+        )
     _log_main(state, "data: %s: %s", records.description, data_check.summary())
     # A batch of text-only records leaves the projector unused: DDP must then look for unused parameters.
     config.ddp_find_unused_parameters = data_check.num_text_only > 0
@@ -253,14 +420,14 @@ def train(
         train_dataset=SupervisedDataset(records, data_check.kept, processor, config.max_length, feature_cache),
         data_collator=RightPaddingCollator(pad_token_id(processor.tokenizer)),
         processing_class=processor,
-        callbacks=[LossLogCallback(output_dir / LOSS_LOG), *(callbacks or [])],
+        callbacks=[run_start, LossLogCallback(output_dir / LOSS_LOG), *(callbacks or [])],
         projector_learning_rate=config.projector_learning_rate,
     )
     started = time.perf_counter()
     with vision_features_input(model) if feature_cache else contextlib.nullcontext():
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    trainer.save_model(str(output_dir))  # model or adapter, with the processor (main process writes)
-    trainer.save_state()  # trainer_state.json with the whole log history
+    run_start.fire()  # a resumed run whose checkpoint is at the last step runs no step
+    save_final_model(trainer, output_dir, state)  # model or adapter, processor, trainer_state.json: atomically
     wall_time = time.perf_counter() - started
 
     merged_dir = None
@@ -311,12 +478,31 @@ def _log_main(state, message: str, *args) -> None:
         logger.info(message, *args)
 
 
-def _checkpoint_to_resume(output_dir: Path, config: TrainingConfig) -> Path | None:
+def _checkpoint_to_resume(output_dir: Path, config: TrainingConfig, state) -> Path | None:
+    """The checkpoint `--resume` continues from (logged with its step), or None (logged with the reason)."""
     checkpoints = complete_checkpoints(output_dir)
     if config.resume:
+        incomplete = [path.name for path in checkpoint_directories(output_dir) if path not in checkpoints]
         if not checkpoints:
-            logger.warning("resume: no complete checkpoint in %s; starting from the beginning", output_dir)
+            if not output_dir.is_dir():
+                why = f"{output_dir} does not exist"
+            elif incomplete:
+                why = f"{output_dir} holds only incomplete checkpoints ({', '.join(incomplete)}: no {TRAINER_STATE_NAME})"
+            else:
+                why = f"{output_dir} holds no checkpoint-N folder"
+            if state.is_main_process:
+                logger.warning("resume: starting from the beginning (step 0): %s", why)
             return None
+        newer = [
+            name for name in incomplete if int(name.rsplit("-", 1)[1]) > int(checkpoints[-1].name.rsplit("-", 1)[1])
+        ]
+        _log_main(
+            state,
+            "resume: continuing from %s at step %s%s",
+            checkpoints[-1],
+            _checkpoint_step(checkpoints[-1]),
+            f" (skipping the incomplete {', '.join(newer)})" if newer else "",
+        )
         return checkpoints[-1]
     if checkpoints:
         raise ValueError(
@@ -324,6 +510,14 @@ def _checkpoint_to_resume(output_dir: Path, config: TrainingConfig) -> Path | No
             f"(resume=True) to continue from {checkpoints[-1].name}, or choose another output directory"
         )
     return None
+
+
+def _checkpoint_step(checkpoint: Path) -> str:
+    """The global step a checkpoint's trainer state records ("?" when the file cannot be read)."""
+    try:
+        return str(json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
 
 
 @dataclass(frozen=True)
@@ -366,15 +560,18 @@ def _check_records_logged(records, processor, config: TrainingConfig, state) -> 
     return check_records(records, processor, config.max_length, config.verify_images)
 
 
-def _prepare_output_dir(output_dir: Path, config, data_check: DataCheck, resume_from: Path | None, state) -> None:
-    """Checks that a resumed run keeps the settings that shape the loss curve and the same data (every process raises
-    alike), then removes what an interrupted save left, records the run's settings and lists the skipped records (or
-    removes the list an earlier run left when there are none)."""
-    record = {
+def _run_record(config, data_check: DataCheck) -> dict:
+    return {
         **config.curve_settings(),
         "num_examples": len(data_check.kept),
         "data_fingerprint": data_check.fingerprint,
     }
+
+
+def _check_run_record(output_dir: Path, config, data_check: DataCheck, resume_from: Path | None, state) -> None:
+    """Checks that a resumed run keeps the settings that shape the loss curve and the same data (every process raises
+    alike). Reads only: `_record_run_start` writes, once the run has started."""
+    record = _run_record(config, data_check)
     record_path = output_dir / RUN_RECORD
     if resume_from is not None and record_path.is_file():
         previous = json.loads(record_path.read_text(encoding="utf-8"))
@@ -392,28 +589,34 @@ def _prepare_output_dir(output_dir: Path, config, data_check: DataCheck, resume_
                 f"resuming {resume_from} with settings that change the loss curve: {'; '.join(changed)}; keep them, "
                 "or start a new output directory"
             )
-    if state.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        # A save that writes into a directory an interrupted save left would mix its files with the stale ones (an
-        # adapter run's and a full run's weights, say) and then mark the mixture complete.
-        for incomplete in set(checkpoint_directories(output_dir)) - set(complete_checkpoints(output_dir)):
-            logger.warning("removing %s: an incomplete checkpoint left by an interrupted save", incomplete)
-            shutil.rmtree(incomplete)
-        record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if not data_check.problems:
-            (output_dir / SKIPPED_RECORDS).unlink(missing_ok=True)  # an earlier run's list would mislead
-        else:
-            with open(output_dir / SKIPPED_RECORDS, "w", encoding="utf-8") as handle:
-                for problem in data_check.problems:
-                    handle.write(json.dumps(problem.to_dict()) + "\n")
-            logger.warning(
-                "skipping %d bad record(s) (%s); listed in %s",
-                len(data_check.problems),
-                ", ".join(str(problem) for problem in data_check.problems[:3])
-                + (" ..." if len(data_check.problems) > 3 else ""),
-                output_dir / SKIPPED_RECORDS,
-            )
-    state.wait_for_everyone()
+
+
+def _record_run_start(output_dir: Path, config, data_check: DataCheck, state) -> None:
+    """At the end of the first step (main process): removes what an interrupted save left, records the run's settings
+    and lists the skipped records (or removes the list an earlier run left when there are none)."""
+    if not state.is_main_process:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # A save that writes into a directory an interrupted save left would mix its files with the stale ones (an
+    # adapter run's and a full run's weights, say) and then mark the mixture complete.
+    for incomplete in set(checkpoint_directories(output_dir)) - set(complete_checkpoints(output_dir)):
+        logger.warning("removing %s: an incomplete checkpoint left by an interrupted save", incomplete)
+        shutil.rmtree(incomplete)
+    recover_final_save(output_dir)
+    record = _run_record(config, data_check)
+    _write_atomically(output_dir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
+    if not data_check.problems:
+        (output_dir / SKIPPED_RECORDS).unlink(missing_ok=True)  # an earlier run's list would mislead
+    else:
+        lines = "".join(json.dumps(problem.to_dict()) + "\n" for problem in data_check.problems)
+        _write_atomically(output_dir / SKIPPED_RECORDS, lines)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """`path` gets `text` whole or keeps its old content: written to a sibling, then renamed over it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _push(checkpoint_dir: Path, config: TrainingConfig, model_name_or_path: str, data_path, steps: int) -> None:
@@ -490,8 +693,9 @@ def _train_command(args: argparse.Namespace) -> int:
         final_loss = f"final loss {result.losses[-1][1]:.4f}, " if result.losses else ""
         print(
             f"trained {result.stage}: {result.global_step} steps, {result.num_examples} examples "
-            f"({len(result.skipped)} skipped), {final_loss}{result.wall_time_s:.1f} s; "
-            f"{what} and processor in {result.output_dir}"
+            f"({len(result.skipped)} skipped), {final_loss}{result.wall_time_s:.1f} s"
+            + (f", resumed from {result.resumed_from}" if result.resumed_from else "")
+            + f"; {what} and processor in {result.output_dir}"
             + (f", merged model in {result.merged_dir}" if result.merged_dir else "")
         )
     return 0
