@@ -2,7 +2,8 @@
 
 Importing this package registers model type ``"ms_llava"`` with AutoConfig, AutoModel, AutoModelForImageTextToText,
 AutoImageProcessor and AutoProcessor, and marks the classes for remote code, so that every ``save_pretrained`` writes
-the module files and ``auto_map`` next to the weights.
+the module files and ``auto_map`` next to the weights. ``ms_llava.default_checkpoint_path()`` is the folder of the
+embedded default checkpoint (a toy model, see the README).
 """
 
 from transformers import (
@@ -14,6 +15,7 @@ from transformers import (
 )
 
 from .configuration_ms_llava import MSLlavaConfig, MSResamplerConfig
+from .demo import default_checkpoint_path  # light: pathlib only (the demo's heavy imports are inside its functions)
 from .image_processing_ms_llava import MSLlavaImageProcessor
 from .modeling_ms_llava import MSLlavaForConditionalGeneration, MSLlavaModel, MSLlavaPreTrainedModel, MSResampler
 from .processing_ms_llava import LLAVA_1_5_CHAT_TEMPLATE, MSLlavaProcessor
@@ -42,4 +44,5 @@ __all__ = [
     "MSLlavaProcessor",
     "MSResampler",
     "MSResamplerConfig",
+    "default_checkpoint_path",
 ]

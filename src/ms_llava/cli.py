@@ -4,23 +4,35 @@ ms-llava demo [--checkpoint DIR] [--image PATH] [--question TEXT] [--output PNG]
     answer the embedded default checkpoint's demo questions (or yours) and draw one query's attention
 ms-llava visualize [--checkpoint DIR] [--image PATH] [--question TEXT] [--query I | --query-at X,Y] [--output PNG]
     draw one MS-Resampler query's scope windows and per-branch attention over an image
-ms-llava tiny DIR                                                   write a tiny untrained checkpoint to DIR
+ms-llava tiny DIR [--overwrite]                                     write a tiny untrained checkpoint to DIR
 
 Wiring only: each command's work is one function of the module that owns it (`demo`, `visualize`, `testing_utils`,
-`conversion`, `hub`, `training`).
+`conversion`, `hub`, `training`). Errors a user's input causes (a missing or unreadable file, a checkpoint argument
+that names nothing, a truncated `.safetensors`, bad JSON) are caught in one place, `main`, and printed as
+`ms-llava COMMAND: error: ...` naming the file, exit status 1; `ms-llava --debug ...` or `MS_LLAVA_DEBUG=1` shows
+their traceback too. Programming errors always show theirs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from .demo import DEMO_OUTPUT, VISUALIZE_OUTPUT
 
+# Set to anything but "" or "0": handled errors show their traceback (as `--debug` does).
+DEBUG_ENVIRONMENT_VARIABLE = "MS_LLAVA_DEBUG"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ms-llava", description="MS-LLaVA: LLaVA with an MS-Resampler projector")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of errors caused by the input too (or set {DEBUG_ENVIRONMENT_VARIABLE}=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
@@ -48,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     tiny = commands.add_parser("tiny", help="write a tiny untrained checkpoint (for tests and examples)")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the checkpoint files of a folder that already holds a checkpoint (other files are kept)",
+    )
 
     from . import hub, training
     from .conversion import llava as convert_llava
@@ -61,14 +78,86 @@ def main(argv: list[str] | None = None) -> int:
     training.add_cli(commands)
 
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "") not in ("", "0")
+    try:
+        return _run(commands, args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"ms-llava {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as error:
+        if debug:
+            raise
+        print(f"ms-llava {args.command}: error: {_describe(error, args)}", file=sys.stderr)
+        print(
+            f"  (`ms-llava --debug {args.command} ...` or {DEBUG_ENVIRONMENT_VARIABLE}=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _run(commands, args) -> int:
     if args.command in ("demo", "visualize"):
         return _run_image_command(commands.choices[args.command], args)
     if args.command == "tiny":
         from .testing_utils import write_tiny_checkpoint
 
-        print(f"wrote {write_tiny_checkpoint(args.directory, seed=args.seed)} (untrained)")
+        directory = write_tiny_checkpoint(args.directory, seed=args.seed, overwrite=args.overwrite, log=print)
+        print(f"wrote {directory} (untrained)")
         return 0
+    if args.command == "train":
+        _resolve_model_argument(args)
+    if args.command == "push":
+        _check_weights(args.directory)
     return args.handler(args)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a user's input causes, printed without a traceback: bad values and files (`ValueError`, which
+    `CheckpointError`, `ConversionError`, JSON and UTF-8 decoding errors are), files that cannot be read or written
+    (`OSError`: missing, permission, not an image, Hub and download errors), a missing optional dependency
+    (`ImportError`), a corrupt `.safetensors` (`SafetensorError`) and an image too large to decode safely."""
+    from PIL import Image
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, ImportError, SafetensorError, Image.DecompressionBombError)
+
+
+def _describe(error: BaseException, args) -> str:
+    """The error's message in at most three lines; for a `SafetensorError`, which names no file, also the checkpoint
+    argument it came from."""
+    from safetensors import SafetensorError
+
+    lines = [line for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    text = "\n  ".join(lines[:3]) + ("\n  ..." if len(lines) > 3 else "")
+    if isinstance(error, SafetensorError):
+        given = [getattr(args, name, None) for name in ("checkpoint", "model", "source", "directory")]
+        where = next((f" in {value}" for value in given if value), "")
+        text = f"a .safetensors file{where} is truncated or corrupt ({text}); download or save the checkpoint again"
+    return text
+
+
+def _resolve_model_argument(args) -> None:
+    """`train --model`: a path that does not exist, a bare name that is neither here nor on the Hub, or an incomplete
+    or truncated checkpoint fails before training starts (`resolve_checkpoint`). A local folder is passed on with `~`
+    expanded; a Hub id is passed on as given (downloaded now, then read from the Hub cache), so the run records it."""
+    from .checkpoints import resolve_checkpoint
+
+    folder = resolve_checkpoint(args.model, "--model")
+    if Path(args.model).expanduser().is_dir():
+        args.model = str(folder)
+
+
+def _check_weights(directory: str) -> None:
+    """`push DIRECTORY`: every `.safetensors` file must read (a truncated upload would publish a broken checkpoint);
+    the rest of the checkpoint is checked by `push_to_hub`."""
+    from .checkpoints import check_safetensors
+
+    folder = Path(directory)
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.safetensors")):
+            check_safetensors(path, directory)
 
 
 def _add_query_arguments(parser):
@@ -78,6 +167,7 @@ def _add_query_arguments(parser):
 
 
 def _run_image_command(parser, args) -> int:
+    from .checkpoints import CheckpointError
     from .demo import run_demo, run_visualize
     from .visualize import parse_point
 
@@ -94,6 +184,8 @@ def _run_image_command(parser, args) -> int:
             run_demo(args.checkpoint, args.image, args.question, **options)
         else:
             run_visualize(args.checkpoint, args.image, args.question, **options)
+    except CheckpointError:
+        raise  # main prints it, without the usage lines: the checkpoint, not the command line, is wrong
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     return 0

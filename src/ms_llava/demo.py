@@ -45,16 +45,21 @@ def load_demo_samples(checkpoint: str | Path) -> list[dict]:
 
 
 def load_checkpoint(checkpoint: str | Path | None):
-    """`(path, model, processor, pipeline)` for a saved MS-LLaVA (default: the embedded one), loaded with
-    `from_pretrained` (float32) and wrapped in `pipeline("image-text-to-text")`."""
+    """`(path, model, processor, pipeline)` for a saved MS-LLaVA (default: the embedded one; a folder or a Hub id,
+    `ms_llava.checkpoints.resolve_checkpoint`), loaded with `from_pretrained` (float32) and wrapped in
+    `pipeline("image-text-to-text")`."""
     import torch
     import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-    import ms_llava  # noqa: F401  (registers the Auto classes)
+    # The Auto classes know "ms_llava": importing this module ran the package's __init__, which registers them (an
+    # explicit `import ms_llava` here would be an import cycle, since __init__ imports default_checkpoint_path).
+    from .checkpoints import resolve_checkpoint
 
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars between the demo's lines
-    path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path()
+    # A folder, or a Hub id downloaded once here; a mistyped path, a missing file or a truncated .safetensors is a
+    # CheckpointError naming it, before from_pretrained (which would try a typo as a Hub id, with retries).
+    path = resolve_checkpoint(checkpoint) if checkpoint is not None else default_checkpoint_path()
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(path)
     generator = pipeline("image-text-to-text", model=model, processor=processor)

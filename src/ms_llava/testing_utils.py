@@ -140,12 +140,30 @@ def build_tiny_checkpoint(seed: int = 0, **resampler_kwargs):
     return model, build_tiny_processor(config, tokenizer)
 
 
-def write_tiny_checkpoint(directory: str | Path, seed: int = 0) -> Path:
-    """Saves a tiny untrained MS-LLaVA (model, processor, remote-code modules) to `directory`."""
+def write_tiny_checkpoint(directory: str | Path, seed: int = 0, overwrite: bool = False, log=None) -> Path:
+    """Saves a tiny untrained MS-LLaVA (model, processor, remote-code modules) to `directory`.
+
+    A `directory` that already holds a checkpoint (a `config.json` or weights) is refused with a `CheckpointError`
+    unless `overwrite`; then only its checkpoint files are replaced, in one rename, and those the tiny checkpoint does
+    not rewrite are removed and listed to `log` (`conversion.checkpoint_io.replace_folder`). Other files (notes,
+    results, subfolders) are kept, with or without `overwrite`.
+    """
+    from .checkpoints import CheckpointError, checkpoint_files_in, holds_checkpoint
+    from .conversion.checkpoint_io import replace_folder
+
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is not a folder; give a new or existing folder")
+    if holds_checkpoint(directory) and not overwrite:
+        found = checkpoint_files_in(directory)
+        raise CheckpointError(
+            f"{directory} already holds a checkpoint ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}); "
+            "choose another folder, or pass --overwrite to replace its checkpoint files (other files are kept)"
+        )
     model, processor = build_tiny_checkpoint(seed=seed)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
+    with replace_folder(directory, log=log) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
     return directory
 
 
@@ -301,9 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         ):
             print(write_shapes_dataset(args.directory, task, count, seed=seed))
     else:
+        # The Auto classes know "ms_llava": importing this module ran the package's __init__, which registers them.
         from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        import ms_llava  # noqa: F401  (registers the Auto classes)
 
         model = AutoModelForImageTextToText.from_pretrained(args.checkpoint)
         processor = AutoProcessor.from_pretrained(args.checkpoint)

@@ -474,7 +474,8 @@ def test_non_empty_output_is_kept_unless_overwrite(llava_dirs, tmp_path):
         convert_llava_to_ms_llava(llava_dirs["new layout"], tmp_path / "out", num_queries=16, log=quiet)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     convert_llava_to_ms_llava(llava_dirs["new layout"], tmp_path / "out", num_queries=16, overwrite=True, log=quiet)
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").is_file()
+    # --overwrite replaces the checkpoint's files only: the user's own file is kept (issue 18)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine" and (tmp_path / "out" / "config.json").is_file()
     assert not leftovers(tmp_path)
 
 

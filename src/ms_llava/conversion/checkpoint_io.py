@@ -503,12 +503,43 @@ def check_output(output: str | Path, overwrite: bool = False, sources: Iterable[
 
 
 @contextmanager
-def staged_output(output: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()) -> Iterator[Path]:
-    """Yields a temporary directory next to `output`; on success it replaces `output`, on any error it is removed.
+def staged_output(
+    output: str | Path,
+    overwrite: bool = False,
+    sources: Iterable[str | Path] = (),
+    log: Callable[[str], None] | None = None,
+) -> Iterator[Path]:
+    """Yields a temporary directory next to `output`; on success it replaces `output` (`replace_folder`: the files of
+    an existing output that are not a checkpoint's are kept, what is removed goes to `log`), on any error it is removed.
 
     Refuses what `check_output` refuses (conversions call that first too, to fail before reading anything).
     """
     output = check_output(output, overwrite, sources)
+    with replace_folder(output, log=log) as staging:
+        yield staging
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:  # a hard link: the kept file is not copied (it may be large) and the old folder's removal leaves it intact
+        os.link(source, target, follow_symlinks=False)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+@contextmanager
+def replace_folder(output: str | Path, log: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Yields an empty temporary directory next to `output` to write a checkpoint into; on success the whole of it
+    becomes `output` in one rename (an interrupt leaves the old folder or the new one, never a mix), on any error it is
+    removed and `output` is untouched.
+
+    When `output` exists, only its checkpoint files are replaced (`ms_llava.checkpoints.is_checkpoint_file`: weights,
+    configs, processor and tokenizer files, remote-code modules): those the new write does not rewrite (the shards of
+    an earlier, differently sharded save, say) are removed and listed to `log`; everything else (a notes file, results,
+    logs, subfolders) is carried over into the new folder by hard link, unchanged.
+    """
+    from ..checkpoints import is_checkpoint_file
+
+    output = Path(output).absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
@@ -518,6 +549,35 @@ def staged_output(output: str | Path, overwrite: bool = False, sources: Iterable
         os.umask(umask)
         staging.chmod(0o777 & ~umask)
         if output.exists():
+            written = {path.name for path in staging.iterdir()}
+            replaced, removed, kept = [], [], []
+            for entry in sorted(output.iterdir()):
+                if entry.name in written:
+                    replaced.append(entry.name)
+                elif not entry.is_symlink() and entry.is_file() and is_checkpoint_file(entry.name):
+                    removed.append(entry.name)
+                else:
+                    kept.append(entry.name)
+                    if _protected_reason(output):
+                        continue  # replaced file by file below: the kept entries stay where they are
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
+                    else:
+                        _link_or_copy(entry, staging / entry.name)
+            if log is not None and (replaced or removed):
+                log(
+                    f"replacing the checkpoint in {output}: {len(replaced)} file(s) rewritten"
+                    + (f", removed (not part of the new checkpoint): {', '.join(removed)}" if removed else "")
+                    + (f"; kept: {format_keys(kept, limit=10)}" if kept else "")
+                )
+            if _protected_reason(output):
+                # The current directory, the home or a root is never renamed away: its files are replaced one by one
+                # (each atomically), the stale checkpoint files removed, and nothing else touched.
+                for name in written:
+                    os.replace(staging / name, output / name)
+                for name in removed:
+                    (output / name).unlink()
+                return
             # os.replace cannot replace a non-empty directory: move the previous output aside, then delete it (a
             # failure between the two renames leaves it in `.<name>.previous-*`, not deleted).
             previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.previous-", dir=output.parent))
@@ -527,7 +587,7 @@ def staged_output(output: str | Path, overwrite: bool = False, sources: Iterable
         else:
             os.replace(staging, output)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed conversion leaves nothing half-written
+        shutil.rmtree(staging, ignore_errors=True)  # a failed write leaves nothing half-written
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -535,24 +595,16 @@ def staged_output(output: str | Path, overwrite: bool = False, sources: Iterable
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def resolve_source(source: str | Path, allow_patterns: list[str] | None = None) -> Path:
-    """A local directory as is; anything else that looks like a Hub repo id (``owner/name``) is downloaded with
-    `huggingface_hub.snapshot_download` (only `allow_patterns`) and its local snapshot returned."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    text = str(source)
-    looks_like_repo_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
-    if not looks_like_repo_id:
-        raise ConversionError(f"{source}: no such directory (and not a Hub repo id of the form owner/name)")
-    from huggingface_hub import snapshot_download
+def resolve_source(source: str | Path, allow_patterns: list[str] | None = None, label: str = "--source") -> Path:
+    """A local directory as is; a path that does not exist fails at once; anything else is tried as a Hub repo id
+    (`huggingface_hub.snapshot_download` of `allow_patterns` only) and its local snapshot returned
+    (`ms_llava.checkpoints.resolve_checkpoint`, whose errors become `ConversionError`s naming both attempts)."""
+    from ..checkpoints import CheckpointError, resolve_checkpoint
 
     try:
-        return Path(snapshot_download(repo_id=text, allow_patterns=allow_patterns))
-    except Exception as error:
-        raise ConversionError(
-            f"{source}: not a local directory, and downloading it from the Hub failed: {error}"
-        ) from error
+        return resolve_checkpoint(source, label, allow_patterns=allow_patterns or HUB_ALLOW_PATTERNS, check=False)
+    except CheckpointError as error:
+        raise ConversionError(str(error)) from error
 
 
 def read_json(path: Path) -> dict:
@@ -705,6 +757,7 @@ __all__ = [
     "quiet_transformers",
     "read_checkpoint",
     "read_json",
+    "replace_folder",
     "resolve_source",
     "run_conversion",
     "staged_output",

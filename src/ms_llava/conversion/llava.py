@@ -335,7 +335,7 @@ def convert_llava_to_ms_llava(
     report.dropped = plan.dropped
     report.created = {f"MS-Resampler, freshly initialised (seed {seed}, {dtype})": list(resampler_tensors)}
     entries = list(plan.entries.items())
-    with staged_output(output, overwrite=overwrite, sources=[source_dir]) as staging:
+    with staged_output(output, overwrite=overwrite, sources=[source_dir], log=log) as staging:
         log(f"writing {len(entries)} tensors ({plan.total_parameters:,} parameters) to {report.output}")
         write_safetensors(entries, staging, shard_bytes)
         save_config_files(meta_model, config, dtype, staging, generation_source=source_dir)

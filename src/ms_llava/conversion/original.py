@@ -417,7 +417,9 @@ def find_vision_tower(
         )
     reference = vision_tower if vision_tower is not None else settings.mm_vision_tower
     try:
-        directory = resolve_source(reference, ["*.json"] if tower_in_checkpoint else HUB_ALLOW_PATTERNS)
+        directory = resolve_source(
+            reference, ["*.json"] if tower_in_checkpoint else HUB_ALLOW_PATTERNS, "--vision-tower"
+        )
     except ConversionError as error:
         raise ConversionError(
             f"the checkpoint's vision tower needs its config: {error}; pass --vision-tower DIR (a transformers CLIP "
@@ -695,7 +697,7 @@ def convert_original_to_hf(
     check_output(output, overwrite)
     source_dir = resolve_source(source, HUB_ALLOW_PATTERNS + ["*.bin"])
     settings = parse_original_config(read_json(source_dir / "config.json"), source_dir / "config.json")
-    base_dir = resolve_source(base_llm, HUB_ALLOW_PATTERNS + ["*.bin"]) if base_llm is not None else None
+    base_dir = resolve_source(base_llm, HUB_ALLOW_PATTERNS + ["*.bin"], "--base-llm") if base_llm is not None else None
     notes = [f"config fields not used: {', '.join(settings.ignored_fields)}"] if settings.ignored_fields else []
 
     sources = read_original_weights(source_dir, base_dir, log)
@@ -768,7 +770,8 @@ def convert_original_to_hf(
     original_sources = {source.name: source for source in sources}
     entries = list(plan.entries.items())
     dtype = plan.entries["model.language_model.embed_tokens.weight"].dtype
-    with staged_output(output, overwrite=overwrite, sources=[d for d in (source_dir, base_dir) if d]) as staging:
+    sources = [d for d in (source_dir, base_dir) if d]
+    with staged_output(output, overwrite=overwrite, sources=sources, log=log) as staging:
         log(f"writing {len(entries)} tensors ({plan.total_parameters:,} parameters) to {report.output}")
         write_safetensors(entries, staging, shard_bytes)
         generation_dir = source_dir if (source_dir / "generation_config.json").is_file() else base_dir
@@ -901,7 +904,7 @@ def convert_hf_to_original(
         tower_embedded=not exclude_vision_tower,
     )
     entries = list(plan.entries.items())
-    with staged_output(output, overwrite=overwrite, sources=[source_dir]) as staging:
+    with staged_output(output, overwrite=overwrite, sources=[source_dir], log=log) as staging:
         log(f"writing {len(entries)} tensors ({plan.total_parameters:,} parameters) to {report.output}")
         write_safetensors(entries, staging, shard_bytes)
         copy_files(source_dir, staging, ["generation_config.json", *TOKENIZER_FILES])
