@@ -296,7 +296,9 @@ train({model!r}, "finetune", {data!r}, {images!r}, {folder!r}, resume=True, call
 
 @pytest.mark.slow
 def test_sigkill_during_trains_final_save_then_the_next_run(tiny_dir, shapes, finished_run, tmp_path, monkeypatch):
-    """SIGKILL (no handler, no cleanup) at every point of the final save, in a subprocess: the final files are the
+    """SIGKILL (no handler, no cleanup) at points of the final save, in a subprocess (each costs a start of Python
+    with torch, so a sample: the first write, one a third in, the last write before the moves, the first, middle and
+    last move): the final files are the
     old ones (killed while the new ones were written into the staging folder) or a mix of complete old and new files
     (killed while they were moved in, the staged save marked complete); never a truncated file. The next run's
     `recover_final_save` then leaves the old state or the complete new one."""
@@ -307,7 +309,11 @@ def test_sigkill_during_trains_final_save_then_the_next_run(tiny_dir, shapes, fi
           callbacks=[ArmAtTrainEnd(counting)], **RUN)  # fmt: skip
     monkeypatch.undo()
     old = final_state(finished_run)
-    for at in range(1, len(counting.points) + 1):
+    points = counting.points
+    moves = [at for at, point in enumerate(points, 1) if point.startswith("rename to")]
+    chosen = sorted({1, len(points) // 3, moves[0] - 1, moves[0], moves[len(moves) // 2], moves[-1]})
+    rolled_forward = []
+    for at in chosen:
         folder = tmp_path / f"kill-{at}"
         rerun_step_2(finished_run, folder)
         script = KILL_SCRIPT.format(
@@ -320,6 +326,9 @@ def test_sigkill_during_trains_final_save_then_the_next_run(tiny_dir, shapes, fi
         for name in old:
             if not name.startswith(FINAL_SAVE_STAGING) and (folder / name).is_file():
                 assert (folder / name).stat().st_size > 0, f"killed at {counting.points[at - 1]!r}: {name} empty"
+        if (staging / STAGED_COMPLETE).is_file():
+            rolled_forward.append(at)
         recover_final_save(folder)
         assert not staging.exists()
-        check_old_or_new(folder, old)
+        assert check_old_or_new(folder, old) == ("new" if at in rolled_forward else "old"), points[at - 1]
+    assert rolled_forward == [at for at in chosen if at in moves], (rolled_forward, points)

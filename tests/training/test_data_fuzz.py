@@ -19,7 +19,7 @@ from ms_llava.training.data import BadRecordsError, check_records, load_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=1500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Any JSON value, small; strings include image markers and lone surrogates (valid JSON escapes, invalid Unicode).
 TEXT = st.one_of(st.text(max_size=12), st.sampled_from(["<image>", "<image>\nHi", "\ud800", "a \udfff b", "", " "]))

@@ -462,7 +462,7 @@ def _read_json_records(path: Path) -> list:
         raise ValueError(
             f"{path} is not UTF-8 text: byte {data[error.start]:#04x} at offset {error.start} (line {line}) "
             f"cannot be decoded ({error.reason}); JSON training data must be UTF-8: re-encode the file (e.g. "
-            f"`iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`) or fix that line"
+            f"iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}) or fix that line"
         ) from error
     if path.suffix.lower() == ".jsonl":
         records = []
