@@ -178,6 +178,16 @@ def test_a_folder_that_is_no_checkpoint_is_named(tmp_path, capsys, tiny_checkpoi
     code, _, err = run_cli(["demo", "--checkpoint", str(tiny_checkpoint / "config.json")], capsys)
     assert_clear_error(code, err, "config.json: is a file; give the checkpoint's folder")
 
+    no_tokenizer = truncated_copy(tiny_checkpoint, tmp_path / "no-tokenizer")
+    (no_tokenizer / "model.safetensors").write_bytes((tiny_checkpoint / "model.safetensors").read_bytes())
+    (no_tokenizer / "tokenizer.json").unlink()
+    code, _, err = run_cli(["demo", "--checkpoint", str(no_tokenizer)], capsys)
+    assert_clear_error(code, err, f"--checkpoint {no_tokenizer}: the processor's files are missing: tokenizer.json")
+
+    (no_tokenizer / "config.json").write_text("{")
+    code, _, err = run_cli(["visualize", "--checkpoint", str(no_tokenizer)], capsys)
+    assert_clear_error(code, err, f"--checkpoint {no_tokenizer}: config.json is not valid JSON")
+
 
 def test_a_shard_listed_in_the_index_but_missing_is_named(tmp_path, capsys, tiny_checkpoint):
     folder = truncated_copy(tiny_checkpoint, tmp_path / "sharded")

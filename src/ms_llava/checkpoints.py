@@ -106,20 +106,36 @@ def check_safetensors(path: str | Path, label: str | None = None) -> None:
         ) from error
 
 
-def check_checkpoint_folder(directory: str | Path, label: str = "checkpoint") -> Path:
-    """Checks that `directory` holds a loadable model checkpoint: a `config.json`, weights (`model.safetensors`, a
-    safetensors or `.bin` index whose shards all exist, or `pytorch_model.bin`), and safetensors files whose headers
-    read. Raises `CheckpointError` naming what is missing or broken; returns the folder."""
+def _missing_processor_files(directory: Path) -> list[str]:
+    missing = []
+    if not any((directory / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+        missing.append("processor_config.json (or preprocessor_config.json)")
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        missing.append("tokenizer.json (or tokenizer.model)")
+    return missing
+
+
+def check_checkpoint_folder(directory: str | Path, label: str = "checkpoint", processor: bool = False) -> Path:
+    """Checks that `directory` holds a loadable model checkpoint: a `config.json` that is JSON, weights
+    (`model.safetensors`, a safetensors or `.bin` index whose shards all exist, or `pytorch_model.bin`), safetensors
+    files whose headers read, and with `processor`, the processor's and tokenizer's files. Raises `CheckpointError`
+    naming what is missing or broken; returns the folder."""
+    import json
+
     directory = Path(directory)
     hint = "expected a folder written by save_pretrained"
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{label} {directory}: no config.json, so not a checkpoint ({hint})")
+    try:
+        json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(
+            f"{label} {directory}: config.json is not valid JSON ({error}); save or download the checkpoint again"
+        ) from error
     shards: list[Path] = []
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = directory / index_name
         if index.is_file():
-            import json
-
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 names = sorted(set(weight_map.values()))
@@ -148,6 +164,12 @@ def check_checkpoint_folder(directory: str | Path, label: str = "checkpoint") ->
     for shard in shards:
         if shard.suffix == ".safetensors":
             check_safetensors(shard, f"{label} {directory}")
+    missing = _missing_processor_files(directory) if processor else []
+    if missing:
+        raise CheckpointError(
+            f"{label} {directory}: the processor's files are missing: {', '.join(missing)} (save the processor too: "
+            "processor.save_pretrained(folder))"
+        )
     return directory
 
 
@@ -157,6 +179,7 @@ def resolve_checkpoint(
     *,
     allow_patterns: list[str] | None = None,
     check: bool = True,
+    processor: bool = False,
 ) -> Path:
     """The local folder of the checkpoint `value` names: an existing folder, or a Hub repo's snapshot.
 
@@ -165,6 +188,7 @@ def resolve_checkpoint(
         label: how the messages name the argument (`"--checkpoint"`, `"--model"`, `"--source"`).
         allow_patterns: the files to download from the Hub (default `MODEL_ALLOW_PATTERNS`).
         check: also check the folder as a model checkpoint (`check_checkpoint_folder`).
+        processor: the checkpoint must also hold its processor (config, tokenizer files).
 
     Raises:
         CheckpointError: a path that does not exist (at once, with no Hub request), a file where a folder is
@@ -174,13 +198,13 @@ def resolve_checkpoint(
     text = str(value)
     path = Path(text).expanduser()
     if path.is_dir():
-        return check_checkpoint_folder(path, label) if check else path
+        return check_checkpoint_folder(path, label, processor) if check else path
     if path.exists():
         raise CheckpointError(f"{label} {text}: is a file; give the checkpoint's folder (written by save_pretrained)")
     if looks_like_path(text):
         raise CheckpointError(f"{label} {text}: no such folder ({path.absolute()}); check the path")
     folder = _download(text, label, allow_patterns or MODEL_ALLOW_PATTERNS, path)
-    return check_checkpoint_folder(folder, f"{label} {text}: the Hub's snapshot") if check else folder
+    return check_checkpoint_folder(folder, f"{label} {text}: the Hub's snapshot", processor) if check else folder
 
 
 def _download(repo_id: str, label: str, allow_patterns: list[str], local: Path) -> Path:

@@ -144,7 +144,7 @@ def _resolve_model_argument(args) -> None:
     expanded; a Hub id is passed on as given (downloaded now, then read from the Hub cache), so the run records it."""
     from .checkpoints import resolve_checkpoint
 
-    folder = resolve_checkpoint(args.model, "--model")
+    folder = resolve_checkpoint(args.model, "--model", processor=True)
     if Path(args.model).expanduser().is_dir():
         args.model = str(folder)
 

@@ -59,7 +59,7 @@ def load_checkpoint(checkpoint: str | Path | None):
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars between the demo's lines
     # A folder, or a Hub id downloaded once here; a mistyped path, a missing file or a truncated .safetensors is a
     # CheckpointError naming it, before from_pretrained (which would try a typo as a Hub id, with retries).
-    path = resolve_checkpoint(checkpoint) if checkpoint is not None else default_checkpoint_path()
+    path = resolve_checkpoint(checkpoint, processor=True) if checkpoint is not None else default_checkpoint_path()
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(path)
     generator = pipeline("image-text-to-text", model=model, processor=processor)
