@@ -348,3 +348,17 @@ def test_convert_overwrite_keeps_the_users_notes_and_lists_what_it_removes(tmp_p
     assert "kept: notes.txt" in out
     assert (output / "notes.txt").read_text() == "lr 2e-5 worked best"
     assert not (output / "model-00009-of-00009.safetensors").exists() and (output / "model.safetensors").is_file()
+
+
+def test_a_hub_id_is_downloaded_once_and_used(tmp_path, capsys, hub, tiny_dir, image, monkeypatch):
+    """A bare name that is on the Hub (the loopback one): the resolver downloads its snapshot and the command runs on
+    it; a local folder of the same name would have been taken first."""
+    from ms_llava.hub import push_to_hub
+
+    push_to_hub(tiny_dir, "me/tiny-cli")
+    monkeypatch.chdir(tmp_path)
+    image.save(tmp_path / "photo.png")
+    args = ["visualize", "--checkpoint", "me/tiny-cli", "--image", "photo.png", "--output", str(tmp_path / "v.png")]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "checkpoint: " in out and "me--tiny-cli" in out and (tmp_path / "v.png").is_file()

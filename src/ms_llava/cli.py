@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     training.add_cli(commands)
 
     args = parser.parse_args(argv)
-    debug = args.debug or os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "") not in ("", "0")
+    debug = _debug(args)
     try:
         return _run(commands, args)
     except KeyboardInterrupt:
@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _debug(args) -> bool:
+    return args.debug or os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "") not in ("", "0")
 
 
 def _run(commands, args) -> int:
@@ -187,7 +191,11 @@ def _run_image_command(parser, args) -> int:
     except CheckpointError:
         raise  # main prints it, without the usage lines: the checkpoint, not the command line, is wrong
     except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        if _debug(args):
+            raise
+        # A bad --query / --query-at / --image value is an argument error (exit status 2), shown without the usage
+        # lines: the usage is not what went wrong.
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0
 
 
