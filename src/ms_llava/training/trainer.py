@@ -204,7 +204,10 @@ def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
 
 def _fsync(path: Path) -> None:
     """Flushes a file (or a folder's entries) to disk, so that a rename after it never exposes unwritten data."""
-    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on some systems (Windows)
+        return
     try:
         os.fsync(descriptor)
     except OSError:  # some file systems refuse fsync on folders
@@ -217,7 +220,8 @@ def commit_staged_save(output_dir: str | Path) -> list[str]:
     """Moves the files of a complete staged save (`OUTPUT_DIR/.ms_llava_final_save`, marked complete) into
     `output_dir`, each with one `os.replace` (atomic: a reader sees the old file or the new one, never part of
     one), with Ctrl-C and SIGTERM held until the last one is in; then removes the staging folder. Returns the names
-    moved. Also completes a commit that a kill (SIGKILL, power loss) cut short: `train` calls it when it starts."""
+    moved. Also completes a commit that a kill (SIGKILL, power loss) cut short (`recover_final_save`, which `train`
+    runs at the end of its first step)."""
     output_dir = Path(output_dir)
     staging = output_dir / FINAL_SAVE_STAGING
     moved = []
