@@ -142,15 +142,25 @@ def test_the_command_fails_within_seconds_when_the_hub_is_unreachable(tmp_path):
         "HF_HOME": str(tmp_path / "hf"),
         "HF_HUB_OFFLINE": "0",
     }
-    command = [sys.executable, "-m", "ms_llava.cli", "demo", "--checkpoint", "someone/no-such-model"]
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
-    elapsed = time.perf_counter() - started
+    # The command is timed inside the process, after the imports (which take seconds on a busy machine).
+    script = (
+        "import sys, time\n"
+        "from ms_llava import hub, training\n"
+        "from ms_llava.cli import main\n"
+        "started = time.perf_counter()\n"
+        "code = main(['demo', '--checkpoint', 'someone/no-such-model'])\n"
+        "print(f'elapsed {time.perf_counter() - started:.3f}')\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert "someone/no-such-model: not a local folder" in result.stderr
     assert "downloading it from the Hub failed" in result.stderr
-    assert elapsed < 20, f"took {elapsed:.1f} s (imports included)"
+    elapsed = float(result.stdout.split("elapsed ")[-1])
+    assert elapsed < 10, f"the command took {elapsed:.1f} s"
 
 
 def test_train_model_argument_is_resolved_before_training(tmp_path, capsys, unreachable_hub, monkeypatch):
