@@ -374,11 +374,14 @@ class MSResampler(PreTrainedModel):
         implementation = self.config._attn_implementation
         if output_attentions or implementation == "eager":
             attention = eager_resampler_attention
-        elif "flash" in implementation:
-            # FlashAttention kernels take no additive bias: the resampler uses SDPA (the rest of the model keeps FA).
-            attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        elif implementation == "flex_attention":
+            attention = ALL_ATTENTION_FUNCTIONS["flex_attention"]
         else:
-            attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_resampler_attention)
+            # SDPA under every other implementation: FlashAttention kernels take no additive bias (the rest of the
+            # model keeps FA), and a function registered in AttentionInterface by a serving engine (vLLM's "vllm")
+            # attends through the engine's KV cache by `module.layer_idx`, which a resampler has not: a string given
+            # to `set_attn_implementation` reaches every sub-config, this one included.
+            attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
         if implementation == "flex_attention" and attention is not eager_resampler_attention:
             # flex reads the bias per (batch, head) in its score_mod: expand (a view, no copy)
             position_bias = None if bias is None else bias.expand(batch_size * num_heads, -1, -1, -1)
