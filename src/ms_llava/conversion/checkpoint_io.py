@@ -15,7 +15,8 @@
   into a temporary sibling directory that is renamed into place only when everything succeeded, so a failed
   conversion leaves no half-written output. :func:`check_output` decides what may be replaced: with ``--overwrite``,
   only a directory that looks like a checkpoint a conversion wrote, and never a filesystem root, the current working
-  directory or the home directory.
+  directory or the home directory; :func:`replace_folder` then replaces only its checkpoint files, lists those it
+  removes and carries the user's other files (notes, results) into the new directory.
 * **Shared by the conversions.** What to download from the Hub (:data:`HUB_ALLOW_PATTERNS`), the image token, the
   parity size limit and the reporting (:class:`ConversionReport`, :func:`run_conversion`).
 """
