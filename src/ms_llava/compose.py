@@ -159,16 +159,41 @@ def load_vision_config(tower_dir: Path):
     return vision_config, dropped, family
 
 
-def plan_tower_tensors(sources: list[TensorSource], expected, dropped: tuple[str, ...], plan: KeyPlan) -> None:
+def tower_key_renamer(meta_tower) -> Callable[[str], str]:
+    """The key renames transformers applies when it loads this tower's checkpoints (`get_model_conversion_mapping`:
+    e.g. ViT's `encoder.layer.N.attention.attention.query` -> `layers.N.attention.q_proj` since transformers 5).
+    Renames only: a mapping that merges or splits tensors cannot stream one tensor at a time and is refused."""
+    from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
+    transforms = get_model_conversion_mapping(meta_tower) or []
+    others = [type(transform).__name__ for transform in transforms if not isinstance(transform, WeightRenaming)]
+    if others:
+        raise ConversionError(
+            f"the vision tower {type(meta_tower).__name__}'s checkpoints need transformers' weight conversions "
+            f"{sorted(set(others))} (tensors merged or split), which a streaming compose does not apply"
+        )
+
+    def rename(key: str) -> str:
+        for transform in transforms:
+            key, _ = transform.rename_source_key(key)
+        return key
+
+    return rename
+
+
+def plan_tower_tensors(
+    sources: list[TensorSource], expected, dropped: tuple[str, ...], plan: KeyPlan, rename: Callable[[str], str]
+) -> None:
     """The tower's tensors under `model.vision_tower.*`: a whole model's `vision_model.` prefix is stripped (and its
-    text half dropped); transformers 4's nested `CLIPVisionModel` keys (`vision_model.*`) too."""
+    text half dropped); transformers 4's nested `CLIPVisionModel` keys (`vision_model.*`) too; then transformers'
+    own renames for the tower's class (`tower_key_renamer`)."""
     for source in sources:
         if source.name.startswith(dropped):
             plan.drop(source.name, "the vision tower checkpoint's text half (not used by MS-LLaVA)")
             continue
-        key = TOWER_PREFIX + source.name
+        key = TOWER_PREFIX + rename(source.name)
         if key not in expected and source.name.startswith("vision_model."):
-            key = TOWER_PREFIX + source.name.removeprefix("vision_model.")
+            key = TOWER_PREFIX + rename(source.name.removeprefix("vision_model."))
         if key in expected:
             plan.add(key, source)
         elif key.endswith(RECOMPUTED_BUFFER_SUFFIXES):
@@ -537,7 +562,8 @@ def compose(
 
     log(f"reading {tower_dir} and {llm_dir}")
     plan = KeyPlan(f"{tower_dir} + {llm_dir} -> MS-LLaVA")
-    plan_tower_tensors(read_checkpoint(tower_dir), expected_shapes, dropped_prefixes, plan)
+    rename = tower_key_renamer(meta_model.model.vision_tower)
+    plan_tower_tensors(read_checkpoint(tower_dir), expected_shapes, dropped_prefixes, plan, rename)
     plan_llm_tensors(read_checkpoint(llm_dir), expected_shapes, plan)
     grown = []
     for key in (EMBED_KEY, LM_HEAD_KEY):

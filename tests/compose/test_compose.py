@@ -18,6 +18,7 @@ from isolation import hub_subprocess_env, run_python
 from ms_llava import LLAVA_1_5_CHAT_TEMPLATE, MSLlavaConfig
 from ms_llava.cli import main as cli_main
 from ms_llava.compose import CHATML_CHAT_TEMPLATE, compose, tokenizer_surgery
+from ms_llava.compose import main as compose_main
 from ms_llava.conversion import llava as convert_llava
 from ms_llava.conversion.checkpoint_io import read_checkpoint
 from ms_llava.testing_utils import write_shapes_dataset
@@ -218,19 +219,23 @@ def test_bad_parts_and_settings_are_named(parts, tmp_path):
 
 def test_command_line(parts, tmp_path, capsys):
     output = tmp_path / "cli"
-    arguments = ["compose", "--vision-tower", str(parts("clip")), "--language-model", str(parts("llama")),
+    arguments = ["--vision-tower", str(parts("clip")), "--language-model", str(parts("llama")),
                  "--output", str(output), "--num-queries", "16", "--scope-windows", "2", "4", "8", "--seed", "3"]  # fmt: skip
-    assert cli_main(arguments) == 0
+    assert compose_main(arguments) == 0
     assert "parity: language model logits" in capsys.readouterr().out
     config = json.loads((output / "config.json").read_text())
     assert config["resampler_config"]["num_queries"] == 16 and config["resampler_config"]["scope_windows"] == [2, 4, 8]
-    assert cli_main(arguments) == 1  # exists: refused, named
+    assert compose_main(arguments) == 1  # exists: refused, named
     assert "pass --overwrite" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+
+
+def test_ms_llava_compose_is_registered_with_the_converters_options(capsys):
+    with pytest.raises(SystemExit) as exited:
         cli_main(["compose", "--help"])
+    assert exited.value.code == 0
     help_text = capsys.readouterr().out
     for option in ("--fusion {channel_mlp,mean,attention,concat_mlp}", "--vision-feature-layer", "--chat-template",
-                   "--vision-feature-select-strategy {default,full}", "--max-shard-size", "--no-parity"):  # fmt: skip
+                   "--vision-feature-select-strategy {default,full}", "--max-shard-size", "--no-parity", "--seed"):  # fmt: skip
         assert option in help_text
 
 
@@ -306,3 +311,17 @@ def test_compose_train_generate_save_reload(parts, tmp_path, tower, llm, one_thr
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_any_vit_that_automodel_loads_is_a_tower(parts, tmp_path):
+    from compose_parts import vision_kwargs
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(**vision_kwargs())).save_pretrained(tmp_path / "vit")
+    report = compose(tmp_path / "vit", parts("llama"), tmp_path / "out", **TINY_RESAMPLER, **QUIET)
+    assert set(report.parity.values()) == {0.0} and len(report.parity) == 2
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == "vit" and config["vision_feature_select_strategy"] == "default"
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]  # no preprocessor config: 0.5
+    assert any("no preprocessor_config.json" in note for note in report.notes)
