@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         help="replace the checkpoint files of a folder that already holds a checkpoint (other files are kept)",
     )
 
-    from . import hub, training
+    from . import compose, hub, training
     from .conversion import llava as convert_llava
     from .conversion import original as convert_original
 
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     conversions = convert.add_subparsers(dest="conversion", required=True)
     convert_llava.add_cli(conversions)
     convert_original.add_cli(conversions)
+    compose.add_cli(commands)
     hub.add_cli(commands)
+    __import__("ms_llava.evaluation", fromlist=["add_cli"]).add_cli(commands)  # ms-llava eval (lmms-eval)
     training.add_cli(commands)
 
     args = parser.parse_args(argv)
@@ -110,7 +112,7 @@ def _run(commands, args) -> int:
         directory = write_tiny_checkpoint(args.directory, seed=args.seed, overwrite=args.overwrite, log=print)
         print(f"wrote {directory} (untrained)")
         return 0
-    if args.command == "train":
+    if args.command in ("train", "eval"):
         _resolve_model_argument(args)
     if args.command == "push":
         _check_weights(args.directory)
@@ -138,14 +140,34 @@ def _describe(error: BaseException, args) -> str:
     if isinstance(error, SafetensorError):
         given = [getattr(args, name, None) for name in ("checkpoint", "model", "source", "directory")]
         where = next((f" in {value}" for value in given if value), "")
-        text = f"a .safetensors file{where} is truncated or corrupt ({text}); download or save the checkpoint again"
+        culprit = next((found for value in given if value for found in [_unreadable_safetensors(value)] if found), "")
+        text = (
+            f"a .safetensors file{where} is truncated or corrupt{f' ({culprit})' if culprit else ''}: {text}; "
+            "download or save the checkpoint again"
+        )
     return text
 
 
+def _unreadable_safetensors(folder: str) -> str:
+    """The first `.safetensors` file in `folder` whose header does not read, or ""."""
+    from .checkpoints import CheckpointError, check_safetensors
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return ""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            check_safetensors(path)
+        except CheckpointError:
+            return str(path)
+    return ""
+
+
 def _resolve_model_argument(args) -> None:
-    """`train --model`: a path that does not exist, a bare name that is neither here nor on the Hub, or an incomplete
-    or truncated checkpoint fails before training starts (`resolve_checkpoint`). A local folder is passed on with `~`
-    expanded; a Hub id is passed on as given (downloaded now, then read from the Hub cache), so the run records it."""
+    """`train --model` and `eval --model`: a path that does not exist, a bare name that is neither here nor on the
+    Hub, or an incomplete or truncated checkpoint fails before the work starts (`resolve_checkpoint`). A local folder
+    is passed on with `~` expanded; a Hub id is passed on as given (downloaded now, then read from the Hub cache), so
+    the run records it."""
     from .checkpoints import resolve_checkpoint
 
     folder = resolve_checkpoint(args.model, "--model", processor=True)
