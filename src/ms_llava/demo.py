@@ -80,10 +80,11 @@ def ask(generator, image, question: str, max_new_tokens: int) -> str:
 
 
 def open_image(path: str | Path):
-    from PIL import Image
+    """The image at `path` as the processor should see it: fully decoded, EXIF-upright, mode kept (`ValueError`
+    naming the file when it cannot be read)."""
+    from .images import load_image
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return load_image(path)
 
 
 def _printable(text: str) -> str:

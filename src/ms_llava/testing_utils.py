@@ -27,6 +27,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from .configuration_ms_llava import MSLlavaConfig
 from .image_processing_ms_llava import MSLlavaImageProcessor
+from .images import load_image
 from .modeling_ms_llava import MSLlavaForConditionalGeneration
 from .processing_ms_llava import MSLlavaProcessor
 
@@ -264,7 +265,7 @@ def answer_accuracy(model, processor, data_path: str | Path, image_folder: str |
     records = json.loads(Path(data_path).read_text(encoding="utf-8"))
     prompts, images, references = [], [], []
     for record in records:
-        image = Image.open(Path(image_folder) / record["image"]).convert("RGB")
+        image = load_image(Path(image_folder) / record["image"])
         history = []
         for question, answer in zip(record["conversations"][::2], record["conversations"][1::2], strict=True):
             text = question["value"].replace("<image>", "").strip()

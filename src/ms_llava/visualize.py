@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .images import display_rgb
 from .modeling_ms_llava import build_scope_bias, query_anchors
 
 # Heat colours (magma-like), from no attention to the panel's maximum.
@@ -186,7 +187,6 @@ def query_attention(
         raise ValueError(f"query must be an integer in [0, {num_queries}) (M = {num_queries}), got {query!r}")
 
     image_processor = getattr(processor, "image_processor", processor)
-    image = image.convert("RGB") if image.mode not in ("RGB",) else image
     pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"]
     parameter = next(model.parameters())
     pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
@@ -350,7 +350,7 @@ def render(
 
     # Panel 0: the image as given, fitted into the panel.
     fit = panel_size / max(image.size)
-    shown = image.convert("RGB").resize(
+    shown = display_rgb(image).resize(
         (max(1, round(image.size[0] * fit)), max(1, round(image.size[1] * fit))), Image.Resampling.BICUBIC
     )
     offset = (MARGIN + (panel_size - shown.size[0]) // 2, top + (panel_size - shown.size[1]) // 2)

@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..images import decode_image
+
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
@@ -333,9 +335,7 @@ def load_image(image: Any) -> Image.Image:
         return image
     if isinstance(image, dict):
         image = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
-    with Image.open(image) as opened:
-        opened.load()
-        return opened
+    return decode_image(image)  # the command line's decoding (EXIF-upright, mode kept); the caller names the record
 
 
 # --------------------------------------------------------------------------------------------- sources

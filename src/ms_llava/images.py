@@ -1,0 +1,72 @@
+"""Opening a user's image file, the same way for every command (demo, visualize, train's dataset, evaluation).
+
+`load_image` decodes the whole file (so that a truncated one fails here, naming it, rather than inside the processor),
+turns an EXIF-rotated photo upright (as transformers' own `load_image` does) and otherwise hands back the image as
+opened: its mode is kept, because `MSLlavaImageProcessor` converts every PIL mode itself (16-bit greyscale scaled, not
+clipped; alpha composited on white), and a `convert("RGB")` here would do it worse. `display_rgb` is the 8-bit RGB
+picture the processor makes of an image, for drawing it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image, ImageOps
+
+from .image_processing_ms_llava import MSLlavaImageProcessor
+
+
+def decode_image(source: str | os.PathLike | BinaryIO) -> Image.Image:
+    """The image in `source` (a path or a binary file object), fully decoded and EXIF-upright, in the mode it has;
+    PIL's own exceptions for a file it cannot read (callers that name the file themselves, like the training set's
+    loader, which also names the record). `load_image` turns them into a `ValueError` naming the file."""
+    with Image.open(source) as opened:
+        opened.load()  # decodes everything now: a truncated file fails here
+        ImageOps.exif_transpose(opened, in_place=True)  # upright; the mode is kept
+        return opened  # loaded, so usable after the file is closed
+
+
+def load_image(source: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """The image in `source` (a path or a binary file object), fully decoded and EXIF-upright, in the mode it has.
+
+    `name` is how error messages call it (default: the path). Errors a file can cause are `ValueError`s naming it:
+    missing, a folder, not an image, truncated or damaged, or over PIL's decompression-bomb limit
+    (`PIL.Image.MAX_IMAGE_PIXELS`, which a trusting caller may raise).
+    """
+    is_path = isinstance(source, (str, os.PathLike))
+    name = (str(source) if is_path else getattr(source, "name", "<image bytes>")) if name is None else name
+    if is_path:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            raise ValueError(f"{name} is a folder, not an image file")
+        if not path.is_file():
+            raise ValueError(f"image file not found: {name}")
+        source = path
+    try:
+        return decode_image(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # the warning, when made an error
+        raise ValueError(
+            f"{name} is too large to decode safely ({error}). If you trust the file, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS, or scale the image down first"
+        ) from error
+    except Image.UnidentifiedImageError as error:
+        raise ValueError(f"{name} is not an image file that PIL can read ({error})") from error
+    except MemoryError:
+        raise
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, EOFError ... for a damaged file
+        raise ValueError(
+            f"cannot read image {name}: the file is truncated or damaged ({type(error).__name__}: {error})"
+        ) from error
+
+
+def display_rgb(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB picture `MSLlavaImageProcessor` makes of `image` before padding and resizing (16-bit and float
+    greyscale scaled to 8 bits, alpha composited on white), for drawing: `image.convert("RGB")` would clip 16-bit
+    values to white and drop the alpha."""
+    pixels = MSLlavaImageProcessor().process_image(image, do_convert_rgb=True)  # (3, height, width) uint8
+    return Image.fromarray(pixels.transpose(1, 2, 0), mode="RGB")
+
+
+__all__ = ["decode_image", "display_rgb", "load_image"]
