@@ -257,6 +257,7 @@ def load_text_config(llm_dir: Path):
     """The language model's config; a ConversionError unless it is a decoder that `AutoModelForCausalLM` builds with
     the standard layout (`model.*` for the `AutoModel` decoder, `lm_head.*`)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     raw = read_json(llm_dir / "config.json")
     what = f"model_type {raw.get('model_type')!r} (architectures {raw.get('architectures')})"
@@ -265,7 +266,7 @@ def load_text_config(llm_dir: Path):
             text_config = AutoConfig.from_pretrained(llm_dir)
     except (ValueError, KeyError, OSError) as error:
         raise ConversionError(f"--language-model {llm_dir}: transformers does not know {what}: {error}") from error
-    if text_config.is_encoder_decoder or type(text_config) not in AutoModelForCausalLM._model_mapping:
+    if text_config.is_encoder_decoder or text_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConversionError(
             f"--language-model {llm_dir}: expected a decoder-only causal language model that AutoModelForCausalLM "
             f"loads (Llama, Qwen2, Mistral, ...), got {what}"
