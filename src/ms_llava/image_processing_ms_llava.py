@@ -25,12 +25,13 @@ _SEPARABLE_FILTERS = {
     PILImageResampling.BICUBIC,
     PILImageResampling.LANCZOS,
 }
-_BAND_PIXELS = 1 << 22  # a tall image's padded rows go through the horizontal pass about this many pixels at a time
+_BAND_PIXELS = 1 << 20  # a tall image's padded rows go through the horizontal pass about this many pixels at a time
 
 
 def _high_depth_to_8bit(image: Image.Image) -> Image.Image:
     """PIL clips (rather than scales) modes I, I;16 and F when converting to RGB; scale them to 0..255 first."""
-    array = np.asarray(image, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # a signalling NaN in a float image warns here; it is refused just below
+        array = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
         if not np.isfinite(array).all():
             raise ValueError(f"the mode F (32-bit float) image of size {image.size} holds NaN or infinite values")
