@@ -418,6 +418,18 @@ MODEL_AUTO_MAP = {
 class MSLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: MSLlavaConfig
     _no_split_modules = ["MSResampler"]
+    # Quantized loading (bitsandbytes 4/8-bit, torchao, ...): every transformers quantizer leaves the modules named in
+    # `_keep_in_fp32_modules` unconverted, added to whatever skip list the caller passes, so MS-Resampler stays in the
+    # load dtype (BLIP-2 declares its Q-Former the same way). As in transformers' LLaVA, which declares nothing, the
+    # vision tower is quantized and lm_head is not (transformers' default skip, unless the caller passes a list).
+    # Names are matched from the root: `model.` under MSLlavaForConditionalGeneration, none under MSLlavaModel.
+    _keep_in_fp32_modules = ["model.multi_modal_projector", "multi_modal_projector"]
+
+    def _get_dtype_plan(self, dtype):
+        # The same list would also keep these modules in float32 when loading in float16; MS-Resampler keeps the
+        # requested dtype (as before it was declared), so only the quantizers read it.
+        projector = set(MSLlavaPreTrainedModel._keep_in_fp32_modules)
+        return {key: value for key, value in super()._get_dtype_plan(dtype).items() if key not in projector}
 
     @classmethod
     def is_custom_code(cls) -> bool:
