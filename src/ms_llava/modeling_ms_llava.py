@@ -79,6 +79,7 @@ class ChannelMLPFusion(nn.Module):
 
     def __init__(self, num_branches: int, hidden_size: int, act: str):
         super().__init__()
+        self.num_branches, self.hidden_size = num_branches, hidden_size
         self.weight1 = nn.Parameter(torch.empty(hidden_size, num_branches))
         self.bias1 = nn.Parameter(torch.empty(hidden_size))
         self.weight2 = nn.Parameter(torch.empty(hidden_size))
@@ -88,7 +89,9 @@ class ChannelMLPFusion(nn.Module):
     def reset_parameters(self):
         # Variance-preserving start: the library's default normal(0, 0.02) on both layers would shrink the fused
         # tokens about a thousandfold.
-        num_branches, hidden = self.weight1.shape[1], self.weight1.shape[0]
+        # Sizes from the constructor, not the parameters: DeepSpeed ZeRO-3 partitions them (shape (0,)) as soon as
+        # the constructor returns, before MSResampler's constructor calls this.
+        num_branches, hidden = self.num_branches, self.hidden_size
         init.normal_(self.weight1, mean=0.0, std=num_branches**-0.5)
         init.zeros_(self.bias1)
         init.normal_(self.weight2, mean=0.0, std=(2.0 / hidden) ** 0.5)
@@ -445,7 +448,14 @@ class MSLlavaPreTrainedModel(LlavaPreTrainedModel):
         # Name both model classes in auto_map (transformers writes only the saved one), so that AutoModel and
         # AutoModelForImageTextToText both load the checkpoint through remote code.
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **MODEL_AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # FSDP2's `fully_shard` gives the model a class made in torch (`FSDPMSLlavaForConditionalGeneration`):
+        # transformers would name it in auto_map and copy torch's FSDP files as the remote code. Save as our class.
+        wrapped_class = type(self)
+        self.__class__ = next(cls for cls in wrapped_class.__mro__ if not cls.__module__.startswith("torch."))
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = wrapped_class
 
 
 class MSLlavaModel(MSLlavaPreTrainedModel, LlavaModel):
