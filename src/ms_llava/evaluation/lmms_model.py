@@ -20,13 +20,16 @@ This module imports lmms-eval; `ms_llava.evaluation` imports it only when lmms-e
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from lmms_eval import utils as lmms_utils
 from lmms_eval.api.model import lmms
+from loguru import logger as eval_logger  # lmms-eval's logger (what its CLI prints)
 from PIL import Image
 from tqdm import tqdm
 
@@ -45,10 +48,22 @@ def load_checkpoint(pretrained: str, trust_remote_code: bool = False, dtype: tor
     if not (directory / "config.json").is_file():
         raise ValueError(f"pretrained={pretrained}: not a checkpoint directory (no config.json)")
     if trust_remote_code:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        # The classes the checkpoint's `auto_map` names, from its own modules. Not the Auto classes: with `ms_llava`
+        # imported they resolve `ms_llava` to the package's registered classes even with trust_remote_code=True.
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-        processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
-        model = AutoModelForImageTextToText.from_pretrained(directory, trust_remote_code=True, dtype=dtype)
+        auto_maps = [json.loads((directory / name).read_text(encoding="utf-8")).get("auto_map", {}) for name in (
+            "config.json", "processor_config.json")]  # fmt: skip
+        references = (auto_maps[0].get("AutoModelForImageTextToText"), auto_maps[1].get("AutoProcessor"))
+        if None in references:
+            raise ValueError(
+                f"pretrained={pretrained}: trust_remote_code=True needs the checkpoint's auto_map entries "
+                f"AutoModelForImageTextToText (config.json) and AutoProcessor (processor_config.json); found "
+                f"{references}"
+            )
+        model_class, processor_class = (get_class_from_dynamic_module(ref, directory) for ref in references)
+        processor = processor_class.from_pretrained(directory)
+        model = model_class.from_pretrained(directory, dtype=dtype)
     else:
         from ..modeling_ms_llava import MSLlavaForConditionalGeneration
         from ..processing_ms_llava import MSLlavaProcessor
@@ -127,13 +142,23 @@ class MSLlavaLMMS(lmms):
         from accelerate import Accelerator
 
         self.accelerator = Accelerator()
-        self._rank = self.accelerator.process_index
-        self._world_size = self.accelerator.num_processes
-        self._device = torch.device(device) if device else self.accelerator.device
+        # The launcher's view (torchrun / accelerate launch set these), as lmms-eval's evaluator reads it: on CPU
+        # accelerate reports one process where torchrun started several. lmms-eval hands each rank its requests.
+        self._rank = int(os.environ.get("RANK", self.accelerator.process_index))
+        self._world_size = int(os.environ.get("WORLD_SIZE", self.accelerator.num_processes))
+        local_rank = int(os.environ.get("LOCAL_RANK", self.accelerator.local_process_index))
+        if device:
+            self._device = torch.device(device)
+        else:
+            self._device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         self.model, self.processor = load_checkpoint(
             pretrained, trust_remote_code=_as_bool(trust_remote_code), dtype=DTYPES[str(dtype)]
         )
         self.model.to(self._device)
+        eval_logger.info(
+            f"ms_llava: {type(self.model).__module__}.{type(self.model).__name__} from {pretrained} on {self._device} "
+            f"(rank {self._rank} of {self._world_size}, batch size {self.batch_size_per_device})"
+        )
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation: every prompt ends where generation starts
         if self.tokenizer.pad_token_id is None:
