@@ -128,7 +128,7 @@ class MSLlavaTrainingArguments(TrainingArguments):
         default=False, metadata=_help("LoRA on the language model; the projector trains fully (finetune only)")
     )
     qlora: bool = field(
-        default=False, metadata=_help("QLoRA: LoRA over a 4-bit LLM (needs a CUDA GPU and bitsandbytes)")
+        default=False, metadata=_help("QLoRA: LoRA over a 4-bit LLM (needs bitsandbytes; runs on CPU or GPU)")
     )
     lora_r: int = field(default=128, metadata=_help("LoRA rank (default 128)"))
     lora_alpha: int = field(default=256, metadata=_help("LoRA alpha (default 256)"))
