@@ -20,7 +20,7 @@ transformers' own `Idefics2PerceiverResampler` inside transformers' `Idefics2Con
   its design: it reads 4 vision layers where the others read one.
 * Idefics2 connector: transformers' `Idefics2Connector` (a SwiGLU modality projection C -> 11008 -> D, with the LLM's
   intermediate width as Idefics2 does, then the perceiver resampler: depth 3, 16 heads of 96, 4 key/value heads,
-  SwiGLU MLP 4D) with M latents (Idefics2 itself uses 64).
+  SwiGLU MLP 4D, transformers' default SDPA attention) with M latents (Idefics2 itself uses 64).
 
 Measured at LLaVA-1.5-7B sizes (CLIP ViT-L/14-336: N = 576 = 24 x 24 tokens of width C = 1024; Vicuna-7B: D = 4096),
 batch 1, fp32, `torch.inference_mode()`, for M = 144, 64, 36:
@@ -34,11 +34,12 @@ batch 1, fp32, `torch.inference_mode()`, for M = 144, 64, 36:
   load), which a shared machine disturbs far less than a ratio of medians;
 * MS-Resampler's achieved GEMM throughput as a fraction of this machine's `torch.matmul` throughput at the same
   shapes: every matmul MS-Resampler runs (mm, addmm, bmm, and the two products inside SDPA) is recorded and replayed
-  as plain `torch.matmul` calls in the same rounds; fraction = replay time / MS-Resampler time (median of the
-  per-round ratios).
+  as plain `torch.matmul` calls right after it, in rounds of their own (`--gemm-rounds`); fraction = replay time /
+  MS-Resampler time (median of the per-round ratios).
 
 Run `nice python benchmarks/projector_peers.py` from the repository root; it rewrites its section of BENCHMARKS.md.
-`--quick` runs reduced sizes with two rounds and writes nothing.
+`--quick` runs reduced sizes with two rounds and writes nothing. On a small machine that other jobs load, `--threads 1`
+gives steadier times (two threads oversubscribe the cores and one straggling thread stalls the other).
 """
 
 from __future__ import annotations
@@ -525,7 +526,8 @@ def paired_ratio(entry: dict, reference: dict, quartiles: bool = False):
     return (median, q1, q3) if quartiles else median
 
 
-def render(results, replays, sizes, threads, runs, warmup, load):
+def render(results, replays, sizes, threads, args, load):
+    runs, warmup = args.runs, args.warmup
     budgets = " / ".join(str(m) for m in sizes.budgets)
     factors = " / ".join(str(factor_for(m, sizes.grid)) for m in sizes.budgets)
     scale = "LLaVA-1.5-7B sizes" if sizes == FULL else "reduced sizes (--quick)"
@@ -535,7 +537,8 @@ def render(results, replays, sizes, threads, runs, warmup, load):
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB, no GPU; torch.set_num_threads"
         f"({threads}); torch {torch.__version__}, transformers {transformers.__version__}, Python"
         f" {platform.python_version()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC;"
-        f" load average before the run {load}. The machine was shared with other sessions' jobs, and run under `nice`.",
+        f" 1/5/15-min load average {load} (before and after the timed rounds): the machine was shared with other"
+        " sessions' jobs, and this ran under `nice`.",
         "- Reproduce: `nice python benchmarks/projector_peers.py` (`--quick`: reduced sizes, nothing written).",
         f"- Input: 1 x {sizes.num_tokens} x {sizes.vision_width} (CLIP ViT-L/14-336 grid {sizes.grid[0]}x"
         f"{sizes.grid[1]}), output M x {sizes.text_width}; fp32, batch 1, CPU, `torch.inference_mode()`.",
@@ -572,7 +575,8 @@ def render(results, replays, sizes, threads, runs, warmup, load):
     lines += [
         "",
         "MS-Resampler's GEMM efficiency: every matrix product it runs (mm / addmm / bmm / mv and the two products in"
-        " the SDPA kernel), replayed as plain fp32 `torch.matmul` calls at the same shapes, in the same rounds."
+        " the SDPA kernel), replayed as plain fp32 `torch.matmul` calls at the same shapes, right after it, in"
+        f" {args.gemm_rounds} rounds of their own (after {warmup} warm-up)."
         " 'Fraction' = replay time / MS-Resampler time in the same round (median over rounds, and its quartiles) ="
         " achieved GEMM throughput / this machine's matmul throughput at those shapes; the rest of MS-Resampler's"
         " time is layer norms, softmax, the bias add, reshapes and the fusion's element-wise work.",
@@ -582,12 +586,13 @@ def render(results, replays, sizes, threads, runs, warmup, load):
         "|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for replay in replays:
-        ms = replay["resampler"]
-        fraction, q1, q3 = paired_ratio(replay, ms, quartiles=True)
+        ms, matmul = replay["pair"]
+        fraction, q1, q3 = paired_ratio(matmul, ms, quartiles=True)
+        gflop = 2 * replay["macs"] / 1e9
         lines.append(
-            f"| {ms['tokens']} | {replay['macs'] / 1e9:.3f} | {ms['median']:.1f}"
-            f" | {2 * replay['macs'] / ms['median'] / 1e6:.1f} | {replay['median']:.1f}"
-            f" | {2 * replay['macs'] / replay['median'] / 1e6:.1f} | {fraction:.2f} | {q1:.2f} - {q3:.2f} |"
+            f"| {replay['resampler']['tokens']} | {replay['macs'] / 1e9:.3f} | {ms['median']:.1f}"
+            f" | {gflop / ms['median'] * 1e3:.1f} | {matmul['median']:.1f} | {gflop / matmul['median'] * 1e3:.1f}"
+            f" | {fraction:.2f} | {q1:.2f} - {q3:.2f} |"
         )
     if sizes == FULL:
         ours = {r["name"]: r["macs"] / 1e9 for r in results if r["tokens"] == 144}
@@ -628,13 +633,16 @@ def main():
     parser.add_argument("--write", type=Path, default=default_path, help="Markdown file to update (BENCHMARKS.md)")
     parser.add_argument("--no-write", action="store_true", help="only print the section")
     parser.add_argument("--quick", action="store_true", help="reduced sizes, 2 rounds, nothing written")
-    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=10, help="timed rounds of all projectors")
+    parser.add_argument(
+        "--gemm-rounds", type=int, default=60, help="timed rounds of MS-Resampler vs its matmul replay"
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: the usable CPU cores)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     if args.quick:
-        args.runs, args.warmup, args.no_write = 2, 1, True
+        args.runs, args.warmup, args.gemm_rounds, args.no_write = 2, 1, 4, True
 
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)
@@ -662,11 +670,18 @@ def main():
                 replays.append(dict(call=replay, macs=replay.macs, resampler=r))
     for r in results:
         r["call"] = lambda r=r: r["module"](*r["inputs"])
-    entries = results + replays
-    print(f"timing {len(entries)} entries in turns: {args.warmup} warm-up + {args.runs} timed rounds", flush=True)
-    time_in_turns(entries, args.warmup, args.runs, progress=True)
+    print(f"timing {len(results)} projectors in turns: {args.warmup} warm-up + {args.runs} timed rounds", flush=True)
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    time_in_turns(results, args.warmup, args.runs, progress=True)
+    # The GEMM-efficiency pairs run in a phase of their own, each replay right after its MS-Resampler, so that the two
+    # times of a pair are a fraction of a second apart (in the main rounds the slow Idefics2 rows sit between them).
+    for replay in replays:
+        replay["pair"] = (dict(call=replay["resampler"]["call"]), dict(call=replay["call"]))
+    print(f"timing MS-Resampler against its matmul replay: {args.gemm_rounds} rounds", flush=True)
+    time_in_turns([entry for replay in replays for entry in replay["pair"]], args.warmup, args.gemm_rounds)
+    load = f"{load}, then " + " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
-    section = "\n".join(render(results, replays, sizes, threads, args.runs, args.warmup, load))
+    section = "\n".join(render(results, replays, sizes, threads, args, load))
     print("\n" + section)
     if not args.no_write:
         write_section(args.write, section, START, END)
