@@ -66,3 +66,18 @@ def test_lmms_eval_command_line_remote_code_and_two_processes(tmp_path, yes_no_c
     two, log = lmms_eval(command, yes_no_checkpoint, tasks, tmp_path / "two", cwd=tmp_path)
     assert "rank 0 of 2" in log and "rank 1 of 2" in log  # two processes, each its share
     assert two == expected
+
+    # ms-llava eval's module form under the same launcher: the first process writes the card's results file
+    results = tmp_path / "results.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [*command[:-2], "-m", "ms_llava.evaluation", "--model", str(yes_no_checkpoint), "--tasks", "pope_local"]
+    command += ["--include-path", str(tasks), "--output", str(results), "--batch-size", "3"]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    truth = columns["answer"]
+    tp = sum(expected[i] == "yes" and truth[i] == "yes" for i in expected)
+    fp = sum(expected[i] == "yes" and truth[i] == "no" for i in expected)
+    fn = sum(expected[i] == "no" and truth[i] == "yes" for i in expected)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    assert tp > 0, expected
+    assert json.loads(results.read_text()) == {"POPE": pytest.approx(round(100 * f1, 4))}

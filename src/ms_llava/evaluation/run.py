@@ -133,8 +133,12 @@ def evaluate(
         device=device,
         batch_size=batch_size,
     )
+    import torch.distributed as dist
+
     results = simple_evaluate(
         model=lm,
+        # as lmms-eval's command line decides it: a process group already up (torchrun) -> its collectives
+        distributed_executor_backend="torchrun" if dist.is_available() and dist.is_initialized() else "accelerate",
         tasks=list(tasks),
         batch_size=batch_size,
         limit=limit,
