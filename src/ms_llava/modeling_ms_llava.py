@@ -625,6 +625,10 @@ class MSLlavaForConditionalGeneration(MSLlavaPreTrainedModel, LlavaForConditiona
             # fine-tuning examples) would train the model to predict the M placeholders the projector's outputs fill.
             is_image = input_ids == self.config.image_token_id
             kwargs["labels"] = kwargs["labels"].masked_fill(is_image.to(kwargs["labels"].device), -100)
+        if self.training and not args and kwargs.get("use_cache") is None:
+            # Training reads no KV cache. The LLM would fill one anyway, and a decoder layer recomputed by FSDP's
+            # activation checkpointing (torch's checkpoint_wrapper) would append its keys to it a second time.
+            kwargs["use_cache"] = False
         return super().forward(input_ids, pixel_values, *args, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
     def generate(self, *args, vision_features=None, **kwargs):

@@ -7,6 +7,8 @@ the run is plain DDP. This shim sets the type back to FSDP after accelerate has 
 plugin from the shipped config, FSDP2's fully_shard, the FULL_STATE_DICT save) is accelerate's and torch's own code.
 """
 
+import atexit
+import os
 import sys
 
 from accelerate.state import AcceleratorState
@@ -28,6 +30,29 @@ def _init_keeping_fsdp(self, *args, fsdp_plugin=None, **kwargs):
 
 
 AcceleratorState.__init__ = _init_keeping_fsdp
+
+if os.environ.get("FSDP_CPU_LAUNCH_COUNT_CHECKPOINTS"):
+    # Counts the layer calls that transformers' activation checkpointing runs through its checkpoint function, and
+    # says how many at exit: the test's evidence that `--gradient-checkpointing` checkpointed anything.
+    from transformers import PreTrainedModel
+
+    _set_gradient_checkpointing = PreTrainedModel._set_gradient_checkpointing
+    _checkpointed_calls = []
+
+    def _counting_set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=None, **kwargs):
+        if gradient_checkpointing_func is None:
+            return _set_gradient_checkpointing(self, enable, **kwargs)
+
+        def counting(*args, **inner_kwargs):
+            _checkpointed_calls.append(1)
+            return gradient_checkpointing_func(*args, **inner_kwargs)
+
+        return _set_gradient_checkpointing(self, enable, counting, **kwargs)
+
+    PreTrainedModel._set_gradient_checkpointing = _counting_set_gradient_checkpointing
+    atexit.register(
+        lambda: print(f"fsdp_cpu_launch: {len(_checkpointed_calls)} checkpointed layer calls", file=sys.stderr)
+    )
 
 if __name__ == "__main__":
     from ms_llava.training.trainer import main

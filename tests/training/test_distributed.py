@@ -15,6 +15,7 @@ x 4 examples x 2 accumulation steps, 4 steps of the finetune stage (vision tower
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,8 +33,6 @@ ACCELERATE_CONFIGS = REPO_ROOT / "configs" / "accelerate"
 FSDP_CPU_LAUNCH = Path(__file__).resolve().parent / "fsdp_cpu_launch.py"
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
-pytestmark = pytest.mark.slow
-
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -41,9 +40,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_training(launcher: list[str], arguments: list[str]) -> str:
+def run_training(launcher: list[str], arguments: list[str], **extra_environment: str) -> str:
     """Runs a training command in a subprocess that sees no GPU; returns its output, failing the test on an error."""
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    environment.update(extra_environment)
     completed = subprocess.run(
         [sys.executable, *launcher, *arguments], env=environment, capture_output=True, text=True, timeout=400
     )
@@ -119,6 +119,7 @@ def check_checkpoint_files(output_dir: Path):
     ]
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one_with_the_same_global_batch(baseline):
     """configs/accelerate/fsdp.yaml (FSDP2, transformer-based wrap of the LLM's and the tower's layers and the
     MS-Resampler, FULL_STATE_DICT) with 2 CPU processes; mixed precision off (the config's bf16 is for GPUs)."""
@@ -130,16 +131,29 @@ def test_fsdp_two_processes_match_one_with_the_same_global_batch(baseline):
     check_checkpoint_files(output_dir)
 
 
-def test_fsdp_with_gradient_checkpointing_and_the_frozen_vision_tower(baseline, tiny_dir):
-    """--gradient-checkpointing under FSDP while the vision tower is frozen (finetune stage): the recomputation
-    changes no loss or weight, and the frozen tower comes back unchanged."""
-    output_dir = baseline["directory"] / "fsdp_checkpointing"
-    launcher = [*accelerate_launch("fsdp.yaml"), "--mixed_precision", "no", str(FSDP_CPU_LAUNCH)]
-    arguments = [*baseline["arguments"], "--gradient-checkpointing", "--output-dir", str(output_dir)]
-    output = run_training(launcher, arguments)
-    # transformers' per-layer checkpointing ran (it says so when it turns the training-time KV cache off)
-    assert "is incompatible with gradient checkpointing" in output, output[-4000:]
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", ["--gradient-checkpointing", "fsdp_activation_checkpointing"])
+def test_fsdp_with_activation_checkpointing_and_the_frozen_vision_tower(baseline, tiny_dir, checkpointing):
+    """Activation checkpointing under FSDP while the vision tower is frozen (finetune stage), either transformers'
+    (`--gradient-checkpointing`) or FSDP's own (`fsdp_activation_checkpointing: true`, torch's checkpoint_wrapper on
+    the wrap units): the recomputation changes no loss or weight, and the frozen tower comes back unchanged. (FSDP's
+    failed before the model stopped filling a KV cache in training: the recomputed decoder layers appended their keys
+    to it a second time, "The size of tensor a (102) must match the size of tensor b (51)".)"""
+    output_dir = baseline["directory"] / f"fsdp_{checkpointing.strip('-')}"
+    launcher = [*accelerate_launch("fsdp.yaml"), "--mixed_precision", "no"]
+    arguments = [*baseline["arguments"], "--output-dir", str(output_dir)]
+    if checkpointing == "--gradient-checkpointing":
+        arguments.append(checkpointing)
+    else:
+        launcher += ["--fsdp_activation_checkpointing", "true"]
+    output = run_training([*launcher, str(FSDP_CPU_LAUNCH)], arguments, FSDP_CPU_LAUNCH_COUNT_CHECKPOINTS="1")
+    assert "fsdp_cpu_launch: FSDP kept" in output, output[-4000:]
+    if checkpointing == "--gradient-checkpointing":
+        # transformers' per-layer checkpointing ran: the LLM's and the tower's layers, 4 steps, on both processes
+        counts = [int(count) for count in re.findall(r"fsdp_cpu_launch: (\d+) checkpointed layer calls", output)]
+        assert len(counts) == 2 and min(counts) > 0, output[-4000:]
     check_against_one_process(baseline, output_dir, output)
+    check_checkpoint_files(output_dir)
     initial = loaded_weights(tiny_dir)
     trained = loaded_weights(output_dir)
     tower = [key for key in initial if ".vision_tower." in key]
@@ -148,6 +162,7 @@ def test_fsdp_with_gradient_checkpointing_and_the_frozen_vision_tower(baseline, 
         assert torch.equal(trained[key], initial[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_processes_match_one_with_the_same_global_batch(baseline, stage):
     """configs/accelerate/deepspeed_zero{2,3}.yaml (ZeRO-3 with zero3_init_flag: the weights are partitioned while
@@ -158,3 +173,18 @@ def test_deepspeed_two_processes_match_one_with_the_same_global_batch(baseline, 
     output = run_training(launcher, [*baseline["arguments"], "--output-dir", str(output_dir)])
     check_against_one_process(baseline, output_dir, output)
     check_checkpoint_files(output_dir)
+
+
+def test_a_training_forward_fills_no_kv_cache(tiny):
+    """In training mode the model asks its LLM for no KV cache unless the caller does (what lets FSDP's activation
+    checkpointing recompute a decoder layer); in eval mode the cache is there as before."""
+    model, processor = tiny
+    inputs = processor(text="USER: Hi ASSISTANT: Hello", return_tensors="pt")
+    try:
+        model.train()
+        assert model(**inputs).past_key_values is None
+        assert model(**inputs, use_cache=True).past_key_values is not None
+    finally:
+        model.eval()
+    with torch.no_grad():
+        assert model(**inputs).past_key_values is not None
