@@ -21,7 +21,6 @@ This module imports lmms-eval; `ms_llava.evaluation` imports it only when lmms-e
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -32,8 +31,6 @@ from lmms_eval.api.model import lmms
 from loguru import logger as eval_logger  # lmms-eval's logger (what its CLI prints)
 from PIL import Image
 from tqdm import tqdm
-
-logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -194,7 +191,7 @@ class MSLlavaLMMS(lmms):
             return images
         except Exception as error:  # a broken sample must not end a run over thousands
             self.unreadable[task].append(doc_id)
-            logger.warning("ms_llava: %s doc %s: no readable image (%s); answered empty", task, doc_id, error)
+            eval_logger.warning(f"ms_llava: {task} doc {doc_id}: no readable image ({error}); answered empty")
             return None
 
     @torch.no_grad()
@@ -262,7 +259,7 @@ class MSLlavaLMMS(lmms):
             progress.update(len(chunk))
         progress.close()
         for task, doc_ids in self.unreadable.items():
-            logger.warning("ms_llava: %s: %d sample(s) had no readable image: doc ids %s", task, len(doc_ids), doc_ids)
+            eval_logger.warning(f"ms_llava: {task}: {len(doc_ids)} sample(s) had no readable image: doc ids {doc_ids}")
         return collator.get_original(answers)
 
     def loglikelihood(self, requests):
