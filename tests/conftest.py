@@ -39,11 +39,6 @@ def image():
     return sample_image(size=48, seed=1)
 
 
-def chat(text: str, num_images: int = 1) -> list[dict]:
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
-    return [{"role": "user", "content": content}]
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

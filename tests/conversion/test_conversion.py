@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from conftest import chat
+from messages import chat
 from llava_checkpoints import save_llava
 from ms_llava import MSLlavaConfig, MSLlavaForConditionalGeneration, MSLlavaProcessor
 from ms_llava.conversion.checkpoint_io import ConversionError, check_output, read_checkpoint

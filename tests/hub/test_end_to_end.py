@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import chat
+from messages import chat
 from isolation import hub_subprocess_env, run_python
 from llava_checkpoints import save_llava
 from ms_llava.conversion.llava import convert_llava_to_ms_llava

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from conftest import chat
+from messages import chat
 from ms_llava import MSLlavaForConditionalGeneration, MSLlavaModel, MSResampler
 from ms_llava.testing_utils import build_tiny_checkpoint, sample_image
 

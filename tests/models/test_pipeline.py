@@ -1,7 +1,7 @@
 import torch
 from transformers import pipeline
 
-from conftest import chat
+from messages import chat
 
 
 def test_pipeline_with_chat_messages(tiny_dir, tiny, image):

@@ -22,7 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from conftest import chat
+from messages import chat
 from ms_llava.testing_utils import build_tiny_checkpoint, tiny_vision_config, write_shapes_dataset
 from ms_llava.training import TrainingConfig, add_cli, train
 from ms_llava.tuners.scale import (
