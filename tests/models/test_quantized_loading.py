@@ -38,8 +38,11 @@ def _linear(module) -> bool:
 
 
 @pytest.fixture
-def eager_bitsandbytes(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+def eager_bitsandbytes():
+    # torch's own config patch: monkeypatch.setattr on torch._dynamo.config left `disable` deleted (hidden) after the
+    # test, and every later torch.compile (flex attention) failed with "torch._dynamo.config.disable does not exist"
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 @pytest.fixture(scope="module")
