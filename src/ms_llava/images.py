@@ -10,12 +10,31 @@ picture the processor makes of an image, for drawing it.
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from .image_processing_ms_llava import MSLlavaImageProcessor
+
+
+_DECODING = threading.Lock()
+
+
+@contextmanager
+def _strict_decoding():
+    """PIL refuses truncated data while this holds, whatever `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says elsewhere:
+    lmms-eval sets it to True when it is imported (for its own datasets), which would let a cut-off file through as
+    an image with a grey band. The flag is module-wide, so it is set and restored under a lock."""
+    with _DECODING:
+        tolerant = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
 
 
 def decode_image(source: str | os.PathLike | BinaryIO) -> Image.Image:
@@ -23,7 +42,8 @@ def decode_image(source: str | os.PathLike | BinaryIO) -> Image.Image:
     PIL's own exceptions for a file it cannot read (callers that name the file themselves, like the training set's
     loader, which also names the record). `load_image` turns them into a `ValueError` naming the file."""
     with Image.open(source) as opened:
-        opened.load()  # decodes everything now: a truncated file fails here
+        with _strict_decoding():
+            opened.load()  # decodes everything now: a truncated file fails here
         ImageOps.exif_transpose(opened, in_place=True)  # upright; the mode is kept
         return opened  # loaded, so usable after the file is closed
 

@@ -167,6 +167,19 @@ def test_unreadable_image_gives_a_value_error_naming_the_file(tmp_path, case, me
     assert str(path) in str(raised.value)
 
 
+def test_a_truncated_file_is_refused_where_another_library_lets_pil_load_truncated_images(tmp_path, monkeypatch):
+    """lmms-eval sets PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True when it is imported (ms-llava eval imports it); our
+    loader still refuses the cut-off file, and leaves the flag as it found it."""
+    from PIL import ImageFile
+
+    path = tmp_path / "cut.jpg"
+    _truncated_jpeg(path)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        load_image(path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
 def test_dataset_names_the_record_and_the_file_of_an_unreadable_image(tiny, tmp_path):
     from ms_llava.training.data import SupervisedDataset
 
