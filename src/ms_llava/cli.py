@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     compose.add_cli(commands)
     hub.add_cli(commands)
     __import__("ms_llava.evaluation", fromlist=["add_cli"]).add_cli(commands)  # ms-llava eval (lmms-eval)
-    training.add_cli(commands)
+    training.add_cli(commands, argv=sys.argv[1:] if argv is None else argv)  # train's modules only for train
 
     args = parser.parse_args(argv)
     debug = _debug(args)

@@ -72,11 +72,6 @@ def test_ms_llava_help_prints_no_bitsandbytes_line():
 
 
 @pytest.mark.slow  # a fresh interpreter: about 20 s on 2 shared cores
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the cli.py edit handed to the lead: training.add_cli(commands, argv=sys.argv[1:] if argv is None "
-    "else argv); remove this mark with it",
-)
 def test_ms_llava_help_does_not_import_bitsandbytes():
     done = run(
         "import sys\nfrom ms_llava.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
