@@ -32,6 +32,8 @@ from loguru import logger as eval_logger  # lmms-eval's logger (what its CLI pri
 from PIL import Image
 from tqdm import tqdm
 
+from ..images import load_image
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -177,17 +179,18 @@ class MSLlavaLMMS(lmms):
     # ----------------------------------------------------------------------------------------------- requests
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> list[Image.Image] | None:
-        """The sample's images as RGB PIL images, or None (counted in `unreadable`) when any cannot be read."""
+        """The sample's images as PIL images in their own modes (the image processor converts each mode as in training;
+        a path is opened by `ms_llava.images.load_image`, as the CLI and the training set open files), or None
+        (counted in `unreadable`) when any cannot be read."""
         try:
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
             images = []
             for visual in visuals:
                 if isinstance(visual, (str, Path)):
-                    with Image.open(visual) as handle:
-                        visual = handle.convert("RGB")
+                    visual = load_image(visual)
                 if not isinstance(visual, Image.Image):
                     raise ValueError(f"not an image: {type(visual).__name__}")
-                images.append(visual.convert("RGB"))
+                images.append(visual)
             return images
         except Exception as error:  # a broken sample must not end a run over thousands
             self.unreadable[task].append(doc_id)
