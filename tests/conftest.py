@@ -44,6 +44,26 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test leaves torch's thread count as it found it: commands a test runs in-process set it (the ScopeBench
+    command line sets 1), and a later test comparing logits with a fresh process's would see the reductions split
+    differently."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _strict_pil(monkeypatch):
+    """PIL refuses truncated images in every test, as in a process that has not imported lmms-eval (which sets
+    `PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True` at import, for the rest of the process): the tests of corrupt files
+    give the same result whichever tests ran before them."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
+
+
 @pytest.fixture(scope="session")
 def hub_server(tmp_path_factory):
     """A Hub-API server (tests/hub_server.py) on 127.0.0.1, serving repos kept under a temporary folder."""
