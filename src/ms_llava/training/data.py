@@ -323,8 +323,7 @@ def _open_image(source, name: str, verify: bool) -> None:
             if verify:
                 opened.verify()
         if verify:
-            with Image.open(fresh()) as opened:
-                opened.load()
+            decode_image(fresh())  # the full decode of the loader: truncated data refused (images._strict_decoding)
     except Exception as error:  # PIL raises many types for a bad file
         raise RecordError(MISSING_IMAGE, f"cannot read image {name}: {type(error).__name__}: {error}") from error
 
