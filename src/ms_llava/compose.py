@@ -21,7 +21,6 @@ MS-LLaVA model built on the meta device, and writes one output shard at a time i
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +32,7 @@ from .conversion.checkpoint_io import (
     HUB_ALLOW_PATTERNS,
     IMAGE_TOKEN,
     ConversionError,
+    ConversionOutput,
     ConversionReport,
     KeyPlan,
     TensorSource,
@@ -40,17 +40,11 @@ from .conversion.checkpoint_io import (
     check_output,
     expected_state_dict_shapes,
     max_abs_difference,
-    parity_skip_reason,
-    parse_size,
     quiet_transformers,
     read_checkpoint,
     read_json,
     resolve_source,
     run_conversion,
-    staged_output,
-    tensor_source_from_tensor,
-    verify_written,
-    write_safetensors,
 )
 from .image_processing_ms_llava import MSLlavaImageProcessor
 from .modeling_ms_llava import MSLlavaForConditionalGeneration
@@ -98,7 +92,6 @@ TOWER_PREFIX = "model.vision_tower."
 LLM_PREFIX = "model.language_model."
 EMBED_KEY = LLM_PREFIX + "embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
-RECOMPUTED_BUFFER_SUFFIXES = convert_llava.RECOMPUTED_BUFFER_SUFFIXES
 
 
 def hub_allow_patterns(source: str | Path) -> list[str]:
@@ -194,12 +187,7 @@ def plan_tower_tensors(
         key = TOWER_PREFIX + rename(source.name)
         if key not in expected and source.name.startswith("vision_model."):
             key = TOWER_PREFIX + rename(source.name.removeprefix("vision_model."))
-        if key in expected:
-            plan.add(key, source)
-        elif key.endswith(RECOMPUTED_BUFFER_SUFFIXES):
-            plan.drop(source.name, "buffer recomputed by transformers")
-        else:
-            plan.unknown(f"{source.name} (vision tower)")
+        convert_llava.plan_tensor(plan, key, source, expected, f"{source.name} (vision tower)")
 
 
 def tower_has_cls(expected_shapes: dict[str, tuple[int, ...]], vision_config) -> bool:
@@ -291,12 +279,7 @@ def plan_llm_tensors(sources: list[TensorSource], expected, plan: KeyPlan) -> No
             key = LLM_PREFIX + source.name.removeprefix("model.")
         else:
             key = source.name
-        if key in expected:
-            plan.add(key, source)
-        elif key.endswith(RECOMPUTED_BUFFER_SUFFIXES):
-            plan.drop(source.name, "buffer recomputed by transformers")
-        else:
-            plan.unknown(f"{source.name} (language model)")
+        convert_llava.plan_tensor(plan, key, source, expected, f"{source.name} (language model)")
 
 
 def row_mean(matrix: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
@@ -453,13 +436,7 @@ def check_compose_parity(tower_dir: Path, llm_dir: Path, composed_dir: Path, con
             composed.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
         )
         composed_logits = composed(input_ids=input_ids).logits[..., :old_vocab]
-        image_tokens = composed.model.get_image_features(pixel_values=pixel_values).pooler_output[0]
-    expected_shape = (config.num_image_tokens, config.text_config.hidden_size)
-    if tuple(image_tokens.shape) != expected_shape or not torch.isfinite(image_tokens).all():
-        raise ConversionError(
-            f"the new MS-Resampler gave image tokens of shape {tuple(image_tokens.shape)} (expected {expected_shape}) "
-            "or non-finite values"
-        )
+        convert_llava.check_new_resampler(composed, pixel_values, config)
     return {
         "vision tower hidden states (random image)": max_abs_difference(source_hidden, composed_hidden),
         "language model logits (text-only prompt, the LLM's vocabulary)": max_abs_difference(
@@ -512,9 +489,7 @@ def compose(
     """
     from transformers import AutoTokenizer
 
-    started = time.perf_counter()
-    shard_bytes = parse_size(max_shard_size)
-    check_output(output, overwrite)
+    job = ConversionOutput.start(output, max_shard_size, overwrite, check_parity, log)
     tower_dir = resolve_source(vision_tower, hub_allow_patterns(vision_tower), label="--vision-tower")
     llm_dir = resolve_source(language_model, hub_allow_patterns(language_model), label="--language-model")
     check_output(output, overwrite, sources=[tower_dir, llm_dir])
@@ -572,10 +547,7 @@ def compose(
         if source is not None and source.shape[0] < new_vocab:
             plan.replace(key, grown_rows_source(source, new_vocab))
             grown.append(key)
-    dtype = plan.entries[EMBED_KEY].dtype if EMBED_KEY in plan.entries else torch.float32
-    resampler_tensors = convert_llava.initial_resampler_tensors(config, seed, dtype)
-    for name, tensor in resampler_tensors.items():
-        plan.add(name, tensor_source_from_tensor(name, tensor, f"MS-Resampler initialisation (seed {seed})"))
+    dtype, created = convert_llava.plan_initial_resampler(plan, config, seed)
     plan.check(expected_shapes, optional=tied_keys)
 
     processor_settings, processor_notes = image_processor_settings(tower_dir, vision_config, family)
@@ -592,9 +564,9 @@ def compose(
     end_of_turn = END_OF_TURN.get(template_name)
     generation_config = generation_config_for(llm_dir, config, tokenizer, end_of_turn)
 
-    report = ConversionReport(output=Path(output).absolute(), notes=notes)
+    report = ConversionReport(output=job.output, notes=notes)
     report.dropped = plan.dropped
-    report.created = {f"MS-Resampler, freshly initialised (seed {seed}, {dtype})": list(resampler_tensors)}
+    report.created = created
     if grown:
         report.created[
             f"{new_vocab - old_vocab} new embedding row(s) ({', '.join(added_tokens)}) = the mean of the rows"
@@ -604,20 +576,17 @@ def compose(
         f"{tokenizer.pad_token!r} id {tokenizer.pad_token_id}; vision_feature_layer {config.vision_feature_layer}, "
         f"vision_feature_select_strategy {config.vision_feature_select_strategy!r}"
     )
-    entries = list(plan.entries.items())
-    with staged_output(output, overwrite=overwrite, sources=[tower_dir, llm_dir], log=log) as staging:
-        log(f"writing {len(entries)} tensors ({plan.total_parameters:,} parameters) to {report.output}")
-        write_safetensors(entries, staging, shard_bytes)
+
+    def write_files(staging: Path) -> None:
         convert_llava.save_config_files(meta_model, config, dtype, staging, generation_source=None)
         generation_config.save_pretrained(staging)
         processor.save_pretrained(staging)
-        report.tensors_verified = verify_written(staging, entries)
-        report.parity_skipped = parity_skip_reason(check_parity, plan.total_parameters)
-        if report.parity_skipped is None:
-            log("checking parity (source vision tower and language model vs composed MS-LLaVA)")
-            report.parity = check_compose_parity(tower_dir, llm_dir, staging, config, old_vocab)
-            report.check_parity_results("parity check failed, the carried-over parts differ")
-    return report.finish(plan, started)
+
+    def parity(staging: Path) -> dict[str, float]:
+        return check_compose_parity(tower_dir, llm_dir, staging, config, old_vocab)
+
+    what = "source vision tower and language model vs composed MS-LLaVA"
+    return job.write(plan, report, [tower_dir, llm_dir], write_files, parity, what, convert_llava.PARITY_FAILURE)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -675,37 +644,23 @@ def _handle(args: argparse.Namespace) -> int:
             args.vision_tower,
             args.language_model,
             args.output,
-            num_queries=args.num_queries,
-            scope_windows=args.scope_windows,
-            scope_bias_strength=args.scope_bias_strength,
-            fusion=args.fusion,
-            seed=args.seed,
             vision_feature_layer=layers[0] if len(layers) == 1 else layers,
             vision_feature_select_strategy=args.vision_feature_select_strategy,
             chat_template=args.chat_template,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            check_parity=not args.no_parity,
+            **convert_llava.resampler_and_output_options(args),  # the SHARED_OPTIONS
         )
     )
 
 
 def add_cli(commands) -> argparse.ArgumentParser:
     """Registers `compose` on the `ms-llava` subparsers; `args.handler(args)` runs it (exit code)."""
-    parser = commands.add_parser(
-        "compose",
-        help="a vision encoder + a language model -> a new MS-LLaVA (fresh MS-Resampler, the rest bit-exact)",
-        description=__doc__.split("\n\n")[0],
-    )
-    _add_arguments(parser)
-    parser.set_defaults(handler=_handle)
-    return parser
+    help_text = "a vision encoder + a language model -> a new MS-LLaVA (fresh MS-Resampler, the rest bit-exact)"
+    return convert_llava.add_command(commands, "compose", help_text, __doc__.split("\n\n")[0], _add_arguments, _handle)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ms_llava.compose", description=__doc__.split("\n\n")[0])
-    _add_arguments(parser)
-    return _handle(parser.parse_args(argv))
+    description = __doc__.split("\n\n")[0]
+    return convert_llava.run_command(argv, "python -m ms_llava.compose", description, _add_arguments, _handle)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@
   directory or the home directory; :func:`replace_folder` then replaces only its checkpoint files, lists those it
   removes and carries the user's other files (notes, results) into the new directory.
 * **Shared by the conversions.** What to download from the Hub (:data:`HUB_ALLOW_PATTERNS`), the image token, the
-  parity size limit and the reporting (:class:`ConversionReport`, :func:`run_conversion`).
+  parity size limit, the steps around the writing (:class:`ConversionOutput`: write, read back, parity) and the
+  reporting (:class:`ConversionReport`, :func:`run_conversion`).
 """
 
 from __future__ import annotations
@@ -689,6 +690,62 @@ def parity_skip_reason(check_parity: bool, parameters: int) -> str | None:
     return None
 
 
+@dataclass
+class ConversionOutput:
+    """Where and how a conversion writes, and the steps every conversion shares around that: `start` at the beginning
+    (the clock, the shard size read, `output` checked), `write` at the end."""
+
+    output: Path  # absolute
+    max_shard_size: int  # bytes
+    overwrite: bool
+    check_parity: bool
+    log: Callable[[str], None]
+    started: float  # time.perf_counter()
+
+    @classmethod
+    def start(
+        cls,
+        output: str | Path,
+        max_shard_size: int | str,
+        overwrite: bool,
+        check_parity: bool,
+        log: Callable[[str], None],
+    ) -> ConversionOutput:
+        """Starts the clock, reads `max_shard_size` (`parse_size`) and checks that `output` may be written
+        (`check_output`, before anything is read); raises a ConversionError otherwise."""
+        started = time.perf_counter()
+        shard_bytes = parse_size(max_shard_size)
+        return cls(check_output(output, overwrite), shard_bytes, overwrite, check_parity, log, started)
+
+    def write(
+        self,
+        plan: KeyPlan,
+        report: ConversionReport,
+        sources: Iterable[str | Path],
+        write_files: Callable[[Path], None],
+        parity: Callable[[Path], dict[str, float]],
+        parity_what: str,
+        parity_failure: str = "parity check failed",
+    ) -> ConversionReport:
+        """Writes the conversion into a staged folder (`staged_output`: nothing is left in `output` on an error): the
+        planned tensors (`write_safetensors`), the other files (`write_files(staging)`), the tensors read back
+        (`verify_written`); then, unless `parity_skip_reason` gives a reason, logs `checking parity ({parity_what})`,
+        stores `parity(staging)` in the report and raises unless every difference is 0
+        (`ConversionReport.check_parity_results(parity_failure)`). Returns the finished report."""
+        entries = list(plan.entries.items())
+        with staged_output(self.output, overwrite=self.overwrite, sources=sources, log=self.log) as staging:
+            self.log(f"writing {len(entries)} tensors ({plan.total_parameters:,} parameters) to {report.output}")
+            write_safetensors(entries, staging, self.max_shard_size)
+            write_files(staging)
+            report.tensors_verified = verify_written(staging, entries)
+            report.parity_skipped = parity_skip_reason(self.check_parity, plan.total_parameters)
+            if report.parity_skipped is None:
+                self.log(f"checking parity ({parity_what})")
+                report.parity = parity(staging)
+                report.check_parity_results(parity_failure)
+        return report.finish(plan, self.started)
+
+
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silences transformers' warnings and progress bars while it loads what we already checked (loading reports,
@@ -740,6 +797,7 @@ __all__ = [
     "OVERWRITABLE_MODEL_TYPES",
     "PARITY_MAX_PARAMETERS",
     "ConversionError",
+    "ConversionOutput",
     "ConversionReport",
     "KeyPlan",
     "TensorSource",

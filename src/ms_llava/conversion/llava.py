@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 from collections.abc import Callable, Container
 from pathlib import Path
 
@@ -33,25 +32,20 @@ from .checkpoint_io import (
     IMAGE_TOKEN,
     PARITY_MAX_PARAMETERS,
     ConversionError,
+    ConversionOutput,
     ConversionReport,
     KeyPlan,
     TensorSource,
     build_on_meta,
-    check_output,
     copy_files,
     expected_state_dict_shapes,
     max_abs_difference,
-    parity_skip_reason,
-    parse_size,
     quiet_transformers,
     read_checkpoint,
     read_json,
     resolve_source,
     run_conversion,
-    staged_output,
     tensor_source_from_tensor,
-    verify_written,
-    write_safetensors,
 )
 
 # PARITY_MAX_PARAMETERS (the parity check's size limit) and HUB_ALLOW_PATTERNS (what a Hub source downloads) are
@@ -59,6 +53,8 @@ from .checkpoint_io import (
 # safetensors' save_file holds a whole shard in memory: 500 MB keeps a 7B conversion's peak RSS under 1 GiB
 # (measured with benchmarks/conversion_memory.py, see docs/conversion.md).
 DEFAULT_MAX_SHARD_SIZE = "500MB"
+# What a failed parity check of a conversion that carries the tower and the LLM over says (llava-to-ms-llava, compose).
+PARITY_FAILURE = "parity check failed, the carried-over parts differ"
 # Tokenizer files copied byte for byte from the source (they hold the vocabulary; tokenizer_config.json is rewritten by
 # the processor, which records its own class there).
 TOKENIZER_DATA_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -79,6 +75,7 @@ OLD_TO_NEW_PREFIXES = (
 )
 NESTED_CLIP_PREFIX = "model.vision_tower.vision_model."  # CLIPVisionModel before transformers 5 nested its weights
 PROJECTOR_PREFIX = "model.multi_modal_projector."
+EMBED_KEY = "model.language_model.embed_tokens.weight"
 # Buffers some older checkpoints saved; transformers recomputes them, so they are dropped.
 RECOMPUTED_BUFFER_SUFFIXES = (".rotary_emb.inv_freq", "embeddings.position_ids")
 
@@ -103,6 +100,17 @@ def is_recomputed_buffer(key: str) -> bool:
     return key.endswith(RECOMPUTED_BUFFER_SUFFIXES)
 
 
+def plan_tensor(plan: KeyPlan, key: str, source: TensorSource, expected: Container[str], unknown: str = "") -> None:
+    """Plans `source` as `key` when the target model has that key, drops it when `key` is a buffer transformers
+    recomputes, and records it as an unknown key otherwise (named `unknown`, by default its own name)."""
+    if key in expected:
+        plan.add(key, source)
+    elif is_recomputed_buffer(key):
+        plan.drop(source.name, "buffer recomputed by transformers")
+    else:
+        plan.unknown(unknown or source.name)
+
+
 def plan_llava_tensors(
     sources: list[TensorSource], expected: Container[str], plan: KeyPlan, keep_projector: bool
 ) -> None:
@@ -113,12 +121,8 @@ def plan_llava_tensors(
         key = canonical_llava_key(source.name, expected)
         if key.startswith(PROJECTOR_PREFIX) and not keep_projector:
             plan.drop(source.name, "MLP projector replaced by MS-Resampler")
-        elif key in expected:
-            plan.add(key, source)
-        elif is_recomputed_buffer(key):
-            plan.drop(source.name, "buffer recomputed by transformers")
         else:
-            plan.unknown(source.name)
+            plan_tensor(plan, key, source, expected)
 
 
 def build_ms_llava_config(
@@ -163,6 +167,18 @@ def initial_resampler_tensors(config: MSLlavaConfig, seed: int, dtype: torch.dty
         torch.manual_seed(seed)
         resampler = MSResampler(config)
     return {PROJECTOR_PREFIX + name: tensor.detach().to(dtype) for name, tensor in resampler.state_dict().items()}
+
+
+def plan_initial_resampler(
+    plan: KeyPlan, config: MSLlavaConfig, seed: int
+) -> tuple[torch.dtype, dict[str, list[str]]]:
+    """Adds a freshly initialised MS-Resampler (`initial_resampler_tensors`) to `plan`, in the dtype of the planned
+    language-model embedding (float32 when there is none). Returns that dtype and the report's `created` entry."""
+    dtype = plan.entries[EMBED_KEY].dtype if EMBED_KEY in plan.entries else torch.float32
+    resampler_tensors = initial_resampler_tensors(config, seed, dtype)
+    for name, tensor in resampler_tensors.items():
+        plan.add(name, tensor_source_from_tensor(name, tensor, f"MS-Resampler initialisation (seed {seed})"))
+    return dtype, {f"MS-Resampler, freshly initialised (seed {seed}, {dtype})": list(resampler_tensors)}
 
 
 def build_ms_llava_processor(source_dir: Path, config: MSLlavaConfig) -> tuple[MSLlavaProcessor, list[str]]:
@@ -223,6 +239,19 @@ def save_config_files(meta_model, config, dtype: torch.dtype, directory: Path, g
         GenerationConfig.from_model_config(config).save_pretrained(directory)
 
 
+def check_new_resampler(model: MSLlavaForConditionalGeneration, pixel_values: torch.Tensor, config) -> None:
+    """Runs the freshly initialised MS-Resampler of the written `model` once on one image: a ConversionError unless it
+    gives M finite tokens of the language model's width."""
+    with torch.no_grad():
+        image_tokens = model.model.get_image_features(pixel_values=pixel_values).pooler_output[0]
+    expected_shape = (config.num_image_tokens, config.text_config.hidden_size)
+    if tuple(image_tokens.shape) != expected_shape or not torch.isfinite(image_tokens).all():
+        raise ConversionError(
+            f"the new MS-Resampler gave image tokens of shape {tuple(image_tokens.shape)} (expected {expected_shape}) "
+            "or non-finite values"
+        )
+
+
 def check_llava_parity(source_dir: Path, converted_dir: Path, config: MSLlavaConfig) -> dict[str, float]:
     """Loads the source LLaVA, then the converted MS-LLaVA (float32, one after the other), and compares the language
     model's logits on a text-only prompt and every hidden state of the vision tower on a random image. Also runs the
@@ -249,14 +278,7 @@ def check_llava_parity(source_dir: Path, converted_dir: Path, config: MSLlavaCon
         gc.collect()  # free the first model before loading the second
         converted = MSLlavaForConditionalGeneration.from_pretrained(converted_dir, dtype=torch.float32).eval()
         converted_logits, converted_hidden = run(converted)
-        with torch.no_grad():
-            image_tokens = converted.model.get_image_features(pixel_values=pixel_values).pooler_output[0]
-    expected_shape = (config.num_image_tokens, config.text_config.hidden_size)
-    if tuple(image_tokens.shape) != expected_shape or not torch.isfinite(image_tokens).all():
-        raise ConversionError(
-            f"the new MS-Resampler gave image tokens of shape {tuple(image_tokens.shape)} (expected {expected_shape}) "
-            "or non-finite values"
-        )
+        check_new_resampler(converted, pixel_values, config)
     return {
         "language model logits (text-only prompt)": max_abs_difference(source_logits, converted_logits),
         "vision tower hidden states (random image)": max_abs_difference(source_hidden, converted_hidden),
@@ -300,9 +322,7 @@ def convert_llava_to_ms_llava(
         ConversionError: On any unknown, missing or mis-shaped key, corrupt file, or parity failure. Nothing is
             left in `output` then.
     """
-    started = time.perf_counter()
-    shard_bytes = parse_size(max_shard_size)
-    check_output(output, overwrite)
+    job = ConversionOutput.start(output, max_shard_size, overwrite, check_parity, log)
     source_dir = resolve_source(source, HUB_ALLOW_PATTERNS)
     source_config = read_json(source_dir / "config.json")
     if source_config.get("model_type") != "llava":
@@ -323,31 +343,24 @@ def convert_llava_to_ms_llava(
     sources = read_checkpoint(source_dir)
     plan = KeyPlan(f"{source_dir} -> MS-LLaVA")
     plan_llava_tensors(sources, expected_shapes, plan, keep_projector=False)
-    embed_key = "model.language_model.embed_tokens.weight"
-    dtype = plan.entries[embed_key].dtype if embed_key in plan.entries else torch.float32
-    resampler_tensors = initial_resampler_tensors(config, seed, dtype)
-    for name, tensor in resampler_tensors.items():
-        plan.add(name, tensor_source_from_tensor(name, tensor, f"MS-Resampler initialisation (seed {seed})"))
+    dtype, created = plan_initial_resampler(plan, config, seed)
     plan.check(expected_shapes, optional=tied_keys)
     processor, notes = build_ms_llava_processor(source_dir, config)
 
-    report = ConversionReport(output=Path(output).absolute(), notes=notes)
+    report = ConversionReport(output=job.output, notes=notes)
     report.dropped = plan.dropped
-    report.created = {f"MS-Resampler, freshly initialised (seed {seed}, {dtype})": list(resampler_tensors)}
-    entries = list(plan.entries.items())
-    with staged_output(output, overwrite=overwrite, sources=[source_dir], log=log) as staging:
-        log(f"writing {len(entries)} tensors ({plan.total_parameters:,} parameters) to {report.output}")
-        write_safetensors(entries, staging, shard_bytes)
+    report.created = created
+
+    def write_files(staging: Path) -> None:
         save_config_files(meta_model, config, dtype, staging, generation_source=source_dir)
         processor.save_pretrained(staging)
         copy_files(source_dir, staging, TOKENIZER_DATA_FILES)
-        report.tensors_verified = verify_written(staging, entries)
-        report.parity_skipped = parity_skip_reason(check_parity, plan.total_parameters)
-        if report.parity_skipped is None:
-            log("checking parity (source LLaVA vs converted MS-LLaVA)")
-            report.parity = check_llava_parity(source_dir, staging, config)
-            report.check_parity_results("parity check failed, the carried-over parts differ")
-    return report.finish(plan, started)
+
+    def parity(staging: Path) -> dict[str, float]:
+        return check_llava_parity(source_dir, staging, config)
+
+    what = "source LLaVA vs converted MS-LLaVA"
+    return job.write(plan, report, [source_dir], write_files, parity, what, PARITY_FAILURE)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -374,42 +387,54 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-parity", action="store_true", help="skip the output parity check")
 
 
+def resampler_and_output_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `convert_llava_to_ms_llava` given by the options `_add_arguments` defines besides
+    `--source` and `--output` (`compose` takes the same options and arguments)."""
+    return {
+        "num_queries": args.num_queries,
+        "scope_windows": args.scope_windows,
+        "scope_bias_strength": args.scope_bias_strength,
+        "fusion": args.fusion,
+        "seed": args.seed,
+        "max_shard_size": args.max_shard_size,
+        "overwrite": args.overwrite,
+        "check_parity": not args.no_parity,
+    }
+
+
 def _handle(args: argparse.Namespace) -> int:
     return run_conversion(
-        lambda: convert_llava_to_ms_llava(
-            args.source,
-            args.output,
-            num_queries=args.num_queries,
-            scope_windows=args.scope_windows,
-            scope_bias_strength=args.scope_bias_strength,
-            fusion=args.fusion,
-            seed=args.seed,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            check_parity=not args.no_parity,
-        )
+        lambda: convert_llava_to_ms_llava(args.source, args.output, **resampler_and_output_options(args))
     )
+
+
+def add_command(
+    subparsers, name: str, help_text: str, description: str, add_arguments, handle
+) -> argparse.ArgumentParser:
+    """Registers the command `name` on an argparse subparsers object, its options defined by `add_arguments(parser)`;
+    `args.handler(args)` runs `handle(args)` (exit code)."""
+    parser = subparsers.add_parser(name, help=help_text, description=description)
+    add_arguments(parser)
+    parser.set_defaults(handler=handle)
+    return parser
+
+
+def run_command(argv: list[str] | None, prog: str, description: str, add_arguments, handle) -> int:
+    """Runs a conversion as its own program `prog` on `argv` (default `sys.argv[1:]`); returns the exit code."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    return handle(parser.parse_args(argv))
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Registers `llava-to-ms-llava` on an argparse subparsers object; `args.handler(args)` runs it (exit code)."""
-    parser = subparsers.add_parser(
-        "llava-to-ms-llava",
-        help="a transformers LLaVA checkpoint -> an MS-LLaVA checkpoint (new MS-Resampler, the rest bit-exact)",
-        description=__doc__.split("\n\n")[0],
-    )
-    _add_arguments(parser)
-    parser.set_defaults(handler=_handle)
-    return parser
+    help_text = "a transformers LLaVA checkpoint -> an MS-LLaVA checkpoint (new MS-Resampler, the rest bit-exact)"
+    return add_command(subparsers, "llava-to-ms-llava", help_text, __doc__.split("\n\n")[0], _add_arguments, _handle)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="convert_llava_to_ms_llava.py",
-        description=__doc__.split("\n\n")[0],
-    )
-    _add_arguments(parser)
-    return _handle(parser.parse_args(argv))
+    description = __doc__.split("\n\n")[0]
+    return run_command(argv, "convert_llava_to_ms_llava.py", description, _add_arguments, _handle)
 
 
 __all__ = [

@@ -28,7 +28,6 @@ import copy
 import gc
 import json
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,26 +43,21 @@ from .checkpoint_io import (
     HUB_ALLOW_PATTERNS,
     IMAGE_TOKEN,
     ConversionError,
+    ConversionOutput,
     ConversionReport,
     KeyPlan,
     TensorSource,
     build_on_meta,
-    check_output,
     copy_files,
     expected_state_dict_shapes,
     format_keys,
     has_weights,
     max_abs_difference,
-    parity_skip_reason,
-    parse_size,
     quiet_transformers,
     read_checkpoint,
     read_json,
     resolve_source,
     run_conversion,
-    staged_output,
-    verify_written,
-    write_safetensors,
 )
 from .llava import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -692,9 +686,7 @@ def convert_original_to_hf(
     The source's `mm_vision_tower` (else `vision_tower`) is recorded as `vision_config.mm_vision_tower` in the
     output's config, for `convert_hf_to_original` to write back.
     """
-    started = time.perf_counter()
-    shard_bytes = parse_size(max_shard_size)
-    check_output(output, overwrite)
+    job = ConversionOutput.start(output, max_shard_size, overwrite, check_parity, log)
     source_dir = resolve_source(source, HUB_ALLOW_PATTERNS + ["*.bin"])
     settings = parse_original_config(read_json(source_dir / "config.json"), source_dir / "config.json")
     base_dir = resolve_source(base_llm, HUB_ALLOW_PATTERNS + ["*.bin"], "--base-llm") if base_llm is not None else None
@@ -751,7 +743,7 @@ def convert_original_to_hf(
             plan.drop(source.name, "buffer recomputed by transformers")
         else:
             plan.unknown(source.name)
-    report = ConversionReport(output=Path(output).absolute(), notes=notes)
+    report = ConversionReport(output=job.output, notes=notes)
     if new_rows != rows:
         grown = [key for key in ("model.language_model.embed_tokens.weight", "lm_head.weight") if key in plan.entries]
         for key in grown:
@@ -768,23 +760,19 @@ def convert_original_to_hf(
     )
 
     original_sources = {source.name: source for source in sources}
-    entries = list(plan.entries.items())
     dtype = plan.entries["model.language_model.embed_tokens.weight"].dtype
-    sources = [d for d in (source_dir, base_dir) if d]
-    with staged_output(output, overwrite=overwrite, sources=sources, log=log) as staging:
-        log(f"writing {len(entries)} tensors ({plan.total_parameters:,} parameters) to {report.output}")
-        write_safetensors(entries, staging, shard_bytes)
+
+    def write_files(staging: Path) -> None:
         generation_dir = source_dir if (source_dir / "generation_config.json").is_file() else base_dir
         save_config_files(meta_model, hf_config, dtype, staging, generation_source=generation_dir)
         processor.save_pretrained(staging)
         copy_files(tokenizer_dir, staging, ["tokenizer.model"] if token_added else TOKENIZER_DATA_FILES)
-        report.tensors_verified = verify_written(staging, entries)
-        report.parity_skipped = parity_skip_reason(check_parity, plan.total_parameters)
-        if report.parity_skipped is None:
-            log("checking parity (HF model vs modules built from the original tensors)")
-            report.parity = check_original_parity(staging, hf_config, settings.projector_type, original_sources)
-            report.check_parity_results()
-    return report.finish(plan, started)
+
+    def parity(staging: Path) -> dict[str, float]:
+        return check_original_parity(staging, hf_config, settings.projector_type, original_sources)
+
+    what = "HF model vs modules built from the original tensors"
+    return job.write(plan, report, [d for d in (source_dir, base_dir) if d], write_files, parity, what)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -820,9 +808,7 @@ def convert_hf_to_original(
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    started = time.perf_counter()
-    shard_bytes = parse_size(max_shard_size)
-    check_output(output, overwrite)
+    job = ConversionOutput.start(output, max_shard_size, overwrite, check_parity, log)
     source_dir = resolve_source(source, HUB_ALLOW_PATTERNS)
     model_type = read_json(source_dir / "config.json").get("model_type")
     if model_type == "llava":
@@ -868,7 +854,7 @@ def convert_hf_to_original(
         else:
             plan.add(original_key, source)
     rows = plan.entries["model.embed_tokens.weight"].shape[0]
-    report = ConversionReport(output=Path(output).absolute())
+    report = ConversionReport(output=job.output)
     if not _has_tokenizer(source_dir):
         if strip_image_token:
             raise ConversionError(f"--strip-image-token: {source_dir} has no tokenizer files")
@@ -903,23 +889,20 @@ def convert_hf_to_original(
         rows,
         tower_embedded=not exclude_vision_tower,
     )
-    entries = list(plan.entries.items())
-    with staged_output(output, overwrite=overwrite, sources=[source_dir], log=log) as staging:
-        log(f"writing {len(entries)} tensors ({plan.total_parameters:,} parameters) to {report.output}")
-        write_safetensors(entries, staging, shard_bytes)
+
+    def write_files(staging: Path) -> None:
         copy_files(source_dir, staging, ["generation_config.json", *TOKENIZER_FILES])
         if strip_image_token:
             strip_image_token_files(staging, rows)
         _make_tokenizer_class_portable(staging, report)
         (staging / "config.json").write_text(json.dumps(original_config, indent=2) + "\n", encoding="utf-8")
-        report.tensors_verified = verify_written(staging, entries)
-        report.parity_skipped = parity_skip_reason(check_parity, plan.total_parameters)
-        if report.parity_skipped is None:
-            log("checking parity (source HF model vs modules built from the written original tensors)")
-            written = {source.name: source for source in read_checkpoint(staging)}
-            report.parity = check_original_parity(source_dir, hf_config, projector_type, written)
-            report.check_parity_results()
-    return report.finish(plan, started)
+
+    def parity(staging: Path) -> dict[str, float]:
+        written = {source.name: source for source in read_checkpoint(staging)}
+        return check_original_parity(source_dir, hf_config, projector_type, written)
+
+    what = "source HF model vs modules built from the written original tensors"
+    return job.write(plan, report, [source_dir], write_files, parity, what)
 
 
 def output_mm_vision_tower(vision_config, mm_vision_tower: str | None, source_dir: Path) -> str:
