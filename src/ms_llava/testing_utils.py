@@ -84,20 +84,22 @@ def tiny_vision_config() -> CLIPVisionConfig:
     )
 
 
-def tiny_text_config(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None) -> LlamaConfig:
-    """An odd-sized Llama of width 32 whose special token ids are the tokenizer's."""
-    return LlamaConfig(
-        vocab_size=vocab_size or len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+def tiny_text_config(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None, **overrides) -> LlamaConfig:
+    """An odd-sized Llama of width 32 whose special token ids are the tokenizer's; `overrides`: other LlamaConfig
+    values (e.g. `pad_token_id=None`: a base LLM whose config names no pad token)."""
+    settings = {
+        "vocab_size": vocab_size or len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    return LlamaConfig(**{**settings, **overrides})
 
 
 def build_tiny_config(tokenizer: PreTrainedTokenizerFast, **resampler_kwargs) -> MSLlavaConfig:

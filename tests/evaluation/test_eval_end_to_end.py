@@ -10,7 +10,7 @@ import json
 import pytest
 from huggingface_hub import ModelCard
 from lmms_helpers import POST_PROMPT, load, reference_answer, write_local_task
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionModel, LlamaForCausalLM
 
 from ms_llava.cli import main
 from ms_llava.compose import compose
@@ -21,6 +21,8 @@ from ms_llava.testing_utils import (
     SHAPES,
     build_tiny_tokenizer,
     draw_shape,
+    tiny_text_config,
+    tiny_vision_config,
     write_shapes_dataset,
 )
 from ms_llava.training import train
@@ -35,26 +37,11 @@ CLIP_PREPROCESSING = {
 def write_parts(root):
     """A tiny CLIP vision tower (32 px, patch 4) and a tiny Llama with its tokenizer, as transformers saves them."""
     tower = root / "clip"
-    CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=24,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=4,
-        )
-    ).save_pretrained(tower)
+    CLIPVisionModel(tiny_vision_config()).save_pretrained(tower)
     (tower / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSING), encoding="utf-8")
     llm = root / "llama"
     tokenizer = build_tiny_tokenizer(with_image_token=False)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    ).save_pretrained(llm)  # fmt: skip
+    LlamaForCausalLM(tiny_text_config(tokenizer, pad_token_id=None)).save_pretrained(llm)  # a config with no pad token
     tokenizer.save_pretrained(llm)
     return tower, llm
 
