@@ -6,6 +6,7 @@ own `generate` (one sample at a time, no padding), and the responses lmms-eval s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from lmms_eval.evaluator import simple_evaluate
@@ -36,6 +37,31 @@ def run(checkpoint, task: str, include_path, batch_size: int = 4, **model_args):
         task_manager=TaskManager(include_path=str(include_path)),
     )
     return results, lm
+
+
+def write_question_task(root: Path, name: str, columns: dict[str, list], generation_kwargs: str) -> Path:
+    """A local `generate_until` task `name` over `columns` ("question", "answer", "image": a file path): the image at
+    the path, the question alone as the prompt, exact match with the answer; its two functions in
+    `root/tasks/<name>_utils.py`. Returns the tasks folder."""
+    utils = f"{name}_utils"
+    (root / "tasks").mkdir(parents=True, exist_ok=True)
+    (root / "tasks" / f"{utils}.py").write_text(
+        "def doc_to_visual(doc):\n    return [doc['image']]\n\n\ndef doc_to_text(doc, lmms_eval_specific_kwargs=None):\n"
+        "    return doc['question']\n",
+        encoding="utf-8",
+    )
+    return write_local_task(
+        root,
+        name,
+        {"test": columns},
+        test_split="test",
+        output_type="generate_until",
+        doc_to_visual=f"!function {utils}.doc_to_visual",
+        doc_to_text=f"!function {utils}.doc_to_text",
+        doc_to_target="answer",
+        generation_kwargs=generation_kwargs,
+        metric_list="[{metric: exact_match, aggregation: mean, higher_is_better: true}]",
+    )
 
 
 def test_entry_point_registers_the_model():
@@ -174,24 +200,7 @@ def test_default_checkpoint_on_scopebench_matches_its_scorer(tmp_path, default_c
         "answer": [r["conversations"][1]["value"] for r in records],
         "image": [str(folder / r["image"]) for r in records],
     }
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "scopebench_utils.py").write_text(
-        "def doc_to_visual(doc):\n    return [doc['image']]\n\n\ndef doc_to_text(doc, lmms_eval_specific_kwargs=None):\n"
-        "    return doc['question']\n",
-        encoding="utf-8",
-    )
-    tasks = write_local_task(
-        tmp_path,
-        "scopebench",
-        {"test": columns},
-        test_split="test",
-        output_type="generate_until",
-        doc_to_visual="!function scopebench_utils.doc_to_visual",
-        doc_to_text="!function scopebench_utils.doc_to_text",
-        doc_to_target="answer",
-        generation_kwargs="{max_new_tokens: 3, do_sample: false}",
-        metric_list="[{metric: exact_match, aggregation: mean, higher_is_better: true}]",
-    )
+    tasks = write_question_task(tmp_path, "scopebench", columns, "{max_new_tokens: 3, do_sample: false}")
     results, lm = run(default_checkpoint, "scopebench", tasks, batch_size=8)
     model, processor = load(default_checkpoint)
     expected = question_type_accuracy(model, processor, qa_path, folder)["overall"]
@@ -213,24 +222,7 @@ def test_unreadable_images_are_counted_and_the_run_goes_on(tmp_path, default_che
     (folder / "1.png").unlink()  # missing
     (folder / "3.png").write_bytes(b"not a png")  # unreadable
     columns = {"question": ["What colour is the object with the digit?"] * 5, "answer": ["red"] * 5, "image": paths}
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "paths_utils.py").write_text(
-        "def doc_to_visual(doc):\n    return [doc['image']]\n\n\ndef doc_to_text(doc, lmms_eval_specific_kwargs=None):\n"
-        "    return doc['question']\n",
-        encoding="utf-8",
-    )
-    tasks = write_local_task(
-        tmp_path,
-        "paths_task",
-        {"test": columns},
-        test_split="test",
-        output_type="generate_until",
-        doc_to_visual="!function paths_utils.doc_to_visual",
-        doc_to_text="!function paths_utils.doc_to_text",
-        doc_to_target="answer",
-        generation_kwargs="{max_new_tokens: 3}",
-        metric_list="[{metric: exact_match, aggregation: mean, higher_is_better: true}]",
-    )
+    tasks = write_question_task(tmp_path, "paths_task", columns, "{max_new_tokens: 3}")
     results, lm = run(default_checkpoint, "paths_task", tasks, batch_size=2)
     assert sorted(lm.unreadable["paths_task"]) == [1, 3]
     responses = logged_responses(results, "paths_task")
