@@ -13,6 +13,7 @@ from PIL import Image
 from ms_llava.demo import open_image
 from ms_llava.images import display_rgb, load_image
 from ms_llava.training.data import encode_conversation, load_training_records
+from pil_modes import image_in_mode
 
 # mode -> a file format that stores it as that mode (PIL opens it back in the same mode)
 MODE_FORMATS = {
@@ -32,26 +33,9 @@ MODE_FORMATS = {
 }
 
 
-def _image(mode: str) -> Image.Image:
-    """A 30 x 20 (not square: padding is exercised) image of `mode` with random content, alpha included."""
-    rng = np.random.default_rng(0)
-    if mode == "I;16":
-        return Image.fromarray(rng.integers(0, 65536, (20, 30)).astype(np.uint16))
-    if mode == "I":
-        return Image.fromarray(rng.integers(0, 65536, (20, 30)).astype(np.int32))
-    if mode == "F":
-        return Image.fromarray(rng.normal(size=(20, 30)).astype(np.float32))
-    rgba = Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), mode="RGBA")
-    if mode == "P-transparent":
-        image = rgba.convert("RGB").convert("P")
-        image.info["transparency"] = 0
-        return image
-    return rgba.convert(mode)
-
-
 def _saved(tmp_path, mode: str):
     path = tmp_path / f"image-{mode.replace(';', '_')}.{MODE_FORMATS[mode].lower()}"
-    _image(mode).save(path, MODE_FORMATS[mode])
+    image_in_mode(mode).save(path, MODE_FORMATS[mode])
     with Image.open(path) as opened:
         expected_mode = "P" if mode == "P-transparent" else mode
         assert opened.mode == expected_mode, f"the {MODE_FORMATS[mode]} file did not keep mode {mode}"

@@ -10,6 +10,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ms_llava import MSLlavaImageProcessor, MSLlavaProcessor
 from ms_llava.testing_utils import build_tiny_checkpoint, build_tiny_tokenizer
+from pil_modes import image_in_mode
 
 
 def reference_llava_preprocess(image: Image.Image, size: int = 336) -> np.ndarray:
@@ -42,28 +43,12 @@ def test_padding_uses_the_mean_colour():
     np.testing.assert_allclose(pixel_values[:, 0, 0], expected, atol=1e-5)  # a corner is padding
 
 
-def _image(mode: str) -> Image.Image:
-    rng = np.random.default_rng(0)
-    rgb = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
-    if mode == "I;16":
-        return Image.fromarray(rng.integers(0, 65536, (20, 30)).astype(np.uint16))
-    if mode == "I":
-        return Image.fromarray(rng.integers(0, 65536, (20, 30)).astype(np.int32))
-    if mode == "F":
-        return Image.fromarray(rng.normal(size=(20, 30)).astype(np.float32))
-    if mode == "P-transparent":
-        image = rgb.convert("P")
-        image.info["transparency"] = 0
-        return image
-    return rgb.convert(mode)
-
-
 @pytest.mark.parametrize(
     "mode", ["RGBA", "L", "LA", "P", "P-transparent", "PA", "CMYK", "1", "I;16", "I", "F", "YCbCr"]
 )
 def test_any_pil_mode_becomes_a_normalised_rgb_tensor(mode):
     pixel_values = MSLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})(
-        _image(mode), return_tensors="pt"
+        image_in_mode(mode), return_tensors="pt"
     )["pixel_values"]
     assert pixel_values.shape == (1, 3, 32, 32)
     assert torch.isfinite(pixel_values).all()
