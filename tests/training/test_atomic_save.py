@@ -254,19 +254,26 @@ def check_old_or_new(folder: Path, old: dict[str, bytes | None]) -> str:
     return "old" if not differing else "new"
 
 
+def final_save_points(tiny_dir: Path, shapes, finished_run: Path, folder: Path, monkeypatch) -> list[str]:
+    """The points of `train`'s final save (the writes, then the moves), counted by running step 2 again in `folder`
+    (`rerun_step_2`) with an `Interrupter` that interrupts nowhere."""
+    counting = Interrupter(folder, None)
+    rerun_step_2(finished_run, folder)
+    counting.install(monkeypatch)
+    train(tiny_dir, "finetune", shapes["qa"], shapes["images"], folder, resume=True,
+          callbacks=[ArmAtTrainEnd(counting)], **RUN)  # fmt: skip
+    monkeypatch.undo()
+    return counting.points
+
+
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_ctrl_c_during_trains_final_save(tiny_dir, shapes, finished_run, tmp_path, monkeypatch, where):
     """Ctrl-C during `train`'s final save leaves the previous final model, or the new complete one (before: a 0-byte
     config.json at the first point)."""
     old = final_state(finished_run)
     assert set(FINAL_FILES) <= set(old)
-    counting = Interrupter(tmp_path / "count", None)
-    rerun_step_2(finished_run, tmp_path / "count")
-    counting.install(monkeypatch)
-    train(tiny_dir, "finetune", shapes["qa"], shapes["images"], tmp_path / "count", resume=True,
-          callbacks=[ArmAtTrainEnd(counting)], **RUN)  # fmt: skip
-    monkeypatch.undo()
-    at = {"first": 1, "middle": len(counting.points) // 2, "last": len(counting.points)}[where]
+    points = final_save_points(tiny_dir, shapes, finished_run, tmp_path / "count", monkeypatch)
+    at = {"first": 1, "middle": len(points) // 2, "last": len(points)}[where]
 
     folder = tmp_path / "out"
     rerun_step_2(finished_run, folder)
@@ -276,7 +283,7 @@ def test_ctrl_c_during_trains_final_save(tiny_dir, shapes, finished_run, tmp_pat
               callbacks=[ArmAtTrainEnd(interrupter)], **RUN)  # fmt: skip
     monkeypatch.undo()
     outcome = check_old_or_new(folder, old)
-    assert outcome == ("new" if counting.points[at - 1].startswith("rename to") else "old"), counting.points[at - 1]
+    assert outcome == ("new" if points[at - 1].startswith("rename to") else "old"), points[at - 1]
 
 
 KILL_SCRIPT = """
@@ -302,14 +309,8 @@ def test_sigkill_during_trains_final_save_then_the_next_run(tiny_dir, shapes, fi
     old ones (killed while the new ones were written into the staging folder) or a mix of complete old and new files
     (killed while they were moved in, the staged save marked complete); never a truncated file. The next run's
     `recover_final_save` then leaves the old state or the complete new one."""
-    counting = Interrupter(tmp_path / "count", None)
-    rerun_step_2(finished_run, tmp_path / "count")
-    counting.install(monkeypatch)
-    train(tiny_dir, "finetune", shapes["qa"], shapes["images"], tmp_path / "count", resume=True,
-          callbacks=[ArmAtTrainEnd(counting)], **RUN)  # fmt: skip
-    monkeypatch.undo()
+    points = final_save_points(tiny_dir, shapes, finished_run, tmp_path / "count", monkeypatch)
     old = final_state(finished_run)
-    points = counting.points
     moves = [at for at, point in enumerate(points, 1) if point.startswith("rename to")]
     chosen = sorted({1, len(points) // 3, moves[0] - 1, moves[0], moves[len(moves) // 2], moves[-1]})
     rolled_forward = []
@@ -325,7 +326,7 @@ def test_sigkill_during_trains_final_save_then_the_next_run(tiny_dir, shapes, fi
         staging = folder / FINAL_SAVE_STAGING
         for name in old:
             if not name.startswith(FINAL_SAVE_STAGING) and (folder / name).is_file():
-                assert (folder / name).stat().st_size > 0, f"killed at {counting.points[at - 1]!r}: {name} empty"
+                assert (folder / name).stat().st_size > 0, f"killed at {points[at - 1]!r}: {name} empty"
         if (staging / STAGED_COMPLETE).is_file():
             rolled_forward.append(at)
         recover_final_save(folder)
