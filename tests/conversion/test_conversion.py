@@ -24,8 +24,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from messages import chat
 from llava_checkpoints import save_llava
+from messages import chat
 from ms_llava import MSLlavaConfig, MSLlavaForConditionalGeneration, MSLlavaProcessor
 from ms_llava.conversion.checkpoint_io import ConversionError, check_output, read_checkpoint
 from ms_llava.conversion.llava import convert_llava_to_ms_llava

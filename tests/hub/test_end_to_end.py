@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from messages import chat
 from isolation import hub_subprocess_env, run_python
 from llava_checkpoints import save_llava
+from messages import chat
 from ms_llava.conversion.llava import convert_llava_to_ms_llava
 from ms_llava.hub import push_to_hub
 from ms_llava.testing_utils import sample_image

@@ -15,8 +15,8 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from messages import chat
 from isolation import hub_subprocess_env, local_hub_clients, run_python
+from messages import chat
 from ms_llava import MSLlavaForConditionalGeneration, MSLlavaProcessor
 from ms_llava.hub import CARD_TAGS, REMOTE_CODE_MODULES, add_cli, push_to_hub
 from ms_llava.testing_utils import build_tiny_checkpoint, sample_image
