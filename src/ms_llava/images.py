@@ -19,7 +19,6 @@ from PIL import Image, ImageFile, ImageOps
 
 from .image_processing_ms_llava import MSLlavaImageProcessor
 
-
 _DECODING = threading.Lock()
 
 
