@@ -13,7 +13,7 @@ answers: left padding changes the speed only.
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import statistics
 import sys
 import tempfile
@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from markdown_section import write_section  # noqa: E402
+from markdown_section import cpu_model, write_section  # noqa: E402
 
 START, END = "<!-- eval_throughput:start -->", "<!-- eval_throughput:end -->"
 
@@ -94,7 +94,8 @@ def main():
             "",
             f"`python benchmarks/eval_throughput.py` (lmms-eval's POPE task on a local copy of {args.samples} "
             f"generated images; the tiny random checkpoint, greedy, at most 8 new tokens, one thread; "
-            f"{platform.processor() or platform.machine()}, torch {torch.__version__}). Median of {args.rounds} "
+            f"{cpu_model()}, {os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f} at the start; "
+            f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Median of {args.rounds} "
             "interleaved rounds of lmms-eval's `generate_until` on the `ms_llava` model.",
             "",
             "| batch size | samples/s | speed-up |",

@@ -38,7 +38,7 @@ import transformers
 from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from markdown_section import write_section
+from markdown_section import cpu_model, write_section
 from ms_llava.configuration_ms_llava import MSLlavaConfig
 from ms_llava.modeling_ms_llava import MSLlavaForConditionalGeneration, MSResampler
 
@@ -220,15 +220,7 @@ def measure(variants, device, dtype, rounds, warmup, new_tokens):
 def machine(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch.set_num_threads({torch.get_num_threads()})"
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch.set_num_threads({torch.get_num_threads()})"
 
 
 def render(rows, args, device, dtype, command):

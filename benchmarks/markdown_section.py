@@ -1,8 +1,21 @@
-"""Writes a benchmark's results into BENCHMARKS.md between its own start / end markers (the rest of the file stays)."""
+"""Writes a benchmark's results into BENCHMARKS.md between its own start / end markers (the rest of the file stays),
+and names the CPU the results came from."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what `platform` knows where that file is missing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def write_section(path: Path, section: str, start: str, end: str) -> None:

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from markdown_section import write_section
+from markdown_section import cpu_model, write_section
 from ms_llava.configuration_ms_llava import MSLlavaConfig
 from ms_llava.modeling_ms_llava import MSResampler
 
@@ -153,16 +153,6 @@ def measure(name, module):
         params=sum(p.numel() for p in module.parameters()),
         peak=peak_activation_bytes(module, inputs),
     )
-
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def render(results, threads, runs, warmup):
