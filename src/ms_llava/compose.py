@@ -362,6 +362,15 @@ def choose_chat_template(tokenizer, chat_template: str | None) -> tuple[str, str
                 )
     else:
         name = chat_template
+    if name == "chatml":
+        vocabulary = tokenizer.get_vocab()
+        missing = [token for token in ("<|im_start|>", "<|im_end|>") if token not in vocabulary]
+        if missing:
+            raise ConversionError(
+                f"--chat-template chatml: the language model's tokenizer has no {' or '.join(missing)} token (it would "
+                "be split into pieces, and generation would not stop at the end of a turn). Use vicuna_v1, or a Jinja "
+                "file in the LLM's own format"
+            )
     if name in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[name], name, notes
     if name == "llm":

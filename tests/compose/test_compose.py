@@ -187,9 +187,11 @@ def test_the_chat_template_option(parts, tmp_path):
         compose(parts("clip"), parts("llama"), tmp_path / "b", chat_template="llm", **TINY_RESAMPLER, **QUIET)
     with pytest.raises(ValueError, match=r"'nope': neither one of vicuna_v1, chatml, llm"):
         compose(parts("clip"), parts("llama"), tmp_path / "c", chat_template="nope", **TINY_RESAMPLER, **QUIET)
+    with pytest.raises(ValueError, match=r"chatml: the language model's tokenizer has no <\|im_start\|> or <\|im_end"):
+        compose(parts("clip"), parts("llama"), tmp_path / "e", chat_template="chatml", **TINY_RESAMPLER, **QUIET)
     compose(parts("clip"), parts("qwen2"), tmp_path / "d", chat_template="vicuna_v1", **TINY_RESAMPLER, **QUIET)
     assert AutoProcessor.from_pretrained(tmp_path / "d").chat_template == LLAVA_1_5_CHAT_TEMPLATE
-    assert not any((tmp_path / name).exists() for name in "abc")
+    assert not any((tmp_path / name).exists() for name in "abce")
 
 
 # --------------------------------------------------------------------------------------------- bad parts
