@@ -82,6 +82,12 @@ def test_card_results_use_the_papers_columns():
     assert card_results(lmms_results) == {"POPE": 85.12, "GQA": 62.0, "MME^P": 1510.7, "my_task exact_match": 0.5}
     with pytest.raises(ValueError, match="no numeric metric"):
         card_results({"results": {"t": {"alias": "t"}}})
+    # VQAv2 test-dev is scored by its server: lmms-eval's vqav2_test aggregates `submission` to None (no row)
+    submission_only = {"vqav2_test_local": {"alias": "vqav2_test_local", "submission,none": None}}
+    assert card_results({"results": {**submission_only, **lmms_results["results"]}})["GQA"] == 62.0
+    assert "VQA^v2" not in card_results({"results": {**submission_only, **lmms_results["results"]}})
+    with pytest.raises(ValueError, match="submission-only tasks .vqav2_test, mmbench_en_test. are scored by"):
+        card_results({"results": submission_only})
 
 
 @pytest.mark.slow

@@ -12,8 +12,9 @@ carry several images. In lmms-eval's multi-process mode (`accelerate launch -m l
 rank its share of the requests; the model only has to sit on that rank's device.
 
 A sample whose image cannot be had (the task's `doc_to_visual` fails, or a path to a missing or unreadable file) is
-answered with an empty string, which every metric scores as wrong, and counted in `unreadable` (task -> doc ids),
-logged at the end of the run; the run goes on.
+answered with an empty string and counted in `unreadable` (task -> doc ids), logged at the end of the run; the run
+goes on. Exact-match metrics score the empty answer wrong; POPE's precision and recall count only "yes" and "no"
+answers, so there it drops out of the F1 (the count says how many).
 
 This module imports lmms-eval; `ms_llava.evaluation` imports it only when lmms-eval asks for the class.
 """

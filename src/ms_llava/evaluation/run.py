@@ -26,13 +26,13 @@ class PaperBenchmark:
 
 
 # The paper's ten benchmarks (Table 1) as lmms-eval 0.7.3 names them. VQAv2's test-dev and MMBench's test are scored by
-# their submission servers (lmms-eval writes the submission file); the val / dev splits score locally and are named
-# so. MM-Vet is scored by a GPT judge (lmms-eval's llm_judge; needs an API key).
+# their submission servers: lmms-eval's vqav2_test / mmbench_en_test report only a `submission` metric (it writes the
+# file to upload), so they have no row here; the val / dev splits score locally and are named so. MM-Vet is scored by a
+# GPT judge (lmms-eval's llm_judge; needs an API key).
 PAPER_BENCHMARKS = {
     "textvqa_val": PaperBenchmark("VQA^T", "exact_match", 100),
     "pope": PaperBenchmark("POPE", "pope_f1_score", 100),
     "vqav2_val": PaperBenchmark("VQA^v2 (val)", "exact_match", 100),
-    "vqav2_test": PaperBenchmark("VQA^v2", "exact_match", 100),
     "scienceqa_img": PaperBenchmark("SQA", "exact_match", 100),
     "mmvet": PaperBenchmark("MM-Vet", "gpt_eval_score", 1),
     "gqa": PaperBenchmark("GQA", "exact_match", 100),
@@ -70,7 +70,11 @@ def card_results(results: dict) -> dict[str, float]:
         for metric, value in values.items():
             rows[f"{task} {metric}"] = float(value)
     if not rows:
-        raise ValueError(f"lmms-eval reported no numeric metric for tasks {sorted(per_task)}")
+        raise ValueError(
+            f"lmms-eval reported no numeric metric for tasks {sorted(per_task)}: submission-only tasks (vqav2_test, "
+            "mmbench_en_test) are scored by their servers from the file lmms-eval writes; --lmms-eval-output FILE "
+            "keeps lmms-eval's whole results"
+        )
     return rows
 
 
@@ -198,10 +202,10 @@ def _eval_command(args: argparse.Namespace) -> int:
     )
     if not results:  # not the main process
         return 0
+    if args.lmms_eval_output:  # first: a run without a card row (submission-only tasks) still keeps what it computed
+        Path(args.lmms_eval_output).write_text(json.dumps(results["results"], indent=2, default=str), encoding="utf-8")
     rows = card_results(results)
     write_results(args.output, rows)
-    if args.lmms_eval_output:
-        Path(args.lmms_eval_output).write_text(json.dumps(results["results"], indent=2, default=str), encoding="utf-8")
     for benchmark, score in rows.items():
         print(f"{benchmark}: {score:g}")
     for task, doc_ids in unreadable.items():
