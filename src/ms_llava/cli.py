@@ -99,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run_as_module(command: str, argv: list[str] | None = None) -> int:
+    """`python -m ms_llava.training ...` / `python -m ms_llava.evaluation ...` (for `accelerate launch -m`,
+    `torchrun -m`): `ms-llava COMMAND ...`, with the same handling of input errors; `--debug` may stand anywhere."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = ["--debug"] if "--debug" in argv else []
+    return main([*debug, command, *(arg for arg in argv if arg != "--debug")])
+
+
 def _debug(args) -> bool:
     return args.debug or os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "") not in ("", "0")
 

@@ -1,7 +1,9 @@
-"""`python -m ms_llava.training`: `ms-llava train` for launchers that take a module (`accelerate launch -m`)."""
+"""`python -m ms_llava.training ...` = `ms-llava train ...`, for launchers that take a module (`accelerate launch -m`,
+`torchrun -m`), with the same handling of input errors (`ms_llava.cli.run_as_module`)."""
 
 import sys
 
-from .trainer import main
+from ..cli import run_as_module
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(run_as_module("train"))
