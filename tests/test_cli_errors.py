@@ -327,6 +327,17 @@ def test_tiny_writes_next_to_other_files_without_overwrite(tmp_path, capsys):
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "model.safetensors").is_file()
 
 
+def test_tiny_refuses_to_overwrite_a_users_file_of_a_checkpoint_name_without_overwrite(tmp_path, capsys):
+    folder = tmp_path / "tokenizer-only"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("the user's tokenizer")
+    code, _, err = run_cli(["tiny", str(folder)], capsys)
+    assert_clear_error(code, err, f"{folder} already has tokenizer.json, which this would overwrite", "--overwrite")
+    assert (folder / "tokenizer.json").read_text() == "the user's tokenizer"
+    assert sorted(path.name for path in folder.iterdir()) == ["tokenizer.json"]
+    assert not list(tmp_path.glob(".tokenizer-only.*"))
+
+
 def test_tiny_overwrite_replaces_only_checkpoint_files_and_lists_what_it_removes(tmp_path, capsys):
     folder = tmp_path / "trained"
     folder.mkdir()

@@ -149,7 +149,8 @@ def write_tiny_checkpoint(directory: str | Path, seed: int = 0, overwrite: bool 
     A `directory` that already holds a checkpoint (a `config.json` or weights) is refused with a `CheckpointError`
     unless `overwrite`; then only its checkpoint files are replaced, in one rename, and those the tiny checkpoint does
     not rewrite are removed and listed to `log` (`conversion.checkpoint_io.replace_folder`). Other files (notes,
-    results, subfolders) are kept, with or without `overwrite`.
+    results, subfolders) are kept, with or without `overwrite`; without it, a file of the tiny checkpoint's names
+    already there (a tokenizer.json of the user's, say) is refused too, named.
     """
     from .checkpoints import CheckpointError, checkpoint_files_in, holds_checkpoint
     from .conversion.checkpoint_io import replace_folder
@@ -164,7 +165,7 @@ def write_tiny_checkpoint(directory: str | Path, seed: int = 0, overwrite: bool 
             "choose another folder, or pass --overwrite to replace its checkpoint files (other files are kept)"
         )
     model, processor = build_tiny_checkpoint(seed=seed)
-    with replace_folder(directory, log=log) as staging:
+    with replace_folder(directory, log=log, keep_existing=not overwrite) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
     return directory

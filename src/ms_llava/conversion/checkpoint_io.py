@@ -529,7 +529,9 @@ def _link_or_copy(source: str | Path, target: str | Path) -> None:
 
 
 @contextmanager
-def replace_folder(output: str | Path, log: Callable[[str], None] | None = None) -> Iterator[Path]:
+def replace_folder(
+    output: str | Path, log: Callable[[str], None] | None = None, keep_existing: bool = False
+) -> Iterator[Path]:
     """Yields an empty temporary directory next to `output` to write a checkpoint into; on success the whole of it
     becomes `output` in one rename (an interrupt leaves the old folder or the new one, never a mix), on any error it is
     removed and `output` is untouched.
@@ -537,7 +539,9 @@ def replace_folder(output: str | Path, log: Callable[[str], None] | None = None)
     When `output` exists, only its checkpoint files are replaced (`ms_llava.checkpoints.is_checkpoint_file`: weights,
     configs, processor and tokenizer files, remote-code modules): those the new write does not rewrite (the shards of
     an earlier, differently sharded save, say) are removed and listed to `log`; everything else (a notes file, results,
-    logs, subfolders) is carried over into the new folder by hard link, unchanged.
+    logs, subfolders) is carried over into the new folder by hard link, unchanged. With `keep_existing` (a write the
+    user did not ask to overwrite anything), a file of `output` that the new write would replace is refused instead: a
+    `ValueError` naming them, `output` untouched.
     """
     from ..checkpoints import is_checkpoint_file
 
@@ -552,6 +556,12 @@ def replace_folder(output: str | Path, log: Callable[[str], None] | None = None)
         staging.chmod(0o777 & ~umask)
         if output.exists():
             written = {path.name for path in staging.iterdir()}
+            clashing = sorted(entry.name for entry in output.iterdir() if entry.name in written)
+            if keep_existing and clashing:
+                raise ValueError(
+                    f"{output} already has {format_keys(clashing, limit=10)}, which this would overwrite; choose "
+                    "another folder, or pass --overwrite to replace them (other files are kept)"
+                )
             replaced, removed, kept = [], [], []
             for entry in sorted(output.iterdir()):
                 if entry.name in written:
@@ -568,7 +578,7 @@ def replace_folder(output: str | Path, log: Callable[[str], None] | None = None)
                         _link_or_copy(entry, staging / entry.name)
             if log is not None and (replaced or removed):
                 log(
-                    f"replacing the checkpoint in {output}: {len(replaced)} file(s) rewritten"
+                    f"replacing the checkpoint in {output}: rewritten: {format_keys(replaced, limit=10)}"
                     + (f", removed (not part of the new checkpoint): {', '.join(removed)}" if removed else "")
                     + (f"; kept: {format_keys(kept, limit=10)}" if kept else "")
                 )
