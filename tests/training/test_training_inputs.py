@@ -247,3 +247,21 @@ def test_the_train_command_prints_where_it_resumed_from(tiny_dir, shapes, tmp_pa
     assert resumed.handler(resumed) == 0
     assert "trained finetune: 2 steps, 8 examples (0 skipped), final loss " in (out := capsys.readouterr().out)
     assert f"resumed from {output_dir / 'checkpoint-1'}; model and processor in {output_dir}" in out
+
+
+def test_jsonl_records_may_hold_raw_line_and_paragraph_separators(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 unescaped inside strings (json.dumps(..., ensure_ascii=False) writes
+    them so); a JSONL file is split on newlines only."""
+    text = "a caption\u2028with a line separator,\u2029a paragraph one and a next-line\u0085control"
+    records = [
+        {"id": str(index), "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."}]}
+        for index in range(2)
+    ]
+    for record in records:
+        record["conversations"].append({"from": "gpt", "value": text})
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    loaded = load_training_records(path, tmp_path)
+    assert len(loaded) == 2
+    assert text in json.dumps(loaded[1].messages[-1], ensure_ascii=False)

@@ -465,7 +465,8 @@ def _read_json_records(path: Path) -> list:
         ) from error
     if path.suffix.lower() == ".jsonl":
         records = []
-        for number, line in enumerate(text.splitlines(), 1):
+        # split on newlines only: str.splitlines also splits on U+2028 / U+2029 / U+0085, which JSON allows raw
+        for number, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 records.append(_parse_json(line, path, f"line {number} of {path}", layout))
         return records
