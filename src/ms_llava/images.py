@@ -74,6 +74,8 @@ def load_image(source: str | os.PathLike | BinaryIO, name: str | None = None) ->
         raise ValueError(f"{name} is not an image file that PIL can read ({error})") from error
     except MemoryError:
         raise
+    except PermissionError as error:
+        raise ValueError(f"cannot read image {name}: permission denied ({error})") from error
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, EOFError ... for a damaged file
         raise ValueError(
             f"cannot read image {name}: the file is truncated or damaged ({type(error).__name__}: {error})"
