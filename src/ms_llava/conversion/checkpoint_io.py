@@ -556,21 +556,23 @@ def replace_folder(
         staging.chmod(0o777 & ~umask)
         if output.exists():
             written = {path.name for path in staging.iterdir()}
-            clashing = sorted(entry.name for entry in output.iterdir() if entry.name in written)
-            if keep_existing and clashing:
+            entries = sorted(output.iterdir())
+            replaced = [entry.name for entry in entries if entry.name in written]
+            if keep_existing and replaced:
                 raise ValueError(
-                    f"{output} already has {format_keys(clashing, limit=10)}, which this would overwrite; choose "
+                    f"{output} already has {format_keys(replaced, limit=10)}, which this would overwrite; choose "
                     "another folder, or pass --overwrite to replace them (other files are kept)"
                 )
-            replaced, removed, kept = [], [], []
-            for entry in sorted(output.iterdir()):
+            protected = _protected_reason(output)
+            removed, kept = [], []
+            for entry in entries:
                 if entry.name in written:
-                    replaced.append(entry.name)
-                elif not entry.is_symlink() and entry.is_file() and is_checkpoint_file(entry.name):
+                    continue
+                if not entry.is_symlink() and entry.is_file() and is_checkpoint_file(entry.name):
                     removed.append(entry.name)
                 else:
                     kept.append(entry.name)
-                    if _protected_reason(output):
+                    if protected:
                         continue  # replaced file by file below: the kept entries stay where they are
                     if entry.is_dir() and not entry.is_symlink():
                         shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
@@ -582,7 +584,7 @@ def replace_folder(
                     + (f", removed (not part of the new checkpoint): {', '.join(removed)}" if removed else "")
                     + (f"; kept: {format_keys(kept, limit=10)}" if kept else "")
                 )
-            if _protected_reason(output):
+            if protected:
                 # The current directory, the home or a root is never renamed away: its files are replaced one by one
                 # (each atomically), the stale checkpoint files removed, and nothing else touched.
                 for name in written:
