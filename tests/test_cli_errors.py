@@ -277,6 +277,9 @@ def test_debug_flag_and_environment_variable_show_the_traceback(tmp_path, capsys
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="no such folder"):
         main(["--debug", "demo", "--checkpoint", "./missing"])
+    train = ["train", "--stage", "finetune", "--model", "./missing", "--data", "d.json", "--output-dir", "out"]
+    with pytest.raises(CheckpointError, match="no such folder"):  # train's parser has a --debug of its own
+        main(["--debug", *train])
     monkeypatch.setenv("MS_LLAVA_DEBUG", "1")
     with pytest.raises(CheckpointError, match="no such folder"):
         main(["demo", "--checkpoint", "./missing"])
@@ -390,3 +393,25 @@ def test_a_hub_id_is_downloaded_once_and_used(tmp_path, capsys, hub, tiny_dir, i
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert "checkpoint: " in out and "me--tiny-cli" in out and (tmp_path / "v.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "module, arguments",
+    [
+        ("ms_llava.training", ["--stage", "finetune", "--data", "data.json", "--output-dir", "out"]),
+        ("ms_llava.evaluation", ["--tasks", "pope", "--output", "results.json"]),
+    ],
+)
+def test_the_launcher_forms_name_a_mistyped_model_in_one_line(module, arguments, tmp_path):
+    """`python -m ms_llava.training` / `ms_llava.evaluation` (what `accelerate launch -m` and `torchrun -m` run) handle
+    input errors as `ms-llava` does; a leading `--debug` shows the traceback (train's own `--debug` is
+    TrainingArguments', so `ms-llava --debug train` failed to show it until the flag had a dest of its own)."""
+    command = [sys.executable, "-m", module, "--model", "./my-checkpint", *arguments]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"--model ./my-checkpint: no such folder ({tmp_path / 'my-checkpint'})" in result.stderr
+    debug_command = [sys.executable, "-m", module, "--debug", *command[3:]]
+    debug = subprocess.run(debug_command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--debug",
         action="store_true",
+        # not `debug`: a subcommand's parser may define that dest (train has TrainingArguments' --debug), and its
+        # default would overwrite this flag's value in the namespace
+        dest="show_traceback",
         help=f"show the traceback of errors caused by the input too (or set {DEBUG_ENVIRONMENT_VARIABLE}=1)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,14 +104,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_as_module(command: str, argv: list[str] | None = None) -> int:
     """`python -m ms_llava.training ...` / `python -m ms_llava.evaluation ...` (for `accelerate launch -m`,
-    `torchrun -m`): `ms-llava COMMAND ...`, with the same handling of input errors; `--debug` may stand anywhere."""
+    `torchrun -m`): `ms-llava COMMAND ...`, with the same handling of input errors. A leading `--debug` is the
+    traceback flag, as in `ms-llava --debug COMMAND`; one further on stays the command's own (train's is
+    TrainingArguments' `--debug`)."""
     argv = sys.argv[1:] if argv is None else argv
-    debug = ["--debug"] if "--debug" in argv else []
-    return main([*debug, command, *(arg for arg in argv if arg != "--debug")])
+    if argv[:1] == ["--debug"]:
+        return main(["--debug", command, *argv[1:]])
+    return main([command, *argv])
 
 
 def _debug(args) -> bool:
-    return args.debug or os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "") not in ("", "0")
+    return args.show_traceback or os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "") not in ("", "0")
 
 
 def _run(commands, args) -> int:
