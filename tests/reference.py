@@ -50,7 +50,7 @@ def naive_ms_resampler(resampler, image_features, grid_height, grid_width, fuse=
     width = resampler.hidden_size
     x = resampler.input_layernorm(image_features).double()  # (N, d)
     kv_weight = resampler.kv_proj.weight.double().view(2, num_branches, width, -1)  # (k|v, E, D, d)
-    beta = resampler.scope_bias_strength
+    beta = resampler.config.scope_bias_strength
     bias = resampler.scope_bias(grid_height, grid_width).double()  # (E, M, H*W)
     outputs = []
     for e in range(num_branches):

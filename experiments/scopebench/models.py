@@ -252,7 +252,7 @@ def build_ms_llava(encoder_dir, language_model, tokenizer, resampler: dict, seed
     _load_parts(model, vision, language_model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = MSLlavaProcessor(
-        image_processor=image_processor(), tokenizer=tokenizer, num_image_tokens=config.num_image_tokens
+        image_processor=image_processor(), tokenizer=tokenizer, num_image_tokens=config.resampler_config.num_queries
     )
     return model.eval(), processor
 

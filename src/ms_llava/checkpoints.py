@@ -170,7 +170,36 @@ def check_checkpoint_folder(directory: str | Path, label: str = "checkpoint", pr
             f"{label} {directory}: the processor's files are missing: {', '.join(missing)} (save the processor too: "
             "processor.save_pretrained(folder))"
         )
+    if processor:
+        check_processor_agrees(directory, label)
     return directory
+
+
+def check_processor_agrees(directory: str | Path, label: str = "checkpoint") -> None:
+    """The one check that a saved processor and model agree on M and on the image token: the processor expands each
+    image to `num_image_tokens` placeholders with id `image_token_id`, the model fills `resampler_config.num_queries`
+    of them at `image_token_id`. Raises `CheckpointError` naming both values."""
+    import json
+
+    from transformers import AutoProcessor
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != "ms_llava":
+        return
+    saved = AutoProcessor.from_pretrained(directory)
+    num_queries = (config.get("resampler_config") or {}).get("num_queries", 144)
+    if saved.num_image_tokens != num_queries:
+        raise CheckpointError(
+            f"{label} {directory}: the processor expands each image to num_image_tokens={saved.num_image_tokens} "
+            f"tokens, but the model config has resampler_config.num_queries={num_queries}; they must agree"
+        )
+    image_token_id = config.get("image_token_id", config.get("image_token_index", 32000))
+    if saved.image_token_id != image_token_id:
+        raise CheckpointError(
+            f"{label} {directory}: the processor's image token {saved.image_token!r} has id {saved.image_token_id}, "
+            f"but the model config has image_token_id={image_token_id}"
+        )
 
 
 def resolve_checkpoint(

@@ -565,7 +565,7 @@ def compose(
         image_processor=MSLlavaImageProcessor(**processor_settings),
         tokenizer=tokenizer,
         chat_template=template,
-        num_image_tokens=config.num_image_tokens,
+        num_image_tokens=config.resampler_config.num_queries,
         image_token=IMAGE_TOKEN,
     )
     if processor.image_token_id != config.image_token_id:  # one source of truth: the tokenizer

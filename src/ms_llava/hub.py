@@ -201,13 +201,15 @@ def _add_remote_code(folder: Path, files: list[str]) -> None:
     """Makes the staged `folder` carry the four modules and `auto_map`, without which the repo does not load with
     `trust_remote_code=True`. Normally there is nothing to do: `save_pretrained` writes both whenever `ms_llava` is
     imported. Missing modules come from the installed package; missing `auto_map` entries are added."""
-    from .modeling_ms_llava import MODEL_AUTO_MAP  # the entries save_pretrained writes
-
     package = Path(__file__).resolve().parent
     for module in REMOTE_CODE_MODULES:
         if module not in files:
             _write(folder / module, (package / module).read_bytes())
-    config_auto_map = {"AutoConfig": "configuration_ms_llava.MSLlavaConfig", **MODEL_AUTO_MAP}
+    config_auto_map = {
+        "AutoConfig": "configuration_ms_llava.MSLlavaConfig",
+        "AutoModel": "modeling_ms_llava.MSLlavaModel",
+        "AutoModelForImageTextToText": "modeling_ms_llava.MSLlavaForConditionalGeneration",
+    }
     for name, auto_map, nested in (
         ("config.json", config_auto_map, None),
         ("processor_config.json", PROCESSOR_AUTO_MAP, "image_processor"),

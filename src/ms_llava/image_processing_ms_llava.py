@@ -73,6 +73,12 @@ class MSLlavaImageProcessor(LlavaImageProcessorPil):
                 raise ValueError(f"an image must be at least 1 x 1 pixels, got {image.size[0]} x {image.size[1]}")
             if image.mode in ("I", "F") or image.mode.startswith("I;16"):
                 image = _high_depth_to_8bit(image)
+            if kwargs.get("do_convert_rgb") and ("A" in image.getbands() or "transparency" in image.info):
+                # alpha on white, as transformers >= 5.21 composites it in convert_to_rgb (older ones drop it)
+                image = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert(
+                    "RGB"
+                )
         return super().process_image(image, *args, **kwargs)
 
     def _preprocess(self, images, do_resize, size, resample, do_pad, image_mean, **kwargs):

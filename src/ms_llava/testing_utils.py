@@ -129,7 +129,7 @@ def build_tiny_processor(config: MSLlavaConfig, tokenizer: PreTrainedTokenizerFa
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return MSLlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=config.num_image_tokens
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=config.resampler_config.num_queries
     )
 
 

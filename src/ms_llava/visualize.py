@@ -258,7 +258,7 @@ def query_attention(
         anchor=(float(anchors[query, 0]), float(anchors[query, 1])),
         grid_size=(grid_height, grid_width),
         patch_size=patch,
-        scope_bias_strength=projector.scope_bias_strength,
+        scope_bias_strength=projector.config.scope_bias_strength,
         learned_scope_bias=projector.native_grid is not None,
         num_prefix_tokens=num_prefix,
         model_image=_de_normalise(pixel_values[0], image_processor),

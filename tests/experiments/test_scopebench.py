@@ -284,7 +284,7 @@ def test_probe_model_on_the_default_checkpoint(default_model, tmp_path):
     sb.write_split(tmp_path, "test", 6)
     model, processor = default_model
     result = probe_model(model, processor, tmp_path, train_images=12, test_images=6)
-    assert result["M"] == model.config.num_image_tokens and result["test_images"] == 6
+    assert result["M"] == model.config.resampler_config.num_queries and result["test_images"] == 6
     for key in ("digit@anchor", "colour@anchor", "digit@all", "colour@all"):
         assert 0.0 <= result[key]["test"] <= 1.0 and result[key]["train"] > 0.5  # 12 rows: a linear probe fits them
 

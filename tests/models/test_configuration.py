@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig
 
 from ms_llava import MSLlavaConfig, MSResamplerConfig
@@ -15,7 +16,7 @@ def test_defaults_follow_the_paper():
     assert resampler.fusion == "channel_mlp"
     assert config.vision_feature_layer == -2 and config.vision_feature_select_strategy == "default"
     assert config.vision_grid_size == (24, 24)
-    assert config.num_image_tokens == 144
+    assert config.image_seq_length == 144
     # LlavaConfig's name for the image token id keeps working
     assert config.image_token_index == config.image_token_id == 32000
 
@@ -59,7 +60,8 @@ def test_json_round_trip_and_auto_config(tmp_path):
     ],
 )
 def test_bad_resampler_values_raise_value_error_naming_field_and_value(kwargs, field, value):
-    with pytest.raises(ValueError) as error:
+    # transformers' @strict configs: types checked declaratively, ranges and cross-field rules in validate_architecture
+    with pytest.raises(StrictDataclassError) as error:
         MSResamplerConfig(**kwargs)
     assert field in str(error.value) and value in str(error.value)
 
@@ -74,7 +76,7 @@ def test_bad_resampler_values_raise_value_error_naming_field_and_value(kwargs, f
     ],
 )
 def test_bad_model_values_raise_value_error(kwargs, field, value):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(StrictDataclassError) as error:
         MSLlavaConfig(**kwargs)
     assert field in str(error.value) and value in str(error.value)
 
@@ -85,14 +87,14 @@ def test_bad_value_in_saved_config_is_refused_on_load(tmp_path):
     saved = json.loads(path.read_text())
     saved["resampler_config"]["scope_windows"] = [3, -1]
     path.write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"scope_windows.*\[3, -1\]"):
+    with pytest.raises(StrictDataclassError, match=r"scope_windows.*\[3, -1\]"):
         AutoConfig.from_pretrained(tmp_path)
 
 
 def test_image_seq_length_is_m_for_code_written_for_llava():
     """LlavaConfig's `image_seq_length` (read by code written for LLaVA) is M, and follows M when M changes."""
     config = MSLlavaConfig(resampler_config={"num_queries": 36})
-    assert config.image_seq_length == config.num_image_tokens == 36
+    assert config.image_seq_length == config.resampler_config.num_queries == 36
     config.resampler_config.num_queries = 64
     assert config.image_seq_length == 64
     with pytest.raises(ValueError, match=r"image_seq_length=100.*num_queries.*M = 64"):

@@ -270,9 +270,9 @@ def count_eager_resampler_calls(monkeypatch) -> list:
     from ms_llava import modeling_ms_llava
 
     calls = []
-    eager = modeling_ms_llava.eager_resampler_attention
+    eager = modeling_ms_llava.eager_attention_forward
     monkeypatch.setattr(
-        modeling_ms_llava, "eager_resampler_attention", lambda *a, **k: calls.append(1) or eager(*a, **k)
+        modeling_ms_llava, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k)
     )
     return calls
 

@@ -9,6 +9,7 @@ from transformers import AutoImageProcessor, AutoProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ms_llava import MSLlavaImageProcessor, MSLlavaProcessor
+from ms_llava.checkpoints import check_checkpoint_folder
 from ms_llava.testing_utils import build_tiny_checkpoint, build_tiny_tokenizer
 from pil_modes import image_in_mode
 
@@ -85,7 +86,7 @@ def test_num_multimodal_tokens(tiny):
 
 def test_truncation_that_cuts_image_tokens_is_refused(tiny, image):
     _, processor = tiny
-    with pytest.raises(ValueError, match=r"truncation would cut image tokens: prompt 0 keeps \d+ of its 16"):
+    with pytest.raises(ValueError, match=r"Mismatch in `image` token count between text and `input_ids`"):
         processor(images=image, text="USER: <image>\nHello there ASSISTANT:", truncation=True, max_length=8)
     # truncation that leaves the image alone is fine
     ok = processor(images=image, text="USER: <image>\nHi", truncation=True, max_length=64, return_tensors="pt")
@@ -120,24 +121,27 @@ def test_chat_template_is_llava_1_5_style_with_generation_markers(tiny, image):
     assert list(ids).count(processor.image_token_id) == 16
 
 
-def test_processor_and_model_config_must_agree_on_m(tiny, tmp_path):
+def test_processor_and_model_config_must_agree_on_m(tiny, tmp_path, image):
     model, processor = tiny
-    model.config.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
     wrong = MSLlavaProcessor(processor.image_processor, processor.tokenizer, num_image_tokens=9)
     wrong.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"num_image_tokens=9 tokens, but the model config has .*num_queries=16"):
-        AutoProcessor.from_pretrained(tmp_path)
+        check_checkpoint_folder(tmp_path, processor=True)
+    inputs = AutoProcessor.from_pretrained(tmp_path)(images=image, text="<image>Hi", return_tensors="pt")
+    with pytest.raises(ValueError, match=r"prompts hold 9 image tokens, but 1 images need 16 \(M = 16 per image\)"):
+        model(**inputs)
 
 
 def test_processor_and_model_config_must_agree_on_the_image_token(tiny, tmp_path):
     model, processor = tiny
     config = model.config.to_dict()
-    model.config.__class__(**{**config, "image_token_id": 3}).save_pretrained(tmp_path)
+    model.__class__(model.config.__class__(**{**config, "image_token_id": 3})).save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     with pytest.raises(
         ValueError, match=r"image token '<image>' has id \d+, but the model config has image_token_id=3"
     ):
-        AutoProcessor.from_pretrained(tmp_path)
+        check_checkpoint_folder(tmp_path, processor=True)
 
 
 def test_explicit_image_token_is_used(tiny):

@@ -83,11 +83,19 @@ def test_the_base_model_class_keeps_the_resampler_too(tiny_dir):
     assert linear_kinds(model, "language_model") == {bnb.nn.Linear4bit}
 
 
-def test_float16_loading_keeps_the_resampler_in_float16(tiny_dir):
-    """The declaration is read by the quantizers only: unlike BLIP-2's Q-Former, the resampler is not kept in
-    float32 when the model loads in float16 (its numerics without quantization are those of before)."""
+def test_float16_loading_keeps_the_resampler_in_float32(tiny_dir, tiny, image):
+    """As BLIP-2's Q-Former: `_keep_in_fp32_modules` keeps the resampler in float32 when the model loads in float16
+    (transformers' own rule for the declaration); everything else is float16, and the model runs and generates."""
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.float16)
-    assert {param.dtype for param in model.parameters()} == {torch.float16}
+    projector = {param.dtype for name, param in model.named_parameters() if "multi_modal_projector" in name}
+    rest = {param.dtype for name, param in model.named_parameters() if "multi_modal_projector" not in name}
+    assert projector == {torch.float32} and rest == {torch.float16}
+    _, processor = tiny
+    inputs = processor(images=image, text=PROMPT, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].half()
+    with torch.no_grad():
+        assert model(**inputs).logits.dtype == torch.float16
+    assert model.generate(**inputs, max_new_tokens=2, min_new_tokens=2).shape[1] == inputs["input_ids"].shape[1] + 2
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])

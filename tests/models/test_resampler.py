@@ -156,14 +156,14 @@ def test_covering_window_equals_beta_zero():
 def test_fusion_is_eq8():
     resampler = make_resampler()
     fusion = resampler.fusion
-    branch_outputs = torch.randn(2, 16, 3, 20)  # (batch, M, E, D)
+    branch_outputs = torch.randn(2, 3, 16, 20)  # (batch, E, M, D)
     with torch.no_grad():
         fast = fusion(branch_outputs)
     from reference import naive_channel_mlp_fusion
 
     for b in range(2):
         reference = naive_channel_mlp_fusion(
-            branch_outputs[b].permute(1, 0, 2), fusion.weight1, fusion.bias1, fusion.weight2, fusion.bias2, fusion.act
+            branch_outputs[b], fusion.weight1, fusion.bias1, fusion.weight2, fusion.bias2, fusion.act
         )
         torch.testing.assert_close(fast[b].double(), reference, rtol=1e-5, atol=1e-5)
 

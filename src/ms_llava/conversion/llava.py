@@ -217,7 +217,7 @@ def build_ms_llava_processor(source_dir: Path, config: MSLlavaConfig) -> tuple[M
         image_processor=MSLlavaImageProcessor(**settings),
         tokenizer=tokenizer,
         chat_template=chat_template,
-        num_image_tokens=config.num_image_tokens,
+        num_image_tokens=config.resampler_config.num_queries,
         image_token=image_token,
     )
     return processor, notes
@@ -244,7 +244,7 @@ def check_new_resampler(model: MSLlavaForConditionalGeneration, pixel_values: to
     gives M finite tokens of the language model's width."""
     with torch.no_grad():
         image_tokens = model.model.get_image_features(pixel_values=pixel_values).pooler_output[0]
-    expected_shape = (config.num_image_tokens, config.text_config.hidden_size)
+    expected_shape = (config.resampler_config.num_queries, config.text_config.hidden_size)
     if tuple(image_tokens.shape) != expected_shape or not torch.isfinite(image_tokens).all():
         raise ConversionError(
             f"the new MS-Resampler gave image tokens of shape {tuple(image_tokens.shape)} (expected {expected_shape}) "

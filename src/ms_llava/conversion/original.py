@@ -513,7 +513,7 @@ def build_hf_processor(projector_type: str, hf_config, tokenizer, image_settings
             image_processor=MSLlavaImageProcessor(**image_settings, do_pad=do_pad),
             tokenizer=tokenizer,
             chat_template=chat_template,
-            num_image_tokens=hf_config.num_image_tokens,
+            num_image_tokens=hf_config.resampler_config.num_queries,
             image_token=IMAGE_TOKEN,
         )
     return LlavaProcessor(
