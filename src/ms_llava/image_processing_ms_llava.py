@@ -1,13 +1,8 @@
-"""Image processor for MS-LLaVA: LLaVA-1.5 preprocessing on the PIL/NumPy backend (no torchvision).
-
-Pad to square with the mean colour, resize the shortest edge, centre crop, rescale, normalise with CLIP's mean and std.
-Any PIL mode is accepted: alpha is composited on white, palettes, CMYK and greyscale are converted to RGB, and 16-bit /
-32-bit / float greyscale is scaled to 8 bits first. This file imports nothing from the ``ms_llava`` package so that it
-can ship with a checkpoint as remote code.
-
-Padding and resizing are fused (`MSLlavaImageProcessor._pad_and_resize`): the result is that of PIL resizing the padded
-square, but the square is never built, so that memory grows with the image, not with the square of its longest side
-(a 20000 x 10 banner's padded square alone is 1.2 GB of 8-bit RGB).
+"""Image processor for MS-LLaVA: LLaVA-1.5's preprocessing (pad to square with the mean colour, resize, centre crop,
+CLIP's mean and std) on the PIL backend, for any PIL mode (alpha on white; palettes, CMYK, greyscale to RGB; 16-bit and
+float greyscale scaled to 8 bits). Padding and resizing are fused: the result is PIL's resize of the padded square, but
+the square is never built (a 20000 x 10 banner's alone is 1.2 GB). Imports nothing from the package, so that it ships
+with every checkpoint as remote code.
 """
 
 import numpy as np
@@ -16,14 +11,10 @@ from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-# PIL's two-pass (horizontal, then vertical) filters; NEAREST takes another path in PIL (an affine transform) and keeps
-# the parent's pad then resize.
+# PIL's two-pass (horizontal, then vertical) filters; NEAREST takes another path (an affine transform) and keeps the
+# parent's pad then resize.
 _SEPARABLE_FILTERS = {
-    PILImageResampling.BOX,
-    PILImageResampling.BILINEAR,
-    PILImageResampling.HAMMING,
-    PILImageResampling.BICUBIC,
-    PILImageResampling.LANCZOS,
+    getattr(PILImageResampling, name) for name in ("BOX", "BILINEAR", "HAMMING", "BICUBIC", "LANCZOS")
 }
 _BAND_PIXELS = 1 << 20  # a tall image's padded rows go through the horizontal pass about this many pixels at a time
 

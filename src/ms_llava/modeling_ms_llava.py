@@ -251,7 +251,7 @@ class MSResampler(PreTrainedModel):
             )
         batch_branches, heads, head_dim = batch_size * self.num_branches, self.num_heads, self.head_dim
 
-        hidden = self.input_layernorm(image_features.to(self.kv_proj.weight.dtype))
+        hidden = self.input_layernorm(image_features.to(self.queries.dtype))
         kv = self.kv_proj(hidden).view(batch_size, num_tokens, 2, self.num_branches, heads, head_dim)
         key, value = kv.permute(2, 0, 3, 4, 1, 5).reshape(2, batch_branches, heads, num_tokens, head_dim)
         query = self.queries.view(1, self.num_branches, self.num_queries, heads, head_dim).transpose(2, 3)

@@ -92,6 +92,18 @@ class MSLlavaProcessor(ProcessorMixin):
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens
 
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        # A LLaVA-1.5 reply follows "ASSISTANT:" after a space its first token carries. The pipeline cuts the decoded
+        # prompt (ending "ASSISTANT:") off the decoded sequence: without that space after the last "ASSISTANT:", the
+        # reply it returns is the answer itself (ChatML replies start on a new line and have none).
+        decoded = super().post_process_image_text_to_text(generated_outputs, skip_special_tokens, **kwargs)
+        texts = [decoded] if isinstance(decoded, str) else list(decoded)
+        for index, text in enumerate(texts):
+            head, marker, reply = text.rpartition("ASSISTANT:")
+            if marker and reply.startswith(" "):
+                texts[index] = head + marker + reply[1:]
+        return texts[0] if isinstance(decoded, str) else texts
+
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         """M placeholders per image, whatever its size (what serving engines read)."""
         vision_data = {}
