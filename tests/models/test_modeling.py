@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
+import ms_llava
 from messages import chat
 from ms_llava import MSLlavaForConditionalGeneration, MSLlavaModel, MSResampler
 from ms_llava.testing_utils import build_tiny_checkpoint, sample_image
@@ -426,6 +428,12 @@ REMOTE_SCRIPT = textwrap.dedent(
     reply = pipe(text=messages, generate_kwargs={"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False})
     result = {"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits}
     result["reply"] = reply[0]["generated_text"][-1]["content"]
+    # the embedded default checkpoint holds the module files its auto_map names (links to the package's own)
+    default = AutoModelForImageTextToText.from_pretrained(sys.argv[4], trust_remote_code=True)
+    assert type(default).__module__.startswith("transformers_modules"), type(default).__module__
+    default_processor = AutoProcessor.from_pretrained(sys.argv[4], trust_remote_code=True)
+    default_inputs = default_processor(images=Image.open(sys.argv[2]), text=prompt, return_tensors="pt")
+    result["default_tokens"] = default.generate(**default_inputs, max_new_tokens=3, do_sample=False)
     torch.save(result, sys.argv[3])
     """
 )
@@ -433,14 +441,20 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_remote_code_load_without_the_package(tiny, tiny_dir, image, tmp_path):
+    """The tiny checkpoint and the embedded default checkpoint load through their own module files in a process that
+    cannot import ms_llava, and give the package's outputs (every file their auto_map names is there)."""
     model, processor = tiny
+    default_dir = ms_llava.default_checkpoint_path()
+    for name in ("config.json", "processor_config.json", "tokenizer_config.json"):
+        for entry in json.loads((default_dir / name).read_text())["auto_map"].values():
+            assert (default_dir / f"{entry.split('.')[0]}.py").is_file(), (name, entry)
     image_path, result_path = tmp_path / "image.png", tmp_path / "result.pt"
     image.save(image_path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     env["HF_HUB_OFFLINE"] = "1"
     run = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(tiny_dir), str(image_path), str(result_path)],
+        [sys.executable, "-c", REMOTE_SCRIPT, str(tiny_dir), str(image_path), str(result_path), str(default_dir)],
         capture_output=True,
         text=True,
         env=env,
@@ -457,7 +471,14 @@ def test_remote_code_load_without_the_package(tiny, tiny_dir, image, tmp_path):
     with torch.no_grad():
         assert torch.equal(remote["logits"], model(**inputs).logits)
     tokens = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    assert remote["reply"] == processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    reply = processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert remote["reply"] == reply.lstrip(" ")
+    default = AutoModelForImageTextToText.from_pretrained(default_dir)
+    default_processor = AutoProcessor.from_pretrained(default_dir)
+    default_inputs = default_processor(
+        images=image, text=processor.apply_chat_template(chat("Hi"), add_generation_prompt=True), return_tensors="pt"
+    )
+    assert torch.equal(remote["default_tokens"], default.generate(**default_inputs, max_new_tokens=3, do_sample=False))
 
 
 def test_processor_from_pretrained_round_trip(tiny_dir, tiny):

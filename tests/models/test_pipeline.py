@@ -29,7 +29,10 @@ def test_pipeline_replies_start_without_the_separating_space():
 
     path = str(ms_llava.default_checkpoint_path())
     pipe = pipeline("image-text-to-text", model=path, device="cpu")
-    content = [{"type": "image", "image": sample_image(size=64, seed=3)}, {"type": "text", "text": "How many objects?"}]
+    content = [
+        {"type": "image", "image": sample_image(size=64, seed=3)},
+        {"type": "text", "text": "How many objects?"},
+    ]
     settings = {"max_new_tokens": 3, "do_sample": False}
     reply = pipe(text=[{"role": "user", "content": content}], generate_kwargs=settings)[0]["generated_text"][-1]
     assert reply["content"] and not reply["content"][0].isspace()

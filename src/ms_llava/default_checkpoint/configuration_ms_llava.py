@@ -1,0 +1,1 @@
+../configuration_ms_llava.py

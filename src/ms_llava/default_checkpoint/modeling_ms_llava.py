@@ -1,0 +1,1 @@
+../modeling_ms_llava.py

@@ -1,0 +1,1 @@
+../processing_ms_llava.py
