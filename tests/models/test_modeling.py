@@ -119,6 +119,34 @@ def test_wrong_per_image_split_raises(tiny):
         model(input_ids=ids, pixel_values=pixel_values)
 
 
+def test_image_placeholders_without_images_are_refused(tiny):
+    """M placeholders without `pixel_values` would be read as text: `forward` and `generate` refuse them."""
+    model, processor = tiny
+    ids = processor.tokenizer("USER: " + "<image>" * 16 + "\nHi ASSISTANT:", return_tensors="pt")["input_ids"]
+    with pytest.raises(ValueError, match=r"the prompt holds image tokens \(id \d+\) but no pixel_values"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model.generate(input_ids=ids, max_new_tokens=2)
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tiny, image):
+    """The language model's positions end at max_position_embeddings (512 here): a longer prompt is refused, in
+    `forward` and `generate`, before any work; one that fits generates, also past nothing but its own length."""
+    model, processor = tiny
+    context = model.config.text_config.max_position_embeddings
+    long_text = "USER: <image>\n" + "word " * context + "ASSISTANT:"
+    inputs = processor(images=image, text=long_text, return_tensors="pt")
+    assert inputs["input_ids"].shape[1] > context
+    with pytest.raises(
+        ValueError,
+        match=rf"the prompt holds {inputs['input_ids'].shape[1]} tokens, more than the "
+        rf"language model's context \(max_position_embeddings={context}\)",
+    ):
+        model.generate(**inputs, max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(**inputs)
+
+
 def test_generate_encodes_images_once(tiny, image):
     model, processor = tiny
     inputs = prompt_inputs(processor, [image], [("What is it?", 1)])
