@@ -387,14 +387,11 @@ class MSLlavaModel(MSLlavaPreTrainedModel, LlavaModel):
                     )
         return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
 
-    def forward(self, input_ids=None, pixel_values=None, *args, past_key_values=None, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, *args, **kwargs):
         """As LLaVA's; a prompt (the first forward of a generation) must fit the language model's context, and image
         placeholders need `pixel_values`."""
-        if (
-            input_ids is not None
-            and not torch.compiler.is_compiling()
-            and not (past_key_values and past_key_values.get_seq_length())
-        ):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 calls it `cache`
+        if input_ids is not None and not torch.compiler.is_compiling() and not (cache and cache.get_seq_length()):
             context = getattr(self.config.text_config, "max_position_embeddings", None)
             if context is not None and input_ids.shape[1] > context:
                 raise ValueError(
@@ -406,7 +403,7 @@ class MSLlavaModel(MSLlavaPreTrainedModel, LlavaModel):
                     f"the prompt holds image tokens (id {self.config.image_token_id}) but no pixel_values were "
                     "given; pass the images, or remove the placeholders"
                 )
-        return super().forward(input_ids, pixel_values, *args, past_key_values=past_key_values, **kwargs)
+        return super().forward(input_ids, pixel_values, *args, **kwargs)
 
 
 class MSLlavaForConditionalGeneration(MSLlavaPreTrainedModel, LlavaForConditionalGeneration):

@@ -127,6 +127,12 @@ def test_image_placeholders_without_images_are_refused(tiny):
         model(input_ids=ids)
     with pytest.raises(ValueError, match="no pixel_values"):
         model.generate(input_ids=ids, max_new_tokens=2)
+    # a generated image token (decoding, the images already in the cache) is no placeholder
+    inputs = processor(images=sample_image(40, seed=5), text="USER: <image>\nHi ASSISTANT:", return_tensors="pt")
+    forced = model.generate(
+        **inputs, max_new_tokens=3, prefix_allowed_tokens_fn=lambda *_: [model.config.image_token_id]
+    )
+    assert forced[0, -3:].tolist() == [model.config.image_token_id] * 3
 
 
 def test_a_prompt_longer_than_the_context_is_refused(tiny, image):
