@@ -171,7 +171,7 @@ class MSResampler(PreTrainedModel):
             grid_tokens = self.native_grid[0] * self.native_grid[1]
             self.learned_scope_bias = nn.Parameter(torch.empty(self.num_branches, self.num_queries, grid_tokens))
         self._bias_cache = {}  # Eq. 5's B per (grid, prefix tokens, device, dtype): it depends only on those
-        # No post_init: the enclosing model's post_init initialises this sub-model through `_init_weights`.
+        self.post_init()
 
     def _init_weights(self, module):
         if module is self:
