@@ -1,18 +1,8 @@
 """Checkpoint folders: the one list of the files a checkpoint owns, the one check of a folder before anything loads
-it, and where a checkpoint argument points (`--checkpoint`, `--model`, `--source`), decided once for every command.
-
-`resolve_checkpoint(value)` returns a local folder:
-
-* an existing folder is taken as is (and, for a model checkpoint, checked by `check_checkpoint_folder`, so that a
-  truncated download, a missing shard or a config that does not fit the weights is named before anything loads);
-* a value that can only be a path (it starts with `.`, `/` or `~`, is no valid Hub repo id, or names a folder inside
-  an existing one, such as `runs/stage2` when `runs/` exists) and does not exist fails at once, naming it;
-* anything else is tried as a Hub repo id with one `snapshot_download` (no retry loop; `HF_HUB_OFFLINE` makes it look
-  in the local Hub cache only), and when that fails too the error says that both were tried.
-
-Errors are `CheckpointError` (a `ValueError`) naming the argument, the file and what to do. Light to import: torch,
-transformers, safetensors and the Hub client are imported where needed.
-"""
+it (`check_checkpoint_folder`: truncated or pickled weights, missing shards, a config that does not fit the weights),
+and where a checkpoint argument (`--checkpoint`, `--model`, `--source`) points, decided once (`resolve_checkpoint`).
+Errors are `CheckpointError` (a `ValueError`) naming the argument and the file. Light to import: torch, transformers,
+safetensors and the Hub client are imported where needed."""
 
 from __future__ import annotations
 
@@ -22,40 +12,18 @@ import zipfile
 from pathlib import Path
 
 # The files a checkpoint owns: what save_pretrained writes for a model, its processor and a PEFT adapter, and the
-# remote-code modules. `--overwrite` replaces these and nothing else; push uploads these (less pickled weights);
-# downloads fetch them.
+# remote-code modules. `--overwrite` replaces these and nothing else; push uploads them and Hub downloads fetch them,
+# less pickled weights.
 CHECKPOINT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "pytorch_model*.bin",
-    "pytorch_model.bin.index.json",
-    "adapter_config.json",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "*.tiktoken",
-    "chat_template.jinja",
-    "chat_template.json",
-    "additional_chat_templates/*.jinja",
-    "*_ms_llava.py",
-)
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+    "pytorch_model.bin.index.json", "adapter_config.json", "processor_config.json", "preprocessor_config.json",
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    "additional_chat_templates/*.jinja", "*_ms_llava.py",
+)  # fmt: skip
 PICKLED_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
-# What a Hub checkpoint downloads: its files without pickled weights.
 DOWNLOAD_PATTERNS = [pattern for pattern in CHECKPOINT_FILES if pattern not in PICKLED_WEIGHTS]
-WEIGHT_FILES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")  # fmt: skip
 
 
 class CheckpointError(ValueError):

@@ -1,27 +1,22 @@
-"""`ms-llava compose`: a new MS-LLaVA from a bare vision encoder and a language model, the paper's starting point.
-
-The vision tower (`CLIPVisionModel` / `CLIPModel`, `SiglipVisionModel` / `SiglipModel`, or another ViT with a patch
-grid) and the language model (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM` or another decoder with
-the standard `model.*` + `lm_head.*` layout) are carried over bit for bit, with a freshly initialised MS-Resampler
-(seeded): the checkpoint stage 1 starts from. `<image>` (and a pad token where the LLM has neither pad nor unk) is
-added to the tokenizer, the embeddings grown by `resize_token_embeddings(mean_resizing=True)` when they have no spare
-rows; the image processor follows the tower; the chat template is LLaVA-1.5's `vicuna_v1`, or ChatML for an LLM whose
-template is ChatML, with the `{% generation %}` markers the assistant-only loss needs. Streams and checks like the
-converters (`conversion.streaming`). See docs/compose.md.
-"""
+"""`ms-llava compose`: a new MS-LLaVA from a vision encoder and a language model, the paper's starting point: both
+carried over bit for bit, a freshly initialised MS-Resampler, `<image>` (and a pad token if need be) added to the
+tokenizer, the tower's image preprocessing, and a chat template with the markers the assistant-only loss needs.
+Streams and checks like `convert` (`conversion.streaming`). See docs/compose.md."""
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .checkpoints import DOWNLOAD_PATTERNS, read_json
+from .checkpoints import DOWNLOAD_PATTERNS, load_config, read_json, resolve_checkpoint
 from .conversion import add_output_arguments, add_resampler_arguments, output_options, resampler_options
 from .conversion.llava import PARITY_FAILURE
 from .conversion.streaming import (
@@ -44,7 +39,6 @@ from .conversion.streaming import (
     prepare_output,
     read_sources,
     resampler_settings,
-    resolve_source,
     save_model_files,
     tower_states,
     write_checkpoint,
@@ -95,16 +89,12 @@ def download_patterns(source: str | Path) -> list[str]:
     return DOWNLOAD_PATTERNS + ([] if any(name.endswith(".safetensors") for name in files) else ["*.bin"])
 
 
-def read_vision_tower(tower_dir: Path):
-    """`(vision config, whole)` of a vision tower checkpoint: a vision model (CLIPVisionModel, SiglipVisionModel, a
-    ViT), or a whole dual encoder (`whole`: CLIPModel, SiglipModel) whose vision half is taken. Anything but a vision
-    transformer with a patch grid that `AutoModel` builds is a `ConversionError` naming what was found."""
-    try:
-        config = AutoConfig.from_pretrained(tower_dir)
-    except (ValueError, KeyError, OSError) as error:
-        raise ConversionError(
-            f"--vision-tower {tower_dir}: transformers cannot read its config.json: {error}"
-        ) from error
+def read_parts(tower_dir: Path, llm_dir: Path):
+    """`(vision config, whole, text config, causal LM on meta)`; a `ConversionError` naming what was found unless the
+    tower is a vision transformer with a patch grid that `AutoModel` builds (or a whole dual encoder, `whole`, such as
+    CLIPModel, whose vision half is taken) and the LLM a decoder `AutoModelForCausalLM` builds with the standard layout
+    (`model.*` of its `AutoModel` decoder, `lm_head.weight`)."""
+    config, text_config = load_config(tower_dir, "--vision-tower"), load_config(llm_dir, "--language-model")
     vision = getattr(config, "vision_config", None) or config
     sizes = [getattr(vision, name, None) for name in ("image_size", "patch_size")]
     if not all(isinstance(size, int) and size > 0 for size in sizes) or config.is_encoder_decoder:
@@ -113,44 +103,6 @@ def read_vision_tower(tower_dir: Path):
             f"AutoModel loads, with integer image_size and patch_size), got model_type {config.model_type!r} "
             f"(architectures {config.architectures}) with image_size={sizes[0]!r}, patch_size={sizes[1]!r}"
         )
-    return vision, vision is not config
-
-
-def image_processor_settings(tower_dir: Path, vision_config) -> tuple[dict, list[str]]:
-    """MSLlavaImageProcessor settings for the tower: its `image_size` (short side, centre crop) after LLaVA-1.5's pad to
-    square, and the mean, std and resampling of its `preprocessor_config.json`; without one, CLIP's mean and std for
-    CLIP towers and 0.5 for the others (SigLIP, ViT)."""
-    from transformers.image_utils import (
-        IMAGENET_STANDARD_MEAN,
-        IMAGENET_STANDARD_STD,
-        OPENAI_CLIP_MEAN,
-        OPENAI_CLIP_STD,
-    )
-
-    size = vision_config.image_size
-    settings = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
-    path = tower_dir / "preprocessor_config.json"
-    stored = read_json(path) if path.is_file() else {}
-    settings.update({k: stored[k] for k in ("image_mean", "image_std", "resample", "rescale_factor") if k in stored})
-    if "image_mean" in settings and "image_std" in settings:
-        return settings, []
-    clip = vision_config.model_type.startswith("clip")
-    settings["image_mean"] = list(OPENAI_CLIP_MEAN if clip else IMAGENET_STANDARD_MEAN)
-    settings["image_std"] = list(OPENAI_CLIP_STD if clip else IMAGENET_STANDARD_STD)
-    return settings, [
-        f"the vision tower has no preprocessor_config.json mean/std: using {'CLIP' if clip else '0.5'}'s"
-    ]
-
-
-def read_language_model(llm_dir: Path):
-    """`(text config, causal LM on meta)`; a `ConversionError` naming what was found unless it is a decoder that
-    `AutoModelForCausalLM` builds with the standard layout (`model.*` of its `AutoModel` decoder, `lm_head.weight`)."""
-    try:
-        text_config = AutoConfig.from_pretrained(llm_dir)
-    except (ValueError, KeyError, OSError) as error:
-        raise ConversionError(
-            f"--language-model {llm_dir}: transformers cannot read its config.json: {error}"
-        ) from error
     what = f"model_type {text_config.model_type!r} (architectures {text_config.architectures})"
     if text_config.is_encoder_decoder or text_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConversionError(
@@ -159,13 +111,27 @@ def read_language_model(llm_dir: Path):
         )
     causal = build_on_meta(AutoModelForCausalLM.from_config, text_config)
     standard = {f"model.{key}" for key in build_on_meta(AutoModel.from_config, text_config).state_dict()}
-    odd = sorted(set(causal.state_dict()) - standard - {"lm_head.weight"})
-    if odd or "lm_head.weight" not in causal.state_dict():
+    if odd := sorted(set(causal.state_dict()) - standard - {"lm_head.weight"}):
         raise ConversionError(
             f"--language-model {llm_dir}: {what} ({type(causal).__name__}) does not have the standard decoder layout "
             f"(model.* + lm_head.weight) MS-LLaVA's language model uses; unexpected keys such as {odd[:5]}"
         )
-    return text_config, causal
+    return vision, vision is not config, text_config, causal
+
+
+def image_processor_settings(tower_dir: Path, vision_config) -> tuple[dict, list[str]]:
+    """The tower's image size (short side, centre crop, after LLaVA-1.5's pad to square), and the mean, std and
+    resampling of its `preprocessor_config.json`; without one, CLIP's mean and std for CLIP, 0.5 for the others."""
+    size, path = vision_config.image_size, tower_dir / "preprocessor_config.json"
+    settings = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    stored = read_json(path) if path.is_file() else {}
+    settings.update({k: stored[k] for k in ("image_mean", "image_std", "resample", "rescale_factor") if k in stored})
+    if "image_mean" in settings and "image_std" in settings:
+        return settings, []
+    clip = vision_config.model_type.startswith("clip")
+    settings.update(image_mean=list(OPENAI_CLIP_MEAN if clip else IMAGENET_STANDARD_MEAN))
+    settings.update(image_std=list(OPENAI_CLIP_STD if clip else IMAGENET_STANDARD_STD))
+    return settings, [f"the tower has no preprocessor_config.json mean/std: using {'CLIP' if clip else '0.5'}'s"]
 
 
 def tokenizer_surgery(tokenizer) -> tuple[list[str], list[str]]:
@@ -197,13 +163,11 @@ def choose_chat_template(tokenizer, chat_template: str | None) -> tuple[str, str
     which must have the markers) or a Jinja file (with the markers)."""
     from .training.data import has_generation_markers
 
-    own, notes = getattr(tokenizer, "chat_template", None), []
-    name = chat_template
+    own, name, notes = tokenizer.chat_template, chat_template, []
     if name is None:
         chatml = isinstance(own, str) and "<|im_start|>" in own and "<|im_end|>" in own
         name = "chatml" if chatml else "llm" if has_generation_markers(own) else "vicuna_v1"
-        if own and name == "vicuna_v1":
-            notes.append("the LLM's own chat template has no {% generation %} markers and is not ChatML: vicuna_v1")
+        notes += ["the LLM's own chat template has no {% generation %} markers and is not ChatML"] if own and name == "vicuna_v1" else []  # fmt: skip
     missing = [token for token in ("<|im_start|>", "<|im_end|>") if token not in tokenizer.get_vocab()]
     if name == "chatml" and missing:
         raise ConversionError(
@@ -212,21 +176,15 @@ def choose_chat_template(tokenizer, chat_template: str | None) -> tuple[str, str
         )
     if name in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[name], name, notes
-    if name == "llm":
-        if not has_generation_markers(own):
-            problem = "is missing" if not own else "has no {% generation %} markers"
-            raise ConversionError(
-                f"--chat-template llm: the language model's own chat template {problem}; the assistant-only loss "
-                f"needs them. Choose one of {', '.join(CHAT_TEMPLATES)} or a Jinja file with the markers"
-            )
-        return own, name, notes
-    if not Path(name).is_file():
+    if name != "llm" and not Path(name).is_file():
         raise ConversionError(f"--chat-template {name!r}: neither one of vicuna_v1, chatml, llm nor a Jinja file")
-    text = Path(name).read_text(encoding="utf-8")
+    text = own if name == "llm" else Path(name).read_text(encoding="utf-8")
     if not has_generation_markers(text):
+        whose = "the language model's own chat template" if name == "llm" else "the template"
+        problem = "is missing" if not text else "has no {% generation %} ... {% endgeneration %} markers"
         raise ConversionError(
-            f"--chat-template {name}: the template has no {{% generation %}} ... {{% endgeneration %}} markers around "
-            "the assistant replies; training on it would learn nothing"
+            f"--chat-template {name}: {whose} {problem} around the assistant replies; the assistant-only loss needs "
+            "them (training would learn nothing)"
         )
     return text, name, notes
 
@@ -251,44 +209,38 @@ def compose(
     log: Callable[[str], None] = print,
 ) -> Report:
     """Writes to `output` an MS-LLaVA of the vision tower and the language model (folders or Hub ids), carried over
-    bit for bit, and a freshly initialised MS-Resampler.
+    bit for bit, and a freshly initialised MS-Resampler; returns the `Report`.
 
     Args:
-        num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs, seed: the MS-Resampler, as in
-            `convert_llava_to_ms_llava`.
+        num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs, seed, max_shard_size, overwrite,
+            check_parity, log: as in `convert_llava_to_ms_llava`.
         vision_feature_layer: the tower layer(s) the resampler reads (-2: LLaVA-1.5's penultimate layer).
         vision_feature_select_strategy: "default" (drop CLS) or "full"; None: "default" for a tower with a CLS token
             (CLIP, ViT), "full" for one without (SigLIP).
         chat_template: see `choose_chat_template`.
-        max_shard_size, overwrite, check_parity, log: as in `convert_llava_to_ms_llava`.
 
     Raises:
-        ConversionError: a part that is not a supported vision tower or language model (named with what was found),
-            bad settings, an unknown, missing or mis-shaped key, or a parity failure; nothing is left in `output`.
+        ConversionError: a part that is not a supported tower or LLM (named with what was found), bad settings, an
+            unknown, missing or mis-shaped key (with its file), or a parity failure. Nothing is left in `output`.
     """
     check_output(output, overwrite)
-    tower_dir = resolve_source(vision_tower, "--vision-tower", download_patterns(vision_tower))
-    llm_dir = resolve_source(language_model, "--language-model", download_patterns(language_model))
+    parts = [(vision_tower, "--vision-tower"), (language_model, "--language-model")]
+    tower_dir, llm_dir = (
+        resolve_checkpoint(p, label, allow_patterns=download_patterns(p), check=False) for p, label in parts
+    )
     output = prepare_output(output, overwrite, [tower_dir, llm_dir])
-    vision_config, whole = read_vision_tower(tower_dir)
-    text_config, causal = read_language_model(llm_dir)
-    layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
-    depth = vision_config.num_hidden_layers
+    vision_config, whole, text_config, causal = read_parts(tower_dir, llm_dir)
+    depth, layers = vision_config.num_hidden_layers, [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer  # fmt: skip
     if not layers or any(not -depth - 1 <= layer <= depth for layer in layers):
-        raise ConversionError(
-            f"--vision-feature-layer {vision_feature_layer!r}: the tower has {depth} layers, so hidden states "
-            f"{-depth - 1}..{depth}"
-        )
+        raise ConversionError(f"--vision-feature-layer {vision_feature_layer!r}: the tower has {depth} layers, so hidden states {-depth - 1}..{depth}")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     template, template_name, notes = choose_chat_template(tokenizer, chat_template)
     added, tokenizer_notes = tokenizer_surgery(tokenizer)
-    old_vocab = text_config.vocab_size
-    tower_meta = build_on_meta(AutoModel.from_config, vision_config)
-    tower_rename, tower_keys = loader_renames(tower_meta), set(tower_meta.state_dict())
+    tower = build_on_meta(AutoModel.from_config, vision_config)
     grid = (vision_config.image_size // vision_config.patch_size) ** 2
     has_cls = any(
         key.endswith(("class_embedding", "cls_token")) or ("position_embedding" in key and tensor.shape[0] == grid + 1)
-        for key, tensor in tower_meta.state_dict().items()
+        for key, tensor in tower.state_dict().items()
     )
     if vision_feature_select_strategy == "default" and not has_cls:
         raise ConversionError(
@@ -296,56 +248,51 @@ def compose(
             f"({vision_config.model_type.removesuffix('_vision_model')}) has none; use 'full'"
         )
     config = ms_llava_config(
-        vision_config,
-        text_config,
+        vision_config, text_config,
         resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=vision_feature_layer,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy or ("default" if has_cls else "full"),
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )  # fmt: skip
+    old_vocab = text_config.vocab_size
+    config.text_config.vocab_size, config.text_config.pad_token_id = (
+        max(old_vocab, len(tokenizer)),
+        tokenizer.pad_token_id,
     )
-    config.text_config.vocab_size = max(old_vocab, len(tokenizer))
-    config.text_config.pad_token_id = tokenizer.pad_token_id
     meta_model = build_on_meta(MSLlavaForConditionalGeneration, config)
 
     log(f"reading {tower_dir} and {llm_dir}")
     key_map = KeyMap(meta_model)
+    tower_rename, tower_keys = loader_renames(tower), set(tower.state_dict())
     text_half = f"not part of the vision model ({vision_config.model_type}'s text half and projections)"
-    keep = lambda key: tower_rename(key) in tower_keys or key.endswith(RECOMPUTED_BUFFERS)  # noqa: E731
-    drop = (lambda key: None if keep(key) else text_half) if whole else None
-    tower_sources = read_sources(tower_dir, "--vision-tower")
-    key_map.map(tower_sources, lambda key: "model.vision_tower." + tower_rename(key), drop)
+    drop = lambda key: None if tower_rename(key) in tower_keys or key.endswith(RECOMPUTED_BUFFERS) else text_half  # noqa: E731
+    key_map.map(read_sources(tower_dir, "--vision-tower"), lambda key: "model.vision_tower." + tower_rename(key), drop if whole else None)  # fmt: skip
     llm_rename = loader_renames(causal)
-    key_map.map(read_sources(llm_dir, "--language-model"), lambda key: _language_model_key(llm_rename(key)))
-    embed, head = "model.language_model.embed_tokens.weight", "lm_head.weight"
+    key_map.map(read_sources(llm_dir, "--language-model"), lambda key: re.sub(r"^model\.", "model.language_model.", llm_rename(key)))  # fmt: skip
+    embed = "model.language_model.embed_tokens.weight"
     if config.text_config.vocab_size > old_vocab:
-        grown = grow_embeddings(key_map, text_config, config.text_config.vocab_size, seed, embed, head)
-        how = f"{config.text_config.vocab_size - old_vocab} new row(s) ({', '.join(added)}) by mean resizing"
-        key_map.created[how] = grown
+        grown = grow_embeddings(key_map, text_config, config.text_config.vocab_size, seed, embed, "lm_head.weight")
+        key_map.created[f"{config.text_config.vocab_size - old_vocab} new row(s) ({', '.join(added)}) by mean resizing"] = grown  # fmt: skip
     key_map.create(fresh_resampler(config, seed), f"MS-Resampler, freshly initialised (seed {seed})")
     key_map.check(f"{tower_dir} + {llm_dir} -> MS-LLaVA")
 
     settings, processor_notes = image_processor_settings(tower_dir, vision_config)
-    processor = MSLlavaProcessor(
-        image_processor=MSLlavaImageProcessor(**settings),
-        tokenizer=tokenizer,
-        chat_template=template,
-        num_image_tokens=config.resampler_config.num_queries,
-        image_token=IMAGE_TOKEN,
-    )
-    generation = GenerationConfig.from_pretrained(llm_dir) if (llm_dir / "generation_config.json").is_file() else None
-    generation = generation or GenerationConfig.from_model_config(text_config)
-    eos = generation.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    num_image_tokens = config.resampler_config.num_queries
+    processor = MSLlavaProcessor(MSLlavaImageProcessor(**settings), tokenizer, template, num_image_tokens, IMAGE_TOKEN)
+    has_generation = (llm_dir / "generation_config.json").is_file()
+    generation = GenerationConfig.from_pretrained(llm_dir) if has_generation else GenerationConfig.from_model_config(text_config)  # fmt: skip
+    eos = [] if generation.eos_token_id is None else list(torch.tensor(generation.eos_token_id).reshape(-1).tolist())
     for token in (tokenizer.eos_token, END_OF_TURN.get(template_name)):
-        if token is not None and tokenizer.convert_tokens_to_ids(token) not in eos:
-            eos.append(tokenizer.convert_tokens_to_ids(token))
+        eos += [tokenizer.convert_tokens_to_ids(token)] if token and tokenizer.convert_tokens_to_ids(token) not in eos else []  # fmt: skip
     generation.eos_token_id, generation.pad_token_id = eos[0] if len(eos) == 1 else eos, tokenizer.pad_token_id
-    notes += tokenizer_notes + processor_notes
-    notes.append(
-        f"chat template: {template_name}; image token {IMAGE_TOKEN!r} id {config.image_token_id}; pad token "
-        f"{tokenizer.pad_token!r} id {tokenizer.pad_token_id}; vision_feature_layer {config.vision_feature_layer}, "
-        f"vision_feature_select_strategy {config.vision_feature_select_strategy!r}"
+    notes += (
+        tokenizer_notes
+        + processor_notes
+        + [
+            f"chat template: {template_name}; image token {IMAGE_TOKEN!r} id {config.image_token_id}; pad token "
+            f"{tokenizer.pad_token!r} id {tokenizer.pad_token_id}; vision_feature_layer {config.vision_feature_layer}, "
+            f"vision_feature_select_strategy {config.vision_feature_select_strategy!r}"
+        ]
     )
 
     def save_files(folder: Path) -> None:
@@ -355,28 +302,22 @@ def compose(
     @torch.no_grad()
     def parity(folder: Path) -> dict[str, float]:
         input_ids, pixel_values = parity_inputs(config, old_vocab)
-        source_tower = load_quietly(AutoModel, tower_dir)
+        source_tower = load_quietly(AutoModel, tower_dir)  # one model at a time
         source_states = tower_states(source_tower.vision_model if whole else source_tower, pixel_values)
         del source_tower
         source_logits = load_quietly(AutoModelForCausalLM, llm_dir)(input_ids=input_ids).logits
         composed = load_quietly(MSLlavaForConditionalGeneration, folder)
         check_new_resampler(composed, pixel_values)
+        composed_states, composed_logits = tower_states(composed.model.vision_tower, pixel_values), composed(input_ids=input_ids).logits  # fmt: skip
         return {
-            "vision tower hidden states (random image)": max_abs_difference(
-                source_states, tower_states(composed.model.vision_tower, pixel_values)
-            ),
-            "language model logits (text-only prompt, the LLM's vocabulary)": max_abs_difference(
-                source_logits, composed(input_ids=input_ids).logits[..., :old_vocab]
-            ),
-        }
+            "vision tower hidden states (random image)": max_abs_difference(source_states, composed_states),
+            "language model logits (text-only prompt, the LLM's vocabulary)": max_abs_difference(source_logits, composed_logits[..., :old_vocab]),
+        }  # fmt: skip
 
     options = dict(overwrite=overwrite, max_shard_size=max_shard_size, check_parity=check_parity, log=log)
-    report = Report(output=output, notes=notes)
-    return write_checkpoint(key_map, save_files, parity, report, {**options, "failure": PARITY_FAILURE})
-
-
-def _language_model_key(key: str) -> str:
-    return "model.language_model." + key.removeprefix("model.") if key.startswith("model.") else key
+    return write_checkpoint(
+        key_map, save_files, parity, Report(output, notes=notes), {**options, "failure": PARITY_FAILURE}
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -405,14 +346,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     layers = args.vision_feature_layer
     report = compose(
-        args.vision_tower,
-        args.language_model,
-        args.output,
-        vision_feature_layer=layers[0] if len(layers) == 1 else layers,
-        vision_feature_select_strategy=args.vision_feature_select_strategy,
-        chat_template=args.chat_template,
-        **resampler_options(args),
-        **output_options(args),
-    )
+        args.vision_tower, args.language_model, args.output, vision_feature_layer=layers[0] if len(layers) == 1 else layers,
+        vision_feature_select_strategy=args.vision_feature_select_strategy, chat_template=args.chat_template,
+        **resampler_options(args), **output_options(args),
+    )  # fmt: skip
     print("\n".join(report.lines()))
     return 0

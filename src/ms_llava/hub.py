@@ -1,19 +1,8 @@
-"""`ms-llava push`: a checkpoint folder uploaded to the Hugging Face Hub in one commit, with a model card that tells
-what was built and what ran.
-
-The card (`build_model_card`; `write_model_card(folder)` writes it as the folder's README.md) reads what was built from
-the folder (MS-Resampler settings, parameter counts; a PEFT adapter's type and settings), the training from the folder's
-own record (`ms_llava_training.json`, written by `ms-llava train`) and the evaluation from the results record of
-`ms-llava eval --output`. A hand-given training recipe or `{name: score}` dict is shown as the uploader's statement.
-The paper's recipe appears as what ran only when a stage's record matches it, and an evaluation row is the paper's
-benchmark only when the record says so (the official task, run in full on the Hub's data); no record and no statement
-mark the weights UNTRAINED.
-
-`push_to_hub(folder, repo_id)` uploads the safetensors weights, the processor and tokenizer files, the four
-remote-code modules with `auto_map` (so that the repo loads with `trust_remote_code=True`) and the card, with
-huggingface_hub's `upload_folder`; files an earlier push left that this one does not rewrite are deleted in the same
-commit. `dry_run=OUT` writes exactly those files into OUT and contacts nobody.
-"""
+"""`ms-llava push`: a checkpoint folder uploaded to the Hugging Face Hub in one commit (`upload_folder`: weights,
+processor, remote-code modules, card), or with `dry_run=OUT` written into OUT without contacting anyone; and the model
+card (`build_model_card`, `write_model_card`), built from what the folder holds, its training record and `ms-llava
+eval`'s results record. Hand-given recipes and scores are marked as the uploader's statement; the paper's recipe or
+benchmark appears only where a record matches it; no record and no statement mean UNTRAINED."""
 
 from __future__ import annotations
 
@@ -45,23 +34,22 @@ logger = logging.getLogger(__name__)
 MODEL_CARD_TEMPLATE = "ms_llava_model_card.md"
 TRAINING_RECORD = "ms_llava_training.json"
 RESULTS_FORMAT = "ms-llava-eval-results/1"
-REMOTE_CODE_MODULES = ("configuration_ms_llava.py", "modeling_ms_llava.py", "processing_ms_llava.py", "image_processing_ms_llava.py")  # fmt: skip
+REMOTE_CODE_MODULES = [
+    f"{name}_ms_llava.py" for name in ("configuration", "modeling", "processing", "image_processing")
+]
+PROCESSOR = {"AutoProcessor": "processing_ms_llava.MSLlavaProcessor"}
 AUTO_MAP = {
     "config.json": {
         "AutoConfig": "configuration_ms_llava.MSLlavaConfig",
         "AutoModel": "modeling_ms_llava.MSLlavaModel",
         "AutoModelForImageTextToText": "modeling_ms_llava.MSLlavaForConditionalGeneration",
     },
-    "processor_config.json": {"AutoProcessor": "processing_ms_llava.MSLlavaProcessor"},
-    "tokenizer_config.json": {"AutoProcessor": "processing_ms_llava.MSLlavaProcessor"},
+    "processor_config.json": PROCESSOR,
+    "tokenizer_config.json": PROCESSOR,
 }
-IMAGE_PROCESSOR_AUTO_MAP = {
-    "AutoImageProcessor": "image_processing_ms_llava.MSLlavaImageProcessor",
-    "AutoProcessor": "processing_ms_llava.MSLlavaProcessor",
-}
+IMAGE_PROCESSOR = {"AutoImageProcessor": "image_processing_ms_llava.MSLlavaImageProcessor", **PROCESSOR}
 CARD_TAGS = ["ms-llava", "llava", "multimodal", "image-text-to-text", "ms-resampler"]
-UPLOADED = [pattern for pattern in CHECKPOINT_FILES if pattern not in PICKLED_WEIGHTS] + ["README.md"]
-OWNED = [*CHECKPOINT_FILES, "README.md"]  # deleted from the repo when this push does not rewrite them
+UPLOADED = [pattern for pattern in CHECKPOINT_FILES if pattern not in PICKLED_WEIGHTS]
 STATED = "as stated by the uploader, not from a record"
 
 
@@ -80,80 +68,76 @@ def _number(value) -> str:
 
 
 def _human(count: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.2f}{unit} ({count:,})"
-    return f"{count:,}"
-
-
-# --------------------------------------------------------------------------------------------- records
-
-
-def read_results(results, label: str = "--results") -> dict | None:
-    """The evaluation for the card: an `ms-llava eval` results record (a dict with `"format"`), or a hand-given
-    `{name: score}` dict; a JSON file of either, or JSON text. Bad content is a `ValueError` naming it."""
-    if isinstance(results, Path) or isinstance(results, str) and not results.lstrip().startswith("{"):
-        if not Path(results).is_file():
-            raise ValueError(f"{label}: no such file: {results}")
-        results = read_json(Path(results), f"{label} ")
-    elif isinstance(results, str):
-        try:
-            results = json.loads(results)
-        except ValueError as error:
-            raise ValueError(f"{label}: not valid JSON text ({error}): {results:.100}") from error
-    if results is None:
-        return None
-    if isinstance(results, dict) and "format" in results:
-        rows = results.get("rows")
-        if results["format"] != RESULTS_FORMAT or not isinstance(rows, list) or not rows:
-            raise ValueError(
-                f"{label}: expected a non-empty {RESULTS_FORMAT} record, got format {results['format']!r}"
-            )
-        for row in rows:
-            missing = [key for key in ("task", "metric", "score", "source", "num_samples") if key not in row]
-            if missing or not _finite(row["score"]):
-                raise ValueError(f"{label}: row {row!r} lacks {missing or 'a finite score'}")
-        return results
-    if not isinstance(results, dict) or not results:
-        raise ValueError(f"{label}: results must be a non-empty dict {{benchmark: score}}, got {results!r}")
-    for name, score in results.items():
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{label}: benchmark names must be non-empty strings, got {name!r}")
-        if not _finite(score):
-            raise ValueError(f"{label}: the score of {name!r} must be a finite number, got {score!r}")
-    return results
+    scale = next(((unit, size) for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)) if count >= size), None)
+    return f"{count / scale[1]:.2f}{scale[0]} ({count:,})" if scale else f"{count:,}"
 
 
 def _finite(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# --------------------------------------------------------------------------------------------- records
+
+
+def read_results(results, label: str = "--results") -> dict | None:
+    """The evaluation for the card: `ms-llava eval`'s results record (a dict with `"format"`) or a hand-given
+    `{name: score}` dict, as a dict, a JSON file or JSON text. Anything else is a `ValueError` naming it."""
+    if isinstance(results, str) and results.lstrip().startswith("{"):
+        try:
+            results = json.loads(results)
+        except ValueError as error:
+            raise ValueError(f"{label}: not valid JSON text ({error}): {results:.100}") from error
+    elif isinstance(results, (str, Path)):
+        if not Path(results).is_file():
+            raise ValueError(f"{label}: no such file: {results}")
+        results = read_json(Path(results), f"{label} ")
+    if results is None:
+        return None
+    if isinstance(results, dict) and "format" in results:
+        rows = results.get("rows")
+        if results["format"] != RESULTS_FORMAT or not isinstance(rows, list) or not rows:
+            raise ValueError(f"{label}: expected a non-empty {RESULTS_FORMAT} record, got {results['format']!r}")
+        for row in rows:
+            missing = [key for key in ("task", "metric", "score", "source", "num_samples") if key not in row]
+            if missing or not _finite(row["score"]):
+                raise ValueError(f"{label}: the row {row!r} lacks {missing or 'a finite score'}")
+        return results
+    if not isinstance(results, dict) or not results:
+        raise ValueError(f"{label}: results must be a non-empty dict {{benchmark: score}}, got {results!r}")
+    for name, score in results.items():
+        if not isinstance(name, str) or not name.strip() or not _finite(score):
+            raise ValueError(f"{label}: the score of {name!r} must be a finite number, got {score!r}")
+    return results
+
+
 def read_training(training, label: str = "--training") -> str | dict | None:
-    """The uploader's statement of the training: None, `"paper"` (the paper's two stages), or a dict (JSON file or
-    text) `{"stages": [{column: value}, ...], other: value}`."""
+    """The uploader's statement of the training: None, `"paper"` (the paper's two stages), or a dict (or its JSON
+    file) `{"stages": [{column: value}, ...], other: value}`."""
     if isinstance(training, (str, Path)) and training != "paper":
-        path = Path(training)
-        if not path.is_file():
+        if not Path(training).is_file():
             raise ValueError(f"{label}: no such file: {training} (or give 'paper')")
-        training = read_json(path, f"{label} ")
-    if training is None or training == "paper":
-        return training
-    stages = training.get("stages", []) if isinstance(training, dict) else None
-    if not training or not isinstance(stages, list) or not all(isinstance(s, dict) and s for s in stages):
-        raise ValueError(f"{label}: training must be None (untrained), 'paper' or a dict with a 'stages' list, got {training!r}")  # fmt: skip
+        training = read_json(Path(training), f"{label} ")
+    stages = training.get("stages", []) if isinstance(training, dict) else []
+    if training not in (None, "paper") and (
+        not training or not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages)
+    ):
+        raise ValueError(f"{label}: training must be None (untrained), 'paper' or a dict with a 'stages' list")
     return training
 
 
-def paper_stages() -> list[dict]:
+def _paper_stages() -> list[dict]:
     """The paper's recipe (Sec. 4.1) as card rows; the numbers are `recipes.PAPER_RECIPES`, what `ms-llava train` runs."""
     from .recipes import PAPER_RECIPES
 
-    rows = [("1. projector pre-training", "MS-Resampler", "vision encoder, LLM", "LLaVA-1.5 558K image-caption pairs"),
-            ("2. instruction tuning", "MS-Resampler + LLM", "vision encoder", "LLaVA-1.5 665K instruction data")]  # fmt: skip
     return [
-        {"stage": s, "trained": t, "frozen": f, "data": d, "learning rate": _number(recipe.learning_rate),
-         "batch size": recipe.global_batch_size, "epochs": _number(recipe.num_train_epochs)}
-        for (s, t, f, d), recipe in zip(rows, PAPER_RECIPES.values(), strict=True)
+        {"stage": stage, "trained": trained, "frozen": frozen, "data": data,
+         "learning rate": _number(recipe.learning_rate), "batch size": recipe.global_batch_size,
+         "epochs": _number(recipe.num_train_epochs)}
+        for (stage, trained, frozen, data), recipe in zip(
+            [("1. projector pre-training", "MS-Resampler", "vision encoder, LLM", "LLaVA-1.5 558K image-caption pairs"),
+             ("2. instruction tuning", "MS-Resampler + LLM", "vision encoder", "LLaVA-1.5 665K instruction data")],
+            PAPER_RECIPES.values(), strict=True,
+        )
     ]  # fmt: skip
 
 
@@ -162,42 +146,52 @@ def _stated_table(stages: list[dict]) -> str:
     return _table(columns, [[stage.get(column, "") for column in columns] for stage in stages])
 
 
-def _recorded_training(record: dict) -> str:
-    """The stages of a training record as the card shows them, each compared with the paper's stage."""
+def _recorded_training(record: dict, label: str) -> str:
+    """The stages of a training record as the card shows them; a stage that ran the paper's hyper-parameters says so."""
     from .recipes import PAPER_RECIPES
 
+    if not isinstance(record.get("stages"), list):
+        raise CheckpointError(f"{label}: not a training record of this version (no 'stages' list)")
     rows, notes = [], []
     for number, stage in enumerate(record["stages"], start=1):
-        adapter = stage.get("adapter")
-        adapter = "none" if not adapter else ", ".join(f"{k} {v}" for k, v in adapter.items())
-        batch = f"{stage.get('global_batch_size')} ({stage.get('per_device_train_batch_size')} x {stage.get('gradient_accumulation_steps')} x {stage.get('world_size')})"  # fmt: skip
-        steps = f"{stage.get('steps_run')} of {stage.get('max_steps')}" + ("" if stage.get("completed") else ", stopped early")  # fmt: skip
-        examples = f"{stage.get('num_examples')}" + (f" ({stage['skipped_records']} skipped)" if stage.get("skipped_records") else "")  # fmt: skip
-        schedule = f"{_number(stage.get('learning_rate'))} ({stage.get('lr_scheduler_type')}, warm-up {stage.get('warmup_ratio')})"  # fmt: skip
-        rows.append([f"{number}. {stage.get('stage')}", f"`{stage.get('base_model')}`", f"`{stage.get('data')}`",
-                     examples, ", ".join(stage.get("trained") or []), adapter, schedule, batch,
-                     _number(stage.get("num_train_epochs")), steps])  # fmt: skip
-        paper = PAPER_RECIPES.get(stage.get("stage"))
-        ran = (stage.get("learning_rate"), stage.get("global_batch_size"), stage.get("num_train_epochs"))
-        if paper and ran == (paper.learning_rate, paper.global_batch_size, paper.num_train_epochs):
+        get = stage.get
+        adapter = ", ".join(f"{key} {value}" for key, value in (get("adapter") or {}).items()) or "none"
+        examples = f"{get('num_examples')}" + (
+            f" ({get('skipped_records')} skipped)" if get("skipped_records") else ""
+        )
+        rows.append([
+            f"{number}. {get('stage')}", f"`{get('base_model')}`", f"`{get('data')}`", examples,
+            ", ".join(get("trained") or []), adapter,
+            f"{_number(get('learning_rate'))} ({get('lr_scheduler_type')}, warm-up {get('warmup_ratio')})",
+            f"{get('global_batch_size')} ({get('per_device_train_batch_size')} x "
+            f"{get('gradient_accumulation_steps')} x {get('world_size')})",
+            _number(get("num_train_epochs")),
+            f"{get('steps_run')} of {get('max_steps')}" + ("" if get("completed") else ", stopped early"),
+        ])  # fmt: skip
+        paper = PAPER_RECIPES.get(get("stage"))
+        if paper and (paper.learning_rate, paper.global_batch_size, paper.num_train_epochs) == (
+            get("learning_rate"), get("global_batch_size"), get("num_train_epochs")
+        ):  # fmt: skip
             notes.append(
-                f"stage {number} ran the paper's {stage['stage']} hyper-parameters (Sec. 4.1: learning rate, global "
-                f"batch, epochs) on the data named above, {stage.get('num_examples')} examples"
+                f"\n- stage {number} ran the paper's {get('stage')} hyper-parameters (Sec. 4.1: learning rate, global "
+                f"batch, epochs) on the data above, {get('num_examples')} examples"
             )
     columns = ["stage", "started from", "data", "examples", "trained", "adapter", "learning rate (schedule)",
                "global batch (per device x accumulation x processes)", "epochs", "steps"]  # fmt: skip
-    return "\n".join([f"From this folder's training record (`{TRAINING_RECORD}`):", "", _table(columns, rows)] + [f"\n- {n}" for n in notes])  # fmt: skip
+    return f"From this folder's training record (`{TRAINING_RECORD}`):\n\n{_table(columns, rows)}" + "".join(notes)
 
 
-def _training_section(record: dict | None, statement) -> str:
-    parts = [_recorded_training(record)] if record else []
+def _training_section(record: dict | None, statement, label: str) -> str:
+    parts = [_recorded_training(record, label)] if record is not None else []
     if statement == "paper":
-        parts.append(f"Trained with the paper's recipe (Sec. 4.1, LLaVA-1.5 data), {STATED}:\n\n{_stated_table(paper_stages())}\n\n- optimizer: AdamW")  # fmt: skip
+        paper = _stated_table(_paper_stages())
+        parts.append(f"Trained with the paper's recipe (Sec. 4.1, LLaVA-1.5 data), {STATED}:\n\n{paper}\n\n- AdamW")
     elif statement:
         notes = "".join(f"\n- {key}: {value}" for key, value in statement.items() if key != "stages")
         parts.append(f"Training {STATED}:\n\n{_stated_table(statement.get('stages', []))}\n{notes}")
     if not parts:
-        parts.append(f"No training record was given for these weights. The paper's recipe (Sec. 4.1, LLaVA-1.5 data), to train them:\n\n{_stated_table(paper_stages())}")  # fmt: skip
+        paper = _stated_table(_paper_stages())
+        parts.append(f"No training record was given. The paper's recipe (Sec. 4.1, LLaVA-1.5 data), to train them:\n\n{paper}")  # fmt: skip
     return "\n\n".join(parts)
 
 
@@ -205,18 +199,19 @@ def _evaluation_section(results: dict | None) -> str:
     if not results:
         return "No evaluation results were given for this checkpoint."
     if "format" not in results:
-        rows = [[name, _number(score)] for name, score in results.items()]
-        return f"Scores {STATED}:\n\n" + _table(["benchmark", "score"], rows)
+        return f"Scores {STATED}:\n\n" + _table(["benchmark", "score"], [[k, _number(v)] for k, v in results.items()])
     rows = []
     for row in results["rows"]:
-        source = row["source"] or {}
-        where = f"`{source['local']}` (a local copy)" if "local" in source else f"`{source.get('dataset')}` @ {source.get('revision') or 'unpinned'}"  # fmt: skip
-        benchmark = row.get("benchmark") or "not the paper's benchmark (" + (f"--limit {row['limit']}" if row.get("limit") else "local data" if "local" in source else "not its official form") + ")"  # fmt: skip
-        samples = f"{row['num_samples']}" + (f" ({row['unreadable_samples']} unreadable)" if row.get("unreadable_samples") else "")  # fmt: skip
-        rows.append([row["task"], row["metric"], _number(row["score"]), benchmark, where, samples, row.get("limit") or "none"])  # fmt: skip
-    head = f"From `ms-llava eval` (lmms-eval {results.get('lmms_eval_version')}, {results.get('date')}; model `{results.get('model')}`):"  # fmt: skip
+        source, limit = row["source"] or {}, row.get("limit")
+        local = "local" in source
+        why = f"--limit {limit}" if limit else "local data" if local else "not its official form"
+        where = f"`{source['local']}` (a local copy)" if local else f"`{source.get('dataset')}` @ {source.get('revision') or 'unpinned'}"  # fmt: skip
+        unreadable = f" ({row['unreadable_samples']} unreadable)" if row.get("unreadable_samples") else ""
+        rows.append([row["task"], row["metric"], _number(row["score"]), row.get("benchmark") or
+                     f"not the paper's benchmark ({why})", where, f"{row['num_samples']}{unreadable}", limit or "none"])  # fmt: skip
     columns = ["task", "metric", "score", "paper's Table 1 column", "data", "samples scored", "--limit"]
-    return f"{head}\n\n{_table(columns, rows)}"
+    head = f"lmms-eval {results.get('lmms_eval_version')}, {results.get('date')}; model `{results.get('model')}`"
+    return f"From `ms-llava eval` ({head}):\n\n{_table(columns, rows)}"
 
 
 # --------------------------------------------------------------------------------------------- the card
@@ -232,67 +227,61 @@ def build_model_card(
     training=None,
 ):
     """The model card (`huggingface_hub.ModelCard`) of the checkpoint or PEFT adapter in `folder`, as it reads on the
-    Hub under `repo_id` (default: the folder's name). `results`: an `ms-llava eval` results record or a `{name: score}`
-    dict (or a JSON file of either); `training`: the uploader's statement (`"paper"` or a dict), shown besides the
-    folder's own training record."""
+    Hub under `repo_id` (default: the folder's name). `results`: `ms-llava eval`'s results record or a `{name: score}`
+    dict (or its JSON file); `training`: the uploader's statement (`"paper"` or a dict), shown besides the folder's
+    own training record. `base_model` (the card's Hub ids) defaults to an adapter's base when that is a Hub id."""
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
     results, training = read_results(results), read_training(training)
     record = read_json(folder / TRAINING_RECORD) if (folder / TRAINING_RECORD).is_file() else None
     adapter = read_json(folder / "adapter_config.json") if (folder / "adapter_config.json").is_file() else None
+    config_folder = folder
     if adapter:
-        base = adapter.get("base_model_name_or_path") or ""
-        base_model = base_model or (None if Path(base).expanduser().exists() or base.startswith("/") else base or None)
-        config_folder = (
-            Path(base).expanduser() if base and (Path(base).expanduser() / "config.json").is_file() else None
-        )
-    else:
-        config_folder = folder
+        base = Path(base_name := adapter.get("base_model_name_or_path") or "").expanduser()
+        local = base.is_absolute() or base.exists()  # a local path is never the card's base_model
+        base_model = base_model or (None if local or not base_name else base_name)
+        config_folder = base if local and (base / "config.json").is_file() else None
     fields, built = _built(folder, config_folder, adapter)
     card_data = ModelCardData(
         library_name="peft" if adapter else "transformers", pipeline_tag="image-text-to-text",
         base_model=base_model, license=license, tags=CARD_TAGS + (["lora"] if adapter else []),
     )  # fmt: skip
     card = ModelCard.from_template(
-        card_data,
-        template_str=model_card_template(),
-        model_name=(repo_id or folder.name).split("/")[-1],
-        repo_id=repo_id or folder.name,
-        base_model=base_model if isinstance(base_model, str) or not base_model else ", ".join(base_model),
-        license=license,
-        untrained=record is None and training is None,
-        adapter=adapter and adapter.get("peft_type", "PEFT"),
-        built=built,
-        training=_training_section(record, training),
-        evaluation=_evaluation_section(results),
-        **fields,
-    )
+        card_data, template_str=model_card_template(), model_name=(repo_id or folder.name).split("/")[-1],
+        repo_id=repo_id or folder.name, license=license, untrained=record is None and training is None,
+        base_model=", ".join([base_model] if isinstance(base_model, str) else base_model or []),
+        adapter=adapter and adapter.get("peft_type", "PEFT"), built=built, evaluation=_evaluation_section(results),
+        training=_training_section(record, training, str(folder / TRAINING_RECORD)), **fields,
+    )  # fmt: skip
     return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))  # the template's optional parts leave blank runs
 
 
 def _built(folder: Path, config_folder: Path | None, adapter: dict | None) -> tuple[dict, str]:
-    """`(template fields, the "What was built" section)`: the MS-Resampler and model settings from config.json, the
-    parameter counts from the safetensors headers (no tensor read), an adapter's settings."""
-    total = projector = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        for key, (_, shape) in tensor_headers(path, str(folder)).items():
-            total += math.prod(shape)
-            projector += math.prod(shape) if "multi_modal_projector" in key else 0
+    """`(template fields, the "What was built" section)`: an adapter's settings, the MS-Resampler and model settings
+    from config.json, the parameter counts from the safetensors headers (no tensor read)."""
+    counts = [
+        (math.prod(shape), "multi_modal_projector" in key)
+        for path in sorted(folder.glob("*.safetensors"))
+        for key, (_, shape) in tensor_headers(path, str(folder)).items()
+    ]
+    total, projector = sum(n for n, _ in counts), sum(n for n, in_projector in counts if in_projector)
     lines, fields = [], {}
     if adapter:
-        settings = {k: adapter.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save") if adapter.get(k) is not None}  # fmt: skip
-        lines.append(f"- adapter: {adapter.get('peft_type')}, " + ", ".join(f"{k} {v}" for k, v in settings.items()))
-        lines.append(f"- parameters in this adapter: {_human(total)}, {_human(projector)} of them the MS-Resampler's")
+        names = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
+        settings = ", ".join(f"{name} {adapter[name]}" for name in names if adapter.get(name) is not None)
+        lines += [f"- adapter: {adapter.get('peft_type')}, {settings}",
+                  f"- parameters in this adapter: {_human(total)}, {_human(projector)} of them the MS-Resampler's\n"]  # fmt: skip
     if config_folder is not None:
         config = load_config(config_folder)
         resampler, vision, text = config.resampler_config, config.vision_config, config.text_config
         (grid_h, grid_w), (rows, cols) = config.vision_grid_size, resampler.query_grid_shape
-        fields = {
-            "num_queries": resampler.num_queries, "num_branches": resampler.num_branches, "grid": f"{grid_h} x {grid_w}",
-            "num_visual_tokens": grid_h * grid_w + (config.vision_feature_select_strategy == "full"),
-        }  # fmt: skip
-        fusion = f"`{resampler.fusion}`" + (f" (Eq. 7-8, hidden width h = {resampler.fusion_hidden_size}, `{resampler.fusion_act}`)" if resampler.fusion == "channel_mlp" else "")  # fmt: skip
+        tokens = grid_h * grid_w + (config.vision_feature_select_strategy == "full")
+        fields = {"num_queries": resampler.num_queries, "num_branches": resampler.num_branches,
+                  "grid": f"{grid_h} x {grid_w}", "num_visual_tokens": tokens}  # fmt: skip
+        fusion = f"`{resampler.fusion}`"
+        if resampler.fusion == "channel_mlp":
+            fusion += f" (Eq. 7-8, hidden width h = {resampler.fusion_hidden_size}, `{resampler.fusion_act}`)"
         settings = [
             ["visual tokens per image (queries per branch)", "M", resampler.num_queries],
             ["query anchor grid (rows x cols)", "", f"{rows} x {cols}"],
@@ -302,15 +291,14 @@ def _built(folder: Path, config_folder: Path | None, adapter: dict | None) -> tu
             ["scope bias B", "B", "learnable, initialised by Eq. 5" if resampler.learnable_scope_bias else "fixed (Eq. 5)"],
             ["fusion", "", fusion],
             ["attention width / heads per branch", "D", f"{resampler.hidden_size} / {resampler.num_attention_heads}"],
-            ["vision encoder", "", f"`{vision.model_type}`, {vision.image_size} px, patch {vision.patch_size}, width {vision.hidden_size} ({fields['grid']} = {fields['num_visual_tokens']} tokens, layer {config.vision_feature_layer}, `{config.vision_feature_select_strategy}`)"],
-            ["language model", "", f"`{text.model_type}`, width {text.hidden_size}, {text.num_hidden_layers} layers, vocabulary {text.vocab_size}"],
-        ]  # fmt: skip
-        if not adapter and total:
-            settings.append(["parameters", "", f"{_human(total)} in total, {_human(projector)} in the projector"])
+            ["vision encoder", "", f"`{vision.model_type}`, {vision.image_size} px, patch {vision.patch_size}, width "
+             f"{vision.hidden_size} ({grid_h} x {grid_w} = {tokens} tokens, layer {config.vision_feature_layer}, "
+             f"`{config.vision_feature_select_strategy}`)"],
+            ["language model", "", f"`{text.model_type}`, width {text.hidden_size}, {text.num_hidden_layers} layers, "
+             f"vocabulary {text.vocab_size}"],
+        ] + ([["parameters", "", f"{_human(total)} in total, {_human(projector)} in the projector"]] if not adapter else [])  # fmt: skip
         where = "" if config_folder == folder else f" (of the base model, `{config_folder.name}`)"
-        lines.append(
-            f"\nMS-Resampler and model settings{where}:\n\n" + _table(["setting", "paper symbol", "value"], settings)
-        )
+        lines.append(f"MS-Resampler and model settings{where}:\n\n{_table(['setting', 'paper symbol', 'value'], settings)}")  # fmt: skip
     return fields, "\n".join(lines)
 
 
@@ -341,45 +329,47 @@ def push_to_hub(
     endpoint: str | None = None,
     dry_run: str | Path | None = None,
 ):
-    """Uploads an MS-LLaVA checkpoint to `repo_id` in one commit; returns its `huggingface_hub.CommitInfo` (with
-    `dry_run`: the folder written instead).
+    """Uploads an MS-LLaVA checkpoint to `repo_id` (`"org/name"`, created if needed, `private` then) in one commit on
+    `revision` (a branch, created from `main` when missing); returns its `huggingface_hub.CommitInfo`, or with
+    `dry_run` the folder into which it wrote what would be uploaded, contacting nobody.
 
-    Args:
-        checkpoint: a folder written by `save_pretrained` (model and processor), or a model (then `processor` too).
-        repo_id: `"org/name"` (checked with huggingface_hub's `validate_repo_id`); created if needed, `private` then.
-        processor: uploaded instead of the folder's processor files.
-        base_model, license: the card's `base_model` and `license`.
-        results, training: the card's evaluation and the uploader's statement of the training (`build_model_card`).
-        revision: the branch to commit to, created from `main` when missing.
-        commit_message, token, endpoint: passed to `huggingface_hub.HfApi`.
-        dry_run: write exactly what would be uploaded (card included) into this new or empty folder, and contact
-            nobody.
+    `checkpoint` is a folder written by `save_pretrained`, or a model (then `processor` too); a `processor` given
+    replaces the folder's processor files. `base_model`, `license`, `results`, `training`: the card's
+    (`build_model_card`). `commit_message`, `token`, `endpoint`: `huggingface_hub.HfApi`'s.
 
-    Everything is checked before the first request: a bad argument or an incomplete checkpoint raises `ValueError`
-    and sends nothing. A failing Hub (unreachable, refused, timed out, an HTTP error) raises `ConnectionError` at its
-    first request, naming the host, with the `--dry-run` hint.
+    Everything is checked before the first request: a bad argument or an incomplete checkpoint raises `ValueError` and
+    sends nothing. A failing Hub (unreachable, refused, timed out, an HTTP error) raises `ConnectionError` at its first
+    request, naming the host, with the `--dry-run` hint.
     """
     from huggingface_hub.utils import validate_repo_id
 
     validate_repo_id(repo_id)
-    card = {"base_model": base_model, "license": license, "results": read_results(results), "training": read_training(training)}  # fmt: skip
+    card = {"base_model": base_model, "license": license, "results": read_results(results)}
+    card["training"] = read_training(training)
     with tempfile.TemporaryDirectory(prefix="ms-llava-push-") as scratch:
         folder = Path(scratch)
         label = _stage(checkpoint, processor, folder)
-        # the user's folder is checked, so that messages name its files; a processor or model given is complete
-        user_folder = Path(checkpoint) if isinstance(checkpoint, (str, Path)) else folder
-        check_checkpoint_folder(user_folder, processor=processor is None)
+        # the user's folder is checked, so that messages name its files; a model or processor given is complete
+        check_checkpoint_folder(
+            checkpoint if isinstance(checkpoint, (str, Path)) else folder, processor=processor is None
+        )
         if (model_type := read_json(folder / "config.json").get("model_type")) != "ms_llava":
-            raise CheckpointError(
-                f"{label}: config.json has model_type {model_type!r}, not 'ms_llava'; convert it first"
-            )
+            raise CheckpointError(f"{label}: config.json has model_type {model_type!r}, not 'ms_llava'; convert it")
         if processor is not None:
             check_processor_agrees(folder, label)
         files = _add_remote_code(folder)
         write_model_card(folder, repo_id, **card)
-        if dry_run is not None:
-            return _write_dry_run(folder, files, Path(dry_run))
-        return _upload(folder, repo_id, card, private, revision, commit_message, token, endpoint, label)
+        if dry_run is None:
+            return _upload(folder, repo_id, card, private, revision, commit_message, token, endpoint, label)
+        from .outputs import check_writable, writing
+
+        if (out := check_writable(dry_run)).exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"--dry-run {out}: not a new or empty folder; it gets exactly what would be uploaded")
+        with writing(out):
+            for name in [*files, "README.md"]:
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / name, out / name)
+        return out
 
 
 def _upload(folder, repo_id, card, private, revision, commit_message, token, endpoint, label):
@@ -389,16 +379,16 @@ def _upload(folder, repo_id, card, private, revision, commit_message, token, end
 
     api = HfApi(endpoint=endpoint, token=token, library_name="ms-llava", library_version=__version__)
     try:
-        created = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        created = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # the first request
         if created != repo_id:  # "name" became "user/name": the card's snippets name the full id
             write_model_card(folder, created, **card)
         if revision is not None:
             api.create_branch(created, branch=revision, exist_ok=True)
-        config = read_json(folder / "config.json").get("resampler_config") or {}
-        message = commit_message or f"Upload MS-LLaVA (M={config.get('num_queries', 144)}, windows {config.get('scope_windows')})"  # fmt: skip
+        resampler = read_json(folder / "config.json").get("resampler_config") or {}
+        message = f"Upload MS-LLaVA (M={resampler.get('num_queries', 144)}, windows {resampler.get('scope_windows')})"
         commit = api.upload_folder(
-            repo_id=created, folder_path=folder, allow_patterns=UPLOADED, delete_patterns=OWNED, revision=revision,
-            commit_message=message,
+            repo_id=created, folder_path=folder, allow_patterns=[*UPLOADED, "README.md"], revision=revision,
+            delete_patterns=[*CHECKPOINT_FILES, "README.md"], commit_message=commit_message or message,
         )  # fmt: skip
     except Exception as error:
         if (failure := _network_error(error, urlsplit(endpoint or constants.ENDPOINT).netloc)) is error:
@@ -413,7 +403,6 @@ def _network_error(error: Exception, host: str) -> Exception:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     client_error = HfHubHTTPError.__mro__[1]  # the HTTP client's base error (httpx's; httpx2's in huggingface_hub 2)
-
     if isinstance(error, OfflineModeIsEnabled):
         cause = "HF_HUB_OFFLINE is set, and pushing needs the Hub"
     elif isinstance(error, HfHubHTTPError):
@@ -429,71 +418,47 @@ def _network_error(error: Exception, host: str) -> Exception:
     )
 
 
-def _write_dry_run(folder: Path, files: list[str], out: Path) -> Path:
-    from .outputs import check_writable, writing
-
-    check_writable(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(
-            f"--dry-run {out}: not a new or empty folder; the dry run writes exactly what would be uploaded"
-        )
-    with writing(out):
-        for name in [*files, "README.md"]:
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(folder / name, out / name)
-    return out
-
-
 def _stage(checkpoint, processor, folder: Path) -> str:
-    """Fills the empty `folder` with the checkpoint to upload: links to the folder's files (weights are gigabytes), or
-    the model given, saved; a processor given is saved first and replaces the folder's processor files. Returns the
-    checkpoint's name for messages."""
+    """Fills the empty `folder` with what to upload: links to the checkpoint folder's files (weights are gigabytes),
+    or the model given, saved; a processor given is saved first and replaces the folder's processor files. Returns
+    the checkpoint's name for messages."""
     if not isinstance(checkpoint, (str, Path)):
         if processor is None:
             raise ValueError("pushing a model object needs its processor: push_to_hub(model, repo_id, processor=...)")
         checkpoint.save_pretrained(folder)
         processor.save_pretrained(folder)
         return f"the {type(checkpoint).__name__} given"
-    directory = Path(checkpoint)
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is not a directory (expected a checkpoint written by save_pretrained)")
+    if not Path(checkpoint).is_dir():
+        raise ValueError(f"{checkpoint} is not a directory (expected a checkpoint written by save_pretrained)")
     if processor is not None:
         processor.save_pretrained(folder)
-    for path in sorted(directory.rglob("*")):
-        target = folder / path.relative_to(directory)
-        if path.is_file() and not target.exists():
+    for path in sorted(Path(checkpoint).rglob("*")):
+        if path.is_file() and not (target := folder / path.relative_to(checkpoint)).exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                target.symlink_to(path.resolve())
-            except OSError:  # no symlinks allowed (Windows without developer mode)
-                shutil.copyfile(path, target)
-    return str(directory) if processor is None else f"{directory} with the processor given"
+            target.symlink_to(path.resolve())
+    return str(checkpoint) + (" with the processor given" if processor is not None else "")
 
 
 def _add_remote_code(folder: Path) -> list[str]:
-    """Makes the staged `folder` carry the four modules and `auto_map`, without which the repo does not load with
-    `trust_remote_code=True` (save_pretrained writes both whenever `ms_llava` is imported; a folder saved otherwise
-    gets them here). Returns the files to upload (relative names)."""
-    package = Path(__file__).resolve().parent
-    for module in REMOTE_CODE_MODULES:
-        if not (folder / module).is_file():
-            shutil.copyfile(package / module, folder / module)
-    for name, auto_map in AUTO_MAP.items():
-        content = read_json(folder / name)
-        original = json.dumps(content)
-        for key, value in auto_map.items():
-            content.setdefault("auto_map", {}).setdefault(key, value)
-        if name == "processor_config.json" and isinstance(content.get("image_processor"), dict):
-            for key, value in IMAGE_PROCESSOR_AUTO_MAP.items():
-                content["image_processor"].setdefault("auto_map", {}).setdefault(key, value)
-        if json.dumps(content) != original:
-            (folder / name).unlink()  # a link to the user's file: never write through it
-            (folder / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    """Makes the staged `folder` carry the remote-code modules and `auto_map`, without which the repo does not load
+    with `trust_remote_code=True` (save_pretrained writes both whenever `ms_llava` is imported; a folder saved
+    otherwise gets them here). Returns the files to upload, relative to `folder`."""
     from huggingface_hub.utils import filter_repo_objects
 
+    for module in REMOTE_CODE_MODULES:
+        if not (folder / module).is_file():
+            shutil.copyfile(Path(__file__).parent / module, folder / module)
+    for name, auto_map in AUTO_MAP.items():
+        content = read_json(folder / name)
+        updated = {**content, "auto_map": {**auto_map, **content.get("auto_map", {})}}
+        if name == "processor_config.json" and isinstance(image := content.get("image_processor"), dict):
+            updated["image_processor"] = {**image, "auto_map": {**IMAGE_PROCESSOR, **image.get("auto_map", {})}}
+        if updated != content:
+            (folder / name).unlink()  # a link to the user's file: never write through it
+            (folder / name).write_text(json.dumps(updated, indent=2) + "\n", encoding="utf-8")
     names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    files = list(filter_repo_objects(names, allow_patterns=[p for p in UPLOADED if p != "README.md"]))
-    if skipped := [name for name in names if name not in files and name != "README.md"]:
+    files = list(filter_repo_objects(names, allow_patterns=UPLOADED))
+    if skipped := sorted(set(names) - set(files) - {"README.md"}):
         logger.warning("not uploading %d file(s) that are not part of a checkpoint: %s", len(skipped), skipped)
     return files
 
@@ -502,11 +467,7 @@ def _add_remote_code(folder: Path) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Upload an MS-LLaVA checkpoint (safetensors weights, processor, remote-code modules) with a model card built "
-        "from the folder's training record and your results record. No record and no --training: the card marks the "
-        "weights UNTRAINED. --dry-run OUT writes what would be uploaded and contacts nobody."
-    )
+    parser.description = __doc__.split("; and")[0] + "."
     parser.add_argument("directory", help="a checkpoint folder written by save_pretrained (model + processor)")
     parser.add_argument("repo_id", help="the Hub repository, org/name (created if needed)")
     parser.add_argument("--dry-run", metavar="OUT", help="write exactly what would be uploaded into OUT; no network")

@@ -117,21 +117,12 @@ def build_tiny_checkpoint(seed: int = 0, **resampler_kwargs):
 
 
 def write_tiny_checkpoint(directory: str | Path, seed: int = 0, overwrite: bool = False, log=None) -> Path:
-    """Saves a tiny untrained MS-LLaVA (model, processor, remote-code modules) to `directory`. A folder that holds a
-    checkpoint is refused unless `overwrite`, which replaces its checkpoint files only (`replace_folder`: those not
-    rewritten are removed and listed to `log`, other files kept); without it, a file of the same name is refused."""
-    from .checkpoints import CheckpointError, checkpoint_files_in, holds_checkpoint
-    from .conversion.streaming import replace_folder
+    """Saves a tiny untrained MS-LLaVA (model, processor, remote-code modules) to `directory`, as the conversions write
+    (`conversion.streaming.check_output`, `replace_folder`): a folder holding a checkpoint only with `overwrite`,
+    which replaces its checkpoint files only and lists to `log` those it removes; other files are kept."""
+    from .conversion.streaming import check_output, replace_folder
 
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{directory} exists and is not a folder; give a new or existing folder")
-    if holds_checkpoint(directory) and not overwrite:
-        found = checkpoint_files_in(directory)
-        raise CheckpointError(
-            f"{directory} already holds a checkpoint ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}); "
-            "choose another folder, or pass --overwrite to replace its checkpoint files (other files are kept)"
-        )
+    check_output(directory, overwrite)
     model, processor = build_tiny_checkpoint(seed=seed)
     with replace_folder(directory, log=log, keep_existing=not overwrite) as staging:
         model.save_pretrained(staging)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from ..checkpoints import read_json
+from ..checkpoints import read_json, resolve_checkpoint
 from ..image_processing_ms_llava import MSLlavaImageProcessor
 from ..modeling_ms_llava import MSLlavaForConditionalGeneration
 from ..processing_ms_llava import MSLlavaProcessor
@@ -34,7 +34,6 @@ from .streaming import (
     prepare_output,
     read_sources,
     resampler_settings,
-    resolve_source,
     save_model_files,
     tower_states,
     write_checkpoint,
@@ -76,7 +75,7 @@ def convert_llava_to_ms_llava(
             parity failure. Nothing is left in `output` then.
     """
     check_output(output, overwrite)
-    source_dir = resolve_source(source, "--source")
+    source_dir = resolve_checkpoint(source, "--source", check=False)
     report = Report(output=prepare_output(output, overwrite, [source_dir]))
     if (model_type := read_json(source_dir / "config.json", f"--source {source_dir}: ").get("model_type")) != "llava":
         raise ConversionError(

@@ -1,12 +1,7 @@
 """What `convert` and `compose` share: a strict key map from source checkpoints onto the target model built on the meta
-device, and a streamed write into a staged folder that is renamed into place only when everything passed.
-
-Memory: no model is built for the copy. Source tensors are read one at a time (`safe_open`) or one memory-mapped
-`.bin` shard at a time, and the output is written one shard (`--max-shard-size`) at a time
-(`huggingface_hub.split_torch_state_dict_into_shards` plans the shards, `safetensors.torch.save_file` writes each, and
-each is read back bit for bit), so a 7B checkpoint converts in about one output shard beyond the imports
-(docs/conversion.md, "Memory"). Only the parity check, below `PARITY_MAX_PARAMETERS`, loads whole models.
-"""
+device, and a streamed write into a staged folder renamed into place only when everything passed. No model is built
+for the copy: tensors are read one at a time (`safe_open`; `.bin` one memory-mapped shard at a time) and written one
+output shard at a time, so memory is about one shard (`--max-shard-size`) beyond the imports (docs/conversion.md)."""
 
 from __future__ import annotations
 
@@ -29,9 +24,10 @@ from safetensors.torch import save_file
 
 from ..checkpoints import (
     CheckpointError,
+    checkpoint_files_in,
+    holds_checkpoint,
     is_checkpoint_file,
     load_bin,
-    resolve_checkpoint,
     tensor_headers,
     weight_files,
 )
@@ -41,7 +37,6 @@ DEFAULT_MAX_SHARD_SIZE = "500MB"  # save_file holds a whole shard in memory: thi
 PARITY_MAX_PARAMETERS = 1_500_000_000  # parity loads source and output in float32, one after the other: 6 GB each
 IMAGE_TOKEN = "<image>"
 RECOMPUTED_BUFFERS = (".rotary_emb.inv_freq", "embeddings.position_ids")  # saved by old checkpoints, recomputed now
-OVERWRITABLE_MODEL_TYPES = ("llava", "ms_llava")  # what --overwrite may replace: what the conversions write
 
 
 class ConversionError(ValueError):
@@ -60,7 +55,7 @@ class Source:
     def load(self) -> torch.Tensor:
         if (
             self.file.suffix == ".safetensors"
-        ):  # a handle per tensor: what a handle reads stays resident while it lives
+        ):  # a handle per tensor: what one handle reads stays resident while it lives
             with safe_open(str(self.file), framework="pt") as handle:
                 return handle.get_tensor(self.key)
         return _bin_shard(self.file)[self.key]
@@ -71,23 +66,11 @@ def _bin_shard(path: Path) -> dict:
     return load_bin(path)
 
 
-def resolve_source(value, label: str, allow_patterns: list[str] | None = None) -> Path:
-    """A local folder, or a Hub repo's snapshot (`checkpoints.resolve_checkpoint`); errors as `ConversionError`."""
-    try:
-        return resolve_checkpoint(value, label, allow_patterns=allow_patterns, check=False)
-    except CheckpointError as error:
-        raise ConversionError(str(error)) from error
-
-
 def read_sources(folder: Path, label: str) -> list[Source]:
     """The tensors of a checkpoint folder (its index and every shard checked), by their headers."""
-    try:
-        files = weight_files(folder, label)
-        if not files:
-            raise CheckpointError(f"{label} {folder}: no weights (model.safetensors, pytorch_model.bin or an index)")
-        return [Source(file, key, *header) for file in files for key, header in tensor_headers(file, label).items()]
-    except CheckpointError as error:
-        raise ConversionError(str(error)) from error
+    if not (files := weight_files(folder, label)):
+        raise CheckpointError(f"{label} {folder}: no weights (model.safetensors, pytorch_model.bin or an index)")
+    return [Source(file, key, *header) for file in files for key, header in tensor_headers(file, label).items()]
 
 
 def loader_renames(model) -> Callable[[str], str]:
@@ -279,40 +262,23 @@ def _protected(output: Path) -> str | None:
 
 
 def check_output(output: str | Path, overwrite: bool = False, sources=()) -> Path:
-    """Checks, before anything is read, that a conversion may write `output`; returns it absolute. Refused, naming the
-    path and why: an output that is or holds a source; a file; a root, the working directory or the home (or one
-    holding them), always; a non-empty folder without `overwrite`; and with `overwrite`, one that does not look like
-    a checkpoint a conversion wrote (a `config.json` of a model type in `OVERWRITABLE_MODEL_TYPES`, no subfolder)."""
+    """Checks, before anything is read, that a checkpoint may be written into `output`; returns it absolute. Refused,
+    naming the folder and why: a file; a folder that is or holds a source, or a root, the working directory or the
+    home (or one holding them), always; a folder that already holds a checkpoint, unless `overwrite` (which replaces
+    its checkpoint files only: `replace_folder`)."""
     output = Path(output).absolute()
-    for source in sources:
-        if Path(source).absolute() == output or output in Path(source).absolute().parents:
-            raise ConversionError(f"--output {output} would overwrite the source {Path(source).absolute()}")
-    if not output.exists():
-        return output
-    if not output.is_dir():
-        raise ConversionError(f"--output {output} exists and is not a directory")
-    if protected := _protected(output):
-        raise ConversionError(f"--output {output} cannot be written or replaced: {protected}")
-    if not any(output.iterdir()):
-        return output
-    try:
-        config = json.loads((output / "config.json").read_text(encoding="utf-8"))
-        model_type = config.get("model_type") if isinstance(config, dict) else None
-        reason = f"its config.json has model_type {model_type!r}, not one the conversions write"
-        reason = None if model_type in OVERWRITABLE_MODEL_TYPES else reason
-    except FileNotFoundError:
-        reason = "it has no config.json, so it is not a checkpoint written by a conversion"
-    except (OSError, ValueError) as error:
-        reason = f"its config.json cannot be read as JSON ({error})"
-    if reason is None and (folders := sorted(path.name for path in output.iterdir() if path.is_dir())):
-        reason = f"it has subdirectories, which the conversions never write: {listed(folders, 5)}"
-    if reason:
+    for source in map(Path, sources):
+        if source.absolute() == output or output in source.absolute().parents:
+            raise ConversionError(f"{output} would overwrite the source {source.absolute()}")
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"{output} exists and is not a folder; give a new or existing folder")
+    if output.exists() and (protected := _protected(output)):
+        raise ConversionError(f"{output} cannot be written or replaced: {protected}; choose a folder of its own")
+    if holds_checkpoint(output) and not overwrite:
         raise ConversionError(
-            f"--output {output} exists and is not empty, and --overwrite will not replace it: {reason}; choose a new "
-            "or empty directory"
+            f"{output} already holds a checkpoint ({listed(checkpoint_files_in(output), 6)}); choose another folder, "
+            "or pass --overwrite to replace its checkpoint files (other files are kept)"
         )
-    if not overwrite:
-        raise ConversionError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
     return output
 
 
@@ -331,7 +297,7 @@ def replace_folder(output: str | Path, log: Callable[[str], None] | None = None,
     Of an existing `output`, only the checkpoint's files are replaced (`checkpoints.CHECKPOINT_FILES`): those the new
     write does not rewrite are removed and listed to `log`, everything else (notes, results, subfolders) is carried
     into the new folder by hard link. `keep_existing` (nobody asked to overwrite) refuses, naming them, to replace
-    files `output` already has. The working directory or the home is updated file by file, never renamed away."""
+    files `output` already has. Call `check_output` first."""
     output = Path(output).absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -359,12 +325,6 @@ def replace_folder(output: str | Path, log: Callable[[str], None] | None = None,
                 + (f", removed (not part of the new checkpoint): {', '.join(removed)}" if removed else "")
                 + (f"; kept: {listed([entry.name for entry in kept], 10)}" if kept else "")
             )
-        if _protected(output):
-            for name in written:
-                os.replace(staging / name, output / name)
-            for name in removed:
-                (output / name).unlink()
-            return
         for entry in kept:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
@@ -418,11 +378,7 @@ def prepare_output(output, overwrite: bool, sources: list[Path]) -> Path:
     """The checks before any weights are read: `check_output` (with the sources), then the disk
     (`outputs.check_writable`) for as many bytes as the sources' weights take."""
     output = check_output(output, overwrite, sources)
-    try:
-        need = sum(file.stat().st_size for folder in sources for file in weight_files(folder))
-    except CheckpointError as error:
-        raise ConversionError(str(error)) from error
-    check_writable(output, need_bytes=need)
+    check_writable(output, need_bytes=sum(file.stat().st_size for folder in sources for file in weight_files(folder)))
     return output
 
 
