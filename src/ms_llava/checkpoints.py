@@ -23,7 +23,8 @@ CHECKPOINT_FILES = (
 )  # fmt: skip
 PICKLED_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 DOWNLOAD_PATTERNS = [pattern for pattern in CHECKPOINT_FILES if pattern not in PICKLED_WEIGHTS]
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")  # fmt: skip
+SAFE, PICKLE = "model.safetensors", "pytorch_model.bin"
+WEIGHT_FILES = (f"{SAFE}.index.json", SAFE, f"{PICKLE}.index.json", PICKLE)  # indexes first, safetensors first
 
 
 class CheckpointError(ValueError):
@@ -37,10 +38,8 @@ def is_checkpoint_file(name: str) -> bool:
 
 def checkpoint_files_in(directory: str | Path) -> list[str]:
     """The top-level files of `directory` that a checkpoint owns (sorted); [] for a missing folder."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(path.name for path in directory.iterdir() if path.is_file() and is_checkpoint_file(path.name))
+    paths = Path(directory).iterdir() if Path(directory).is_dir() else []
+    return sorted(path.name for path in paths if path.is_file() and is_checkpoint_file(path.name))
 
 
 def holds_checkpoint(directory: str | Path) -> bool:
@@ -56,14 +55,13 @@ def looks_like_path(value: str) -> bool:
     here), huggingface_hub's `validate_repo_id` refuses it, or its parent folder exists (`runs/stage2`, `runs/`)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    text = str(value)
+    text, parent = str(value), Path(value).parent
     try:
         validate_repo_id(text)
     except HFValidationError:
         return True
-    parent = Path(text).parent
     return (
-        text.startswith((".", "/", "~", "\\")) or Path(text).is_absolute() or (parent != Path(".") and parent.is_dir())
+        text.startswith((".", "/", "~", "\\")) or Path(text).is_absolute() or parent != Path(".") and parent.is_dir()
     )
 
 
@@ -76,12 +74,6 @@ def read_json(path: Path, label: str = "") -> dict:
     if not isinstance(content, dict):
         raise CheckpointError(f"{label}{path.name if label else path} is not a JSON object")
     return content
-
-
-def check_safetensors(path: str | Path, label: str | None = None) -> None:
-    """Opens `path` with `safetensors.safe_open`, which checks the header and that the file holds every tensor it
-    declares; a truncated or corrupt file raises `CheckpointError` naming it."""
-    tensor_headers(path, label)
 
 
 def tensor_headers(path: str | Path, label: str | None = None) -> dict[str, tuple]:
@@ -104,6 +96,9 @@ def tensor_headers(path: str | Path, label: str | None = None) -> dict[str, tupl
             ) from error
     state_dict = load_bin(path, label)
     return {key: (tensor.dtype, tuple(tensor.shape)) for key, tensor in state_dict.items()}
+
+
+check_safetensors = tensor_headers  # what the command line calls to name a truncated or corrupt file
 
 
 def load_bin(path: Path, label: str | None = None) -> dict:
@@ -265,20 +260,10 @@ def resolve_checkpoint(
     check: bool = True,
     processor: bool = False,
 ) -> Path:
-    """The local folder of the checkpoint `value` names: an existing folder, or a Hub repo's snapshot.
-
-    Args:
-        value: a folder, or a Hub repo id (`owner/name`).
-        label: how the messages name the argument (`"--checkpoint"`, `"--model"`, `"--source"`).
-        allow_patterns: the files to download from the Hub (default `DOWNLOAD_PATTERNS`).
-        check: also check the folder as a model checkpoint (`check_checkpoint_folder`).
-        processor: the checkpoint must also hold its processor (config, tokenizer files).
-
-    Raises:
-        CheckpointError: a path that does not exist (at once, with no Hub request), a file where a folder is
-            expected, a bare name that neither exists here nor on the Hub (both named), or a folder that is not a
-            complete checkpoint.
-    """
+    """The local folder of the checkpoint `value` (`label` in messages) names: an existing folder, else, unless it can
+    only be a path (`looks_like_path`: then it fails at once), a Hub repo's snapshot of `allow_patterns` (default
+    `DOWNLOAD_PATTERNS`), fetched with one `snapshot_download` (no retry loop; `HF_HUB_OFFLINE` respected); a failure
+    names both attempts. With `check`, the folder is checked (`check_checkpoint_folder`, with its `processor`)."""
     text = str(value)
     path = Path(text).expanduser()
     if path.is_dir():

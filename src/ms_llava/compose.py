@@ -16,33 +16,10 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Generat
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .checkpoints import DOWNLOAD_PATTERNS, load_config, read_json, resolve_checkpoint
-from .conversion import add_output_arguments, add_resampler_arguments, output_options, resampler_options
+from .checkpoints import DOWNLOAD_PATTERNS, load_config, read_json, resolve_checkpoint, weight_files
+from .conversion import add_output_arguments, add_resampler_arguments, output_options, resampler_options, streaming
 from .conversion.llava import PARITY_FAILURE
-from .conversion.streaming import (
-    DEFAULT_MAX_SHARD_SIZE,
-    IMAGE_TOKEN,
-    RECOMPUTED_BUFFERS,
-    ConversionError,
-    KeyMap,
-    Report,
-    build_on_meta,
-    check_new_resampler,
-    check_output,
-    fresh_resampler,
-    grow_embeddings,
-    load_quietly,
-    loader_renames,
-    max_abs_difference,
-    ms_llava_config,
-    parity_inputs,
-    prepare_output,
-    read_sources,
-    resampler_settings,
-    save_model_files,
-    tower_states,
-    write_checkpoint,
-)
+from .conversion.streaming import IMAGE_TOKEN, ConversionError
 from .image_processing_ms_llava import MSLlavaImageProcessor
 from .modeling_ms_llava import MSLlavaForConditionalGeneration
 from .processing_ms_llava import LLAVA_1_5_CHAT_TEMPLATE, MSLlavaProcessor
@@ -75,18 +52,12 @@ END_OF_TURN = {"chatml": "<|im_end|>"}  # also an EOS of the generation config; 
 PAD_TOKEN = "<pad>"  # added only when the LLM has neither a pad nor an unk token
 
 
-def download_patterns(source: str | Path) -> list[str]:
-    """What a Hub source downloads: `DOWNLOAD_PATTERNS`, plus `*.bin` for a repo without safetensors weights
-    (lmsys/vicuna-7b-v1.5 has `pytorch_model-*.bin` only)."""
-    if Path(source).expanduser().exists():
-        return DOWNLOAD_PATTERNS
-    try:
-        from huggingface_hub import list_repo_files
-
-        files = list_repo_files(str(source))
-    except Exception:  # not a repo id, offline: resolve_source names the problem with both attempts
-        return DOWNLOAD_PATTERNS
-    return DOWNLOAD_PATTERNS + ([] if any(name.endswith(".safetensors") for name in files) else ["*.bin"])
+def resolve_part(value: str | Path, label: str) -> Path:
+    """A part's folder, or its Hub snapshot: safetensors weights, else `.bin` ones (lmsys/vicuna-7b-v1.5 has only)."""
+    folder = resolve_checkpoint(value, label, check=False)
+    if not weight_files(folder) and not Path(value).expanduser().exists():
+        folder = resolve_checkpoint(value, label, allow_patterns=[*DOWNLOAD_PATTERNS, "*.bin"], check=False)
+    return folder
 
 
 def read_parts(tower_dir: Path, llm_dir: Path):
@@ -109,8 +80,8 @@ def read_parts(tower_dir: Path, llm_dir: Path):
             f"--language-model {llm_dir}: expected a decoder-only causal language model that AutoModelForCausalLM "
             f"loads (Llama, Qwen2, Mistral, ...), got {what}"
         )
-    causal = build_on_meta(AutoModelForCausalLM.from_config, text_config)
-    standard = {f"model.{key}" for key in build_on_meta(AutoModel.from_config, text_config).state_dict()}
+    causal = streaming.build_on_meta(AutoModelForCausalLM.from_config, text_config)
+    standard = {f"model.{key}" for key in streaming.build_on_meta(AutoModel.from_config, text_config).state_dict()}
     if odd := sorted(set(causal.state_dict()) - standard - {"lm_head.weight"}):
         raise ConversionError(
             f"--language-model {llm_dir}: {what} ({type(causal).__name__}) does not have the standard decoder layout "
@@ -138,11 +109,7 @@ def tokenizer_surgery(tokenizer) -> tuple[list[str], list[str]]:
     """Adds the image token (special, never split) and, without a pad token, pads with the unk token (as LLaVA-1.5)
     or a new `<pad>`; left padding for batched generation. Returns `(added tokens, notes)`."""
     added, notes = [], []
-    if IMAGE_TOKEN in tokenizer.get_vocab():
-        notes.append(
-            f"the tokenizer already knows {IMAGE_TOKEN!r} (id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)})"
-        )
-    else:
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
         added.append(IMAGE_TOKEN)
     if tokenizer.pad_token is None and tokenizer.unk_token is not None:
@@ -167,7 +134,8 @@ def choose_chat_template(tokenizer, chat_template: str | None) -> tuple[str, str
     if name is None:
         chatml = isinstance(own, str) and "<|im_start|>" in own and "<|im_end|>" in own
         name = "chatml" if chatml else "llm" if has_generation_markers(own) else "vicuna_v1"
-        notes += ["the LLM's own chat template has no {% generation %} markers and is not ChatML"] if own and name == "vicuna_v1" else []  # fmt: skip
+        if own and name == "vicuna_v1":
+            notes.append("the LLM's own chat template has no {% generation %} markers and is not ChatML")
     missing = [token for token in ("<|im_start|>", "<|im_end|>") if token not in tokenizer.get_vocab()]
     if name == "chatml" and missing:
         raise ConversionError(
@@ -203,40 +171,32 @@ def compose(
     vision_feature_layer: int | list[int] = -2,
     vision_feature_select_strategy: str | None = None,
     chat_template: str | None = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int | str = streaming.DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     check_parity: bool = True,
     log: Callable[[str], None] = print,
-) -> Report:
+) -> streaming.Report:
     """Writes to `output` an MS-LLaVA of the vision tower and the language model (folders or Hub ids), carried over
-    bit for bit, and a freshly initialised MS-Resampler; returns the `Report`.
-
-    Args:
-        num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs, seed, max_shard_size, overwrite,
-            check_parity, log: as in `convert_llava_to_ms_llava`.
-        vision_feature_layer: the tower layer(s) the resampler reads (-2: LLaVA-1.5's penultimate layer).
-        vision_feature_select_strategy: "default" (drop CLS) or "full"; None: "default" for a tower with a CLS token
-            (CLIP, ViT), "full" for one without (SigLIP).
-        chat_template: see `choose_chat_template`.
-
-    Raises:
-        ConversionError: a part that is not a supported tower or LLM (named with what was found), bad settings, an
-            unknown, missing or mis-shaped key (with its file), or a parity failure. Nothing is left in `output`.
-    """
-    check_output(output, overwrite)
-    parts = [(vision_tower, "--vision-tower"), (language_model, "--language-model")]
-    tower_dir, llm_dir = (
-        resolve_checkpoint(p, label, allow_patterns=download_patterns(p), check=False) for p, label in parts
-    )
-    output = prepare_output(output, overwrite, [tower_dir, llm_dir])
+    bit for bit, and a freshly initialised MS-Resampler; returns the `Report`. The resampler and output arguments are
+    `convert_llava_to_ms_llava`'s; `vision_feature_layer`: the tower layer(s) the resampler reads (-2, LLaVA-1.5's);
+    `vision_feature_select_strategy`: "default" (drop CLS) or "full" (None: "default" for a tower with a CLS token);
+    `chat_template`: see `choose_chat_template`. A part that is not a supported tower or LLM (named with what was
+    found), bad settings, an unknown, missing or mis-shaped key or a parity difference raise a `ValueError`."""
+    streaming.check_output(output, overwrite)
+    tower_dir, llm_dir = resolve_part(vision_tower, "--vision-tower"), resolve_part(language_model, "--language-model")
+    output = streaming.prepare_output(output, overwrite, [tower_dir, llm_dir])
     vision_config, whole, text_config, causal = read_parts(tower_dir, llm_dir)
-    depth, layers = vision_config.num_hidden_layers, [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer  # fmt: skip
+    depth = vision_config.num_hidden_layers
+    layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
     if not layers or any(not -depth - 1 <= layer <= depth for layer in layers):
-        raise ConversionError(f"--vision-feature-layer {vision_feature_layer!r}: the tower has {depth} layers, so hidden states {-depth - 1}..{depth}")  # fmt: skip
+        raise ConversionError(
+            f"--vision-feature-layer {vision_feature_layer!r}: the tower has {depth} layers, so hidden states "
+            f"{-depth - 1}..{depth}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     template, template_name, notes = choose_chat_template(tokenizer, chat_template)
     added, tokenizer_notes = tokenizer_surgery(tokenizer)
-    tower = build_on_meta(AutoModel.from_config, vision_config)
+    tower = streaming.build_on_meta(AutoModel.from_config, vision_config)
     grid = (vision_config.image_size // vision_config.patch_size) ** 2
     has_cls = any(
         key.endswith(("class_embedding", "cls_token")) or ("position_embedding" in key and tensor.shape[0] == grid + 1)
@@ -244,80 +204,85 @@ def compose(
     )
     if vision_feature_select_strategy == "default" and not has_cls:
         raise ConversionError(
-            f"--vision-feature-select-strategy default drops the CLS token, but this vision tower "
+            "--vision-feature-select-strategy default drops the CLS token, but this vision tower "
             f"({vision_config.model_type.removesuffix('_vision_model')}) has none; use 'full'"
         )
-    config = ms_llava_config(
-        vision_config, text_config,
-        resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=vision_feature_layer,
+    config = streaming.ms_llava_config(
+        vision_config,
+        text_config,
+        streaming.resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy or ("default" if has_cls else "full"),
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
-    )  # fmt: skip
-    old_vocab = text_config.vocab_size
-    config.text_config.vocab_size, config.text_config.pad_token_id = (
-        max(old_vocab, len(tokenizer)),
-        tokenizer.pad_token_id,
     )
-    meta_model = build_on_meta(MSLlavaForConditionalGeneration, config)
+    old_vocab, new_vocab = text_config.vocab_size, max(text_config.vocab_size, len(tokenizer))
+    config.text_config.vocab_size, config.text_config.pad_token_id = new_vocab, tokenizer.pad_token_id
+    meta_model = streaming.build_on_meta(MSLlavaForConditionalGeneration, config)
 
     log(f"reading {tower_dir} and {llm_dir}")
-    key_map = KeyMap(meta_model)
-    tower_rename, tower_keys = loader_renames(tower), set(tower.state_dict())
+    key_map = streaming.KeyMap(meta_model)
+    rename_tower, rename_llm = streaming.loader_renames(tower), streaming.loader_renames(causal)
+    tower_keys = set(tower.state_dict())
     text_half = f"not part of the vision model ({vision_config.model_type}'s text half and projections)"
-    drop = lambda key: None if tower_rename(key) in tower_keys or key.endswith(RECOMPUTED_BUFFERS) else text_half  # noqa: E731
-    key_map.map(read_sources(tower_dir, "--vision-tower"), lambda key: "model.vision_tower." + tower_rename(key), drop if whole else None)  # fmt: skip
-    llm_rename = loader_renames(causal)
-    key_map.map(read_sources(llm_dir, "--language-model"), lambda key: re.sub(r"^model\.", "model.language_model.", llm_rename(key)))  # fmt: skip
+
+    def drop(key: str) -> str | None:  # a whole dual encoder's keys that are not its vision model's
+        return None if rename_tower(key) in tower_keys or key.endswith(streaming.RECOMPUTED_BUFFERS) else text_half
+
+    tower_sources = streaming.read_sources(tower_dir, "--vision-tower")
+    key_map.map(tower_sources, lambda key: "model.vision_tower." + rename_tower(key), drop if whole else None)
+    llm_sources = streaming.read_sources(llm_dir, "--language-model")
+    key_map.map(llm_sources, lambda key: re.sub(r"^model\.", "model.language_model.", rename_llm(key)))
     embed = "model.language_model.embed_tokens.weight"
-    if config.text_config.vocab_size > old_vocab:
-        grown = grow_embeddings(key_map, text_config, config.text_config.vocab_size, seed, embed, "lm_head.weight")
-        key_map.created[f"{config.text_config.vocab_size - old_vocab} new row(s) ({', '.join(added)}) by mean resizing"] = grown  # fmt: skip
-    key_map.create(fresh_resampler(config, seed), f"MS-Resampler, freshly initialised (seed {seed})")
+    if new_vocab > old_vocab:
+        grown = streaming.grow_embeddings(key_map, text_config, new_vocab, seed, embed, "lm_head.weight")
+        key_map.created[f"{new_vocab - old_vocab} new row(s) ({', '.join(added)}) by mean resizing"] = grown
+    key_map.create(streaming.fresh_resampler(config, seed), f"MS-Resampler, freshly initialised (seed {seed})")
     key_map.check(f"{tower_dir} + {llm_dir} -> MS-LLaVA")
 
     settings, processor_notes = image_processor_settings(tower_dir, vision_config)
-    num_image_tokens = config.resampler_config.num_queries
-    processor = MSLlavaProcessor(MSLlavaImageProcessor(**settings), tokenizer, template, num_image_tokens, IMAGE_TOKEN)
-    has_generation = (llm_dir / "generation_config.json").is_file()
-    generation = GenerationConfig.from_pretrained(llm_dir) if has_generation else GenerationConfig.from_model_config(text_config)  # fmt: skip
-    eos = [] if generation.eos_token_id is None else list(torch.tensor(generation.eos_token_id).reshape(-1).tolist())
-    for token in (tokenizer.eos_token, END_OF_TURN.get(template_name)):
-        eos += [tokenizer.convert_tokens_to_ids(token)] if token and tokenizer.convert_tokens_to_ids(token) not in eos else []  # fmt: skip
+    num_queries = config.resampler_config.num_queries
+    processor = MSLlavaProcessor(MSLlavaImageProcessor(**settings), tokenizer, template, num_queries, IMAGE_TOKEN)
+    if (llm_dir / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(llm_dir)
+    else:
+        generation = GenerationConfig.from_model_config(text_config)
+    eos = torch.tensor([] if generation.eos_token_id is None else generation.eos_token_id).reshape(-1).tolist()
+    for token in filter(None, (tokenizer.eos_token, END_OF_TURN.get(template_name))):  # the turn's end stops too
+        eos += [] if tokenizer.convert_tokens_to_ids(token) in eos else [tokenizer.convert_tokens_to_ids(token)]
     generation.eos_token_id, generation.pad_token_id = eos[0] if len(eos) == 1 else eos, tokenizer.pad_token_id
-    notes += (
-        tokenizer_notes
-        + processor_notes
-        + [
-            f"chat template: {template_name}; image token {IMAGE_TOKEN!r} id {config.image_token_id}; pad token "
-            f"{tokenizer.pad_token!r} id {tokenizer.pad_token_id}; vision_feature_layer {config.vision_feature_layer}, "
-            f"vision_feature_select_strategy {config.vision_feature_select_strategy!r}"
-        ]
+    notes += tokenizer_notes + processor_notes
+    notes.append(
+        f"chat template: {template_name}; image token {IMAGE_TOKEN!r} id {config.image_token_id}; pad token "
+        f"{tokenizer.pad_token!r} id {tokenizer.pad_token_id}; vision_feature_layer {config.vision_feature_layer}, "
+        f"vision_feature_select_strategy {config.vision_feature_select_strategy!r}"
     )
 
     def save_files(folder: Path) -> None:
-        save_model_files(meta_model, folder, key_map.entries[embed].dtype, generation)
+        streaming.save_model_files(meta_model, folder, key_map.entries[embed].dtype, generation)
         processor.save_pretrained(folder)
 
     @torch.no_grad()
     def parity(folder: Path) -> dict[str, float]:
-        input_ids, pixel_values = parity_inputs(config, old_vocab)
-        source_tower = load_quietly(AutoModel, tower_dir)  # one model at a time
-        source_states = tower_states(source_tower.vision_model if whole else source_tower, pixel_values)
+        input_ids, pixel_values = streaming.parity_inputs(config, old_vocab)
+        source_tower = streaming.load_quietly(AutoModel, tower_dir)  # one model at a time
+        expected_states = streaming.tower_states(source_tower.vision_model if whole else source_tower, pixel_values)
         del source_tower
-        source_logits = load_quietly(AutoModelForCausalLM, llm_dir)(input_ids=input_ids).logits
-        composed = load_quietly(MSLlavaForConditionalGeneration, folder)
-        check_new_resampler(composed, pixel_values)
-        composed_states, composed_logits = tower_states(composed.model.vision_tower, pixel_values), composed(input_ids=input_ids).logits  # fmt: skip
+        expected_logits = streaming.load_quietly(AutoModelForCausalLM, llm_dir)(input_ids=input_ids).logits
+        composed = streaming.load_quietly(MSLlavaForConditionalGeneration, folder)
+        streaming.check_new_resampler(composed, pixel_values)
+        states = streaming.tower_states(composed.model.vision_tower, pixel_values)
+        logits = composed(input_ids=input_ids).logits[..., :old_vocab]
         return {
-            "vision tower hidden states (random image)": max_abs_difference(source_states, composed_states),
-            "language model logits (text-only prompt, the LLM's vocabulary)": max_abs_difference(source_logits, composed_logits[..., :old_vocab]),
-        }  # fmt: skip
+            "vision tower hidden states (random image)": streaming.max_abs_difference(expected_states, states),
+            "language model logits (text-only prompt, the LLM's vocabulary)": streaming.max_abs_difference(
+                expected_logits, logits
+            ),
+        }
 
     options = dict(overwrite=overwrite, max_shard_size=max_shard_size, check_parity=check_parity, log=log)
-    return write_checkpoint(
-        key_map, save_files, parity, Report(output, notes=notes), {**options, "failure": PARITY_FAILURE}
-    )
+    report = streaming.Report(output, notes=notes)
+    return streaming.write_checkpoint(key_map, save_files, parity, report, {**options, "failure": PARITY_FAILURE})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -345,9 +310,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     layers = args.vision_feature_layer
+    options = dict(
+        vision_feature_select_strategy=args.vision_feature_select_strategy, chat_template=args.chat_template
+    )
+    layer = layers[0] if len(layers) == 1 else layers
     report = compose(
-        args.vision_tower, args.language_model, args.output, vision_feature_layer=layers[0] if len(layers) == 1 else layers,
-        vision_feature_select_strategy=args.vision_feature_select_strategy, chat_template=args.chat_template,
+        args.vision_tower, args.language_model, args.output, vision_feature_layer=layer, **options,
         **resampler_options(args), **output_options(args),
     )  # fmt: skip
     print("\n".join(report.lines()))

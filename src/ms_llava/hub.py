@@ -126,18 +126,18 @@ def read_training(training, label: str = "--training") -> str | dict | None:
 
 
 def _paper_stages() -> list[dict]:
-    """The paper's recipe (Sec. 4.1) as card rows; the numbers are `recipes.PAPER_RECIPES`, what `ms-llava train` runs."""
+    """The paper's recipe (Sec. 4.1) as card rows; the numbers are `recipes.PAPER_RECIPES`, what `train` runs."""
     from .recipes import PAPER_RECIPES
 
+    stages = [
+        ("1. projector pre-training", "MS-Resampler", "vision encoder, LLM", "LLaVA-1.5 558K image-caption pairs"),
+        ("2. instruction tuning", "MS-Resampler + LLM", "vision encoder", "LLaVA-1.5 665K instruction data"),
+    ]
     return [
         {"stage": stage, "trained": trained, "frozen": frozen, "data": data,
          "learning rate": _number(recipe.learning_rate), "batch size": recipe.global_batch_size,
          "epochs": _number(recipe.num_train_epochs)}
-        for (stage, trained, frozen, data), recipe in zip(
-            [("1. projector pre-training", "MS-Resampler", "vision encoder, LLM", "LLaVA-1.5 558K image-caption pairs"),
-             ("2. instruction tuning", "MS-Resampler + LLM", "vision encoder", "LLaVA-1.5 665K instruction data")],
-            PAPER_RECIPES.values(), strict=True,
-        )
+        for (stage, trained, frozen, data), recipe in zip(stages, PAPER_RECIPES.values(), strict=True)
     ]  # fmt: skip
 
 
@@ -146,52 +146,33 @@ def _stated_table(stages: list[dict]) -> str:
     return _table(columns, [[stage.get(column, "") for column in columns] for stage in stages])
 
 
-def _recorded_training(record: dict, label: str) -> str:
-    """The stages of a training record as the card shows them; a stage that ran the paper's hyper-parameters says so."""
+def _paper_matches(record: dict, label: str) -> list[int]:
+    """The numbers of a training record's stages that ran the paper's hyper-parameters (Sec. 4.1: learning rate,
+    global batch, epochs) for their stage."""
     from .recipes import PAPER_RECIPES
 
     if not isinstance(record.get("stages"), list):
         raise CheckpointError(f"{label}: not a training record of this version (no 'stages' list)")
-    rows, notes = [], []
+    matches = []
     for number, stage in enumerate(record["stages"], start=1):
-        get = stage.get
-        adapter = ", ".join(f"{key} {value}" for key, value in (get("adapter") or {}).items()) or "none"
-        examples = f"{get('num_examples')}" + (
-            f" ({get('skipped_records')} skipped)" if get("skipped_records") else ""
-        )
-        rows.append([
-            f"{number}. {get('stage')}", f"`{get('base_model')}`", f"`{get('data')}`", examples,
-            ", ".join(get("trained") or []), adapter,
-            f"{_number(get('learning_rate'))} ({get('lr_scheduler_type')}, warm-up {get('warmup_ratio')})",
-            f"{get('global_batch_size')} ({get('per_device_train_batch_size')} x "
-            f"{get('gradient_accumulation_steps')} x {get('world_size')})",
-            _number(get("num_train_epochs")),
-            f"{get('steps_run')} of {get('max_steps')}" + ("" if get("completed") else ", stopped early"),
-        ])  # fmt: skip
-        paper = PAPER_RECIPES.get(get("stage"))
-        if paper and (paper.learning_rate, paper.global_batch_size, paper.num_train_epochs) == (
-            get("learning_rate"), get("global_batch_size"), get("num_train_epochs")
-        ):  # fmt: skip
-            notes.append(
-                f"\n- stage {number} ran the paper's {get('stage')} hyper-parameters (Sec. 4.1: learning rate, global "
-                f"batch, epochs) on the data above, {get('num_examples')} examples"
-            )
-    columns = ["stage", "started from", "data", "examples", "trained", "adapter", "learning rate (schedule)",
-               "global batch (per device x accumulation x processes)", "epochs", "steps"]  # fmt: skip
-    return f"From this folder's training record (`{TRAINING_RECORD}`):\n\n{_table(columns, rows)}" + "".join(notes)
+        paper = PAPER_RECIPES.get(stage.get("stage"))
+        ran = (stage.get("learning_rate"), stage.get("global_batch_size"), stage.get("num_train_epochs"))
+        if paper and ran == (paper.learning_rate, paper.global_batch_size, paper.num_train_epochs):
+            matches.append(number)
+    return matches
 
 
-def _training_section(record: dict | None, statement, label: str) -> str:
-    parts = [_recorded_training(record, label)] if record is not None else []
+def _training_section(statement, recorded: bool) -> str:
+    parts = []
     if statement == "paper":
         paper = _stated_table(_paper_stages())
         parts.append(f"Trained with the paper's recipe (Sec. 4.1, LLaVA-1.5 data), {STATED}:\n\n{paper}\n\n- AdamW")
     elif statement:
         notes = "".join(f"\n- {key}: {value}" for key, value in statement.items() if key != "stages")
         parts.append(f"Training {STATED}:\n\n{_stated_table(statement.get('stages', []))}\n{notes}")
-    if not parts:
+    if not parts and not recorded:
         paper = _stated_table(_paper_stages())
-        parts.append(f"No training record was given. The paper's recipe (Sec. 4.1, LLaVA-1.5 data), to train them:\n\n{paper}")  # fmt: skip
+        parts.append(f"No training record was given. The paper's recipe (Sec. 4.1, LLaVA-1.5 data):\n\n{paper}")
     return "\n\n".join(parts)
 
 
@@ -205,10 +186,12 @@ def _evaluation_section(results: dict | None) -> str:
         source, limit = row["source"] or {}, row.get("limit")
         local = "local" in source
         why = f"--limit {limit}" if limit else "local data" if local else "not its official form"
-        where = f"`{source['local']}` (a local copy)" if local else f"`{source.get('dataset')}` @ {source.get('revision') or 'unpinned'}"  # fmt: skip
+        revision = source.get("revision") or "unpinned"
+        where = f"`{source['local']}` (a local copy)" if local else f"`{source.get('dataset')}` @ {revision}"
         unreadable = f" ({row['unreadable_samples']} unreadable)" if row.get("unreadable_samples") else ""
-        rows.append([row["task"], row["metric"], _number(row["score"]), row.get("benchmark") or
-                     f"not the paper's benchmark ({why})", where, f"{row['num_samples']}{unreadable}", limit or "none"])  # fmt: skip
+        benchmark = row.get("benchmark") or f"not the paper's benchmark ({why})"
+        samples = f"{row['num_samples']}{unreadable}"
+        rows.append([row["task"], row["metric"], _number(row["score"]), benchmark, where, samples, limit or "none"])
     columns = ["task", "metric", "score", "paper's Table 1 column", "data", "samples scored", "--limit"]
     head = f"lmms-eval {results.get('lmms_eval_version')}, {results.get('date')}; model `{results.get('model')}`"
     return f"From `ms-llava eval` ({head}):\n\n{_table(columns, rows)}"
@@ -242,7 +225,7 @@ def build_model_card(
         local = base.is_absolute() or base.exists()  # a local path is never the card's base_model
         base_model = base_model or (None if local or not base_name else base_name)
         config_folder = base if local and (base / "config.json").is_file() else None
-    fields, built = _built(folder, config_folder, adapter)
+    fields = _built(folder, config_folder, adapter)
     card_data = ModelCardData(
         library_name="peft" if adapter else "transformers", pipeline_tag="image-text-to-text",
         base_model=base_model, license=license, tags=CARD_TAGS + (["lora"] if adapter else []),
@@ -251,55 +234,35 @@ def build_model_card(
         card_data, template_str=model_card_template(), model_name=(repo_id or folder.name).split("/")[-1],
         repo_id=repo_id or folder.name, license=license, untrained=record is None and training is None,
         base_model=", ".join([base_model] if isinstance(base_model, str) else base_model or []),
-        adapter=adapter and adapter.get("peft_type", "PEFT"), built=built, evaluation=_evaluation_section(results),
-        training=_training_section(record, training, str(folder / TRAINING_RECORD)), **fields,
+        adapter=adapter and adapter.get("peft_type", "PEFT"), evaluation=_evaluation_section(results),
+        record=record, paper_matches=_paper_matches(record, str(folder / TRAINING_RECORD)) if record else [],
+        training=_training_section(training, record is not None), **fields,
     )  # fmt: skip
     return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))  # the template's optional parts leave blank runs
 
 
-def _built(folder: Path, config_folder: Path | None, adapter: dict | None) -> tuple[dict, str]:
-    """`(template fields, the "What was built" section)`: an adapter's settings, the MS-Resampler and model settings
-    from config.json, the parameter counts from the safetensors headers (no tensor read)."""
+def _built(folder: Path, config_folder: Path | None, adapter: dict | None) -> dict:
+    """The template's "What was built" fields: an adapter's settings, the config (MS-Resampler, tower, LLM), the
+    parameter counts from the safetensors headers (no tensor read)."""
     counts = [
         (math.prod(shape), "multi_modal_projector" in key)
         for path in sorted(folder.glob("*.safetensors"))
         for key, (_, shape) in tensor_headers(path, str(folder)).items()
     ]
     total, projector = sum(n for n, _ in counts), sum(n for n, in_projector in counts if in_projector)
-    lines, fields = [], {}
-    if adapter:
-        names = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
-        settings = ", ".join(f"{name} {adapter[name]}" for name in names if adapter.get(name) is not None)
-        lines += [f"- adapter: {adapter.get('peft_type')}, {settings}",
-                  f"- parameters in this adapter: {_human(total)}, {_human(projector)} of them the MS-Resampler's\n"]  # fmt: skip
+    names = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
+    fields = {
+        "adapter_settings": ", ".join(f"{name} {adapter[name]}" for name in names if adapter.get(name) is not None)
+        if adapter else None,
+        "parameters": _human(total), "projector_parameters": _human(projector), "config": None,
+        "settings_of": None if config_folder in (None, folder) else config_folder.name,
+    }  # fmt: skip
     if config_folder is not None:
-        config = load_config(config_folder)
-        resampler, vision, text = config.resampler_config, config.vision_config, config.text_config
-        (grid_h, grid_w), (rows, cols) = config.vision_grid_size, resampler.query_grid_shape
-        tokens = grid_h * grid_w + (config.vision_feature_select_strategy == "full")
-        fields = {"num_queries": resampler.num_queries, "num_branches": resampler.num_branches,
-                  "grid": f"{grid_h} x {grid_w}", "num_visual_tokens": tokens}  # fmt: skip
-        fusion = f"`{resampler.fusion}`"
-        if resampler.fusion == "channel_mlp":
-            fusion += f" (Eq. 7-8, hidden width h = {resampler.fusion_hidden_size}, `{resampler.fusion_act}`)"
-        settings = [
-            ["visual tokens per image (queries per branch)", "M", resampler.num_queries],
-            ["query anchor grid (rows x cols)", "", f"{rows} x {cols}"],
-            ["scope windows per branch", "k^(e)", list(resampler.scope_windows)],
-            ["branches", "E", resampler.num_branches],
-            ["scope-prior strength", "beta", resampler.scope_bias_strength],
-            ["scope bias B", "B", "learnable, initialised by Eq. 5" if resampler.learnable_scope_bias else "fixed (Eq. 5)"],
-            ["fusion", "", fusion],
-            ["attention width / heads per branch", "D", f"{resampler.hidden_size} / {resampler.num_attention_heads}"],
-            ["vision encoder", "", f"`{vision.model_type}`, {vision.image_size} px, patch {vision.patch_size}, width "
-             f"{vision.hidden_size} ({grid_h} x {grid_w} = {tokens} tokens, layer {config.vision_feature_layer}, "
-             f"`{config.vision_feature_select_strategy}`)"],
-            ["language model", "", f"`{text.model_type}`, width {text.hidden_size}, {text.num_hidden_layers} layers, "
-             f"vocabulary {text.vocab_size}"],
-        ] + ([["parameters", "", f"{_human(total)} in total, {_human(projector)} in the projector"]] if not adapter else [])  # fmt: skip
-        where = "" if config_folder == folder else f" (of the base model, `{config_folder.name}`)"
-        lines.append(f"MS-Resampler and model settings{where}:\n\n{_table(['setting', 'paper symbol', 'value'], settings)}")  # fmt: skip
-    return fields, "\n".join(lines)
+        config = fields["config"] = load_config(config_folder)
+        (grid_h, grid_w), rows_cols = config.vision_grid_size, config.resampler_config.query_grid_shape
+        fields.update(grid=f"{grid_h} x {grid_w}", query_grid="{} x {}".format(*rows_cols))
+        fields["num_visual_tokens"] = grid_h * grid_w + (config.vision_feature_select_strategy == "full")
+    return fields
 
 
 def write_model_card(folder: str | Path, repo_id: str | None = None, **card) -> Path:

@@ -221,7 +221,7 @@ def test_compose_shares_the_converters_options(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for option in ("--fusion {channel_mlp,mean,attention,concat_mlp}", "--vision-feature-layer", "--chat-template",
                    "--vision-feature-select-strategy {default,full}", "--max-shard-size", "--no-parity", "--seed",
-                   "--resampler-hidden-size D", "--resampler-heads H", "--num-queries M", "576 visual tokens -> 144",
+                   "--resampler-hidden-size D", "--resampler-heads H", "--num-queries M", "576 tokens -> 144",
                    "(default 1024", "(default 16)"):  # fmt: skip
         assert option in help_text, option
 

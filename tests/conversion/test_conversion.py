@@ -281,9 +281,9 @@ def test_overwrite_replaces_only_a_conversion_output_and_keeps_the_users_files(l
     assert (output / "keep.txt").read_text() == "mine"
 
     # a late failure (a parity mismatch) removes the staged folder and keeps what --output held
-    from ms_llava.conversion import llava
+    from ms_llava.conversion import streaming
 
-    monkeypatch.setattr(llava, "max_abs_difference", lambda *args: 1e-3)
+    monkeypatch.setattr(streaming, "max_abs_difference", lambda *args: 1e-3)
     with pytest.raises(ConversionError, match="parity check failed"):
         convert_llava_to_ms_llava(source, output, overwrite=True, **TINY)
     assert sorted(path.name for path in output.iterdir()) == ["config.json", "keep.txt"]
@@ -367,7 +367,7 @@ def test_overwrite_never_replaces_the_working_directory_home_or_a_root(llava_dir
 
 @slow
 def test_parity_limit_image_token_and_failure_message(llava_dirs, tmp_path, monkeypatch):
-    from ms_llava.conversion import llava, streaming
+    from ms_llava.conversion import streaming
 
     parameters = sum(tensor.numel() for tensor in MSLlavaForConditionalGeneration.from_pretrained(
         convert_llava_to_ms_llava(llava_dirs["new layout"], tmp_path / "a", check_parity=False, **TINY).output
@@ -389,7 +389,7 @@ def test_parity_limit_image_token_and_failure_message(llava_dirs, tmp_path, monk
             and processor.tokenizer.convert_ids_to_tokens(image_token_id) == "<image>"
         )
     monkeypatch.undo()
-    monkeypatch.setattr(llava, "max_abs_difference", lambda *args: 1e-3)
+    monkeypatch.setattr(streaming, "max_abs_difference", lambda *args: 1e-3)
     with pytest.raises(
         ConversionError,
         match=r"^parity check failed, the carried-over parts differ: \{'language model logits \(text-only prompt\)': 0\.001",

@@ -18,19 +18,12 @@ FUSIONS = get_args(MSResamplerConfig.__annotations__["fusion"])
 def add_resampler_arguments(parser: argparse.ArgumentParser) -> None:
     """The MS-Resampler's size and settings, shared by `convert llava-to-ms-llava` and `compose`."""
     group = parser.add_argument_group("MS-Resampler")
-    group.add_argument(
-        "--num-queries", type=int, default=144, metavar="M",
-        help="visual tokens per image (default 144: the paper's main budget, LLaVA-1.5's 576 visual tokens -> 144; "
-        "a perfect square no finer than the tower's patch grid)",
-    )  # fmt: skip
-    group.add_argument(
-        "--resampler-hidden-size", type=int, default=1024, metavar="D",
-        help="attention width D of every branch (default 1024: at LLaVA-1.5 sizes the projector then costs about "
-        "4.7 GMACs per image, under the paper's budget; choose less for small parts, or it dominates their size)",
-    )  # fmt: skip
-    group.add_argument(
-        "--resampler-heads", type=int, default=16, metavar="H", help="attention heads per branch (default 16)"
-    )
+    m = "visual tokens per image, a perfect square (default 144: the paper's budget, LLaVA-1.5's 576 tokens -> 144)"
+    group.add_argument("--num-queries", type=int, default=144, metavar="M", help=m)
+    d = "attention width D of every branch (default 1024: about 4.7 GMACs per image at LLaVA-1.5 sizes, within the "
+    d += "paper's budget; use less for small parts, or the projector dominates their size)"
+    group.add_argument("--resampler-hidden-size", type=int, default=1024, metavar="D", help=d)
+    group.add_argument("--resampler-heads", type=int, default=16, metavar="H", help="heads per branch (default 16)")
     group.add_argument(
         "--scope-windows", type=int, nargs="+", metavar="K", help="window k per branch (default 2 6 24)"
     )
@@ -53,14 +46,9 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resampler_options(args: argparse.Namespace) -> dict:
-    return {
-        "num_queries": args.num_queries,
-        "scope_windows": args.scope_windows,
-        "scope_bias_strength": args.scope_bias_strength,
-        "fusion": args.fusion,
-        "resampler_kwargs": {"hidden_size": args.resampler_hidden_size, "num_attention_heads": args.resampler_heads},
-        "seed": args.seed,
-    }
+    names = ("num_queries", "scope_windows", "scope_bias_strength", "fusion", "seed")
+    kwargs = {"hidden_size": args.resampler_hidden_size, "num_attention_heads": args.resampler_heads}
+    return {name: getattr(args, name) for name in names} | {"resampler_kwargs": kwargs}
 
 
 def output_options(args: argparse.Namespace) -> dict:

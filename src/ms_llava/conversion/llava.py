@@ -17,27 +17,7 @@ from ..checkpoints import read_json, resolve_checkpoint
 from ..image_processing_ms_llava import MSLlavaImageProcessor
 from ..modeling_ms_llava import MSLlavaForConditionalGeneration
 from ..processing_ms_llava import MSLlavaProcessor
-from .streaming import (
-    DEFAULT_MAX_SHARD_SIZE,
-    ConversionError,
-    KeyMap,
-    Report,
-    build_on_meta,
-    check_new_resampler,
-    check_output,
-    fresh_resampler,
-    load_quietly,
-    loader_renames,
-    max_abs_difference,
-    ms_llava_config,
-    parity_inputs,
-    prepare_output,
-    read_sources,
-    resampler_settings,
-    save_model_files,
-    tower_states,
-    write_checkpoint,
-)
+from . import streaming
 
 # Copied byte for byte (they hold the vocabulary); tokenizer_config.json is the processor's to write.
 TOKENIZER_DATA_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -54,79 +34,71 @@ def convert_llava_to_ms_llava(
     *,
     resampler_kwargs: dict | None = None,
     seed: int = 0,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int | str = streaming.DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     check_parity: bool = True,
     log: Callable[[str], None] = print,
-) -> Report:
-    """Converts the transformers LLaVA checkpoint `source` (a folder or a Hub repo id) into an MS-LLaVA in `output`.
-
-    Args:
-        num_queries, scope_windows, scope_bias_strength, fusion: M, k^(e), beta and the fusion (None: the defaults of
-            `MSResamplerConfig`); `resampler_kwargs`: its other fields (`hidden_size`, `num_attention_heads`, ...).
-        seed: seed of the MS-Resampler's initialisation.
-        max_shard_size: output shards of at most this size (`"500MB"`, or bytes); each is held in memory to write it.
-        overwrite: replace an existing non-empty `output` (only one a conversion could have written; the other files
-            of the folder are kept).
-        check_parity: compare source and output (skipped above `PARITY_MAX_PARAMETERS`); a difference raises.
-
-    Raises:
-        ConversionError: an unknown, missing or mis-shaped key (with its file), bad settings, a corrupt file or a
-            parity failure. Nothing is left in `output` then.
-    """
-    check_output(output, overwrite)
+) -> streaming.Report:
+    """Converts the transformers LLaVA checkpoint `source` (a folder or a Hub repo id) into an MS-LLaVA in `output`
+    and returns the `Report`. `num_queries`, `scope_windows`, `scope_bias_strength`, `fusion`: M, k^(e), beta and the
+    fusion (None: `MSResamplerConfig`'s default); `resampler_kwargs`: its other fields (`hidden_size`, ...); `seed`:
+    the MS-Resampler's. Output shards hold at most `max_shard_size`; `overwrite` replaces the checkpoint files of a
+    folder holding one (`check_output`); `check_parity` compares source and output (below
+    `PARITY_MAX_PARAMETERS`). An unknown, missing or mis-shaped key (with its file), bad settings, unreadable weights
+    or a parity difference raise `ValueError` (`ConversionError`, `CheckpointError`); nothing is left in `output`."""
+    streaming.check_output(output, overwrite)
     source_dir = resolve_checkpoint(source, "--source", check=False)
-    report = Report(output=prepare_output(output, overwrite, [source_dir]))
+    report = streaming.Report(output=streaming.prepare_output(output, overwrite, [source_dir]))
     if (model_type := read_json(source_dir / "config.json", f"--source {source_dir}: ").get("model_type")) != "llava":
-        raise ConversionError(
-            f"{source_dir}: expected a transformers LLaVA checkpoint (model_type 'llava'), got model_type {model_type!r}"
+        raise streaming.ConversionError(
+            f"{source_dir}: expected a transformers LLaVA checkpoint (model_type 'llava'), got {model_type!r}"
         )
     llava = LlavaConfig.from_pretrained(source_dir)
-    config = ms_llava_config(
+    config = streaming.ms_llava_config(
         llava.vision_config, llava.text_config,
-        resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs),
+        streaming.resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs),
         image_token_id=llava.image_token_id, vision_feature_layer=llava.vision_feature_layer,
         vision_feature_select_strategy=llava.vision_feature_select_strategy,
         tie_word_embeddings=llava.tie_word_embeddings,
     )  # fmt: skip
-    meta_model = build_on_meta(MSLlavaForConditionalGeneration, config)
+    meta_model = streaming.build_on_meta(MSLlavaForConditionalGeneration, config)
     log(f"reading {source_dir}")
-    key_map = KeyMap(meta_model)
-    rename = loader_renames(build_on_meta(LlavaForConditionalGeneration, llava))
+    key_map = streaming.KeyMap(meta_model)
+    rename = streaming.loader_renames(streaming.build_on_meta(LlavaForConditionalGeneration, llava))
     dropped = "MLP projector replaced by MS-Resampler"
     key_map.map(
-        read_sources(source_dir, "--source"), rename, lambda key: dropped if "multi_modal_projector" in key else None
+        streaming.read_sources(source_dir, "--source"), rename, lambda k: dropped if "projector" in k else None
     )
-    key_map.create(fresh_resampler(config, seed), f"MS-Resampler, freshly initialised (seed {seed})")
+    key_map.create(streaming.fresh_resampler(config, seed), f"MS-Resampler, freshly initialised (seed {seed})")
     key_map.check(f"{source_dir} -> MS-LLaVA")
     processor = ms_llava_processor(source_dir, config, report.notes)
     dtype = key_map.entries["model.language_model.embed_tokens.weight"].dtype
 
     def save_files(folder: Path) -> None:
-        save_model_files(meta_model, folder, dtype, GenerationConfig.from_model_config(config.text_config))
+        streaming.save_model_files(meta_model, folder, dtype, GenerationConfig.from_model_config(config.text_config))
         processor.save_pretrained(folder)
         for name in ("generation_config.json", *TOKENIZER_DATA_FILES):
             if (source_dir / name).is_file():
                 shutil.copyfile(source_dir / name, folder / name)
 
     def parity(folder: Path) -> dict[str, float]:
-        input_ids, pixel_values = parity_inputs(config, config.text_config.vocab_size)
+        input_ids, pixel_values = streaming.parity_inputs(config, config.text_config.vocab_size)
         logits, states = [], []
         for auto, path in ((LlavaForConditionalGeneration, source_dir), (MSLlavaForConditionalGeneration, folder)):
-            model = load_quietly(auto, path)  # one model at a time
+            model = streaming.load_quietly(auto, path)  # one model at a time
             with torch.no_grad():
                 logits.append(model(input_ids=input_ids).logits)
-            states.append(tower_states(model.model.vision_tower, pixel_values))
+            states.append(streaming.tower_states(model.model.vision_tower, pixel_values))
             if path == folder:
-                check_new_resampler(model, pixel_values)
+                streaming.check_new_resampler(model, pixel_values)
             del model
         return {
-            "language model logits (text-only prompt)": max_abs_difference(*logits),
-            "vision tower hidden states (random image)": max_abs_difference(*states),
+            "language model logits (text-only prompt)": streaming.max_abs_difference(*logits),
+            "vision tower hidden states (random image)": streaming.max_abs_difference(*states),
         }
 
     options = dict(overwrite=overwrite, max_shard_size=max_shard_size, check_parity=check_parity, log=log)
-    return write_checkpoint(key_map, save_files, parity, report, {**options, "failure": PARITY_FAILURE})
+    return streaming.write_checkpoint(key_map, save_files, parity, report, {**options, "failure": PARITY_FAILURE})
 
 
 def ms_llava_processor(source_dir: Path, config, notes: list[str]) -> MSLlavaProcessor:
@@ -135,7 +107,7 @@ def ms_llava_processor(source_dir: Path, config, notes: list[str]) -> MSLlavaPro
     source = AutoProcessor.from_pretrained(source_dir)
     names = ("size", "crop_size", "image_mean", "image_std", "resample", "do_center_crop")
     settings = {name: getattr(source.image_processor, name, None) for name in names}
-    settings = {name: dict(value) if isinstance(value, dict) else value for name, value in settings.items() if value is not None}  # fmt: skip
+    settings = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items() if v is not None}
     if not source.chat_template:
         notes.append("the source has no chat template: the processor uses LLaVA-1.5's")
     processor = MSLlavaProcessor(
@@ -143,7 +115,7 @@ def ms_llava_processor(source_dir: Path, config, notes: list[str]) -> MSLlavaPro
         num_image_tokens=config.resampler_config.num_queries, image_token=source.image_token,
     )  # fmt: skip
     if processor.image_token_id != config.image_token_id:
-        raise ConversionError(
+        raise streaming.ConversionError(
             f"{source_dir}: the tokenizer's image token {source.image_token!r} has id {processor.image_token_id}, but "
             f"config.json's image_token_id is {config.image_token_id}"
         )

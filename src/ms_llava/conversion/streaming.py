@@ -10,7 +10,6 @@ import json
 import os
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -195,8 +194,7 @@ def quiet_transformers():
         logging.enable_progress_bar()
 
 
-def load_quietly(auto_class, folder):
-    """`auto_class.from_pretrained(folder)` in float32 and eval mode, quietly."""
+def load_quietly(auto_class, folder):  # in float32, for the parity checks
     with quiet_transformers():
         return auto_class.from_pretrained(folder, dtype=torch.float32).eval()
 
@@ -247,7 +245,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _protected(output: Path) -> str | None:
-    """Why `output` is never replaced (a root, the working directory, the home, or one holding them; links resolved)."""
+    """Why `output` is never written: a root, the working directory, the home, or one holding them (links resolved)."""
     resolved = output.resolve()
     if resolved == resolved.parent:
         return "it is a filesystem root"
@@ -299,12 +297,12 @@ def replace_folder(output: str | Path, log: Callable[[str], None] | None = None,
     into the new folder by hard link. `keep_existing` (nobody asked to overwrite) refuses, naming them, to replace
     files `output` already has. Call `check_output` first."""
     output = Path(output).absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    unique = f"{os.getpid()}-{time.time_ns()}"
+    staging, previous = (output.with_name(f".{output.name}.{what}-{unique}") for what in ("partial", "previous"))
     try:
         with writing(output):
+            staging.mkdir(parents=True)  # a plain mkdir: the permissions the umask gives
             yield staging
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0o700: give it a plain mkdir's permissions
         if not output.exists():
             os.replace(staging, output)
             return
@@ -330,18 +328,11 @@ def replace_folder(output: str | Path, log: Callable[[str], None] | None = None,
                 shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
             else:
                 _link_or_copy(entry, staging / entry.name)
-        previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.previous-", dir=output.parent))
-        os.replace(output, previous / output.name)  # os.replace cannot replace a non-empty folder: move it aside
+        os.replace(output, previous)  # os.replace cannot replace a non-empty folder: move it aside first
         os.replace(staging, output)
         shutil.rmtree(previous)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 # ------------------------------------------------------------------------------------------------ a run
@@ -420,9 +411,8 @@ def ms_llava_config(vision_config, text_config, resampler: dict, **fields):
     from ..modeling_ms_llava import query_anchors
 
     try:
-        config = MSLlavaConfig(
-            vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), resampler_config=resampler, **fields
-        )  # fmt: skip
+        parts = {"vision_config": vision_config.to_dict(), "text_config": text_config.to_dict()}
+        config = MSLlavaConfig(**parts, resampler_config=resampler, **fields)
         query_anchors(*config.resampler_config.query_grid_shape, *config.vision_grid_size)
     except (ValueError, StrictDataclassError) as error:
         raise ConversionError(f"invalid MS-Resampler settings: {' '.join(str(error).split())}") from error
