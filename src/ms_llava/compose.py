@@ -182,9 +182,9 @@ def compose(
     `vision_feature_select_strategy`: "default" (drop CLS) or "full" (None: "default" for a tower with a CLS token);
     `chat_template`: see `choose_chat_template`. A part that is not a supported tower or LLM (named with what was
     found), bad settings, an unknown, missing or mis-shaped key or a parity difference raise a `ValueError`."""
-    streaming.check_output(output, overwrite)
+    output = streaming.check_output(output, overwrite)
     tower_dir, llm_dir = resolve_part(vision_tower, "--vision-tower"), resolve_part(language_model, "--language-model")
-    output = streaming.prepare_output(output, overwrite, [tower_dir, llm_dir])
+    streaming.prepare_output(output, [tower_dir, llm_dir])
     vision_config, whole, text_config, causal = read_parts(tower_dir, llm_dir)
     depth = vision_config.num_hidden_layers
     layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer

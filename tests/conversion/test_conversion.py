@@ -19,7 +19,7 @@ from ms_llava import MSLlavaConfig, MSLlavaForConditionalGeneration, MSLlavaProc
 from ms_llava.checkpoints import DOWNLOAD_PATTERNS
 from ms_llava.cli import main
 from ms_llava.conversion import ConversionError, convert_llava_to_ms_llava
-from ms_llava.conversion.streaming import check_output, write_weights
+from ms_llava.conversion.streaming import check_output, prepare_output, write_weights
 from ms_llava.modeling_ms_llava import MSResampler
 from ms_llava.testing_utils import sample_image
 
@@ -358,7 +358,7 @@ def test_overwrite_never_replaces_the_working_directory_home_or_a_root(llava_dir
     with pytest.raises(ConversionError, match=r"^/ cannot be written or replaced: it is a filesystem root"):
         check_output("/", overwrite=True)
     with pytest.raises(ConversionError, match=r"would overwrite the source"):
-        check_output(llava_dirs["new layout"].parent, sources=[llava_dirs["new layout"]])
+        prepare_output(llava_dirs["new layout"].parent, [llava_dirs["new layout"]])
     assert not leftovers(tmp_path)
 
 

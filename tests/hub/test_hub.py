@@ -610,3 +610,39 @@ def test_hub_server_speaks_the_clients_protocol(hub, tmp_path):
     assert [b.name for b in refs.branches] == ["main"] and refs.tags == []
     api.delete_repo(repo)
     assert not api.repo_exists(repo)
+
+
+class _Pickled:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_checkpoint_folder_is_checked_before_anything_loads_it(tiny_dir, tmp_path, capsys):
+    """`checkpoints.check_checkpoint_folder` (what demo, visualize, train and eval run on --checkpoint / --model, and
+    push on its folder) names the file: pickled `.bin` weights are refused unread, a `.bin` that is not a plain state
+    dict and a config.json whose shapes the weights do not have are named in one sentence."""
+    from safetensors.torch import load_file
+
+    from ms_llava.checkpoints import CheckpointError, resolve_checkpoint
+
+    state = load_file(tiny_dir / "model.safetensors")
+    for name, content, message in (
+        ("pickled", {**state, "x": _Pickled()}, r"pytorch_model\.bin is not a plain state dict: torch\.load\(weights_only=True\) refuses it"),
+        ("nested", {"model": state, "optimizer": {}}, r"pytorch_model\.bin is not a plain state dict of tensors by name"),
+    ):  # fmt: skip
+        folder = shutil.copytree(tiny_dir, tmp_path / name)
+        (folder / "model.safetensors").unlink()
+        torch.save(content, folder / "pytorch_model.bin")
+        with pytest.raises(
+            CheckpointError, match=rf"--model {re.escape(str(folder))}: {re.escape(str(folder))}/{message}"
+        ):
+            resolve_checkpoint(folder, "--model", processor=True)
+    assert "this must never run" not in capsys.readouterr().out
+    folder = shutil.copytree(tiny_dir, tmp_path / "wider")
+    (folder / "config.json").write_text(
+        (folder / "config.json").read_text().replace('"hidden_size": 24', '"hidden_size": 28')
+    )
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors holds .* with shape \[.*24.*\], but config\.json builds \[.*28.*\]"
+    ):
+        resolve_checkpoint(folder, "--checkpoint")  # fmt: skip

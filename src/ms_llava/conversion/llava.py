@@ -46,9 +46,9 @@ def convert_llava_to_ms_llava(
     folder holding one (`check_output`); `check_parity` compares source and output (below
     `PARITY_MAX_PARAMETERS`). An unknown, missing or mis-shaped key (with its file), bad settings, unreadable weights
     or a parity difference raise `ValueError` (`ConversionError`, `CheckpointError`); nothing is left in `output`."""
-    streaming.check_output(output, overwrite)
+    output = streaming.check_output(output, overwrite)
     source_dir = resolve_checkpoint(source, "--source", check=False)
-    report = streaming.Report(output=streaming.prepare_output(output, overwrite, [source_dir]))
+    report = streaming.Report(output=streaming.prepare_output(output, [source_dir]))
     if (model_type := read_json(source_dir / "config.json", f"--source {source_dir}: ").get("model_type")) != "llava":
         raise streaming.ConversionError(
             f"{source_dir}: expected a transformers LLaVA checkpoint (model_type 'llava'), got {model_type!r}"

@@ -211,13 +211,9 @@ def write_weights(entries: dict, folder: Path, max_shard_size: int | str) -> int
     meta = {key: torch.empty(entry.shape, dtype=entry.dtype, device="meta") for key, entry in entries.items()}
     split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
     for name, keys in split.filename_to_tensors.items():
-        shard = _load_shard(entries, keys)
-        save_file(shard, folder / name, metadata={"format": "pt"})
-        if differing := [
-            key for key in keys if not _same_bits(Source(folder / name, key, None, ()).load(), shard[key])
-        ]:
+        save_file(_load_shard(entries, keys), folder / name, metadata={"format": "pt"})  # freed before the read-back
+        if differing := [key for key in keys if not _written_as(folder / name, key, entries[key])]:
             raise ConversionError(f"{folder / name}: read back unlike what was written: {listed(differing)}")
-        del shard  # before the next shard loads
     if split.is_sharded:
         metadata = {"total_parameters": sum(t.numel() for t in meta.values()), **split.metadata}
         index = {"metadata": metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
@@ -225,10 +221,14 @@ def write_weights(entries: dict, folder: Path, max_shard_size: int | str) -> int
     return sum(t.numel() * t.element_size() for t in meta.values())
 
 
+def _load(entry) -> torch.Tensor:
+    return entry.load() if hasattr(entry, "load") else entry  # a Source, or a tensor in memory
+
+
 def _load_shard(entries: dict, keys: list[str]) -> dict[str, torch.Tensor]:
     shard, storages = {}, set()
     for key in keys:
-        tensor = entries[key].load() if hasattr(entries[key], "load") else entries[key]  # a Source, or in memory
+        tensor = _load(entries[key])
         if tensor.numel() and tensor.untyped_storage().data_ptr() in storages:  # tied in a .bin: save_file refuses
             tensor = tensor.clone()  # tensors that share memory
         storages.add(tensor.untyped_storage().data_ptr())
@@ -236,7 +236,9 @@ def _load_shard(entries: dict, keys: list[str]) -> dict[str, torch.Tensor]:
     return shard
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _written_as(file: Path, key: str, entry) -> bool:
+    """Whether `file` holds `key` bit for bit as `entry` (re-read: two tensors in memory, not a shard and one)."""
+    a, b = Source(file, key, None, ()).load(), _load(entry)
     same = a.dtype == b.dtype and a.shape == b.shape
     return same and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
@@ -259,15 +261,12 @@ def _protected(output: Path) -> str | None:
     return None
 
 
-def check_output(output: str | Path, overwrite: bool = False, sources=()) -> Path:
-    """Checks, before anything is read, that a checkpoint may be written into `output`; returns it absolute. Refused,
-    naming the folder and why: a file; a folder that is or holds a source, or a root, the working directory or the
-    home (or one holding them), always; a folder that already holds a checkpoint, unless `overwrite` (which replaces
-    its checkpoint files only: `replace_folder`)."""
+def check_output(output: str | Path, overwrite: bool = False) -> Path:
+    """Checks, before anything is read or downloaded, that a checkpoint may be written into `output`; returns it
+    absolute. Refused, naming the folder and why: a file; a root, the working directory or the home (or one holding
+    them), always; a folder that already holds a checkpoint, unless `overwrite` (which replaces its checkpoint files
+    only: `replace_folder`)."""
     output = Path(output).absolute()
-    for source in map(Path, sources):
-        if source.absolute() == output or output in source.absolute().parents:
-            raise ConversionError(f"{output} would overwrite the source {source.absolute()}")
     if output.exists() and not output.is_dir():
         raise ConversionError(f"{output} exists and is not a folder; give a new or existing folder")
     if output.exists() and (protected := _protected(output)):
@@ -365,10 +364,12 @@ class Report:
         return lines + [f"  peak resident memory (RSS): {self.peak_rss / 2**20:.2f} MiB; time: {self.seconds:.1f} s"]
 
 
-def prepare_output(output, overwrite: bool, sources: list[Path]) -> Path:
-    """The checks before any weights are read: `check_output` (with the sources), then the disk
-    (`outputs.check_writable`) for as many bytes as the sources' weights take."""
-    output = check_output(output, overwrite, sources)
+def prepare_output(output: Path, sources: list[Path]) -> Path:
+    """The checks once the sources are found, before any of their weights is read: `output` may not be or hold one,
+    and its disk must have room for as many bytes as their weights take (`outputs.check_writable`)."""
+    for source in sources:
+        if source.absolute() == output or output in source.absolute().parents:
+            raise ConversionError(f"{output} would overwrite the source {source.absolute()}")
     check_writable(output, need_bytes=sum(file.stat().st_size for folder in sources for file in weight_files(folder)))
     return output
 
