@@ -238,14 +238,19 @@ def quick_path_commands() -> list[list[str]]:
 
 
 @pytest.mark.slow
-def test_the_docs_quick_path_runs_as_written(tmp_path, monkeypatch, one_thread):
-    """docs/compose.md's quick path, run in this process from the doc's text: tiny parts, compose, stage 1."""
+def test_the_docs_quick_path_runs_as_written(tmp_path, monkeypatch, capsys, one_thread):
+    """docs/compose.md's quick path, run in this process from the doc's text: tiny parts, compose, data, stage 1 and
+    the held-out accuracy."""
     commands = quick_path_commands()
     assert [command[:2] for command in commands] == [["ms-llava", "tiny"], ["ms-llava", "compose"],
-                                                      ["ms-llava", "tiny"], ["ms-llava", "train"]]  # fmt: skip
+                                                      ["ms-llava", "tiny"], ["ms-llava", "train"], ["ms-llava", "tiny"]]  # fmt: skip
     monkeypatch.chdir(tmp_path)
     for command in commands:
         assert main(command[1:]) == 0, command
+    accuracy = float(
+        capsys.readouterr().out.strip().splitlines()[-1]
+    )  # the last command's, from the held-out questions
+    assert 0 <= accuracy <= 1
     assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == ["llama", "qwen2", "vision"]
     composed = MSLlavaConfig.from_pretrained(tmp_path / "tiny-ms-llava").resampler_config
     assert (composed.num_queries, composed.hidden_size) == (16, 32)
