@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, module, help_text in (
         ("tiny", testing_utils, "write a tiny untrained checkpoint, compose parts or data (tests, examples, offline)"),
-        ("convert", conversion, "convert checkpoints (LLaVA -> MS-LLaVA, original LLaVA -> transformers)"),
+        ("convert", conversion, "convert checkpoints: llava-to-ms-llava (a transformers LLaVA -> an MS-LLaVA)"),
         ("compose", compose, "a vision encoder + a language model -> a new MS-LLaVA (fresh MS-Resampler)"),
         ("push", hub, "upload a checkpoint folder to the Hugging Face Hub with a model card built from its records"),
     ):
