@@ -421,7 +421,7 @@ def _add_remote_code(folder: Path) -> list[str]:
             (folder / name).write_text(json.dumps(updated, indent=2) + "\n", encoding="utf-8")
     names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
     files = list(filter_repo_objects(names, allow_patterns=UPLOADED))
-    if skipped := sorted(set(names) - set(files) - {"README.md"}):
+    if skipped := sorted(set(names) - set(files) - {"README.md", TRAINING_RECORD}):  # the record stays local
         logger.warning("not uploading %d file(s) that are not part of a checkpoint: %s", len(skipped), skipped)
     return files
 
