@@ -3,10 +3,9 @@
 Writes, in children of their own, two random-weight float16 parts with the real key names and shapes: a
 `CLIPVisionModel` (ViT-L/14 at 336 px, 24 layers) and a `LlamaForCausalLM` of Llama-2-7B / Vicuna-7B-v1.5 size (32000
 tokens, 32 layers, untied `lm_head`) with a Llama-sized word-level tokenizer and no pad token, both as safetensors
-shards (`--source-shard-size`, default 4.95 GB). Then runs `ms_llava.compose.main` (the `ms-llava compose` command
-line) in a child, reports that child's peak resident set size (`ru_maxrss` of its `os.wait4` rusage) and wall time,
+shards (`--source-shard-size`, default 4.95 GB). Then runs `ms-llava compose` in a child, reports that child's peak resident set size (`ru_maxrss` of its `os.wait4` rusage) and wall time,
 and deletes every file it wrote. The compose adds `<image>` (32001 rows: the embedding and `lm_head` each grow by one
-row, the mean of the rows) and uses the LLM's unk token for padding, as for Vicuna.
+row, by transformers' mean resizing) and uses the LLM's unk token for padding, as for Vicuna.
 
 The shapes, the random tensors, the tokenizer and the child runner are benchmarks/conversion_memory.py's (imported),
 so the two benchmarks measure the same way; this driver imports neither torch nor ms_llava (a child's `ru_maxrss`
@@ -49,26 +48,11 @@ def part_shapes(layers: int) -> tuple[dict, dict]:
 
 def build_parts(root: Path, layers: int, shard_bytes: int) -> None:
     """--internal-build (in a child): writes `root/tower` and `root/llm`, prints their shard counts."""
-    import torch
-
-    from ms_llava.conversion.checkpoint_io import TensorSource, write_safetensors
-
-    generator = torch.Generator().manual_seed(0)
     tower_shapes, llm_shapes = part_shapes(layers)
     shards = {}
     for name, shapes in (("tower", tower_shapes), ("llm", llm_shapes)):
-        directory = root / name
-        directory.mkdir(parents=True)
-        entries = [
-            (
-                key,
-                TensorSource(
-                    key, torch.float16, shape, lambda s=shape: measured.random_tensor(s, generator), "random"
-                ),
-            )
-            for key, shape in shapes.items()
-        ]
-        shards[name] = len(set(write_safetensors(entries, directory, shard_bytes).values()))
+        (root / name).mkdir(parents=True)
+        shards[name] = measured.write_random_weights(shapes, root / name, shard_bytes)
     tower_config = measured.clip_config()
     tower_config.architectures = ["CLIPVisionModel"]
     tower_config.dtype = "float16"
@@ -109,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if free < needed:
         print(f"error: not enough free disk in {workdir}; pass --workdir or fewer --layers", file=sys.stderr)
         return 1
-    baseline = measured.run_child(["-c", "import ms_llava.compose"])
+    baseline = measured.run_child(["-c", measured.IMPORTS_ONLY])
     print(
         f"importing torch, transformers and ms_llava.compose alone: peak RSS {measured.format_bytes(baseline['peak_rss'])}"
     )
@@ -127,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{parts_bytes / 1e9:.2f} GB float16, {shards['tower']} + {shards['llm']} safetensors shard(s)"
         )
         print(f"parts ({described}) written in {time.perf_counter() - started:.0f} s")
-        arguments = ["--vision-tower", str(root / "tower"), "--language-model", str(root / "llm"),
+        arguments = ["compose", "--vision-tower", str(root / "tower"), "--language-model", str(root / "llm"),
                      "--output", str(root / "ms-llava"), "--num-queries", "144"]  # fmt: skip
-        result = measured.convert("ms_llava.compose", arguments + ([] if args.parity else ["--no-parity"]))
+        result = measured.convert(arguments + ([] if args.parity else ["--no-parity"]))
         written = measured.directory_bytes(root / "ms-llava")
     print(f"deleted {temporary}")
     print()

@@ -1,41 +1,27 @@
-"""Peak memory and wall time of the streaming conversions on a synthetic LLaVA-1.5-7B-sized checkpoint.
+"""Peak memory and wall time of `ms-llava convert llava-to-ms-llava` on a synthetic LLaVA-1.5-7B-sized checkpoint.
 
 Builds a random-weight float16 checkpoint with the real key names and shapes of LLaVA-1.5-7B (Llama-2-7B language
-model, CLIP ViT-L/14-336 tower, `mlp2x_gelu` projector) in a temporary directory, converts it in a child process
-through the command-line entry point (`ms_llava.conversion.llava.main`, i.e. `convert_llava_to_ms_llava`, or
-`ms_llava.conversion.original.main`), reports the child's peak resident set size (`ru_maxrss` of the `os.wait4` rusage of
-that one child) and its wall time, then deletes every file it wrote.
+model, CLIP ViT-L/14-336 tower, `mlp2x_gelu` projector) in the transformers 4.x key layout of
+`llava-hf/llava-1.5-7b-hf` (`language_model.model.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`,
+32064-row vocabulary, sharded safetensors + index, LlavaProcessor) in a temporary directory, converts it in a child
+process through the command line (`ms-llava convert llava-to-ms-llava`, with `--no-parity` unless `--parity`), reports
+the child's peak resident set size (`ru_maxrss` of the `os.wait4` rusage of that one child) and its wall time, then
+deletes every file it wrote.
 
 Linux starts a child's `ru_maxrss` at its parent's resident set size when it is spawned, so this driver process stays
-small: it imports neither torch nor ms_llava, and builds the synthetic checkpoint and compares tensors in children of
-its own. It also measures a child that only imports torch, transformers and the conversion modules (the floor).
+small: it imports neither torch nor ms_llava, and builds the synthetic checkpoint in a child of its own. It also
+measures a child that only imports torch, transformers and the conversion modules (the floor).
 
-Conversions (`--conversion`):
-
-* `llava-to-ms-llava` (default): a transformers LLaVA checkpoint in the transformers 4.x key layout of
-  `llava-hf/llava-1.5-7b-hf` (`language_model.model.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`,
-  32064-row vocabulary, sharded safetensors + index, LlavaProcessor) -> MS-LLaVA, with `--no-parity` unless `--parity`.
-* `original-round-trip`: an original-format checkpoint in the layout of `liuhaotian/llava-v1.5-7b` (`model.*`,
-  `lm_head.*`, `model.mm_projector.*`, the CLIP tower under `model.vision_tower.vision_tower.vision_model.*`, 32000-row
-  vocabulary, sharded `pytorch_model-*.bin` + index; `mm_vision_tower` a local CLIP config directory) -> HF
-  (`original-to-hf`), then that HF checkpoint -> original (`hf-to-original --strip-image-token`), each in its own
-  child, both with `--no-parity`; checks the round trip gave back every tensor bit for bit.
-
-Disk: about twice the synthetic checkpoint for `llava-to-ms-llava` (source + output; 14.1 GB each at the full 32
-layers, so ~28.3 GB; 2.8 GB each with `--layers 4`, ~5.6 GB) and three times for `original-round-trip` (~42.4 GB at
-32 layers, ~8.4 GB with `--layers 4`). The script first checks that `--workdir` (default: the system temporary
-directory) has that much free, plus 2 % and 1 GiB (30 / 7 GB and 44 / 10 GB).
-
-Memory: each synthetic source shard is built in memory (safetensors' `save_file`, or `torch.save` for a `.bin`), so
-building the source needs RAM for its largest shard (`--source-shard-size`: 4.95 GB, or 10 GB for
-`original-round-trip`). That happens in a child of its own and is not part of the measured peaks.
+Disk: about twice the synthetic checkpoint (source + output; 14.1 GB each at the full 32 layers, so ~28.3 GB; 2.8 GB
+each with `--layers 4`); the script first checks that `--workdir` (default: the system temporary directory) has that
+much free, plus 2 % and 1 GiB. Memory: each synthetic source shard is built in memory (`--source-shard-size`, 4.95 GB)
+in a child of its own, not part of the measured peak.
 
 Run from the repository root, with the package installed:
 
-    python benchmarks/conversion_memory.py                                           # llava-to-ms-llava, 7B size
+    python benchmarks/conversion_memory.py                                           # 7B size
     python benchmarks/conversion_memory.py --layers 4 --source-shard-size 1GB        # 4 language-model layers
     python benchmarks/conversion_memory.py --layers 4 --source-shard-size 1GB --parity
-    python benchmarks/conversion_memory.py --conversion original-round-trip          # original -> HF -> original
 """
 
 from __future__ import annotations
@@ -62,10 +48,10 @@ VISION_HIDDEN, VISION_INTERMEDIATE, VISION_LAYERS, VISION_HEADS = 1024, 4096, 24
 IMAGE_SIZE, PATCH_SIZE = 336, 14
 POSITIONS = (IMAGE_SIZE // PATCH_SIZE) ** 2 + 1  # 577: 24 x 24 patches + CLS
 DTYPE_BYTES = 2  # float16
-DEFAULT_SOURCE_SHARD_SIZE = {"llava-to-ms-llava": "4.95GB", "original-round-trip": "10GB"}
-# The child: `python -c CHILD module args...` runs `module.main(args)`, the conversion's command line.
-CHILD = "import importlib, sys; sys.exit(importlib.import_module(sys.argv[1]).main(sys.argv[2:]))"
-IMPORTS_ONLY = "import ms_llava.conversion.llava, ms_llava.conversion.original"
+DEFAULT_SOURCE_SHARD_SIZE = "4.95GB"
+# The child: `python -c CHILD args...` runs `ms-llava args...` (the command line, in-process).
+CHILD = "import sys; from ms_llava.cli import main; sys.exit(main(sys.argv[1:]))"
+IMPORTS_ONLY = "import ms_llava.conversion, ms_llava.compose"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -129,16 +115,6 @@ def llava_hf_shapes(layers: int) -> dict[str, tuple[int, ...]]:
         "language_model.lm_head.weight": (HF_VOCAB, TEXT_HIDDEN),
         **clip_shapes("vision_tower.vision_model."),
         **projector_shapes("multi_modal_projector.linear_1.", "multi_modal_projector.linear_2."),
-    }
-
-
-def original_shapes(layers: int) -> dict[str, tuple[int, ...]]:
-    """The original code base's keys (LlavaLlamaForCausalLM, tower saved) and shapes."""
-    return {
-        **language_model_shapes(layers, "model.", ORIGINAL_VOCAB),
-        **projector_shapes("model.mm_projector.0.", "model.mm_projector.2."),
-        **clip_shapes("model.vision_tower.vision_tower.vision_model."),
-        "lm_head.weight": (ORIGINAL_VOCAB, TEXT_HIDDEN),
     }
 
 
@@ -227,21 +203,14 @@ def make_llava_hf(directory: Path, layers: int, shard_bytes: int) -> tuple[dict,
     """A llava-hf-like checkpoint: safetensors shards + index written shard by shard (random normal(0, 0.02)
     float16, generated as each shard is written), LlavaConfig, LlavaProcessor. Returns the shapes and the shard
     count."""
-    import torch
     from transformers import AddedToken, LlavaConfig, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     from ms_llava import LLAVA_1_5_CHAT_TEMPLATE
-    from ms_llava.conversion.checkpoint_io import TensorSource, write_safetensors
 
     directory.mkdir(parents=True)
     shapes = llava_hf_shapes(layers)
-    generator = torch.Generator().manual_seed(0)
-    entries = [
-        (name, TensorSource(name, torch.float16, shape, lambda s=shape: random_tensor(s, generator), "random"))
-        for name, shape in shapes.items()
-    ]
-    weight_map = write_safetensors(entries, directory, shard_bytes)
+    shards = write_random_weights(shapes, directory, shard_bytes)
 
     tokenizer = word_level_tokenizer(ORIGINAL_VOCAB)
     tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
@@ -265,69 +234,29 @@ def make_llava_hf(directory: Path, layers: int, shard_bytes: int) -> tuple[dict,
         num_additional_image_tokens=1,
     )
     processor.save_pretrained(directory)
-    return shapes, len(set(weight_map.values()))
+    return shapes, shards
 
 
-def make_original(directory: Path, layers: int, shard_bytes: int) -> tuple[dict, int]:
-    """An original-format checkpoint: `pytorch_model-0000i-of-0000n.bin` shards (each built in memory and saved with
-    torch.save) + index, the original config.json (mm_vision_tower: a local CLIP config directory next to it), a
-    tokenizer without <image>. Returns the shapes and the shard count."""
+def write_random_weights(shapes: dict, directory: Path, shard_bytes: int) -> int:
+    """Random normal(0, 0.02) float16 tensors of `shapes` as safetensors shards + index, generated shard by shard
+    (`ms_llava.conversion.streaming.write_weights` loads each entry when its shard is written, and again to read the
+    shard back: each tensor is seeded by its name). Returns the shard count."""
+    import zlib
+
     import torch
 
-    directory.mkdir(parents=True)
-    shapes = original_shapes(layers)
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = numel(shape) * DTYPE_BYTES
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    generator = torch.Generator().manual_seed(0)
-    weight_map = {}
-    for number, group in enumerate(groups, start=1):
-        file_name = f"pytorch_model-{number:05d}-of-{len(groups):05d}.bin"
-        shard = {name: random_tensor(shapes[name], generator) for name in group}
-        torch.save(shard, directory / file_name)
-        del shard
-        weight_map.update(dict.fromkeys(group, file_name))
-    index = {"metadata": {"total_size": checkpoint_bytes(shapes)}, "weight_map": weight_map}
-    (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    from ms_llava.conversion.streaming import write_weights
 
-    clip_dir = directory.parent / "clip-vit-large-patch14-336"
-    clip_config().save_pretrained(clip_dir)
-    config = {
-        **{
-            name: value
-            for name, value in llama_config(layers, ORIGINAL_VOCAB, pad_token_id=0).to_dict().items()
-            if name not in ("rope_parameters", "dtype", "transformers_version", "architectures", "model_type")
-        },
-        "architectures": ["LlavaLlamaForCausalLM"],
-        "model_type": "llava_llama",
-        "torch_dtype": "float16",
-        "rope_theta": 10000.0,
-        "rope_scaling": None,
-        "mm_vision_tower": str(clip_dir),
-        "mm_hidden_size": VISION_HIDDEN,
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch",
-        "image_aspect_ratio": "pad",
-        "mm_use_im_start_end": False,
-        "mm_use_im_patch_token": False,
-        "mm_patch_merge_type": "flat",
-        "tune_mm_mlp_adapter": False,
-        "freeze_mm_mlp_adapter": False,
-        "unfreeze_mm_vision_tower": True,
-        "use_mm_proj": True,
-        "tokenizer_model_max_length": 2048,
-        "tokenizer_padding_side": "right",
-    }
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    word_level_tokenizer(ORIGINAL_VOCAB).save_pretrained(directory)
-    return shapes, len(groups)
+    class Random:  # a tensor made when its shard is written
+        def __init__(self, name, shape):
+            self.name, self.shape, self.dtype = name, shape, torch.float16
+
+        def load(self):
+            return random_tensor(self.shape, torch.Generator().manual_seed(zlib.crc32(self.name.encode())))
+
+    write_weights({name: Random(name, shape) for name, shape in shapes.items()}, directory, shard_bytes)
+    index = directory / "model.safetensors.index.json"
+    return len(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else 1
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -358,9 +287,9 @@ def run_child(arguments: list[str]) -> dict:
     }
 
 
-def convert(module: str, arguments: list[str]) -> dict:
-    """Runs `module.main(arguments)` in a child; prints its report; exits if it failed."""
-    result = run_child(["-c", CHILD, module, *arguments])
+def convert(arguments: list[str]) -> dict:
+    """Runs `ms-llava arguments...` in a child; prints its report; exits if it failed."""
+    result = run_child(["-c", CHILD, *arguments])
     if result["returncode"] != 0:
         sys.exit(f"the conversion failed (exit {result['returncode']}):\n{result['output']}")
     for line in result["output"].splitlines():
@@ -372,29 +301,10 @@ def directory_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
-def build_source(conversion: str, directory: Path, layers: int, shard_bytes: int) -> None:
+def build_source(directory: Path, layers: int, shard_bytes: int) -> None:
     """--internal-build (in a child): writes the synthetic source, prints its shard count."""
-    _, shards = (make_original if conversion == "original-round-trip" else make_llava_hf)(
-        directory, layers, shard_bytes
-    )
+    _, shards = make_llava_hf(directory, layers, shard_bytes)
     print(json.dumps({"shards": shards}))
-
-
-def compare_checkpoints(first: Path, second: Path) -> None:
-    """--internal-compare (in a child): prints whether the two checkpoints hold the same tensors, bit for bit."""
-    import torch
-
-    from ms_llava.conversion.checkpoint_io import read_checkpoint
-
-    before = {source.name: source for source in read_checkpoint(first)}
-    after = {source.name: source for source in read_checkpoint(second)}
-    same = sorted(before) == sorted(after)
-    for name in before if same else ():
-        expected, actual = before[name].load(), after[name].load()
-        same = expected.dtype == actual.dtype and torch.equal(expected.view(torch.uint8), actual.view(torch.uint8))
-        if not same:
-            break
-    print(json.dumps({"tensors": len(after), "same": same}))
 
 
 def child_json(arguments: list[str]) -> dict:
@@ -421,95 +331,70 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--conversion", choices=("llava-to-ms-llava", "original-round-trip"), default="llava-to-ms-llava"
-    )
     parser.add_argument("--layers", type=int, default=TEXT_LAYERS, help="language-model layers (32: the full 7B)")
     parser.add_argument(
-        "--source-shard-size",
-        help="largest shard of the synthetic source (default 4.95GB for llava-to-ms-llava, as llava-hf's; 10GB for "
-        "original-round-trip, as liuhaotian/llava-v1.5-7b's .bin shards)",
+        "--source-shard-size", default=DEFAULT_SOURCE_SHARD_SIZE, help="largest shard of the synthetic source (4.95GB)"
     )
-    parser.add_argument("--parity", action="store_true", help="llava-to-ms-llava: run the parity check too")
+    parser.add_argument("--parity", action="store_true", help="run the parity check too")
     parser.add_argument("--workdir", help="where the temporary directory goes (default: the system temp directory)")
     parser.add_argument("--internal-build", metavar="DIR", help=argparse.SUPPRESS)
-    parser.add_argument("--internal-compare", nargs=2, metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.layers < 1:
         parser.error("--layers must be at least 1")
-    shard_bytes = parse_size(args.source_shard_size or DEFAULT_SOURCE_SHARD_SIZE[args.conversion])
+    shard_bytes = parse_size(args.source_shard_size)
     if args.internal_build:
-        build_source(args.conversion, Path(args.internal_build), args.layers, shard_bytes)
+        build_source(Path(args.internal_build), args.layers, shard_bytes)
         return 0
-    if args.internal_compare:
-        compare_checkpoints(*map(Path, args.internal_compare))
-        return 0
-    round_trip = args.conversion == "original-round-trip"
-    shapes = original_shapes(args.layers) if round_trip else llava_hf_shapes(args.layers)
+    shapes = llava_hf_shapes(args.layers)
     source_bytes = checkpoint_bytes(shapes)
-    copies = 3 if round_trip else 2  # source + output(s)
-    needed = int(copies * source_bytes * 1.02) + 2**30
+    needed = int(2 * source_bytes * 1.02) + 2**30
     workdir = Path(args.workdir or tempfile.gettempdir())
     free = shutil.disk_usage(workdir).free
     print(machine())
     print(
-        f"{args.conversion}: the synthetic checkpoint is {source_bytes / 1e9:.2f} GB; about {needed / 1e9:.1f} GB of "
-        f"disk needed in {workdir} ({free / 1e9:.1f} GB free)"
+        f"the synthetic checkpoint is {source_bytes / 1e9:.2f} GB; about {needed / 1e9:.1f} GB of disk needed in "
+        f"{workdir} ({free / 1e9:.1f} GB free)"
     )
     if free < needed:
         print(f"error: not enough free disk in {workdir}; pass --workdir or fewer --layers", file=sys.stderr)
         return 1
 
     baseline = run_child(["-c", IMPORTS_ONLY])
-    print(f"importing torch, transformers and ms_llava alone: peak RSS {format_bytes(baseline['peak_rss'])}")
-    rows = []
+    print(
+        f"importing torch, transformers and ms_llava's conversions alone: peak RSS {format_bytes(baseline['peak_rss'])}"
+    )
     with tempfile.TemporaryDirectory(prefix="ms-llava-conversion-memory-", dir=workdir) as temporary:
         root = Path(temporary)
         started = time.perf_counter()
         source = root / "source"
-        build = ["--conversion", args.conversion, "--layers", str(args.layers), "--internal-build", str(source)]
-        shards = child_json([*build, "--source-shard-size", str(shard_bytes)])["shards"]
+        build = [
+            "--layers",
+            str(args.layers),
+            "--internal-build",
+            str(source),
+            "--source-shard-size",
+            str(shard_bytes),
+        ]
+        shards = child_json(build)["shards"]
         parameters = sum(numel(shape) for shape in shapes.values())
-        kind = "`pytorch_model-*.bin` (original layout)" if round_trip else "safetensors (transformers 4.x layout)"
         described = (
             f"{args.layers} language-model layer{'s' if args.layers > 1 else ''}: {parameters / 1e9:.2f}e9 "
-            f"parameters, {source_bytes / 1e9:.2f} GB float16, {shards} {kind} shard{'s' if shards > 1 else ''} of "
-            f"<= {shard_bytes / 1e9:.2f} GB"
+            f"parameters, {source_bytes / 1e9:.2f} GB float16, {shards} safetensors (transformers 4.x layout) "
+            f"shard{'s' if shards > 1 else ''} of <= {shard_bytes / 1e9:.2f} GB"
         )
         print(f"synthetic source ({described}) written in {time.perf_counter() - started:.0f} s")
-
-        if not round_trip:
-            arguments = ["--source", str(source), "--output", str(root / "ms-llava"), "--num-queries", "144"]
-            result = convert("ms_llava.conversion.llava", arguments + ([] if args.parity else ["--no-parity"]))
-            name = "llava-to-ms-llava" + (" (with parity)" if args.parity else " --no-parity")
-            rows.append((name, result, directory_bytes(root / "ms-llava")))
-        else:
-            result = convert(
-                "ms_llava.conversion.original", ["--source", str(source), "--output", str(root / "hf"), "--no-parity"]
-            )
-            rows.append(("original-to-hf --no-parity", result, directory_bytes(root / "hf")))
-            result = convert(
-                "ms_llava.conversion.original",
-                ["--direction", "hf-to-original", "--source", str(root / "hf"), "--output", str(root / "back")]
-                + ["--strip-image-token", "--no-parity"],
-            )
-            rows.append(("hf-to-original --strip-image-token --no-parity", result, directory_bytes(root / "back")))
-            compared = child_json(["--internal-compare", str(source), str(root / "back")])
-            same = compared["same"]
-            print(
-                f"round trip: {compared['tensors']} tensors, {'all bit-identical' if same else 'DIFFERENT'} to the source"
-            )
-            if not same:
-                return 1
+        arguments = ["convert", "llava-to-ms-llava", "--source", str(source), "--output", str(root / "ms-llava")]
+        result = convert(arguments + ["--num-queries", "144"] + ([] if args.parity else ["--no-parity"]))
+        written = directory_bytes(root / "ms-llava")
     print(f"deleted {temporary}")
     print()
     print("| conversion | source | peak RSS (child, os.wait4) | peak RSS (its report) | wall time | output |")
     print("|---|---|---|---|---|---|")
-    for name, result, written in rows:
-        print(
-            f"| `{name}` | {described} | {format_bytes(result['peak_rss'])} | {result['reported_peak_rss']} | "
-            f"{result['seconds']:.0f} s | {written / 1e9:.2f} GB |"
-        )
+    name = "llava-to-ms-llava" + (" (with parity)" if args.parity else " --no-parity")
+    print(
+        f"| `{name}` | {described} | {format_bytes(result['peak_rss'])} | {result['reported_peak_rss']} | "
+        f"{result['seconds']:.0f} s | {written / 1e9:.2f} GB |"
+    )
     return 0
 
 

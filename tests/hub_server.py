@@ -89,6 +89,7 @@ class HubServer:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
         self.repos: dict[tuple[str, str], Repo] = {}  # ("model", repo_id) -> repo
         self.lock = threading.Lock()
         self.log: list[tuple[str, str, int]] = []  # (method, path, status)

@@ -1,145 +1,136 @@
-"""Where a checkpoint argument points, decided in one place for every command (`--checkpoint`, `--model`, `--source`).
-
-`resolve_checkpoint(value)` returns a local folder:
-
-* an existing folder is taken as is (and, for a model checkpoint, checked: `config.json`, the weights its index lists,
-  and every `.safetensors` file's header, so that a truncated download is named before anything loads);
-* a value that can only be a path (it starts with `.`, `/` or `~`, is no valid Hub repo id, or names a folder inside
-  an existing one, such as `runs/stage2` when `runs/` exists) and does not exist fails at once, naming it;
-* anything else is tried as a Hugging Face Hub repo id with one `snapshot_download` (a short timeout, no retry loop;
-  `HF_HUB_OFFLINE` makes it look in the local Hub cache only), and when that fails too the error says that both the
-  local folder and the Hub were tried.
-
-Errors are `CheckpointError` (a `ValueError`) with the argument, the value and what to do. Light to import: the Hub
-client and safetensors are imported when needed.
-"""
+"""Checkpoint folders: the one list of the files a checkpoint owns, the one check of a folder before anything loads
+it (`check_checkpoint_folder`: truncated or pickled weights, missing shards, a config that does not fit the weights),
+and where a checkpoint argument (`--checkpoint`, `--model`, `--source`) points, decided once (`resolve_checkpoint`).
+Errors are `CheckpointError` (a `ValueError`) naming the argument and the file. Light to import: torch, transformers,
+safetensors and the Hub client are imported where needed."""
 
 from __future__ import annotations
 
 import fnmatch
-import re
+import json
+import zipfile
 from pathlib import Path
 
-# What a Hub checkpoint downloads for inference and training (configs, safetensors weights, tokenizer, chat template,
-# demo samples); pickled `.bin` weights are not fetched.
-MODEL_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "*.png", "*.jpg"]
-# The files a saved checkpoint owns (transformers' save_pretrained of a model and its processor, the remote-code
-# modules, the original LLaVA code base's layout). `--overwrite` replaces or removes these and nothing else: a notes
-# file, results or logs in the same folder are kept.
-CHECKPOINT_FILE_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "*.bin",
-    "*.bin.index.json",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "configuration_ms_llava.py",
-    "modeling_ms_llava.py",
-    "processing_ms_llava.py",
-    "image_processing_ms_llava.py",
-)
-_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
-# A Hub repo id: "name" or "owner/name" (huggingface_hub's validate_repo_id, without its length limits).
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+# The files a checkpoint owns: what save_pretrained writes for a model, its processor and a PEFT adapter, and the
+# remote-code modules. `--overwrite` replaces these and nothing else; push uploads them and Hub downloads fetch them,
+# less pickled weights.
+CHECKPOINT_FILES = (
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+    "pytorch_model.bin.index.json", "adapter_config.json", "processor_config.json", "preprocessor_config.json",
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    "additional_chat_templates/*.jinja", "*_ms_llava.py",
+)  # fmt: skip
+PICKLED_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
+DOWNLOAD_PATTERNS = [pattern for pattern in CHECKPOINT_FILES if pattern not in PICKLED_WEIGHTS]
+SAFE, PICKLE = "model.safetensors", "pytorch_model.bin"
+WEIGHT_FILES = (f"{SAFE}.index.json", SAFE, f"{PICKLE}.index.json", PICKLE)  # indexes first, safetensors first
 
 
 class CheckpointError(ValueError):
-    """A checkpoint argument names nothing usable; the message names the argument, the value and what to do."""
+    """A checkpoint argument names nothing usable; the message names the argument, the file and what to do."""
 
 
 def is_checkpoint_file(name: str) -> bool:
-    """Whether the file `name` (a top-level name in a folder) is one a saved checkpoint owns."""
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in CHECKPOINT_FILE_PATTERNS)
+    """Whether the file `name` (a top-level name in a folder) is one a checkpoint owns."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in CHECKPOINT_FILES)
 
 
 def checkpoint_files_in(directory: str | Path) -> list[str]:
-    """The top-level files of `directory` that a saved checkpoint owns (sorted); [] for a missing folder."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(path.name for path in directory.iterdir() if path.is_file() and is_checkpoint_file(path.name))
+    """The top-level files of `directory` that a checkpoint owns (sorted); [] for a missing folder."""
+    paths = Path(directory).iterdir() if Path(directory).is_dir() else []
+    return sorted(path.name for path in paths if path.is_file() and is_checkpoint_file(path.name))
 
 
 def holds_checkpoint(directory: str | Path) -> bool:
-    """Whether `directory` holds a checkpoint: a `config.json` or weights (safetensors, `.bin`, an index)."""
+    """Whether `directory` holds a checkpoint: a `config.json`, an `adapter_config.json` or weights."""
     return any(
-        name == "config.json" or any(fnmatch.fnmatchcase(name, pattern) for pattern in _WEIGHT_PATTERNS)
+        name in ("config.json", "adapter_config.json") or name.endswith((".safetensors", ".bin", ".index.json"))
         for name in checkpoint_files_in(directory)
     )
 
 
 def looks_like_path(value: str) -> bool:
     """Whether `value` can only mean a local path, never a Hub repo id: it starts with `.`, `/` or `~` (or is absolute
-    on this system), it is no valid repo id (`name` or `owner/name`), or its parent folder exists here (`runs/stage2`
-    when `runs/` exists)."""
-    text = str(value)
-    if text.startswith((".", "/", "~", "\\")) or Path(text).is_absolute() or not _REPO_ID.match(text):
+    here), huggingface_hub's `validate_repo_id` refuses it, or its parent folder exists (`runs/stage2`, `runs/`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text, parent = str(value), Path(value).parent
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
         return True
-    parent = Path(text).parent
-    return parent != Path(".") and parent.is_dir()
+    return (
+        text.startswith((".", "/", "~", "\\")) or Path(text).is_absolute() or parent != Path(".") and parent.is_dir()
+    )
 
 
-def check_safetensors(path: str | Path, label: str | None = None) -> None:
-    """Opens `path` with `safetensors.safe_open` (reads the header and checks that the file covers every tensor it
-    declares); a truncated or corrupt file raises `CheckpointError` naming it."""
-    from safetensors import safe_open
-
+def read_json(path: Path, label: str = "") -> dict:
+    """A JSON object from `path`; anything else is a `CheckpointError` naming the file."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            handle.keys()
-    except Exception as error:  # SafetensorError (not an OSError) for a bad header or a short file, OSError to read
-        what = f"{label}: " if label else ""
-        raise CheckpointError(
-            f"{what}{path} is not a readable safetensors file (truncated or corrupt: {error}); download or save the "
-            "checkpoint again"
-        ) from error
-
-
-def _missing_processor_files(directory: Path) -> list[str]:
-    missing = []
-    if not any((directory / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
-        missing.append("processor_config.json (or preprocessor_config.json)")
-    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        missing.append("tokenizer.json (or tokenizer.model)")
-    return missing
-
-
-def check_checkpoint_folder(directory: str | Path, label: str = "checkpoint", processor: bool = False) -> Path:
-    """Checks that `directory` holds a loadable model checkpoint: a `config.json` that is JSON, weights
-    (`model.safetensors`, a safetensors or `.bin` index whose shards all exist, or `pytorch_model.bin`), safetensors
-    files whose headers read, and with `processor`, the processor's and tokenizer's files. Raises `CheckpointError`
-    naming what is missing or broken; returns the folder."""
-    import json
-
-    directory = Path(directory)
-    hint = "expected a folder written by save_pretrained"
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(f"{label} {directory}: no config.json, so not a checkpoint ({hint})")
-    try:
-        json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{label}{path.name if label else path} is not valid JSON ({error})") from error
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{label}{path.name if label else path} is not a JSON object")
+    return content
+
+
+def tensor_headers(path: str | Path, label: str | None = None) -> dict[str, tuple]:
+    """`{key: (dtype, shape)}` of a weight file, reading no tensor data: a safetensors header (`safe_open`), or a
+    `.bin` opened with `torch.load(weights_only=True, mmap=True)`, which refuses pickled objects. A file that is not
+    readable, or a `.bin` that is not a plain state dict of tensors, raises `CheckpointError` naming it."""
+    path, what = Path(path), f"{label}: " if label else ""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from transformers.modeling_utils import str_to_torch_dtype
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                slices = {key: handle.get_slice(key) for key in handle.keys()}
+                return {key: (str_to_torch_dtype[s.get_dtype()], tuple(s.get_shape())) for key, s in slices.items()}
+        except Exception as error:  # SafetensorError (not an OSError) for a bad header or a short file
+            raise CheckpointError(
+                f"{what}{path} is not a readable safetensors file (truncated or corrupt: {error}); download or save "
+                "the checkpoint again"
+            ) from error
+    state_dict = load_bin(path, label)
+    return {key: (tensor.dtype, tuple(tensor.shape)) for key, tensor in state_dict.items()}
+
+
+check_safetensors = tensor_headers  # what the command line calls to name a truncated or corrupt file
+
+
+def load_bin(path: Path, label: str | None = None) -> dict:
+    """A `.bin` state dict, memory-mapped, with `torch.load(weights_only=True)`; `CheckpointError` naming the file
+    when it holds anything but tensors by name (a pickled model or training state would run code to unpickle)."""
+    import torch
+
+    what = f"{label}: " if label else ""
+    try:
+        state_dict = torch.load(path, weights_only=True, map_location="cpu", mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # UnpicklingError for disallowed objects, RuntimeError for a corrupt archive
         raise CheckpointError(
-            f"{label} {directory}: config.json is not valid JSON ({error}); save or download the checkpoint again"
+            f"{what}{path} is not a plain state dict: torch.load(weights_only=True) refuses it "
+            f"({str(error).strip().splitlines()[0]:.200}); save the weights with save_pretrained (safetensors)"
         ) from error
-    shards: list[Path] = []
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise CheckpointError(
+            f"{what}{path} is not a plain state dict of tensors by name (it holds {type(state_dict).__name__} "
+            "entries of other kinds); save the weights with save_pretrained (safetensors)"
+        )
+    return state_dict
+
+
+def weight_files(directory: Path, label: str = "checkpoint") -> list[Path]:
+    """The weight files of a checkpoint folder: the shards its index lists (the index read and every shard checked to
+    exist), else `model.safetensors` or `pytorch_model.bin`; [] when it has none."""
+    for index_name in WEIGHT_FILES[::2]:
         index = directory / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                names = sorted(set(read_json(index)["weight_map"].values()))
+            except (KeyError, TypeError, AttributeError, CheckpointError) as error:
                 raise CheckpointError(
                     f"{label} {directory}: {index} is not a valid shard index ({error!r:.200})"
                 ) from error
@@ -149,42 +140,101 @@ def check_checkpoint_folder(directory: str | Path, label: str = "checkpoint", pr
                     f"{label} {directory}: {index.name} lists shards that are missing: {', '.join(missing)}; download "
                     "or copy them"
                 )
-            shards = [directory / name for name in names]
-            break
-    else:
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (directory / name).is_file():
-                shards = [directory / name]
-                break
-    if not shards:
+            return [directory / name for name in names]
+    return [directory / name for name in WEIGHT_FILES[1::2] if (directory / name).is_file()][:1]
+
+
+def missing_processor_files(directory: Path) -> list[str]:
+    """The processor's and tokenizer's files that `directory` lacks."""
+    wanted = [
+        ("processor_config.json", "preprocessor_config.json"),
+        ("tokenizer.json", "tokenizer.model", "vocab.json"),
+    ]
+    return [
+        f"{names[0]} (or {names[1]})" for names in wanted if not any((directory / name).is_file() for name in names)
+    ]
+
+
+def check_checkpoint_folder(directory: str | Path, label: str = "checkpoint", processor: bool = False) -> Path:
+    """Checks, before anything loads it, that `directory` holds a loadable model checkpoint: a `config.json` that is
+    JSON, weights (`model.safetensors`, a safetensors or `.bin` index whose shards all exist, or `pytorch_model.bin`)
+    that read (headers, plain state dicts) and whose shapes are those the config builds, and with `processor`, the
+    processor's and tokenizer's files, agreeing with the config on M and the image token. Raises `CheckpointError`
+    naming what is missing or broken; returns the folder."""
+    directory = Path(directory)
+    hint = "expected a folder written by save_pretrained"
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{label} {directory}: no config.json, so not a checkpoint ({hint})")
+    read_json(directory / "config.json", f"{label} {directory}: ")
+    files = weight_files(directory, label)
+    if not files:
         raise CheckpointError(
             f"{label} {directory}: no weights (model.safetensors, a model.safetensors.index.json with its shards, or "
             f"pytorch_model.bin); {hint}"
         )
-    for shard in shards:
-        if shard.suffix == ".safetensors":
-            check_safetensors(shard, f"{label} {directory}")
-    missing = _missing_processor_files(directory) if processor else []
+    missing = missing_processor_files(directory) if processor else []
     if missing:
         raise CheckpointError(
             f"{label} {directory}: the processor's files are missing: {', '.join(missing)} (save the processor too: "
             "processor.save_pretrained(folder))"
         )
+    check_weights_fit_config(directory, files, f"{label} {directory}")
     if processor:
         check_processor_agrees(directory, label)
     return directory
+
+
+def load_config(directory: Path, label: str = ""):
+    """`AutoConfig.from_pretrained(directory)`; a config transformers refuses (an invalid value, an unknown
+    model_type) is a `CheckpointError` naming the file."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as error:  # ValueError, KeyError, huggingface_hub's StrictDataclassError (not a ValueError)
+        reason = " ".join(str(error).split())
+        raise CheckpointError(
+            f"{label}{': ' if label else ''}{Path(directory) / 'config.json'}: {reason:.400}"
+        ) from error
+
+
+def check_weights_fit_config(directory: Path, files: list[Path], label: str) -> None:
+    """Every weight file reads (`tensor_headers`), and every tensor the model built from `config.json` expects has the
+    shape the config gives it (after transformers' own key renames, as `from_pretrained` applies them)."""
+    import torch
+    from transformers import AutoModel, AutoModelForImageTextToText
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    headers = {file: tensor_headers(file, label) for file in files}
+    config = load_config(directory, label)
+    auto = AutoModelForImageTextToText if config.model_type == "ms_llava" else AutoModel
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(config)
+    except Exception:  # a model transformers cannot build here: from_pretrained will say why
+        return
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    renames = get_model_conversion_mapping(model)
+    for file, tensors in headers.items():
+        for key, (_, shape) in tensors.items():
+            target = key
+            for rename in renames:
+                target = rename.rename_source_key(target)[0]
+            if target in expected and expected[target] != shape:
+                raise CheckpointError(
+                    f"{label}: {file.name} holds {key} with shape {list(shape)}, but config.json builds "
+                    f"{list(expected[target])}: the config and the weights disagree (save them together again)"
+                )
 
 
 def check_processor_agrees(directory: str | Path, label: str = "checkpoint") -> None:
     """The one check that a saved processor and model agree on M and on the image token: the processor expands each
     image to `num_image_tokens` placeholders with id `image_token_id`, the model fills `resampler_config.num_queries`
     of them at `image_token_id`. Raises `CheckpointError` naming both values."""
-    import json
-
     from transformers import AutoProcessor
 
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    config = read_json(directory / "config.json")
     if config.get("model_type") != "ms_llava":
         return
     saved = AutoProcessor.from_pretrained(directory)
@@ -210,20 +260,10 @@ def resolve_checkpoint(
     check: bool = True,
     processor: bool = False,
 ) -> Path:
-    """The local folder of the checkpoint `value` names: an existing folder, or a Hub repo's snapshot.
-
-    Args:
-        value: a folder, or a Hub repo id (`owner/name`).
-        label: how the messages name the argument (`"--checkpoint"`, `"--model"`, `"--source"`).
-        allow_patterns: the files to download from the Hub (default `MODEL_ALLOW_PATTERNS`).
-        check: also check the folder as a model checkpoint (`check_checkpoint_folder`).
-        processor: the checkpoint must also hold its processor (config, tokenizer files).
-
-    Raises:
-        CheckpointError: a path that does not exist (at once, with no Hub request), a file where a folder is
-            expected, a bare name that neither exists here nor on the Hub (both named), or a folder that is not a
-            complete checkpoint.
-    """
+    """The local folder of the checkpoint `value` (`label` in messages) names: an existing folder, else, unless it can
+    only be a path (`looks_like_path`: then it fails at once), a Hub repo's snapshot of `allow_patterns` (default
+    `DOWNLOAD_PATTERNS`), fetched with one `snapshot_download` (no retry loop; `HF_HUB_OFFLINE` respected); a failure
+    names both attempts. With `check`, the folder is checked (`check_checkpoint_folder`, with its `processor`)."""
     text = str(value)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -232,7 +272,7 @@ def resolve_checkpoint(
         raise CheckpointError(f"{label} {text}: is a file; give the checkpoint's folder (written by save_pretrained)")
     if looks_like_path(text):
         raise CheckpointError(f"{label} {text}: no such folder ({path.absolute()}); check the path")
-    folder = _download(text, label, allow_patterns or MODEL_ALLOW_PATTERNS, path)
+    folder = _download(text, label, allow_patterns or DOWNLOAD_PATTERNS, path)
     return check_checkpoint_folder(folder, f"{label} {text}: the Hub's snapshot", processor) if check else folder
 
 
@@ -251,16 +291,3 @@ def _download(repo_id: str, label: str, allow_patterns: list[str], local: Path) 
             f"{label} {repo_id}: not a local folder ({local.absolute()} does not exist), and downloading it from the "
             f"Hub failed: {reason:.400}; give an existing checkpoint folder, or a Hub repo id you can reach"
         ) from error
-
-
-__all__ = [
-    "CHECKPOINT_FILE_PATTERNS",
-    "CheckpointError",
-    "check_checkpoint_folder",
-    "check_safetensors",
-    "checkpoint_files_in",
-    "holds_checkpoint",
-    "is_checkpoint_file",
-    "looks_like_path",
-    "resolve_checkpoint",
-]

@@ -4,7 +4,7 @@ ms-llava demo [--checkpoint DIR] [--image PATH] [--question TEXT] [--output PNG]
     answer the embedded default checkpoint's demo questions (or yours) and draw one query's attention
 ms-llava visualize [--checkpoint DIR] [--image PATH] [--question TEXT] [--query I | --query-at X,Y] [--output PNG]
     draw one MS-Resampler query's scope windows and per-branch attention over an image
-ms-llava tiny DIR [--overwrite]                                     write a tiny untrained checkpoint to DIR
+ms-llava tiny DIR [--overwrite] | --parts DIR | --data DIR         tiny untrained stand-ins (a checkpoint, parts, data)
 
 Wiring only: each command's work is one function of the module that owns it (`demo`, `visualize`, `testing_utils`,
 `conversion`, `hub`, `training`). Errors a user's input causes (a missing or unreadable file, a checkpoint argument
@@ -60,25 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_query_arguments(visualize)
 
-    tiny = commands.add_parser("tiny", help="write a tiny untrained checkpoint (for tests and examples)")
-    tiny.add_argument("directory")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the checkpoint files of a folder that already holds a checkpoint (other files are kept)",
-    )
+    from . import compose, conversion, hub, testing_utils, training
 
-    from . import compose, hub, training
-    from .conversion import llava as convert_llava
-    from .conversion import original as convert_original
-
-    convert = commands.add_parser("convert", help="convert checkpoints (LLaVA -> MS-LLaVA, original <-> HF)")
-    conversions = convert.add_subparsers(dest="conversion", required=True)
-    convert_llava.add_cli(conversions)
-    convert_original.add_cli(conversions)
-    compose.add_cli(commands)
-    hub.add_cli(commands)
+    for name, module, help_text in (
+        ("tiny", testing_utils, "write a tiny untrained checkpoint, compose parts or data (tests, examples, offline)"),
+        ("convert", conversion, "convert checkpoints: llava-to-ms-llava (a transformers LLaVA -> an MS-LLaVA)"),
+        ("compose", compose, "a vision encoder + a language model -> a new MS-LLaVA (fresh MS-Resampler)"),
+        ("push", hub, "upload a checkpoint folder to the Hugging Face Hub with a model card built from its records"),
+    ):
+        module.add_arguments(command := commands.add_parser(name, help=help_text))
+        command.set_defaults(handler=module.run)
     __import__("ms_llava.evaluation", fromlist=["add_cli"]).add_cli(commands)  # ms-llava eval (lmms-eval)
     training.add_cli(commands, argv=sys.argv[1:] if argv is None else argv)  # train's modules only for train
 
@@ -120,16 +111,8 @@ def _debug(args) -> bool:
 def _run(commands, args) -> int:
     if args.command in ("demo", "visualize"):
         return _run_image_command(commands.choices[args.command], args)
-    if args.command == "tiny":
-        from .testing_utils import write_tiny_checkpoint
-
-        directory = write_tiny_checkpoint(args.directory, seed=args.seed, overwrite=args.overwrite, log=print)
-        print(f"wrote {directory} (untrained)")
-        return 0
     if args.command in ("train", "eval"):
         _resolve_model_argument(args)
-    if args.command == "push":
-        _check_weights(args.directory)
     return args.handler(args)
 
 
@@ -187,17 +170,6 @@ def _resolve_model_argument(args) -> None:
     folder = resolve_checkpoint(args.model, "--model", processor=True)
     if Path(args.model).expanduser().is_dir():
         args.model = str(folder)
-
-
-def _check_weights(directory: str) -> None:
-    """`push DIRECTORY`: every `.safetensors` file must read (a truncated upload would publish a broken checkpoint);
-    the rest of the checkpoint is checked by `push_to_hub`."""
-    from .checkpoints import check_safetensors
-
-    folder = Path(directory)
-    if folder.is_dir():
-        for path in sorted(folder.glob("*.safetensors")):
-            check_safetensors(path, directory)
 
 
 def _add_query_arguments(parser):

@@ -1,17 +1,7 @@
-"""The tiny checkpoint and tiny data the tests, examples and docs build locally (no Hub, no download).
-
-- `build_tiny_checkpoint` and its parts: a randomly initialised, odd-sized MS-LLaVA (8 x 8 grid, M = 16) with a BPE
-  tokenizer trained in memory. UNTRAINED: its outputs are meaningless tokens; it exists so that every code path (save,
-  load, pipeline, generate, remote code) runs on a machine with no network and no GPU in seconds.
-- `write_shapes_dataset`: a synthetic "coloured shapes" data set in LLaVA's JSON format for training examples. Each
-  image is one filled circle or square in one of four colours. Tasks: ``caption`` (stage 1: "Describe the picture."
-  -> "A red circle."), ``qa`` (stage 2: the colour, then the shape), ``text`` (no image: a text-only warm-up that
-  gives a random tiny LLM the language of the task, as Vicuna brings its own to the paper's stage 1).
-  `answer_accuracy` scores greedy answers on a ``qa`` file.
-
-``python -m ms_llava.testing_utils write DIR`` writes the shapes files of docs/training.md;
-``python -m ms_llava.testing_utils accuracy CHECKPOINT QA_FILE`` scores a model on one.
-"""
+"""Tiny stand-ins that tests, examples and docs build offline in seconds, and `ms-llava tiny`: an untrained odd-sized
+MS-LLaVA (`build_tiny_checkpoint`: 8 x 8 grid, M = 16), parts for compose (`write_tiny_part`: CLIP, whole-CLIP and
+SigLIP towers; a Vicuna-like Llama or Mistral with unk and no pad token nor chat template, a Qwen2 with its ChatML
+template), and coloured-shapes data in LLaVA's format (`write_shapes_dataset`) with its scorer (`answer_accuracy`)."""
 
 from __future__ import annotations
 
@@ -21,9 +11,11 @@ import random
 from pathlib import Path
 
 import torch
+import transformers
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .configuration_ms_llava import MSLlavaConfig
 from .image_processing_ms_llava import MSLlavaImageProcessor
@@ -32,105 +24,86 @@ from .modeling_ms_llava import MSLlavaForConditionalGeneration
 from .processing_ms_llava import MSLlavaProcessor
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-
 _CORPUS = [
     "USER: ASSISTANT: What is in the image? Describe the picture. How many shapes are there?",
     "A red circle left of a blue square. A green triangle above a yellow star. The answer is yes or no.",
     "one two three four five six seven eight nine ten zero left right above below colour shape count",
 ]
+PARTS_CORPUS = [*_CORPUS * 4, "A red circle. A blue square. What colour is the shape? green yellow system user"]
+CLIP_PREPROCESSING = {"image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "resample": 3}
+SIGLIP_PREPROCESSING = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 2}
+# Qwen2's own chat template (ChatML), without generation markers, as the LLM ships it.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_VISION = {"image_size": 32, "patch_size": 4, "hidden_size": 24, "intermediate_size": 37}
+_VISION |= {"num_hidden_layers": 2, "num_attention_heads": 4}
+TOWERS = {"clip": "CLIPVision", "clip-full": "CLIP", "siglip": "SiglipVision"}  # part -> transformers class
+LANGUAGE_MODELS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+PARTS = {"vision": "clip", "llama": "llama", "qwen2": "qwen2"}  # what `ms-llava tiny --parts DIR` writes
 
 
 def build_tiny_tokenizer(with_image_token: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (a few hundred tokens) trained in memory, with `<image>` as a special token (or,
-    `with_image_token=False`, without it, like the original LLaVA code base's tokenizers)."""
-    return train_bpe_tokenizer(_CORPUS * 4, vocab_size=400, with_image_token=with_image_token)
+    """A byte-level BPE tokenizer of 400 tokens with LLaVA's special tokens (without `<image>`, like the original LLaVA
+    code base's tokenizers, when `with_image_token=False`)."""
+    special = SPECIAL_TOKENS if with_image_token else SPECIAL_TOKENS[:-1]
+    return train_bpe_tokenizer(_CORPUS * 4, vocab_size=400, special_tokens=special)
 
 
-def train_bpe_tokenizer(corpus: list[str], vocab_size: int, with_image_token: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer of `vocab_size` tokens trained in memory on `corpus`, with LLaVA's special tokens
-    (`<s>`, `</s>`, `<pad>`, `<unk>`, and `<image>` unless `with_image_token=False`), padding on the left."""
-    special_tokens = SPECIAL_TOKENS if with_image_token else [t for t in SPECIAL_TOKENS if t != "<image>"]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+def train_bpe_tokenizer(
+    corpus: list[str], vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS, **roles
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained in memory on `corpus`. `roles` (`eos_token=...`, ...)
+    name its special tokens; by default LLaVA's (`<unk>`, `<s>`, `</s>`, `<pad>`, `<image>` when it has one) with
+    padding on the left."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in special_tokens else None))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"} if with_image_token else {},
-        padding_side="left",
-    )
+    )  # fmt: skip
+    backend.train_from_iterator(corpus, trainer=trainer)
+    image = {"image_token": "<image>"} if "<image>" in special_tokens else {}
+    llava = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>", extra_special_tokens=image)
+    roles = roles or dict(llava, padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
 
 
 def tiny_vision_config() -> CLIPVisionConfig:
     """An odd-sized CLIP tower: 32 px images, patch 4 (an 8 x 8 grid), width 24."""
-    return CLIPVisionConfig(
-        hidden_size=24,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=4,
-        projection_dim=16,
-    )
+    return CLIPVisionConfig(**_VISION, projection_dim=16)
 
 
 def tiny_text_config(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None, **overrides) -> LlamaConfig:
-    """An odd-sized Llama of width 32 whose special token ids are the tokenizer's; `overrides`: other LlamaConfig
-    values (e.g. `pad_token_id=None`: a base LLM whose config names no pad token)."""
-    settings = {
-        "vocab_size": vocab_size or len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    return LlamaConfig(**{**settings, **overrides})
+    """An odd-sized Llama of width 32 with the tokenizer's special token ids, and `overrides` (`pad_token_id=None`)."""
+    settings = {**_text_settings(tokenizer, vocab_size), "pad_token_id": tokenizer.pad_token_id, **overrides}
+    return LlamaConfig(**settings)
+
+
+def _text_settings(tokenizer, vocab_size: int | None = None) -> dict:
+    return dict(
+        vocab_size=vocab_size or len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
 
 
 def build_tiny_config(tokenizer: PreTrainedTokenizerFast, **resampler_kwargs) -> MSLlavaConfig:
-    """Odd-sized tiny dimensions: CLIP tower 32 px / patch 4 (an 8 x 8 grid), Llama width 32, M = 16, k = [2, 4, 8] by
-    default."""
-    vision_config = tiny_vision_config()
-    text_config = tiny_text_config(tokenizer)
-    resampler = {
-        "num_queries": 16,
-        "scope_windows": [2, 4, 8],
-        "hidden_size": 20,
-        "num_attention_heads": 2,
-        "fusion_hidden_size": 5,
-    }
-    resampler.update(resampler_kwargs)
+    """The tiny MS-LLaVA's config: M = 16, k = [2, 4, 8], D = 20 in 2 heads unless `resampler_kwargs` say otherwise."""
+    resampler = {"num_queries": 16, "scope_windows": [2, 4, 8], "hidden_size": 20, "num_attention_heads": 2}
     return MSLlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        resampler_config=resampler,
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config(tokenizer),
+        resampler_config={**resampler, "fusion_hidden_size": 5, **resampler_kwargs},
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
 
 
-def build_tiny_processor(config: MSLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> MSLlavaProcessor:
-    image_size = config.vision_config.image_size
-    image_processor = MSLlavaImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    return MSLlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=config.resampler_config.num_queries
-    )
+def build_tiny_processor(config: MSLlavaConfig, tokenizer) -> MSLlavaProcessor:
+    size = config.vision_config.image_size
+    image_processor = MSLlavaImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return MSLlavaProcessor(image_processor, tokenizer, num_image_tokens=config.resampler_config.num_queries)
 
 
 def build_tiny_checkpoint(seed: int = 0, **resampler_kwargs):
@@ -144,26 +117,12 @@ def build_tiny_checkpoint(seed: int = 0, **resampler_kwargs):
 
 
 def write_tiny_checkpoint(directory: str | Path, seed: int = 0, overwrite: bool = False, log=None) -> Path:
-    """Saves a tiny untrained MS-LLaVA (model, processor, remote-code modules) to `directory`.
+    """Saves a tiny untrained MS-LLaVA (model, processor, remote-code modules) to `directory`, as the conversions write
+    (`conversion.streaming.check_output`, `replace_folder`): a folder holding a checkpoint only with `overwrite`,
+    which replaces its checkpoint files only and lists to `log` those it removes; other files are kept."""
+    from .conversion.streaming import check_output, replace_folder
 
-    A `directory` that already holds a checkpoint (a `config.json` or weights) is refused with a `CheckpointError`
-    unless `overwrite`; then only its checkpoint files are replaced, in one rename, and those the tiny checkpoint does
-    not rewrite are removed and listed to `log` (`conversion.checkpoint_io.replace_folder`). Other files (notes,
-    results, subfolders) are kept, with or without `overwrite`; without it, a file of the tiny checkpoint's names
-    already there (a tokenizer.json of the user's, say) is refused too, named.
-    """
-    from .checkpoints import CheckpointError, checkpoint_files_in, holds_checkpoint
-    from .conversion.checkpoint_io import replace_folder
-
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{directory} exists and is not a folder; give a new or existing folder")
-    if holds_checkpoint(directory) and not overwrite:
-        found = checkpoint_files_in(directory)
-        raise CheckpointError(
-            f"{directory} already holds a checkpoint ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}); "
-            "choose another folder, or pass --overwrite to replace its checkpoint files (other files are kept)"
-        )
+    check_output(directory, overwrite)
     model, processor = build_tiny_checkpoint(seed=seed)
     with replace_folder(directory, log=log, keep_existing=not overwrite) as staging:
         model.save_pretrained(staging)
@@ -171,27 +130,64 @@ def write_tiny_checkpoint(directory: str | Path, seed: int = 0, overwrite: bool 
     return directory
 
 
+def write_tiny_part(directory: str | Path, kind: str, seed: int = 0) -> Path:
+    """Saves a tiny part for compose to `directory`: a tower (`TOWERS`: 32 px, patch 4, width 24) with its
+    preprocessor_config.json, or a language model (`LANGUAGE_MODELS`: width 32) with its tokenizer."""
+    directory, name = Path(directory), {**TOWERS, **LANGUAGE_MODELS}.get(kind)
+    if name is None:
+        raise ValueError(f"unknown part {kind!r}; choose one of {', '.join([*TOWERS, *LANGUAGE_MODELS])}")
+    torch.manual_seed(seed)
+    if kind in TOWERS:
+        text = dict(
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=50,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+        whole = {"vision_config": _VISION, "text_config": text, "projection_dim": 8}
+        model_class, config_class = (getattr(transformers, f"{name}{suffix}") for suffix in ("Model", "Config"))
+        model_class(config_class(**(whole if kind == "clip-full" else _VISION))).save_pretrained(directory)
+        preprocessing = SIGLIP_PREPROCESSING if kind == "siglip" else CLIP_PREPROCESSING
+        (directory / "preprocessor_config.json").write_text(json.dumps(preprocessing), encoding="utf-8")
+        return directory
+    if kind == "qwen2":
+        tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tokenizer = train_bpe_tokenizer(PARTS_CORPUS, 300, tokens, eos_token="<|endoftext|>")
+        tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    else:
+        roles = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+        tokenizer = train_bpe_tokenizer(PARTS_CORPUS, 300, ["<unk>", "<s>", "</s>"], **roles)
+    config = getattr(transformers, f"{name}Config")(**_text_settings(tokenizer), tie_word_embeddings=kind == "qwen2")
+    getattr(transformers, f"{name}ForCausalLM")(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_tiny_parts(directory: str | Path) -> dict[str, Path]:
+    """`ms-llava tiny --parts DIR`: DIR/vision (CLIP), DIR/llama (Vicuna-like) and DIR/qwen2 (ChatML)."""
+    return {name: write_tiny_part(Path(directory) / name, kind) for name, kind in PARTS.items()}
+
+
 def sample_image(size: int = 64, seed: int = 0) -> Image.Image:
     """A deterministic picture of a few coloured shapes."""
-    generator = torch.Generator().manual_seed(seed)
-    image = Image.new("RGB", (size, size), (240, 240, 240))
+    generator, image = torch.Generator().manual_seed(seed), Image.new("RGB", (size, size), (240, 240, 240))
     draw = ImageDraw.Draw(image)
-    colours = [(220, 40, 40), (40, 90, 220), (40, 170, 60), (230, 190, 30)]
-    for index in range(3):
-        x, y = (torch.randint(0, size * 3 // 4, (2,), generator=generator)).tolist()
-        extent = size // 5
-        box = (x, y, x + extent, y + extent)
-        (draw.ellipse if index % 2 else draw.rectangle)(box, fill=colours[index % len(colours)])
+    for index, colour in enumerate(list(COLOURS.values())[:3]):
+        x, y = torch.randint(0, size * 3 // 4, (2,), generator=generator).tolist()
+        (draw.ellipse if index % 2 else draw.rectangle)((x, y, x + size // 5, y + size // 5), fill=colour)
     return image
 
 
-# ---------------------------------------------------------------- the coloured-shapes data set
-
 COLOURS = {"red": (220, 40, 40), "blue": (40, 90, 220), "green": (40, 170, 60), "yellow": (230, 190, 30)}
 SHAPES = ("circle", "square")
-CAPTION_PROMPT = "Describe the picture."
-COLOUR_QUESTION = "What colour is the shape?"
-SHAPE_QUESTION = "What shape is it?"
+CAPTION_PROMPT, COLOUR_QUESTION, SHAPE_QUESTION = (
+    "Describe the picture.",
+    "What colour is the shape?",
+    "What shape is it?",
+)
 
 
 def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 32) -> Image.Image:
@@ -205,133 +201,95 @@ def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 32) -> I
     return image
 
 
-def shapes_records(
-    task: str, num_records: int, seed: int, id_prefix: str | None = None
-) -> list[tuple[dict, Image.Image]]:
+def shapes_records(task: str, num_records: int, seed: int, id_prefix: str | None = None) -> list[tuple]:
     """`num_records` (LLaVA record, image) pairs; colours and shapes cycle so that every class is equally frequent."""
     if task not in ("caption", "qa", "text"):
         raise ValueError(f"task must be 'caption', 'qa' or 'text', got {task!r}")
-    rng = random.Random(seed)
+    rng, pairs = random.Random(seed), []
     classes = [(colour, shape) for colour in COLOURS for shape in SHAPES]
-    prefix = id_prefix or f"{task}-{seed}"
-    pairs = []
     for index in range(num_records):
         colour, shape = classes[index % len(classes)]
-        record_id = f"{prefix}-{index:05d}"
-        caption = [{"from": "human", "value": CAPTION_PROMPT}, {"from": "gpt", "value": f"A {colour} {shape}."}]
-        questions = [
-            {"from": "human", "value": COLOUR_QUESTION},
-            {"from": "gpt", "value": colour},
-            {"from": "human", "value": SHAPE_QUESTION},
-            {"from": "gpt", "value": shape},
-        ]
-        conversations = {"caption": caption, "qa": questions, "text": caption + questions}[task]
-        record = {"id": record_id, "conversations": conversations}
-        image = draw_shape(colour, shape, rng)
+        record_id = f"{id_prefix or f'{task}-{seed}'}-{index:05d}"
+        caption, questions = [CAPTION_PROMPT, f"A {colour} {shape}."], [COLOUR_QUESTION, colour, SHAPE_QUESTION, shape]
+        turns = {"caption": caption, "qa": questions, "text": caption + questions}[task]
         # The image goes first in the first turn; in `text`, the words it shows stand in its place.
-        first = f"{colour} {shape}" if task == "text" else "<image>"
-        conversations[0]["value"] = f"{first}\n{conversations[0]['value']}"
+        turns[0] = f"{f'{colour} {shape}' if task == 'text' else '<image>'}\n{turns[0]}"
+        conversations = [{"from": ("human", "gpt")[i % 2], "value": value} for i, value in enumerate(turns)]
+        record = {"id": record_id, "conversations": conversations}
         if task != "text":
             record["image"] = f"{record_id}.png"
-        pairs.append((record, image))
+        pairs.append((record, draw_shape(colour, shape, rng)))
     rng.shuffle(pairs)
     return pairs
 
 
 def write_shapes_dataset(directory: str | Path, task: str, num_records: int, seed: int = 0) -> Path:
-    """Writes `num_records` records of `task` as `DIRECTORY/<task>-<seed>.json` (LLaVA format) with their images in
-    `DIRECTORY/images/` (none for ``text``), and returns the JSON's path. Use `DIRECTORY/images` as the image folder."""
+    """`DIRECTORY/<task>-<seed>.json` (LLaVA format; returned), its images in `DIRECTORY/images/` (none for `text`)."""
     return write_records(directory, f"{task}-{seed}", shapes_records(task, num_records, seed))
 
 
 def write_records(directory: str | Path, name: str, pairs) -> Path:
     """Writes (LLaVA record, image) `pairs` as `DIRECTORY/<name>.json` with the images of the records that have one
     in `DIRECTORY/images/`, and returns the JSON's path."""
-    directory = Path(directory)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    for record, image in pairs:
-        if "image" in record:
-            image.save(directory / "images" / record["image"])
-    path = directory / f"{name}.json"
+    (Path(directory) / "images").mkdir(parents=True, exist_ok=True)
+    for record, image in (pair for pair in pairs if "image" in pair[0]):
+        image.save(Path(directory) / "images" / record["image"])
+    path = Path(directory) / f"{name}.json"
     path.write_text(json.dumps([record for record, _ in pairs], indent=1), encoding="utf-8")
     return path
 
 
 @torch.no_grad()
 def answer_accuracy(model, processor, data_path: str | Path, image_folder: str | Path, batch_size: int = 16) -> float:
-    """Exact-match accuracy of greedy answers on every question of a ``qa`` file written by `write_shapes_dataset`.
-
-    Each question is asked with the conversation before it (the image, and for the second question the first
-    question and its reference answer), as in training; an answer counts when the generated text, stripped, equals
-    the reference.
-    """
-    records = json.loads(Path(data_path).read_text(encoding="utf-8"))
-    prompts, images, references = [], [], []
-    for record in records:
-        image = load_image(Path(image_folder) / record["image"])
-        history = []
-        for question, answer in zip(record["conversations"][::2], record["conversations"][1::2], strict=True):
+    """Exact-match accuracy of greedy answers on every question of a `qa` file of `write_shapes_dataset`: each
+    question asked after the conversation before it (its image; the first question and its reference answer), as in
+    training; an answer counts when the generated text, stripped, equals the reference."""
+    prompts, images, references, correct = [], [], [], 0
+    for record in json.loads(Path(data_path).read_text(encoding="utf-8")):
+        turns, history = record["conversations"], []
+        for question, answer in zip(turns[::2], turns[1::2], strict=True):
+            image = [{"type": "image"}] if "<image>" in question["value"] else []
             text = question["value"].replace("<image>", "").strip()
-            content = ([{"type": "image"}] if "<image>" in question["value"] else []) + [
-                {"type": "text", "text": text}
-            ]
-            history.append({"role": "user", "content": content})
+            history.append({"role": "user", "content": [*image, {"type": "text", "text": text}]})
             prompts.append(processor.apply_chat_template(history, add_generation_prompt=True))
-            images.append(image)
+            images.append(load_image(Path(image_folder) / record["image"]))
             references.append(answer["value"])
             history.append({"role": "assistant", "content": [{"type": "text", "text": answer["value"]}]})
     model.eval()
-    correct = 0
     for start in range(0, len(prompts), batch_size):
-        inputs = processor(
-            images=images[start : start + batch_size],
-            text=prompts[start : start + batch_size],
-            padding=True,  # the tokenizer's padding side: left in ms_llava.testing_utils's, as batched generation needs
-            return_tensors="pt",
-        ).to(model.device)
+        batch = slice(start, start + batch_size)  # padded on the tokenizer's side: the left, as generation needs
+        inputs = processor(images=images[batch], text=prompts[batch], padding=True, return_tensors="pt")
+        inputs = inputs.to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(
-            answer.strip() == reference
-            for answer, reference in zip(answers, references[start : start + batch_size], strict=True)
-        )
+        correct += sum(a.strip() == r for a, r in zip(answers, references[batch], strict=True))
     return correct / len(prompts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ms_llava.testing_utils",
-        description="The synthetic coloured-shapes data used in docs/training.md: write it, or score a model on it.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    write = commands.add_parser("write", help="write the text, caption, qa and held-out qa files and the images")
-    write.add_argument("directory")
-    write.add_argument("--records", type=int, default=96, help="records per training file (default 96)")
-    write.add_argument("--held-out-records", type=int, default=32, help="held-out qa records (default 32)")
-    score = commands.add_parser("accuracy", help="exact-match accuracy of greedy answers on a qa file")
-    score.add_argument("checkpoint")
-    score.add_argument("data", help="a qa file written by `write`")
-    score.add_argument("--image-folder", help="default: images/ next to the data file")
-    args = parser.parse_args(argv)
-    if args.command == "write":
-        for task, count, seed in (
-            ("text", args.records, 3),
-            ("caption", args.records, 0),
-            ("qa", args.records, 1),
-            ("qa", args.held_out_records, 2),
-        ):
-            print(write_shapes_dataset(args.directory, task, count, seed=seed))
-    else:
-        # The Auto classes know "ms_llava": importing this module ran the package's __init__, which registers them.
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Tiny untrained stand-ins to rehearse every path offline: a checkpoint, parts, data."
+    parser.add_argument("directory", nargs="?", help="write a tiny untrained MS-LLaVA checkpoint here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace the checkpoint files of a folder with one")
+    parser.add_argument("--parts", metavar="DIR", help="write parts for compose: DIR/vision, DIR/llama, DIR/qwen2")
+    parser.add_argument("--data", metavar="DIR", help="write the coloured-shapes data of docs/training.md")
+    parser.add_argument("--accuracy", nargs=2, metavar=("CHECKPOINT", "QA_FILE"), help="score a model on --data's qa")
 
-        model = AutoModelForImageTextToText.from_pretrained(args.checkpoint)
-        processor = AutoProcessor.from_pretrained(args.checkpoint)
-        image_folder = args.image_folder or Path(args.data).parent / "images"
-        print(f"{answer_accuracy(model, processor, args.data, image_folder):.4f}")
+
+def run(args: argparse.Namespace) -> int:
+    if not (args.directory or args.parts or args.data or args.accuracy):
+        raise ValueError("give a folder for a tiny checkpoint, or --parts DIR, --data DIR or --accuracy CKPT QA_FILE")
+    for path in write_tiny_parts(args.parts).values() if args.parts else ():
+        print(f"wrote {path} (untrained)")
+    for task, count, seed in (("text", 96, 3), ("caption", 96, 0), ("qa", 96, 1), ("qa", 32, 2)) if args.data else ():
+        print(write_shapes_dataset(args.data, task, count, seed=seed))
+    if args.accuracy:
+        checkpoint, data = args.accuracy
+        model = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint)
+        processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+        print(f"{answer_accuracy(model, processor, data, Path(data).parent / 'images'):.4f}")
+    if args.directory:
+        directory = write_tiny_checkpoint(args.directory, seed=args.seed, overwrite=args.overwrite, log=print)
+        print(f"wrote {directory} (untrained)")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
