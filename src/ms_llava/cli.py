@@ -69,18 +69,25 @@ def main(argv: list[str] | None = None) -> int:
         help="replace the checkpoint files of a folder that already holds a checkpoint (other files are kept)",
     )
 
-    from . import compose, hub, training
-    from .conversion import llava as convert_llava
-    from .conversion import original as convert_original
+    train = commands.add_parser("train", help="train with the paper's two-stage recipe")
+    given = sys.argv[1:] if argv is None else argv
+    if next((word for word in given if not word.startswith("-")), None) == "train":
+        from . import training  # a command's module only when it is chosen (add_arguments / run)
 
-    convert = commands.add_parser("convert", help="convert checkpoints (LLaVA -> MS-LLaVA, original <-> HF)")
-    conversions = convert.add_subparsers(dest="conversion", required=True)
-    convert_llava.add_cli(conversions)
-    convert_original.add_cli(conversions)
-    compose.add_cli(commands)
-    hub.add_cli(commands)
-    __import__("ms_llava.evaluation", fromlist=["add_cli"]).add_cli(commands)  # ms-llava eval (lmms-eval)
-    training.add_cli(commands, argv=sys.argv[1:] if argv is None else argv)  # train's modules only for train
+        training.add_arguments(train)
+        train.set_defaults(handler=training.run)
+    else:
+        from . import compose, hub
+        from .conversion import llava as convert_llava
+        from .conversion import original as convert_original
+
+        convert = commands.add_parser("convert", help="convert checkpoints (LLaVA -> MS-LLaVA, original <-> HF)")
+        conversions = convert.add_subparsers(dest="conversion", required=True)
+        convert_llava.add_cli(conversions)
+        convert_original.add_cli(conversions)
+        compose.add_cli(commands)
+        hub.add_cli(commands)
+        __import__("ms_llava.evaluation", fromlist=["add_cli"]).add_cli(commands)  # ms-llava eval (lmms-eval)
 
     args = parser.parse_args(argv)
     debug = _debug(args)
@@ -141,7 +148,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from PIL import Image
     from safetensors import SafetensorError
 
-    return (ValueError, OSError, ImportError, SafetensorError, Image.DecompressionBombError)
+    from .outputs import FolderInUseError
+
+    return (ValueError, OSError, ImportError, SafetensorError, Image.DecompressionBombError, FolderInUseError)
 
 
 def _describe(error: BaseException, args) -> str:
