@@ -1,6 +1,5 @@
-"""What trains in a run: the stage's modules, or an adapter instead of the model (LoRA on the LLM, QLoRA over a 4-bit
-LLM, ScAle's scalars), and merging a LoRA adapter back into its base model.
-"""
+"""What trains in a run: the stage's modules, or an adapter (LoRA on the LLM, QLoRA over a 4-bit LLM, ScAle's
+scalars); and merging a LoRA adapter back into its base model."""
 
 from __future__ import annotations
 
@@ -9,10 +8,9 @@ import importlib.util
 import logging
 import re
 import warnings
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 from ..recipes import PAPER_RECIPES, PROJECTOR
 
@@ -21,34 +19,32 @@ LANGUAGE_MODEL_PREFIX = "model.language_model."
 
 
 class _HeldBack(logging.Filter):
-    """bitsandbytes' CPU backend logs "Failed to load CPU gemm_4bit_forward from kernels-community ..." when it is
-    imported (peft imports it, so every training run would print it); held back here and said once, plainly, by a run
-    that quantizes on CPU (`load_model`)."""
+    """bitsandbytes' CPU backend logs "Failed to load CPU gemm_4bit_forward from kernels-community ..." when imported,
+    so every run (peft imports it) would print it: held back, and said once, plainly, by a QLoRA run on CPU."""
 
     reason: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"):
-            _HeldBack.reason = str(record.args[0]) if record.args else record.getMessage()
-            return False
-        return True
+        if not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"):
+            return True
+        _HeldBack.reason = str(record.args[0]) if record.args else record.getMessage()
+        return False
 
 
-BITSANDBYTES_CPU_LOGGER = logging.getLogger("bitsandbytes.backends.cpu.ops")
-if not any(isinstance(held, _HeldBack) for held in BITSANDBYTES_CPU_LOGGER.filters):
-    BITSANDBYTES_CPU_LOGGER.addFilter(_HeldBack())
+_BITSANDBYTES_CPU = logging.getLogger("bitsandbytes.backends.cpu.ops")
+if not any(isinstance(held, _HeldBack) for held in _BITSANDBYTES_CPU.filters):
+    _BITSANDBYTES_CPU.addFilter(_HeldBack())
+_NOTED: list[str] = []  # the note below, once said (once per process)
 
 
 def cpu_4bit_kernel_note() -> str | None:
-    """What bitsandbytes lacked on this machine for fast 4-bit products on CPU; None when it never tried (only CPUs
-    with AVX512-BF16) or succeeded."""
+    """Why bitsandbytes runs 4-bit layers on CPU without its fused kernel; None when it did not try (it does only on
+    CPUs with AVX512-BF16) or did not fail."""
     if _HeldBack.reason is None:
         return None
-    what = (
-        "the `kernels` package is missing (pip install 'kernels>=0.11.1'; it downloads the kernel from the Hub)"
-        if importlib.util.find_spec("kernels") is None
-        else f"the `kernels` package could not load it ({_HeldBack.reason})"
-    )
+    what = f"the `kernels` package could not load it ({_HeldBack.reason})"
+    if importlib.util.find_spec("kernels") is None:
+        what = "the `kernels` package is missing (pip install 'kernels>=0.11.1'; it downloads the kernel from the Hub)"
     return (
         "4-bit layers on CPU run on bitsandbytes' built-in kernels, not on its fused kernel from kernels-community: "
         f"{what}. The cost is speed: 4-bit matrix products on CPU are slower."
@@ -58,7 +54,7 @@ def cpu_4bit_kernel_note() -> str | None:
 @contextlib.contextmanager
 def quiet_peft():
     """peft 0.21's PeftModel reads `model.is_gradient_checkpointing`, which transformers >= 5.23 deprecates with a
-    FutureWarning on every LoRA run; the user can do nothing about it (peft reads the new name from 0.22 on)."""
+    FutureWarning on every LoRA run: nothing the user can act on (peft >= 0.22 reads the new name)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
@@ -66,34 +62,27 @@ def quiet_peft():
 
 def language_model_lora_targets(model) -> str:
     """PEFT `target_modules`: every linear layer under `model.language_model.` by leaf name (q_proj ... down_proj);
-    anchored there, it cannot match the vision tower's q_proj / k_proj."""
-    names = sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if name.startswith(LANGUAGE_MODEL_PREFIX) and isinstance(module, torch.nn.Linear)
-        }
-    )
+    anchored there, it cannot match the vision tower's."""
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name.startswith(LANGUAGE_MODEL_PREFIX) and isinstance(module, torch.nn.Linear)
+    }
     if not names:
         raise ValueError(f"no linear layer found under {LANGUAGE_MODEL_PREFIX!r}: cannot place LoRA adapters")
-    return rf"^{re.escape(LANGUAGE_MODEL_PREFIX)}.*\.({'|'.join(map(re.escape, names))})$"
+    return rf"^{re.escape(LANGUAGE_MODEL_PREFIX)}.*\.({'|'.join(map(re.escape, sorted(names)))})$"
 
 
 def require_qlora_support() -> None:
-    """QLoRA loads the LLM in 4 bits with bitsandbytes (0.50 and later run 4-bit layers on CPU as well as GPU)."""
+    """QLoRA loads the LLM in 4 bits with bitsandbytes (0.50 and later run 4-bit layers on CPU too)."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(
-            "qlora needs bitsandbytes (pip install 'bitsandbytes>=0.50'); use lora=True (--lora) without quantization "
-            "instead"
-        )
+        raise ValueError("qlora needs bitsandbytes (pip install 'bitsandbytes>=0.50'); use lora=True (--lora) without "
+                         "quantization instead")  # fmt: skip
 
 
-def qlora_quantization_config():
-    """QLoRA's `BitsAndBytesConfig`: the LLM in NF4 with double quantization and bf16 compute; the vision tower and
-    lm_head stay unquantized (the resampler too: the model class keeps it so). Pass it to `from_pretrained` to rebuild
-    the base a QLoRA adapter was trained on."""
-    from transformers import BitsAndBytesConfig
-
+def qlora_quantization_config() -> BitsAndBytesConfig:
+    """QLoRA's: the LLM in NF4, double quantization, bf16 compute; vision tower, lm_head (and the resampler, as the
+    model class keeps it) unquantized. Pass it to `from_pretrained` to rebuild a QLoRA adapter's base."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -103,12 +92,9 @@ def qlora_quantization_config():
     )
 
 
-_NOTED: list[str] = []  # the CPU kernel note, once said (once per process)
-
-
 def load_model(model_name_or_path: str, config):
-    """The checkpoint in float32 (bf16 trains by autocast over float32 weights), or for QLoRA with its LLM in 4 bits
-    on this process's device (GPU or CPU), the rest in float32."""
+    """The checkpoint in float32 (bf16 trains by autocast over float32 weights); for QLoRA with its LLM in 4 bits on
+    this process's device."""
     if not config.qlora:
         return AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=torch.float32)
     from accelerate import PartialState
@@ -129,41 +115,39 @@ def load_model(model_name_or_path: str, config):
 
 def configure_trainable(model, config):
     """Freezes what the stage freezes; LoRA: PEFT adapters on the LLM's linear layers, the projector trained in full as
-    a module to save; ScAle: every weight frozen, only its scalars train (`ms_llava.tuners.scale`)."""
+    a module to save; ScAle: every weight frozen, its scalars train (`ms_llava.tuners.scale`)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.adapter == "scale":
         from ..tuners.scale import ScaleConfig
 
         model.requires_grad_(False)
-        scale = ScaleConfig(
+        adapter = ScaleConfig(
             bound=config.scale_bound, token_scope=config.scale_token_scope, layers_to_transform=config.scale_layers
         )
-        with quiet_peft():
-            return get_peft_model(model, scale)
-    trained = PAPER_RECIPES[config.stage].trained_modules
-    for name, param in model.named_parameters():
-        if param.is_floating_point():  # QLoRA's 4-bit weights (uint8) never train: its adapters over them do
-            param.requires_grad = any(name == prefix or name.startswith(prefix + ".") for prefix in trained)
-    if not config.lora:
-        return model
-    if config.qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=language_model_lora_targets(model),
-        modules_to_save=[PROJECTOR],
-        bias="none",
-    )
+    else:
+        trained = PAPER_RECIPES[config.stage].trained_modules
+        for name, param in model.named_parameters():
+            if param.is_floating_point():  # QLoRA's 4-bit weights (uint8) never train; its adapters over them do
+                param.requires_grad = any(name == prefix or name.startswith(prefix + ".") for prefix in trained)
+        if not config.lora:
+            return model
+        if config.qlora:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        adapter = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=language_model_lora_targets(model),
+            modules_to_save=[PROJECTOR],
+        )
     with quiet_peft():
-        return get_peft_model(model, lora)
+        return get_peft_model(model, adapter)
 
 
-def merge_lora_adapter(adapter_dir: str | Path, output_dir: str | Path | None = None, base_model: str | None = None):
-    """The base model (`base_model`, default: the adapter's recorded one) with the adapter of `adapter_dir` merged in
-    (`PeftModel.from_pretrained(...).merge_and_unload()`); with `output_dir`, also saved there with the processor."""
+def merge_lora_adapter(adapter_dir, output_dir=None, base_model: str | None = None):
+    """The base model (`base_model`, default: the adapter's recorded one) with the adapter of `adapter_dir` merged in;
+    with `output_dir`, also saved there with the processor."""
     from peft import PeftConfig, PeftModel
 
     base_path = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path

@@ -1,7 +1,6 @@
-"""The options of a training run: `MSLlavaTrainingArguments`, a `transformers.TrainingArguments` subclass whose `stage`
-selects the paper's recipe (`ms_llava.recipes`) as preset, and `ModelDataArguments` (what to train on).
-`add_arguments(parser)` makes them `ms-llava train`'s options with `HfArgumentParser`'s field parser: a new option is
-one field here.
+"""The options of a run: `MSLlavaTrainingArguments`, a `TrainingArguments` subclass with the paper's recipe
+(`ms_llava.recipes`) as preset, and `ModelDataArguments`; `add_arguments` makes them `ms-llava train`'s options with
+`HfArgumentParser`'s field parser, so a new option is one field here.
 """
 
 import argparse
@@ -20,10 +19,13 @@ from transformers.trainer_utils import SchedulerType
 from ..recipes import PAPER_RECIPES, preset
 
 ADAPTERS = ("lora", "scale")
-# the inherited TrainingArguments options that `--help` lists; the other 90 parse but are not listed
-LISTED_INHERITED_OPTIONS = ("max_steps", "seed", "weight_decay", "max_grad_norm", "bf16")
-# a run on fewer examples, or with fewer CPU cores per process, loads its data in the main process (see --num-workers)
+LISTED_INHERITED_OPTIONS = ("max_steps", "seed", "weight_decay", "max_grad_norm", "bf16")  # the other 90 are unlisted
+# fewer examples, or one core per process: the data load in the main process (docs/training.md has the measurements)
 WORKERS_MIN_EXAMPLES, WORKERS_MAX = 2000, 4
+
+
+def option(default, text: str, **metadata):
+    return field(default=default, metadata={"help": text, **metadata})
 
 
 def launched_world_size() -> int:
@@ -32,9 +34,8 @@ def launched_world_size() -> int:
 
 
 def default_num_workers(num_examples: int, processes_here: int = 1) -> int:
-    """Data-loader workers when `--num-workers` is not given: none for fewer than `WORKERS_MIN_EXAMPLES` examples
-    (each epoch's worker start costs more than loading them takes) or with one core per process; else one per spare
-    core of this process's share, at most `WORKERS_MAX` (measured in docs/training.md)."""
+    """Data-loader workers when none are given: 0 below `WORKERS_MIN_EXAMPLES` examples (starting the workers each
+    epoch costs more than loading takes) or with one core per process; else one per spare core, at most WORKERS_MAX."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     spare = cores // max(processes_here, 1) - 1
     return 0 if num_examples < WORKERS_MIN_EXAMPLES or spare < 1 else min(spare, WORKERS_MAX)
@@ -54,83 +55,59 @@ def gradient_accumulation_steps(global_batch_size: int, per_device_batch_size: i
 
 @dataclass
 class ModelDataArguments:
-    """What a run starts from and trains on."""
-
-    model: str = field(metadata={"help": "MS-LLaVA checkpoint to start from (directory or Hub id)", "required": True})
-    data: str = field(
-        metadata={"help": "LLaVA JSON, messages+images file, or a save_to_disk folder", "required": True}
-    )
-    image_folder: str | None = field(
-        default=None, metadata={"help": "folder the image paths are relative to (default: the data's folder)"}
-    )
-
-
-def _help(text: str, **metadata) -> dict:
-    return {"help": text, **metadata}
+    model: str = option(None, "MS-LLaVA checkpoint to start from (folder or Hub id)", required=True)
+    data: str = option(None, "LLaVA JSON, messages+images file, or a save_to_disk folder", required=True)
+    image_folder: str | None = option(None, "folder the image paths are relative to (default: the data's folder)")
 
 
 @dataclass
 class MSLlavaTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the paper's recipe as preset: an option left at None takes `stage`'s value (LoRA's or
-    ScAle's where those train), and the batch is given globally. `for_stage(stage, **overrides)` builds one from
-    keyword options, as `train()` does. Creating one sets up the process group of a multi-process launch."""
+    ScAle's where those train), and the batch is given globally. `for_stage(stage, **overrides)` builds one, as
+    `train()` does. Creating one sets up the process group of a multi-process launch."""
 
-    stage: str | None = field(
-        default=None, metadata=_help("the recipe stage", choices=sorted(PAPER_RECIPES), required=True)
-    )
-    output_dir: str | None = field(
-        default=None, metadata=_help("checkpoints, logs and the final model", required=True)
-    )
-    learning_rate: float | None = field(
-        default=None, metadata=_help("peak learning rate (pretrain 1e-3, finetune 1e-5, LoRA 2e-4, ScAle 2e-2)")
-    )
-    projector_learning_rate: float | None = field(
-        default=None, metadata=_help("learning rate of the projector (default: the learning rate; LoRA: 2e-5)")
-    )
-    global_batch_size: int | None = field(default=None, metadata=_help("examples per step (pretrain 32, finetune 16)"))
-    per_device_batch_size: int | None = field(
-        default=None, metadata=_help("default: global batch / processes (no gradient accumulation)")
-    )
-    num_train_epochs: float | None = field(default=None, metadata=_help("default 1", aliases=["--epochs"]))
+    stage: str | None = option(None, "the recipe stage", choices=sorted(PAPER_RECIPES), required=True)
+    output_dir: str | None = option(None, "checkpoints, logs and the final model", required=True)
+    learning_rate: float | None = option(None, "peak learning rate (pretrain 1e-3, finetune 1e-5, LoRA 2e-4)")
+    projector_learning_rate: float | None = option(None, "the projector's (default: the learning rate; LoRA 2e-5)")
+    global_batch_size: int | None = option(None, "examples per optimizer step (pretrain 32, finetune 16)")
+    per_device_batch_size: int | None = option(None, "default: global batch / processes (no accumulation)")
+    num_train_epochs: float | None = option(None, "default 1", aliases=["--epochs"])
     # Where the paper is silent: LLaVA-1.5's training scripts.
-    lr_scheduler_type: SchedulerType | str = field(
-        default="cosine", metadata=_help("scheduler name (default cosine)", aliases=["--lr-scheduler"], metavar="NAME")
+    lr_scheduler_type: SchedulerType | str = option(
+        "cosine", "scheduler (default cosine)", aliases=["--lr-scheduler"], metavar="NAME"
     )
-    warmup_ratio: float = field(default=0.03, metadata=_help("fraction of the steps spent warming up (default 0.03)"))
-    optim: str = field(default="adamw_torch", metadata=_help("optimizer (default adamw_torch, as LLaVA-1.5)"))
-    max_length: int | None = field(default=2048, metadata=_help("tokens per example, image tokens included"))
-    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in the backward pass"))
-    save_steps: int = field(default=1000, metadata=_help("checkpoint every N steps (default 1000)"))
-    save_total_limit: int | None = field(default=2, metadata=_help("checkpoints kept (default 2)"))
-    logging_steps: int = field(default=1, metadata=_help("log the loss every N steps (default 1)"))
-    dataloader_num_workers: int | None = field(
-        default=None,
-        metadata=_help(
-            f"data loader worker processes (default: 0 below {WORKERS_MIN_EXAMPLES} examples or with one core per "
-            f"process, else one per spare core, at most {WORKERS_MAX})",
-            aliases=["--num-workers"],
-        ),
+    warmup_ratio: float = option(0.03, "fraction of the steps spent warming up (default 0.03)")
+    optim: str = option("adamw_torch", "optimizer (default adamw_torch, as LLaVA-1.5)")
+    max_length: int | None = option(2048, "tokens per example, image tokens included (default 2048)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    save_steps: int = option(1000, "checkpoint every N steps (default 1000)")
+    save_total_limit: int | None = option(2, "checkpoints kept (default 2)")
+    logging_steps: int = option(1, "log the loss every N steps (default 1)")
+    dataloader_num_workers: int | None = option(
+        None,
+        f"data-loader worker processes (default: 0 below {WORKERS_MIN_EXAMPLES} examples or with one core per "
+        f"process, else one per spare core, at most {WORKERS_MAX})",
+        aliases=["--num-workers"],
     )
-    disable_tqdm: bool | None = field(default=False, metadata=_help("no progress bar"))
-    resume: bool = field(default=False, metadata=_help("continue from the last complete checkpoint in --output-dir"))
-    skip_bad_records: bool = field(default=False, metadata=_help("skip records the pre-pass rejects (listed)"))
-    verify_images: bool = field(default=False, metadata=_help("decode every image in full in the pre-pass (slower)"))
-    cache_vision_features: bool = field(
-        default=False, metadata=_help("run the frozen vision tower once per distinct image file (same losses)")
-    )
-    # Names the repository the final model goes to once, with a model card (`Trainer`'s own would push every save).
-    push_to_hub: str | None = field(default=None, metadata=_help("upload the result to this Hub repository"))
-    adapter: str | None = field(default=None, metadata=_help("train an adapter: lora (= --lora) or scale (ScAle)"))
-    lora: bool = field(default=False, metadata=_help("LoRA on the LLM; the projector trains fully (finetune only)"))
-    qlora: bool = field(default=False, metadata=_help("QLoRA: LoRA over a 4-bit LLM (bitsandbytes; CPU or GPU)"))
-    lora_r: int = field(default=128, metadata=_help("LoRA rank (default 128)"))
-    lora_alpha: int = field(default=256, metadata=_help("LoRA alpha (default 256)"))
-    lora_dropout: float = field(default=0.05, metadata=_help("LoRA dropout (default 0.05)"))
-    merge_lora: bool = field(default=False, metadata=_help("also write the merged model to OUTPUT_DIR/merged"))
-    scale_bound: float = field(default=1.0, metadata=_help("ScAle: b in s = 1 + b*tanh(theta), in (0, 1]"))
-    scale_token_scope: str = field(default="last", metadata=_help("ScAle: last (default) or all"))
-    scale_layers: list[int] | None = field(default=None, metadata=_help("ScAle: comma-separated layers (default all)"))
-    # Derived in __post_init__ from the options above, so not options themselves.
+    disable_tqdm: bool | None = option(False, "no progress bar")
+    resume: bool = option(False, "continue from the last complete checkpoint in --output-dir")
+    skip_bad_records: bool = option(False, "skip the records the pre-pass rejects (listed)")
+    verify_images: bool = option(False, "decode every image in full in the pre-pass (slower)")
+    cache_vision_features: bool = option(False, "run the frozen vision tower once per distinct image (same losses)")
+    # the repository the final model goes to once, with a model card (Trainer's own would push every checkpoint)
+    push_to_hub: str | None = option(None, "upload the result to this Hub repository")
+    adapter: str | None = option(None, "train an adapter: lora (= --lora) or scale (ScAle)")
+    lora: bool = option(False, "LoRA on the LLM; the projector trains fully (finetune only)")
+    qlora: bool = option(False, "QLoRA: LoRA over a 4-bit LLM (bitsandbytes; CPU or GPU)")
+    lora_r: int = option(128, "LoRA rank (default 128)")
+    lora_alpha: int = option(256, "LoRA alpha (default 256)")
+    lora_dropout: float = option(0.05, "LoRA dropout (default 0.05)")
+    merge_lora: bool = option(False, "also write the merged model to OUTPUT_DIR/merged")
+    scale_bound: float = option(1.0, "ScAle: b in s = 1 + b*tanh(theta), in (0, 1]")
+    scale_token_scope: str = option("last", "ScAle: last (default) or all")
+    scale_layers: list[int] | None = option(None, "ScAle: layers such as 0,2 (default: all)")
+    # Derived in __post_init__, so not options themselves.
     per_device_train_batch_size: int = field(default=8, init=False)
     gradient_accumulation_steps: int = field(default=1, init=False)
     warmup_steps: float = field(default=0, init=False)
@@ -146,14 +123,13 @@ class MSLlavaTrainingArguments(TrainingArguments):
         unknown = sorted(set(overrides) - known)
         if unknown:
             close = sorted({match for name in unknown for match in difflib.get_close_matches(name, known, n=2)})
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown training option(s) {unknown}{hint}")
+            raise ValueError(
+                f"unknown training option(s) {unknown}" + (f"; did you mean {', '.join(close)}?" * bool(close))
+            )
         scale_options = sorted(name for name in overrides if name.startswith("scale_"))
         if scale_options and overrides.get("adapter") != "scale":
-            raise ValueError(
-                f"{', '.join(scale_options)} set ScAle options, which need adapter='scale' "
-                f"(got {overrides.get('adapter')!r})"
-            )
+            raise ValueError(f"{', '.join(scale_options)} set ScAle options, which need adapter='scale' "
+                             f"(got {overrides.get('adapter')!r})")  # fmt: skip
         if overrides.get("adapter") == "lora" and overrides.get("lora") is False:
             raise ValueError("adapter='lora' and lora=False contradict each other")
         return cls(stage=stage, **overrides)
@@ -164,8 +140,7 @@ class MSLlavaTrainingArguments(TrainingArguments):
         self.lora = self.lora or self.qlora or self.adapter == "lora"
         self.adapter = "lora" if self.lora and self.adapter is None else self.adapter
         for name, value in preset(self.stage, self.adapter).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+            setattr(self, name, value if getattr(self, name) is None else getattr(self, name))
         self.max_steps = -1 if self.max_steps is None else self.max_steps  # TrainingArguments' "no limit"
         self.validate()
         world_size = launched_world_size()
@@ -178,10 +153,12 @@ class MSLlavaTrainingArguments(TrainingArguments):
         # Without CUDA, several processes (DDP over gloo) and bf16 autocast both need the CPU asked for explicitly.
         self.use_cpu = self.use_cpu or (not torch.cuda.is_available() and (self.bf16 or world_size > 1))
         self.dataloader_pin_memory = self.dataloader_pin_memory and torch.cuda.is_available()
-        auto_workers = self.dataloader_num_workers is None
-        self.dataloader_num_workers = self.dataloader_num_workers or 0  # `train` picks it once the data are known
+        auto_num_workers, self.dataloader_num_workers = (
+            self.dataloader_num_workers is None,
+            self.dataloader_num_workers or 0,
+        )
         super().__post_init__()
-        self.auto_num_workers = auto_workers
+        self.auto_num_workers = auto_num_workers  # `train` picks the workers once the data are known
 
     def validate(self) -> None:
         optional = {"per_device_batch_size", "max_steps", "projector_learning_rate", "max_length", "save_total_limit"}
@@ -201,10 +178,8 @@ class MSLlavaTrainingArguments(TrainingArguments):
         if (self.dataloader_num_workers or 0) < 0:
             raise ValueError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers!r}")
         if self.lora and self.stage == "pretrain":
-            raise ValueError(
-                "lora adapts the language model, which the 'pretrain' stage keeps frozen (only the projector trains "
-                "there); use lora with stage 'finetune'"
-            )
+            raise ValueError("lora adapts the language model, which the 'pretrain' stage keeps frozen (only the "
+                             "projector trains there); use lora with stage 'finetune'")  # fmt: skip
         if self.merge_lora and not self.lora:
             raise ValueError("merge_lora needs lora=True")
         if self.adapter not in (None, *ADAPTERS):
@@ -229,9 +204,7 @@ class MSLlavaTrainingArguments(TrainingArguments):
             raise ValueError(f"scale_bound must be a number in (0, 1], got {bound!r}")
         if self.scale_token_scope not in ("last", "all"):
             raise ValueError(f"scale_token_scope must be 'last' or 'all', got {self.scale_token_scope!r}")
-        if layers is not None and not (
-            layers and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
-        ):
+        if layers is not None and not (layers and all(type(i) is int and i >= 0 for i in layers)):
             raise ValueError(f"scale_layers must be a non-empty list of non-negative layer indices, got {layers!r}")
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
@@ -239,10 +212,8 @@ class MSLlavaTrainingArguments(TrainingArguments):
         per_device = self.per_device_batch_size
         if per_device is None:
             if self.global_batch_size % world_size:
-                raise ValueError(
-                    f"global batch size {self.global_batch_size} is not divisible by the {world_size} processes; "
-                    "choose a global batch size that is"
-                )
+                raise ValueError(f"global batch size {self.global_batch_size} is not divisible by the {world_size} "
+                                 "processes; choose a global batch size that is")  # fmt: skip
             per_device = self.global_batch_size // world_size
         return per_device, gradient_accumulation_steps(self.global_batch_size, per_device, world_size)
 
@@ -257,18 +228,17 @@ def _layer_list(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of both dataclasses on `parser`, each as `HfArgumentParser` declares a field; every training option
-    defaults to None, so that `train()` fills in the stage recipe's value for what the command line leaves out."""
+    """Both dataclasses' options on `parser`, each declared as `HfArgumentParser` declares a field; a training option
+    left out parses to None, so that `train()` fills in the stage recipe's value."""
     listed = {*MSLlavaTrainingArguments.__annotations__, *LISTED_INHERITED_OPTIONS}
     for dtype in (ModelDataArguments, MSLlavaTrainingArguments):
         hints = typing.get_type_hints(dtype)
         for item in dataclasses.fields(dtype):
-            if not item.init or item.name == "scale_layers":
-                continue
-            item = copy.copy(item)  # the parser rewrites the field's type
-            item.type = hints[item.name]
-            if dtype is MSLlavaTrainingArguments and item.name not in listed:
-                item.metadata = {**item.metadata, "help": argparse.SUPPRESS}
-            HfArgumentParser._parse_dataclass_field(parser, item)
+            if item.init and item.name != "scale_layers":
+                item = copy.copy(item)  # the parser rewrites the field's type
+                item.type = hints[item.name]
+                if dtype is MSLlavaTrainingArguments and item.name not in listed:
+                    item.metadata = {**item.metadata, "help": argparse.SUPPRESS}
+                HfArgumentParser._parse_dataclass_field(parser, item)
     parser.add_argument("--scale-layers", "--scale_layers", type=_layer_list, help="ScAle: layers such as 0,2")
     parser.set_defaults(**{item.name: None for item in dataclasses.fields(MSLlavaTrainingArguments) if item.init})

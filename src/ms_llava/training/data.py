@@ -1,21 +1,11 @@
-"""Training data: LLaVA JSON and Hugging Face `messages` + `images` data sets, checked before training.
+"""Training data: LLaVA JSON (`{"id", "image", "conversations": [{"from": "human" | "gpt", "value"}]}`, `<image>`
+markers moved to the front of their turn as in LLaVA-1.5) and Hugging Face `messages` + `images` data (a `Dataset`,
+a `save_to_disk` folder, `.json` / `.jsonl` / `.parquet` / `.arrow` files) become `Conversation`s: chat messages as the
+processor's template takes them, and their images (paths relative to the image folder, PIL images or bytes).
 
-Both formats become a `Conversation`: chat messages as the processor's chat template takes them (image parts
-`{"type": "image"}`) and the images they refer to.
-
-- **LLaVA JSON** (`.json` list or `.jsonl` lines): `{"id", "image", "conversations": [{"from": "human" | "gpt",
-  "value"}, ...]}`; `image` (a path or a list) is relative to the image folder. As in LLaVA-1.5, the `<image>` markers
-  of a human turn move to its front. Records without `image` and `<image>` are text-only.
-- **`messages` + `images`** (roles system / user / assistant; content a string or a list of image / text parts;
-  images as PIL images, bytes or relative paths): a `datasets.Dataset`, a `save_to_disk` folder, or `.json` /
-  `.jsonl` / `.parquet` / `.arrow` files. A literal `<image>` in a text part is an image part.
-
-`check_records` is the pre-pass: every record converted and checked (roles, assistant turns, one image per `<image>`,
-images present with a readable header, or decoded in full with `verify_images`, at least one assistant token, images
-and one answer token within `max_length`). It returns the indices to train on and a `RecordProblem` per bad record.
-Labels are the tokens inside the chat template's `{% generation %}` markers (`return_assistant_tokens_mask`), -100
-elsewhere; a template marking none is a `ChatTemplateError`. `RightPaddingCollator` pads on the right, so each
-sequence keeps positions 0..n-1.
+`check_records`, the pre-pass, names every record that cannot be trained on (roles, empty answers, one image per
+`<image>`, unreadable images, no assistant token, images or every answer token beyond `max_length`) before the model
+loads. Labels are the tokens inside the chat template's `{% generation %}` markers, -100 elsewhere.
 """
 
 from __future__ import annotations
@@ -27,7 +17,6 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,24 +26,22 @@ from PIL import Image
 
 from ..images import decode_image
 
-IMAGE_TOKEN = "<image>"
-IGNORE_INDEX = -100
+IMAGE_TOKEN, IGNORE_INDEX = "<image>", -100
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
 MESSAGE_ROLES = ("system", "user", "assistant")
 CHECK_BATCH_SIZE = 512  # conversations tokenised per call in the pre-pass
 MALFORMED, IMAGE_COUNT, MISSING_IMAGE = "malformed record", "image count mismatch", "missing or unreadable image"
-TOO_LONG, NO_ASSISTANT_TOKENS = "too long", "no assistant tokens"
 # How transformers recognises a template that supports `return_assistant_tokens_mask` (utils/chat_template_utils.py).
 GENERATION_MARKER = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
-# The processor expands an image to M tokens whatever its pixels: with cached features this stand-in gives the
+# The processor expands an image to M tokens whatever its pixels: with cached features, this stand-in gives the
 # tokens and labels of the real images without decoding them.
 STAND_IN_IMAGE = Image.new("RGB", (16, 16))
 
 
 @dataclass
 class Conversation:
-    """One example: `messages` whose image parts are `{"type": "image"}`, and one image per image part (a path, a PIL
-    image, or an undecoded `{"bytes", "path"}`)."""
+    """`messages` whose image parts are `{"type": "image"}`, and one image per image part (a path, a PIL image, or
+    undecoded `{"bytes", "path"}`)."""
 
     messages: list[dict]
     images: list[Any] = field(default_factory=list)
@@ -63,8 +50,6 @@ class Conversation:
 
 @dataclass(frozen=True)
 class RecordProblem:
-    """Why record `index` cannot be trained on."""
-
     index: int
     record_id: str | None
     category: str
@@ -79,11 +64,14 @@ class RecordProblem:
 
 
 class RecordError(ValueError):
-    """A record that cannot be trained on, with its problem category."""
-
     def __init__(self, category: str, reason: str):
         super().__init__(f"{category}: {reason}")
         self.category, self.reason = category, reason
+
+
+def summarize_problems(problems: list[RecordProblem]) -> str:
+    """ "2 missing or unreadable image, 1 malformed record" """
+    return ", ".join(f"{n} {category}" for category, n in Counter(p.category for p in problems).most_common())
 
 
 class BadRecordsError(ValueError):
@@ -91,11 +79,11 @@ class BadRecordsError(ValueError):
 
     def __init__(self, problems: list[RecordProblem], num_records: int, shown: int = 10):
         self.problems = problems
-        listed = "\n  ".join(str(problem) for problem in problems[:shown])
+        listed = "".join(f"\n  {problem}" for problem in problems[:shown])
         more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
         super().__init__(
-            f"{len(problems)} of {num_records} training records are bad ({summarize_problems(problems)}):\n  "
-            f"{listed}{more}\nfix them, or pass --skip-bad-records (skip_bad_records=True) to train without them"
+            f"{len(problems)} of {num_records} training records are bad ({summarize_problems(problems)}):{listed}"
+            f"{more}\nfix them, or pass --skip-bad-records (skip_bad_records=True) to train without them"
         )
 
 
@@ -103,8 +91,8 @@ class ChatTemplateError(ValueError):
     """The processor's chat template marks no assistant token in any record: every label would be -100."""
 
 
-def _default_template(chat_template):
-    return chat_template.get("default") if isinstance(chat_template, dict) else chat_template  # named templates
+def _default_template(chat_template):  # of named templates, the processor applies "default"
+    return chat_template.get("default") if isinstance(chat_template, dict) else chat_template
 
 
 def chat_template_error(chat_template, num_tokenised: int | None = None) -> ChatTemplateError:
@@ -126,38 +114,29 @@ def chat_template_error(chat_template, num_tokenised: int | None = None) -> Chat
     )
 
 
-def summarize_problems(problems: list[RecordProblem]) -> str:
-    """ "2 missing or unreadable image, 1 malformed record" """
-    return ", ".join(f"{n} {category}" for category, n in Counter(p.category for p in problems).most_common())
-
-
 # --------------------------------------------------------------------------------------------- records
 
 
-def _resolve_image(reference: Any, image_folder: Path | None) -> Any:
-    if isinstance(reference, (str, Path)):  # relative paths are relative to the image folder
-        path = Path(reference)
-        return str(path if path.is_absolute() or image_folder is None else image_folder / path)
-    return reference
+def _resolve_image(image: Any, image_folder: Path | None) -> Any:
+    if isinstance(image, (str, Path)) and image_folder is not None and not Path(image).is_absolute():
+        return str(image_folder / image)
+    return str(image) if isinstance(image, Path) else image
 
 
-def _text_parts(text: str) -> list[dict]:
-    """ "a <image> b" -> text "a ", image, text " b" """
-    parts = []
-    for position, piece in enumerate(text.split(IMAGE_TOKEN)):
-        parts += [{"type": "image"}] * bool(position) + [{"type": "text", "text": piece}] * bool(piece)
-    return parts
-
-
-def _unicode_text(text: str, where: str) -> str:
-    """`text` if valid Unicode; JSON's `\\ud800` escapes give lone surrogates, which the tokenizer cannot encode."""
+def _text(text: str, where: str, split: bool = False):
+    """`text` (as parts when `split`: "a <image> b" -> text, image, text), refused if it holds a lone surrogate (from
+    JSON's `\\ud800` escapes), which the tokenizer cannot encode."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise RecordError(
-            MALFORMED, f"{where} holds {text[error.start : error.end]!r}, a lone surrogate that is not valid Unicode"
-        ) from None
-    return text
+        reason = f"{where} holds {text[error.start : error.end]!r}, a lone surrogate that is not valid Unicode"
+        raise RecordError(MALFORMED, reason) from None
+    if not split:
+        return text
+    parts = []
+    for n, piece in enumerate(text.split(IMAGE_TOKEN)):
+        parts += [{"type": "image"}] * bool(n) + [{"type": "text", "text": piece}] * bool(piece)
+    return parts
 
 
 def _record_id(record) -> str | None:
@@ -168,10 +147,9 @@ def llava_record_to_conversation(record: Any, image_folder: Path | None) -> Conv
     """A LLaVA record -> `Conversation`; the `<image>` markers of a human turn move to its front, as in LLaVA-1.5."""
     if not isinstance(record, dict):
         raise RecordError(MALFORMED, f"expected a JSON object, got {type(record).__name__}")
-    turns = record.get("conversations")
+    turns, image = record.get("conversations"), record.get("image")
     if not isinstance(turns, list) or not turns:
         raise RecordError(MALFORMED, "missing or empty 'conversations'")
-    image = record.get("image")
     images = [] if image is None else [image] if isinstance(image, str) else image
     if not isinstance(images, list) or not all(isinstance(path, str) for path in images):
         raise RecordError(MALFORMED, f"'image' must be a path or a list of paths, got {image!r}")
@@ -182,14 +160,14 @@ def llava_record_to_conversation(record: Any, image_folder: Path | None) -> Conv
         role = LLAVA_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise RecordError(MALFORMED, f"turn {number} is from {turn['from']!r}; expected 'human' or 'gpt'")
-        value = _unicode_text(turn["value"], f"turn {number}")
+        value = _text(turn["value"], f"turn {number}")
         if role == "user":
             text = value.replace(IMAGE_TOKEN, "").strip()
             content = [{"type": "image"}] * value.count(IMAGE_TOKEN) + [{"type": "text", "text": text}]
         else:
-            content = _text_parts(value)  # an <image> here is flagged by check_conversation
+            content = _text(value, "", split=True)  # an <image> here is flagged by check_conversation
         messages.append({"role": role, "content": content})
-    images = [_resolve_image(_unicode_text(path, "'image'"), image_folder) for path in images]
+    images = [_resolve_image(_text(path, "'image'"), image_folder) for path in images]
     return Conversation(messages, images, _record_id(record))
 
 
@@ -205,20 +183,17 @@ def messages_record_to_conversation(record: Any, image_folder: Path | None) -> C
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise RecordError(MALFORMED, f"message {number} needs 'role' and 'content', got {message!r}")
         content, where = message["content"], f"message {number}"
-        if isinstance(content, str):
-            parts = _text_parts(_unicode_text(content, where))
-        elif isinstance(content, list):
-            parts = []
-            for part in content:  # Arrow gives every part the union of the keys, None where a part has none
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "image":
-                    parts.append({"type": "image"})
-                elif kind == "text" and isinstance(part.get("text"), str):
-                    parts += _text_parts(_unicode_text(part["text"], where))
-                else:
-                    raise RecordError(MALFORMED, f"{where} has a content part {part!r}")
-        else:
+        if not isinstance(content, (str, list)):
             raise RecordError(MALFORMED, f"{where} content must be a string or a list of parts")
+        parts = _text(content, where, split=True) if isinstance(content, str) else []
+        for part in content if isinstance(content, list) else []:  # Arrow gives every part the union of the keys
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image":
+                parts.append({"type": "image"})
+            elif kind == "text" and isinstance(part.get("text"), str):
+                parts += _text(part["text"], where, split=True)
+            else:
+                raise RecordError(MALFORMED, f"{where} has a content part {part!r}")
         messages.append({"role": message["role"], "content": parts})
     return Conversation(messages, [_resolve_image(image, image_folder) for image in images], _record_id(record))
 
@@ -226,12 +201,11 @@ def messages_record_to_conversation(record: Any, image_folder: Path | None) -> C
 def check_conversation(conversation: Conversation) -> None:
     """RecordError unless the roles alternate user / assistant (after an optional system message) and end with the
     assistant, every assistant turn has text and no image, and there is one image per image part."""
-    messages = conversation.messages
+    messages, image_parts = conversation.messages, 0
     for number, message in enumerate(messages):
         if message["role"] not in MESSAGE_ROLES:
-            raise RecordError(
-                MALFORMED, f"message {number} has role {message['role']!r}; expected one of {MESSAGE_ROLES}"
-            )
+            role = message["role"]
+            raise RecordError(MALFORMED, f"message {number} has role {role!r}; expected one of {MESSAGE_ROLES}")
     start = 1 if messages[0]["role"] == "system" else 0
     for number, message in enumerate(messages[start:], start):
         expected = ("user", "assistant")[(number - start) % 2]
@@ -239,21 +213,16 @@ def check_conversation(conversation: Conversation) -> None:
             raise RecordError(MALFORMED, f"message {number} is from {message['role']!r}; expected {expected!r}")
     if len(messages) == start or messages[-1]["role"] != "assistant":
         raise RecordError(MALFORMED, "the conversation must end with an assistant turn")
-    image_parts = 0
     for number, message in enumerate(messages):
         images_here = sum(part["type"] == "image" for part in message["content"])
-        if message["role"] == "assistant":
-            if images_here:
-                raise RecordError(IMAGE_COUNT, f"assistant turn {number} contains {IMAGE_TOKEN}")
-            if not "".join(part["text"] for part in message["content"]).strip():
-                raise RecordError(MALFORMED, f"assistant turn {number} is empty")
+        if message["role"] == "assistant" and images_here:
+            raise RecordError(IMAGE_COUNT, f"assistant turn {number} contains {IMAGE_TOKEN}")
+        if message["role"] == "assistant" and not "".join(part["text"] for part in message["content"]).strip():
+            raise RecordError(MALFORMED, f"assistant turn {number} is empty")
         image_parts += images_here
     if image_parts != len(conversation.images):
-        raise RecordError(
-            IMAGE_COUNT,
-            f"the conversation has {image_parts} {IMAGE_TOKEN} but the record gives {len(conversation.images)} "
-            "image(s)",
-        )
+        given = f"the record gives {len(conversation.images)} image(s)"
+        raise RecordError(IMAGE_COUNT, f"the conversation has {image_parts} {IMAGE_TOKEN} but {given}")
 
 
 def describe_image(image: Any) -> str:
@@ -261,28 +230,23 @@ def describe_image(image: Any) -> str:
     if isinstance(image, dict) and image.get("bytes") is not None:
         path = f", path {image['path']!r}" if image.get("path") else ""
         return f"embedded image bytes ({len(image['bytes'])} bytes{path})"
-    if isinstance(image, dict):
-        return str(image.get("path") or "<no path>")
     if isinstance(image, Image.Image):
         return f"a PIL image ({getattr(image, 'filename', '') or 'in memory'})"
-    return str(image) if isinstance(image, (str, Path)) else repr(image)
+    return str(image.get("path") or "<no path>") if isinstance(image, dict) else str(image)
 
 
 def _check_image(image: Any, verify: bool) -> None:
     """The file exists and PIL identifies its header; with `verify`, PIL's `verify()` and a full decode (which finds a
     truncated file). Embedded bytes alike."""
-    if isinstance(image, dict):
-        if image.get("bytes") is None:
-            return _check_image(image.get("path") or "<no path>", verify)
-        fresh = lambda: io.BytesIO(image["bytes"])  # noqa: E731 (PIL's verify() leaves an image unusable)
-    elif isinstance(image, str):
-        if not Path(image).is_file():
-            raise RecordError(MISSING_IMAGE, f"image file not found: {image}")
-        fresh = lambda: image  # noqa: E731
-    elif isinstance(image, Image.Image):
-        return None
-    else:
+    if isinstance(image, Image.Image):
+        return
+    if isinstance(image, dict) and image.get("bytes") is None:
+        image = image.get("path") or "<no path>"
+    if isinstance(image, str) and not Path(image).is_file():
+        raise RecordError(MISSING_IMAGE, f"image file not found: {image}")
+    if not isinstance(image, (str, dict)):
         raise RecordError(MISSING_IMAGE, f"an image must be a path, a PIL image or image bytes, got {image!r}")
+    fresh = (lambda: image) if isinstance(image, str) else (lambda: io.BytesIO(image["bytes"]))  # verify() spends one
     try:
         with Image.open(fresh()) as opened:
             if verify:
@@ -296,86 +260,80 @@ def _check_image(image: Any, verify: bool) -> None:
 
 def load_image(image: Any) -> Image.Image:
     """A path, a PIL image or `{"bytes", "path"}` -> a PIL image in memory (decoded as the command line decodes)."""
-    if isinstance(image, Image.Image):
-        return image
     if isinstance(image, dict):
         image = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
-    return decode_image(image)
+    return image if isinstance(image, Image.Image) else decode_image(image)
 
 
-class TrainingRecords(Sequence):
-    """The raw records of a training set: `records[i]` is a `Conversation` (or raises `RecordError`);
-    `conversations_to_check()` converts them in order without decoding images (`undecoded`: the same rows so)."""
+@dataclass
+class TrainingRecords:
+    """A training set's raw `rows` and their `converter`: `records[i]` is a `Conversation` (or raises `RecordError`);
+    `undecoded`, the same rows with images left undecoded, serves the pre-pass and error messages."""
 
-    def __init__(self, records, converter, image_folder: Path | None, description: str, undecoded=None):
-        self._records, self._undecoded = records, records if undecoded is None else undecoded
-        self._converter, self.image_folder, self.description = converter, image_folder, description
+    rows: Any
+    converter: Any
+    image_folder: Path | None
+    description: str
+    undecoded: Any = None
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self.rows)
 
     def __getitem__(self, index: int) -> Conversation:
-        return self._converter(self._records[index], self.image_folder)
+        return self.converter(self.rows[index], self.image_folder)
 
     def describe(self, index: int) -> str:
         """ "record 3 (id 'x'), image(s) /data/a.png": names a record in an error, without decoding its images."""
-        record = next(itertools.islice(self._undecoded, index, None))
+        record = next(itertools.islice(self.rows if self.undecoded is None else self.undecoded, index, None))
         try:
-            images = [describe_image(image) for image in self._converter(record, self.image_folder).images]
+            images = ", ".join(map(describe_image, self.converter(record, self.image_folder).images))
         except RecordError:
-            images = []
+            images = ""
         name = "no id" if _record_id(record) is None else f"id {_record_id(record)!r}"
-        return f"record {index} ({name}), image(s) {', '.join(images) or 'none'}"
+        return f"record {index} ({name}), image(s) {images or 'none'}"
 
     def conversations_to_check(self):
         """`(index, record id, conversation or the RecordError converting it raised)` for every record."""
-        for index, record in enumerate(self._undecoded):
+        for index, record in enumerate(self.rows if self.undecoded is None else self.undecoded):
             try:
-                yield index, _record_id(record), self._converter(record, self.image_folder)
+                yield index, _record_id(record), self.converter(record, self.image_folder)
             except RecordError as error:
                 yield index, _record_id(record), error
 
 
 def load_training_records(data, image_folder: str | Path | None = None) -> TrainingRecords:
-    """Opens `data`: a LLaVA `.json` / `.jsonl` file, a `messages` + `images` `.json` / `.jsonl` / `.parquet` /
-    `.arrow` file, a `datasets.Dataset`, or a `save_to_disk` folder. Relative image paths are relative to
-    `image_folder`, by default the data file's folder."""
+    """Opens `data`: a LLaVA or `messages` + `images` `.json` / `.jsonl` file, a `.parquet` / `.arrow` file, a
+    `datasets.Dataset` or a `save_to_disk` folder. Image paths are relative to `image_folder` (default: the file's)."""
     folder = Path(image_folder) if image_folder is not None else None
     if folder is not None and not folder.is_dir():
         raise ValueError(f"image folder not found: {folder}")
-    if type(data).__module__.startswith("datasets.") and type(data).__name__ in ("Dataset", "DatasetDict"):
+    if type(data).__module__.startswith("datasets.") and type(data).__name__ == "Dataset":
         return _from_hf_dataset(data, folder, f"the {type(data).__name__} given")
     path, suffix = Path(data), Path(data).suffix.lower()
     if not path.exists():
         raise ValueError(f"training data not found: {path}")
     if path.is_dir() or suffix in (".parquet", ".arrow"):
-        import datasets
+        from datasets import Dataset, load_from_disk
 
         # Not datasets.load_dataset: its packaged builders send a download-count request to the Hub first.
+        read = load_from_disk if path.is_dir() else Dataset.from_parquet if suffix == ".parquet" else Dataset.from_file
         try:
-            if path.is_dir():
-                dataset = datasets.load_from_disk(str(path))
-            else:
-                dataset = (datasets.Dataset.from_parquet if suffix == ".parquet" else datasets.Dataset.from_file)(
-                    str(path)
-                )
+            dataset = read(str(path))
         except FileNotFoundError as error:  # a folder that save_to_disk did not write
             raise ValueError(
                 f"{path} is a folder but not a data set written by Dataset.save_to_disk ({error}); give a data file "
                 "(.json, .jsonl, .parquet, .arrow) or such a folder"
             ) from error
         except Exception as error:  # pyarrow raises its own types (ArrowInvalid ...) for a file that is not one
-            kind = "a Parquet" if suffix == ".parquet" else "an Arrow"
             raise ValueError(
-                f"{path} is not {kind} file that can be read: {type(error).__name__}: {error}; write it again (e.g. "
-                "with datasets' Dataset.to_parquet), or give the data as .json / .jsonl"
+                f"{path} is not {'a Parquet' if suffix == '.parquet' else 'an Arrow'} file that can be read: "
+                f"{type(error).__name__}: {error}; write it again (e.g. with datasets' Dataset.to_parquet), or give "
+                "the data as .json / .jsonl"
             ) from error
-        return _from_hf_dataset(dataset, folder if folder is not None or path.is_dir() else path.parent, str(path))
+        return _from_hf_dataset(dataset, folder if folder or path.is_dir() else path.parent, str(path))
     if suffix not in (".json", ".jsonl"):
         raise ValueError(f"{path}: unsupported data file type {suffix!r}; use .json, .jsonl, .parquet or .arrow")
     records = _read_json_records(path)
-    if not records:
-        raise ValueError(f"{path} holds no records: nothing to train on")
     first = next(((index, record) for index, record in enumerate(records) if isinstance(record, dict)), None)
     if first is None:
         raise ValueError(
@@ -383,10 +341,8 @@ def load_training_records(data, image_folder: str | Path | None = None) -> Train
             "object with 'conversations' (LLaVA format) or 'messages' (messages format)"
         )
     index, record = first
-    for key, converter, name in (
-        ("conversations", llava_record_to_conversation, "LLaVA"),
-        ("messages", messages_record_to_conversation, "messages"),
-    ):
+    for key, converter, name in (("conversations", llava_record_to_conversation, "LLaVA"),
+                                 ("messages", messages_record_to_conversation, "messages")):  # fmt: skip
         if key in record:
             return TrainingRecords(records, converter, folder or path.parent, f"{path} ({name} format)")
     raise ValueError(
@@ -400,10 +356,7 @@ def _read_json_records(path: Path) -> list:
     ValueError naming the file (and the line) and what to do."""
     jsonl = path.suffix.lower() == ".jsonl"
     layout = "a .jsonl file holds one JSON record per line" if jsonl else "a .json file holds one JSON list of records"
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ValueError(f"cannot read training data {path}: {error.strerror or error}") from error
+    data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is accepted
     except UnicodeDecodeError as error:
@@ -423,22 +376,20 @@ def _read_json_records(path: Path) -> list:
             raise ValueError(f"{where} nests JSON too deeply to read; {layout}") from error
 
     if jsonl:  # split on newlines only: str.splitlines also splits on U+2028 / U+2029 / U+0085, which JSON allows raw
-        lines = enumerate(text.split("\n"), 1)
-        return [parse(line, f"line {number} of {path}") for number, line in lines if line.strip()]
-    records = parse(text, str(path))
+        records = [parse(line, f"line {n} of {path}") for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    else:
+        records = parse(text, str(path))
     if not isinstance(records, list):
         got = (
             f"a JSON object with keys {sorted(records)[:10]}" if isinstance(records, dict) else type(records).__name__
         )
         raise ValueError(f"{path} must hold a JSON list of records, got {got}; {layout}")
+    if not records:
+        raise ValueError(f"{path} holds no records: nothing to train on")
     return records
 
 
 def _from_hf_dataset(dataset, image_folder: Path | None, description: str) -> TrainingRecords:
-    if type(dataset).__name__ == "DatasetDict":
-        if "train" not in dataset:
-            raise ValueError(f"{description}: a DatasetDict without a 'train' split (splits: {list(dataset)})")
-        dataset = dataset["train"]
     if "messages" not in dataset.column_names:
         raise ValueError(f"{description}: a data set needs a 'messages' column, has {dataset.column_names}")
     undecoded = dataset.to_iterable_dataset().decode(False)  # image columns as {"bytes", "path"}: a cheap pre-pass
@@ -451,7 +402,7 @@ def _from_hf_dataset(dataset, image_folder: Path | None, description: str) -> Tr
 @dataclass
 class DataCheck:
     """The pre-pass result: `kept` indices, `problems` of the others, counts, and `fingerprint`, a hash of the records
-    in order (ids, messages, image references) and the kept indices, which a resumed run compares."""
+    in order and the kept indices, which a resumed run compares."""
 
     num_records: int
     kept: list[int] = field(default_factory=list)
@@ -472,23 +423,24 @@ class DataCheck:
 
 
 def check_records(records: TrainingRecords, processor, max_length: int | None, verify_images: bool = False):
-    """The pre-pass (module docstring) without decoding images (their headers only, unless `verify_images`); the chat
-    template is rendered and tokenised once, in batches. ChatTemplateError when it marks no assistant token."""
+    """The pre-pass, reading only the images' headers (decoding them in full with `verify_images`); the chat template
+    is rendered and tokenised once, in batches. ChatTemplateError when it marks no assistant token."""
     if not GENERATION_MARKER.search(str(_default_template(processor.chat_template) or "")):
         raise chat_template_error(processor.chat_template)
     check, pending, fingerprint = DataCheck(num_records=len(records)), [], hashlib.sha256()
     for index, record_id, conversation in records.conversations_to_check():
-        if isinstance(conversation, RecordError):
-            check.problems.append(RecordProblem(index, record_id, conversation.category, conversation.reason))
-            fingerprint.update(json.dumps([index, record_id, conversation.category]).encode())
-            continue
-        fingerprint.update(_fingerprint_entry(index, conversation, records.image_folder))
         try:
+            if isinstance(conversation, RecordError):
+                raise conversation
+            images = [os.path.relpath(image, records.image_folder) if isinstance(image, str) and records.image_folder
+                      else describe_image(image) for image in conversation.images]  # fmt: skip
+            fingerprint.update(json.dumps([index, record_id, conversation.messages, images]).encode())
             check_conversation(conversation)
             for image in conversation.images:
                 _check_image(image, verify_images)
         except RecordError as error:
             check.problems.append(RecordProblem(index, record_id, error.category, error.reason))
+            fingerprint.update(json.dumps([index, record_id, error.category]).encode())
             continue
         pending.append((index, conversation))
         if len(pending) == CHECK_BATCH_SIZE:
@@ -503,24 +455,9 @@ def check_records(records: TrainingRecords, processor, max_length: int | None, v
     return check
 
 
-def _fingerprint_entry(index: int, conversation: Conversation, image_folder: Path | None) -> bytes:
-    """A record's id, messages and image references (paths relative to the image folder, so that moving the folder
-    keeps the fingerprint; embedded images by path and size)."""
-    images = []
-    for image in conversation.images:
-        if isinstance(image, str):
-            inside = image_folder is not None and image.startswith(str(image_folder) + os.sep)
-            images.append(os.path.relpath(image, image_folder) if inside else image)
-        elif isinstance(image, dict):
-            images.append([image.get("path"), None if image.get("bytes") is None else len(image["bytes"])])
-        else:
-            images.append([type(image).__name__, getattr(image, "size", None)])
-    return json.dumps([index, conversation.record_id, conversation.messages, images], default=str).encode()
-
-
 def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_length: int | None, check: DataCheck):
-    """Token counts as training sees them (each image marker becomes M tokens; the tokenizer's special tokens count as
-    a prefix), and the assistant-token mask of the same encoding."""
+    """Token counts as training sees them (an image marker becomes M tokens; the tokenizer's special tokens count as a
+    prefix), and the assistant-token mask of the same encoding."""
     if not pending:
         return
     tokenizer, image_id, m = processor.tokenizer, processor.image_token_id, processor.num_image_tokens
@@ -535,33 +472,34 @@ def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_lengt
     for (index, conversation), ids, mask in zip(
         pending, encoded["input_ids"], encoded["assistant_masks"], strict=True
     ):
-        check.num_tokenised += 1
-        if not any(mask):
-            reason = (
-                "the chat template marks none of its tokens as an assistant token (none lies inside its "
-                "{% generation %} markers): it would train on nothing"
-            )
-            check.problems.append(RecordProblem(index, conversation.record_id, NO_ASSISTANT_TOKENS, reason))
-            continue
-        check.num_with_assistant_tokens += 1
+        reason = None
         positions = list(itertools.accumulate((1 + (m - 1) * (token == image_id) for token in ids), initial=special))
-        length, reason = positions[-1], None
-        if max_length is not None and length > max_length:
-            image_ends = [positions[i] + m - 1 for i, token in enumerate(ids) if token == image_id]
-            first_answer = next((positions[i] for i, keep in enumerate(mask) if keep), length)
+        length, image_ends = positions[-1], [positions[i] + m - 1 for i, token in enumerate(ids) if token == image_id]
+        check.num_tokenised, check.num_with_assistant_tokens = (
+            check.num_tokenised + 1,
+            check.num_with_assistant_tokens + any(mask),
+        )
+        if not any(mask):
+            category, reason = (
+                "no assistant tokens",
+                (
+                    "the chat template marks none of its tokens as an assistant token (none lies inside its "
+                    "{% generation %} markers): it would train on nothing"
+                ),
+            )
+        elif max_length is not None and length > max_length:
+            category = "too long"
             if image_ends and image_ends[-1] >= max_length:
-                reason = (
-                    f"{length} tokens (with {len(image_ends)} image(s) of M = {m} tokens) exceed max_length "
-                    f"{max_length} and truncation would cut image tokens"
-                )
-            elif first_answer >= max_length:
+                reason = (f"{length} tokens (with {len(image_ends)} image(s) of M = {m} tokens) exceed max_length "
+                          f"{max_length} and truncation would cut image tokens")  # fmt: skip
+            elif next((positions[i] for i, keep in enumerate(mask) if keep), length) >= max_length:
                 reason = f"{length} tokens exceed max_length {max_length} and no assistant token would be left"
             check.num_truncated += reason is None
         if reason:
-            check.problems.append(RecordProblem(index, conversation.record_id, TOO_LONG, reason))
-            continue
-        check.kept.append(index)
-        check.num_text_only += not conversation.images
+            check.problems.append(RecordProblem(index, conversation.record_id, category, reason))
+        else:
+            check.kept.append(index)
+            check.num_text_only += not conversation.images
 
 
 # --------------------------------------------------------------------------------------------- encoding
@@ -571,10 +509,7 @@ def encode_conversation(processor, conversation: Conversation, max_length: int |
     """One conversation tokenised with its images by `processor.apply_chat_template`: `input_ids` and `labels` (1-D,
     cut to `max_length`), `pixel_values` when it has images. With `vision_features` (its images' cached features) the
     images are not loaded: the example holds those in place of `pixel_values`, with the same tokens and labels."""
-    if vision_features is None:
-        images = iter([load_image(image) for image in conversation.images])
-    else:
-        images = itertools.repeat(STAND_IN_IMAGE)
+    images = itertools.repeat(STAND_IN_IMAGE) if vision_features is not None else map(load_image, conversation.images)
     messages = [
         {
             **message,
@@ -585,21 +520,15 @@ def encode_conversation(processor, conversation: Conversation, max_length: int |
     encoded = processor.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
     )
-    # Cut here rather than by the tokenizer, which would keep (and save) truncation settings; the pre-pass drops
-    # the records whose images would not fit.
+    # Cut here rather than by the tokenizer, which would keep (and save) truncation settings.
     input_ids = encoded["input_ids"][0][:max_length]
     labels = torch.where(encoded["assistant_masks"][0][:max_length].bool(), input_ids, IGNORE_INDEX)
     if int((input_ids == processor.image_token_id).sum()) != processor.num_image_tokens * len(conversation.images):
-        raise ValueError(
-            f"record {conversation.record_id!r}: max_length {max_length} cuts its image tokens; the pre-pass "
-            "(check_records) rejects such records"
-        )
-    example = {"input_ids": input_ids, "labels": labels}
+        raise ValueError(f"record {conversation.record_id!r}: max_length {max_length} cuts its image tokens; the "
+                         "pre-pass (check_records) rejects such records")  # fmt: skip
     if vision_features is not None:
-        example["vision_features"] = vision_features
-    elif "pixel_values" in encoded:
-        example["pixel_values"] = encoded["pixel_values"]
-    return example
+        return {"input_ids": input_ids, "labels": labels, "vision_features": vision_features}
+    return {"input_ids": input_ids, "labels": labels, **{k: v for k, v in encoded.items() if k == "pixel_values"}}
 
 
 def chat_template_for_trl(processor) -> str:
@@ -609,11 +538,7 @@ def chat_template_for_trl(processor) -> str:
     chat_template, tokenizer = _default_template(processor.chat_template), processor.tokenizer
     adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
     rendered = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "a"}]}])
-    return (
-        "{{ bos_token }}" + chat_template
-        if adds_bos and not rendered.startswith(tokenizer.bos_token)
-        else chat_template
-    )
+    return "{{ bos_token }}" * (adds_bos and not rendered.startswith(tokenizer.bos_token)) + chat_template
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -630,8 +555,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> dict:
         index = self.indices[position]
         try:
-            conversation = self.records[index]
-            features = None
+            conversation, features = self.records[index], None
             if self.vision_features is not None and conversation.images:
                 features = torch.stack([self.vision_features[image] for image in conversation.images])
             return encode_conversation(self.processor, conversation, self.max_length, features)
@@ -643,18 +567,17 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 
 class RightPaddingCollator:
-    """Pads on the right (`input_ids` with the pad token, `labels` with -100, `attention_mask` 0) and concatenates the
-    examples' `pixel_values` (or `vision_features`) in order."""
+    """Pads on the right (`input_ids` with the pad token, `labels` with -100, `attention_mask` 0), so each sequence
+    keeps positions 0..n-1, and concatenates the examples' `pixel_values` (or `vision_features`) in order."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict:
-        pad = torch.nn.utils.rnn.pad_sequence
-        ids = [example["input_ids"] for example in examples]
+        pad, ids = torch.nn.utils.rnn.pad_sequence, [example["input_ids"] for example in examples]
         batch = {
             "input_ids": pad(ids, batch_first=True, padding_value=self.pad_token_id),
-            "attention_mask": pad([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0),
+            "attention_mask": pad([torch.ones_like(i) for i in ids], batch_first=True),
             "labels": pad([example["labels"] for example in examples], batch_first=True, padding_value=IGNORE_INDEX),
         }
         for key in ("pixel_values", "vision_features"):

@@ -1,14 +1,11 @@
-"""The frozen vision tower's features, computed once per distinct image file (`train(..., cache_vision_features=True)`).
+"""The frozen vision tower's features, computed once per distinct image file (`cache_vision_features=True`): both
+stages keep the tower frozen, so it computes the same features whenever an image comes round again.
 
-Both stages keep the tower frozen, so it computes the same features whenever an image comes round again. `build_cache`
-runs the model's own image path (`get_image_features`) once per distinct file and keeps what its projector receives;
-the data set then yields those in place of `pixel_values`, and `vision_features_input(model)` feeds them back: a
-forward pre-hook (PyTorch's API, removed after the block) on the inner LLaVA model turns a `vision_features` input into
-`inputs_embeds`, the projector's tokens written at the image tokens, as LLaVA's forward does from pixels. It runs
-inside the model's call, so under the same autocast, DDP and FSDP forward as the projector without the cache. The
-losses equal an uncached run's (tested, MS-LLaVA and transformers' LLaVA). Images must be files (keyed by resolved
-path, size and modification time) and the tower frozen without active dropout. Share a cache between runs of a
-process by passing it: `train(..., cache_vision_features=True, feature_cache=cache)`.
+`build_cache` runs the model's own image path once per file and keeps what it hands the projector; the data set yields
+those in place of `pixel_values`, and `vision_features_input` feeds them back as `inputs_embeds` (the projected tokens
+at the image tokens) from a forward pre-hook on the inner model: inside the model's call, so under the same autocast,
+DDP and FSDP forward. The losses equal an uncached run's (MS-LLaVA and transformers' LLaVA, tested). Images must be
+files (keyed by path, size and modification time); pass one cache to several runs with `train(..., feature_cache=)`.
 """
 
 from __future__ import annotations
@@ -30,9 +27,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FeatureCache:
-    """`cache[image]` is an image's features `(tokens, dim)` as the projector reads them, followed there by
-    `projector_args` (MS-LLaVA: the grid size and prefix tokens); `fingerprint` names what the features depend on
-    besides the images (tower weights, image processor settings, feature selection)."""
+    """`cache[image]`: an image's features `(tokens, dim)` as the projector reads them, then `projector_args`
+    (MS-LLaVA: grid size, prefix tokens); `fingerprint`: tower weights, image processing, feature selection."""
 
     rows: dict[str, int]
     features: torch.Tensor  # (num_images, tokens, dim)
@@ -78,8 +74,7 @@ def check_cacheable(model) -> None:
             f"cache_vision_features needs a frozen vision tower, but {len(training)} of its parameters train "
             f"(first: {training[0]})"
         )
-    dropout = {name: module.p for name, module in tower.named_modules() if type(module) is torch.nn.Dropout}
-    dropout = {name: p for name, p in dropout.items() if p > 0}
+    dropout = {name: m.p for name, m in tower.named_modules() if type(m) is torch.nn.Dropout and m.p > 0}
     dropout.update({k: v for k, v in vars(tower.config).items() if "dropout" in k and isinstance(v, float) and v > 0})
     if dropout:
         raise ValueError(f"cache_vision_features: the vision tower has active dropout {dropout}; it cannot be cached")

@@ -3,10 +3,9 @@
     stage1 = train("ms-llava-init", "pretrain", "blip_laion_cc_sbu_558k.json", image_folder="images", output_dir="s1")
     stage2 = train("s1", "finetune", "llava_v1_5_mix665k.json", image_folder="data", output_dir="s2")
 
-A run owns its output folder (`ms_llava.outputs.own_folder`), checks it can be written before the model loads, checks
-the records before the model loads, resumes from the last complete checkpoint (refusing settings that would change
-the loss curve), logs the per-step loss to `loss_log.csv`, records what ran in `ms_llava_training.json` and saves the
-final model atomically. docs/training.md documents every default and choice.
+A run checks its output folder can be written and its records before the model loads, owns the folder while it runs
+(`ms_llava.outputs`), resumes from the last complete checkpoint (refusing settings that change the loss curve), logs
+the loss to `loss_log.csv`, records what ran in `ms_llava_training.json` and saves the final model atomically.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import logging
 import os
 import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +33,16 @@ from ..outputs import check_writable, command_line, own_folder, writing
 from ..recipes import PROJECTOR
 from . import arguments
 from .adapters import configure_trainable, load_model, merge_lora_adapter, require_qlora_support
-from .arguments import MSLlavaTrainingArguments, default_num_workers
+from .arguments import MSLlavaTrainingArguments
 from .data import BadRecordsError, RightPaddingCollator, SupervisedDataset, check_records, load_training_records
 from .data import pad_token_id as find_pad_token_id
 from .feature_cache import FeatureCache, build_cache, check_cacheable, vision_features_input
 
 logger = logging.getLogger(__name__)
-
 LOSS_LOG, RUN_RECORD, SKIPPED_RECORDS = "loss_log.csv", "ms_llava_training.json", "skipped_records.jsonl"
 # The final save is written here (inside OUTPUT_DIR), marked complete, then its files are moved into OUTPUT_DIR.
 FINAL_SAVE_STAGING, STAGED_COMPLETE = ".ms_llava_final_save", ".complete"
-# Stage-record keys that shape the loss curve: a resumed run must keep them (and the data fingerprint).
+# Stage-record keys that shape the loss curve: a resumed run must keep them.
 CURVE_KEYS = (
     "stage", "learning_rate", "projector_learning_rate", "global_batch_size", "num_train_epochs", "max_steps",
     "lr_scheduler_type", "warmup_ratio", "weight_decay", "optim", "adam_beta1", "adam_beta2", "adam_epsilon",
@@ -55,8 +52,8 @@ CURVE_KEYS = (
 
 @dataclass
 class TrainResult:
-    """What `train` did: `losses` is `(step, loss)` of every logged step (steps before a resume included),
-    `train_loss` the mean loss of the steps this call ran; `adapter_type` "lora", "scale" or None."""
+    """What `train` did: `losses` is `(step, loss)` of every logged step (those before a resume included),
+    `train_loss` the mean loss of this call's steps, `skipped` the bad records' `RecordProblem`s."""
 
     output_dir: Path
     stage: str
@@ -65,15 +62,11 @@ class TrainResult:
     train_loss: float
     wall_time_s: float
     num_examples: int
-    skipped: list  # RecordProblem of every skipped record
+    skipped: list
     resumed_from: Path | None
-    adapter_type: str | None
+    adapter_type: str | None  # "lora", "scale" or None (the output is then a full model)
+    adapter: bool
     merged_dir: Path | None
-    record: dict  # the training record written to OUTPUT_DIR/ms_llava_training.json
-
-    @property
-    def adapter(self) -> bool:
-        return self.adapter_type is not None
 
 
 class MSLlavaTrainer(Trainer):
@@ -113,42 +106,69 @@ class MSLlavaTrainer(Trainer):
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """`checkpoint-N` folders holding `trainer_state.json`, by N. `Trainer` writes that file last, and its own resume
-    (`get_last_checkpoint`) takes the highest N, complete or not: a crash mid-save would resume from a half-written
-    checkpoint."""
+    """`checkpoint-N` folders holding `trainer_state.json`, by N (`Trainer`'s sorting). `Trainer` writes that file
+    last, and its own resume (`get_last_checkpoint`) would take a half-written checkpoint a crash left."""
     return [Path(path) for path in sort_checkpoints(str(output_dir)) if (Path(path) / TRAINER_STATE_NAME).is_file()]
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
 class RunFiles(TrainerCallback):
-    """At the end of the run's first step (after it, before `Trainer` saves or logs), calls `start()` (which writes the
-    training record) and rewrites `loss_log.csv` from the trainer state (after a resume: the steps up to the
-    checkpoint); then appends every logged loss, and `save()` runs at every checkpoint. A run that fails before its
-    first step leaves the output folder as it was."""
+    """The run's own files in OUTPUT_DIR (main process). At the end of the first step (before `Trainer` saves or logs)
+    it clears what an interrupted save left, writes the training record and the skipped-records list, and rewrites
+    `loss_log.csv` from the trainer state (a resume keeps the earlier steps); then it appends each logged loss, and
+    each checkpoint updates the record's `steps_run`. A run that fails before its first step leaves the folder as it
+    was."""
 
     FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
 
-    def __init__(self, path: Path, start=None, save=None):
-        self.path, self.start, self.save, self.started = path, start, save, False
+    def __init__(self, output_dir: Path, record: dict, problems: list, main: bool):
+        self.output_dir, self.record, self.problems, self.main, self.started = (
+            output_dir,
+            record,
+            problems,
+            main,
+            False,
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.fire(state)
+        self.start(state)
 
-    def fire(self, state) -> None:
-        if not self.started:
+    def start(self, state) -> None:
+        if self.started or not self.main:
             self.started = True
-            self.start()
-            if state.is_world_process_zero:
-                self._write("w", [entry for entry in state.log_history if "loss" in entry], header=True)
+            return
+        self.started = True
+        for path in sort_checkpoints(str(self.output_dir)):  # a save into one would mix its files with stale ones
+            if not (Path(path) / TRAINER_STATE_NAME).is_file():
+                logger.warning("removing %s: an incomplete checkpoint left by an interrupted save", path)
+                shutil.rmtree(path)
+        recover_final_save(self.output_dir)
+        self.write_record()
+        (self.output_dir / SKIPPED_RECORDS).unlink(missing_ok=True)  # an earlier run's list would mislead
+        if self.problems:
+            lines = "".join(json.dumps(problem.to_dict()) + "\n" for problem in self.problems)
+            _write_atomically(self.output_dir / SKIPPED_RECORDS, lines)
+        self._log("w", [entry for entry in state.log_history if "loss" in entry], header=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.started and state.is_world_process_zero and logs and "loss" in logs:
-            self._write("a", [{**logs, "step": state.global_step}])
+        if self.started and self.main and logs and "loss" in logs:
+            self._log("a", [{**logs, "step": state.global_step}])
 
     def on_save(self, args, state, control, **kwargs):
-        self.save(state.global_step)
+        self.record["stages"][-1]["steps_run"] = state.global_step
+        self.write_record()
 
-    def _write(self, mode: str, rows: list[dict], header: bool = False) -> None:
-        with open(self.path, mode, newline="", encoding="utf-8") as handle:
+    def write_record(self) -> None:
+        if self.main:
+            _write_atomically(self.output_dir / RUN_RECORD, json.dumps(self.record, indent=2) + "\n")
+
+    def _log(self, mode: str, rows: list[dict], header: bool = False) -> None:
+        with open(self.output_dir / LOSS_LOG, mode, newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, self.FIELDS, extrasaction="ignore")
             if header:
                 writer.writeheader()
@@ -159,24 +179,17 @@ class RunFiles(TrainerCallback):
 
 
 @contextlib.contextmanager
-def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
-    """Ctrl-C and SIGTERM received inside the block take effect when it ends (a no-op outside the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = {number: signal.signal(number, lambda number, frame: received.append(number)) for number in signals}
+def signals_deferred():
+    """Ctrl-C and SIGTERM received in the block are blocked, and take effect when it ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        for number in dict.fromkeys(received):
-            signal.raise_signal(number)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _fsync(path: Path) -> None:
-    """Flushes a file or a folder's entries, so that a rename after it never exposes unwritten data."""
+    """Flushes a file or a folder's entries to disk, so that a rename after it never exposes unwritten data."""
     with contextlib.suppress(OSError):  # some systems cannot open or fsync a folder
         descriptor = os.open(path, os.O_RDONLY)
         try:
@@ -186,8 +199,8 @@ def _fsync(path: Path) -> None:
 
 
 def commit_staged_save(output_dir: str | Path) -> None:
-    """Moves the files of a complete staged save into `output_dir`, each with one `os.replace` (a reader sees the old
-    file or the new one), Ctrl-C and SIGTERM held until the last is in; then removes the staging folder."""
+    """Moves a complete staged save's files into `output_dir`, each by one `os.replace` (a reader sees the old file or
+    the new one), Ctrl-C and SIGTERM held until the last is in; then removes the staging folder."""
     output_dir, staging = Path(output_dir), Path(output_dir) / FINAL_SAVE_STAGING
     with signals_deferred():
         for entry in sorted(staging.iterdir()):
@@ -200,8 +213,7 @@ def commit_staged_save(output_dir: str | Path) -> None:
 
 
 def recover_final_save(output_dir: str | Path) -> None:
-    """A staged save an interrupted run left: moved in when marked complete (killed while moving), else removed
-    (killed while writing; `output_dir` keeps the old state)."""
+    """A staged save an interrupted run left: moved in when marked complete (killed while moving), else removed."""
     staging = Path(output_dir) / FINAL_SAVE_STAGING
     if (staging / STAGED_COMPLETE).is_file():
         logger.warning("completing the final save that an interrupted run left in %s", staging)
@@ -212,10 +224,9 @@ def recover_final_save(output_dir: str | Path) -> None:
 
 
 def save_final_model(trainer, output_dir: str | Path, state, files: dict[str, str] | None = None) -> None:
-    """`trainer.save_model` (model or adapter, processor), the trainer state and `files` (name: text), written into
-    the staging folder (every process takes part, the main one writes), flushed, marked complete, then moved in
-    (`commit_staged_save`). An interrupt while writing leaves `output_dir` as it was; one while moving waits until
-    the move is done."""
+    """`trainer.save_model` (model or adapter, processor), the trainer state and `files` (name: text), written into the
+    staging folder (every process takes part, the main one writes), flushed, marked complete and moved in. An interrupt
+    while writing leaves `output_dir` as it was; one while moving takes effect when the move is done."""
     staging = Path(output_dir) / FINAL_SAVE_STAGING
     if state.is_main_process and staging.exists():
         shutil.rmtree(staging)
@@ -245,46 +256,26 @@ def save_final_model(trainer, output_dir: str | Path, state, files: dict[str, st
 
 def require_training_extra(lora: bool = False) -> None:
     """ImportError naming the install command when a package of the `train` extra is missing."""
-    missing = [name for name in ["accelerate"] + ["peft"] * lora if importlib.util.find_spec(name) is None]
+    missing = ", ".join(name for name in ["accelerate"] + ["peft"] * lora if importlib.util.find_spec(name) is None)
     if missing:
-        raise ImportError(
-            f"ms-llava train needs {', '.join(missing)}: install the training extra, pip install -e '.[train]' "
-            "(accelerate, peft, datasets)"
-        )
+        raise ImportError(f"ms-llava train needs {missing}: install the training extra, pip install -e '.[train]'")
 
 
-def train(
-    model_name_or_path: str | Path,
-    stage: str,
-    data_path,
-    image_folder: str | Path | None = None,
-    output_dir: str | Path = "ms-llava-output",
-    *,
-    callbacks: list[TrainerCallback] | None = None,
-    feature_cache: FeatureCache | None = None,
-    **overrides,
-) -> TrainResult:
-    """Runs one stage of the recipe and saves the result in `output_dir` (model or adapter, with the processor).
+def train(model_name_or_path, stage: str, data_path, image_folder=None, output_dir="ms-llava-output", *,
+          callbacks: list | None = None, feature_cache=None, **overrides) -> TrainResult:  # fmt: skip
+    """Runs one stage of the recipe on `data_path` (`data.load_training_records`; images relative to `image_folder`)
+    from the checkpoint `model_name_or_path` (folder or Hub id) and saves the model or adapter, with the processor, in
+    `output_dir`. `overrides`: options of `MSLlavaTrainingArguments` (the recipe's value otherwise); `callbacks`: extra
+    `TrainerCallback`s; `feature_cache`: a `feature_cache.build_cache` result to reuse with `cache_vision_features`.
 
-    Args:
-        model_name_or_path: an MS-LLaVA checkpoint (a `save_pretrained` folder or a Hub id).
-        stage: `"pretrain"` or `"finetune"` (`PAPER_RECIPES`).
-        data_path: LLaVA JSON, or `messages` + `images` data (`ms_llava.training.data.load_training_records`).
-        image_folder: the folder image paths are relative to (default: the data file's folder).
-        output_dir: checkpoints, logs, the training record and the final model.
-        callbacks: extra `TrainerCallback`s.
-        feature_cache: with `cache_vision_features=True`, a cache from `feature_cache.build_cache` to reuse.
-        **overrides: options of `MSLlavaTrainingArguments` (`learning_rate=...`, `lora=True`, `resume=True`, ...);
-            those left out take the stage recipe's value.
-
-    Raises ValueError for a bad setting or batch layout, an output folder holding checkpoints without `resume=True`,
-    bad records (`BadRecordsError`) without `skip_bad_records=True`; `FolderInUseError` when another run holds
-    `output_dir`; OSError naming `output_dir` when it cannot be written.
+    Raises ValueError for bad settings, bad records (`BadRecordsError`) or an output folder holding checkpoints
+    (without `resume=True`), OSError naming `output_dir` when it cannot be written, `FolderInUseError` when a run
+    holds it.
     """
     output_dir = Path(output_dir)
-    local_weights = sum(path.stat().st_size for path in Path(model_name_or_path).glob("*.safetensors"))
     adapted = overrides.get("lora") or overrides.get("qlora") or overrides.get("adapter") is not None
-    check_writable(output_dir, 0 if adapted else local_weights)  # the final save needs about the weights' size
+    weights = sum(path.stat().st_size for path in Path(model_name_or_path).glob("*.safetensors"))
+    check_writable(output_dir, 0 if adapted else weights)  # the final save needs about the weights' size
     require_training_extra(lora=adapted)
     config = MSLlavaTrainingArguments.for_stage(stage, output_dir=str(output_dir), **overrides)
     if config.qlora:
@@ -293,98 +284,82 @@ def train(
         raise ValueError("feature_cache is used with cache_vision_features=True only")
     state = PartialState()  # set up by TrainingArguments (gloo on CPU, NCCL on GPUs)
     if state.num_processes != arguments.launched_world_size():
-        raise ValueError(
-            f"the launcher started {arguments.launched_world_size()} processes but the process group has "
-            f"{state.num_processes}"
-        )
-    model_name_or_path = str(
-        Path(model_name_or_path).resolve() if Path(model_name_or_path).is_dir() else model_name_or_path
-    )
+        raise ValueError(f"the launcher started {arguments.launched_world_size()} processes but the process group "
+                         f"has {state.num_processes}")  # fmt: skip
+    if Path(model_name_or_path).is_dir():
+        model_name_or_path = Path(model_name_or_path).resolve()
+    model_name_or_path = str(model_name_or_path)
     created = next((path for path in (*reversed(output_dir.parents), output_dir) if not path.exists()), None)
-    files = RunFiles(output_dir / LOSS_LOG)
-    lock = own_folder(output_dir, command_line()) if state.is_main_process else contextlib.nullcontext()
+    files = None
     try:
-        with lock:
-            return _train(model_name_or_path, data_path, image_folder, output_dir, config, state, files, callbacks,
-                          feature_cache, created)  # fmt: skip
+        with own_folder(output_dir, command_line()) if state.is_main_process else contextlib.nullcontext():
+            resume_from = _checkpoint_to_resume(output_dir, config, state, existed=created is None)
+            processor = AutoProcessor.from_pretrained(model_name_or_path)
+            records = load_training_records(data_path, image_folder)
+            data_check = _pre_pass(records, processor, config, state)
+            if data_check.problems and not config.skip_bad_records:
+                raise BadRecordsError(data_check.problems, data_check.num_records)
+            if not data_check.kept:
+                raise ValueError(f"{records.description}: no record left to train on ({data_check.summary()})")
+            if data_check.problems and state.is_main_process:
+                shown = ", ".join(map(str, data_check.problems[:3])) + " ..." * (len(data_check.problems) > 3)
+                logger.warning("skipping %d bad record(s) (%s); they are listed in %s once training starts",
+                               len(data_check.problems), shown, output_dir / SKIPPED_RECORDS)  # fmt: skip
+            _log_main(state, "data: %s: %s", records.description, data_check.summary())
+            if config.auto_num_workers:
+                config.dataloader_num_workers = arguments.default_num_workers(
+                    len(data_check.kept), state.num_processes
+                )
+            # A batch of text-only records leaves the projector unused: DDP must then look for unused parameters.
+            config.ddp_find_unused_parameters = data_check.num_text_only > 0
+            stage_record = _stage_record(config, model_name_or_path, data_path, data_check, state.num_processes)
+            _check_resume(output_dir, stage_record, resume_from)
+
+            model = configure_trainable(load_model(model_name_or_path, config), config)
+            stage_record["trained"], stage_record["frozen"] = _trained_and_frozen(model)
+            trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
+            projector_lr = f" (projector {config.projector_learning_rate:g})" if config.projector_learning_rate else ""
+            _log_main(state, f"stage {config.stage}: {trainable:,} trainable parameters; global batch "
+                      f"{config.global_batch_size} = {config.per_device_train_batch_size} per device x "
+                      f"{config.gradient_accumulation_steps} accumulation x {state.num_processes} process(es); lr "
+                      f"{config.learning_rate:g}{projector_lr}; {config.dataloader_num_workers} data-loader "
+                      "worker(s)")  # fmt: skip
+            if config.cache_vision_features:
+                feature_cache = _build_feature_cache(model, processor, records, data_check.kept, state, feature_cache)
+            record = {"stages": [*_earlier_stages(model_name_or_path), stage_record]}
+            files = RunFiles(output_dir, record, data_check.problems, state.is_main_process)
+            trainer = MSLlavaTrainer(
+                model=model,
+                args=config,
+                train_dataset=SupervisedDataset(records, data_check.kept, processor, config.max_length, feature_cache),
+                data_collator=RightPaddingCollator(find_pad_token_id(processor.tokenizer)),
+                processing_class=processor,
+                callbacks=[files, *(callbacks or [])],
+                projector_learning_rate=config.projector_learning_rate,
+            )
+            started = time.perf_counter()
+            with writing(output_dir):
+                with vision_features_input(model, feature_cache) if feature_cache else contextlib.nullcontext():
+                    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                files.start(trainer.state)  # a resumed run whose checkpoint is at the last step runs no step
+                stage_record.update(steps_run=trainer.state.global_step, completed=True)
+                save_final_model(trainer, output_dir, state, {RUN_RECORD: json.dumps(record, indent=2) + "\n"})
+                wall_time, merged_dir = time.perf_counter() - started, None
+                if state.is_main_process and config.lora and (config.merge_lora or config.hub_model_id):
+                    merged_dir = output_dir / "merged"
+                    merge_lora_adapter(output_dir, merged_dir)
     except BaseException:
-        if not files.started and created is not None and state.is_main_process and created.exists():
+        if not (files and files.started) and created is not None and state.is_main_process and created.exists():
             logger.warning("removing %s: this run created it and failed before its first step", created)
             shutil.rmtree(created, ignore_errors=True)
         raise
-
-
-def _train(model_name_or_path, data_path, image_folder, output_dir, config, state, files, callbacks, feature_cache,
-           created):  # fmt: skip
-    """`train` from the resume decision on; `files` fires at the end of the first step."""
-    resume_from = _checkpoint_to_resume(output_dir, config, state, existed=created is None)
-    processor = AutoProcessor.from_pretrained(model_name_or_path)
-    records = load_training_records(data_path, image_folder)
-    data_check = _pre_pass(records, processor, config, state)
-    if data_check.problems and not config.skip_bad_records:
-        raise BadRecordsError(data_check.problems, data_check.num_records)
-    if not data_check.kept:
-        raise ValueError(f"{records.description}: no record left to train on ({data_check.summary()})")
-    if data_check.problems and state.is_main_process:
-        logger.warning(
-            "skipping %d bad record(s) (%s%s); they are listed in %s once training starts",
-            len(data_check.problems),
-            ", ".join(str(problem) for problem in data_check.problems[:3]),
-            " ..." if len(data_check.problems) > 3 else "",
-            output_dir / SKIPPED_RECORDS,
-        )
-    _log_main(state, "data: %s: %s", records.description, data_check.summary())
-    if config.auto_num_workers:
-        config.dataloader_num_workers = default_num_workers(len(data_check.kept), state.num_processes)
-    # A batch of text-only records leaves the projector unused: DDP must then look for unused parameters.
-    config.ddp_find_unused_parameters = data_check.num_text_only > 0
-    stage_record = _stage_record(config, model_name_or_path, data_path, data_check, state.num_processes)
-    _check_resume(output_dir, stage_record, resume_from)
-
-    model = configure_trainable(load_model(model_name_or_path, config), config)
-    stage_record["trained"], stage_record["frozen"] = _trained_and_frozen(model)
-    _log_main(
-        state,
-        "stage %s: %s trainable parameters; global batch %d = %d per device x %d accumulation x %d process(es); "
-        "lr %g%s; %d data-loader worker(s)",
-        config.stage,
-        f"{sum(param.numel() for param in model.parameters() if param.requires_grad):,}",
-        config.global_batch_size,
-        config.per_device_train_batch_size,
-        config.gradient_accumulation_steps,
-        state.num_processes,
-        config.learning_rate,
-        f" (projector {config.projector_learning_rate:g})" if config.projector_learning_rate else "",
-        config.dataloader_num_workers,
-    )
-    if config.cache_vision_features:
-        feature_cache = _build_feature_cache(model, processor, records, data_check.kept, state, feature_cache)
-    record = {"stages": [*_earlier_stages(model_name_or_path), stage_record]}
-    files.start = lambda: _record_run_start(output_dir, record, data_check, state)
-    files.save = lambda step: _write_record(output_dir, record, state, steps_run=step)
-    trainer = MSLlavaTrainer(
-        model=model,
-        args=config,
-        train_dataset=SupervisedDataset(records, data_check.kept, processor, config.max_length, feature_cache),
-        data_collator=RightPaddingCollator(find_pad_token_id(processor.tokenizer)),
-        processing_class=processor,
-        callbacks=[files, *(callbacks or [])],
-        projector_learning_rate=config.projector_learning_rate,
-    )
-    started = time.perf_counter()
-    with writing(output_dir):
-        with vision_features_input(model, feature_cache) if feature_cache else contextlib.nullcontext():
-            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        files.fire(trainer.state)  # a resumed run whose checkpoint is at the last step runs no step
-        stage_record.update(steps_run=trainer.state.global_step, completed=True)
-        save_final_model(trainer, output_dir, state, {RUN_RECORD: json.dumps(record, indent=2) + "\n"})
-        wall_time = time.perf_counter() - started
-        merged_dir = None
-        if state.is_main_process and config.lora and (config.merge_lora or config.hub_model_id):
-            merged_dir = output_dir / "merged"
-            merge_lora_adapter(output_dir, merged_dir)
     if state.is_main_process and config.hub_model_id:
-        _push(merged_dir or output_dir, config, model_name_or_path, record)
+        from ..hub import push_to_hub
+
+        base_model = None if Path(model_name_or_path).exists() else model_name_or_path
+        training = {"stages": record["stages"], "trained with": "ms-llava train"}  # the card states what ran
+        commit = push_to_hub(merged_dir or output_dir, config.hub_model_id, base_model=base_model, training=training)
+        logger.info("pushed %s to %s (commit %s)", merged_dir or output_dir, config.hub_model_id, commit.oid)
     state.wait_for_everyone()
     _log_main(state, "done: %d steps in %.1f s; final model in %s", trainer.state.global_step, wall_time, output_dir)
     return TrainResult(
@@ -398,31 +373,34 @@ def _train(model_name_or_path, data_path, image_folder, output_dir, config, stat
         skipped=list(data_check.problems),
         resumed_from=resume_from,
         adapter_type=config.adapter,
+        adapter=config.adapter is not None,
         merged_dir=merged_dir,
-        record=record,
     )
 
 
+def _log_main(state, message: str, *args) -> None:
+    if state.is_main_process:
+        logger.info(message, *args)
+
+
 def _stage_record(config, model_name_or_path: str, data_path, data_check, world_size: int) -> dict:
-    """This run's entry of the training record's `stages` (completed and steps_run are updated as it goes)."""
+    """This run's entry in the training record (`trained` / `frozen`, `steps_run` and `completed` follow later)."""
     adapter = None
     if config.lora:
         adapter = {"type": "qlora" if config.qlora else "lora", "r": config.lora_r, "alpha": config.lora_alpha}
         adapter.update(dropout=config.lora_dropout, target="language model", modules_to_save=[PROJECTOR])
     elif config.adapter == "scale":
-        adapter = {"type": "scale", "bound": config.scale_bound, "token_scope": config.scale_token_scope}
-        adapter["layers"] = config.scale_layers
+        adapter = {"type": "scale", "bound": config.scale_bound, "token_scope": config.scale_token_scope,
+                   "layers": config.scale_layers}  # fmt: skip
     names = ("learning_rate", "projector_learning_rate", "warmup_ratio", "weight_decay", "optim", "adam_beta1")
-    names += ("adam_beta2", "adam_epsilon", "max_grad_norm", "per_device_train_batch_size")
-    names += ("gradient_accumulation_steps", "global_batch_size", "num_train_epochs", "max_length", "bf16", "seed")
+    names += ("adam_beta2", "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "max_length", "bf16")
+    names += ("gradient_accumulation_steps", "global_batch_size", "num_train_epochs", "seed")
     return {
         "stage": config.stage,
         "base_model": model_name_or_path,
         "data": str(data_path) if isinstance(data_path, (str, Path)) else f"a {type(data_path).__name__} in memory",
         "num_examples": len(data_check.kept),
         "skipped_records": len(data_check.problems),
-        "trained": None,
-        "frozen": None,
         "adapter": adapter,
         "lr_scheduler_type": SchedulerType(config.lr_scheduler_type).value,
         **{name: getattr(config, name) for name in names},
@@ -448,10 +426,8 @@ def _trained_and_frozen(model) -> tuple[list[str], list[str]]:
 def _earlier_stages(model_name_or_path: str) -> list[dict]:
     """The stages recorded in the `--model` folder's own training record (none for a Hub id or a folder without)."""
     path = Path(model_name_or_path) / RUN_RECORD
-    if not path.is_file():
-        return []
     try:
-        return list(json.loads(path.read_text(encoding="utf-8"))["stages"])
+        return list(json.loads(path.read_text(encoding="utf-8"))["stages"]) if path.is_file() else []
     except (ValueError, KeyError, TypeError) as error:
         logger.warning("%s cannot be read (%s); the record of this run starts with this stage", path, error)
         return []
@@ -469,14 +445,9 @@ def _build_feature_cache(model, processor, records, kept: list[int], state, reus
     return cache
 
 
-def _log_main(state, message: str, *args) -> None:
-    if state.is_main_process:
-        logger.info(message, *args)
-
-
 def _checkpoint_to_resume(output_dir: Path, config, state, existed: bool) -> Path | None:
     """The checkpoint `--resume` continues from (logged with its step), or None (logged with the reason)."""
-    checkpoints = complete_checkpoints(output_dir)
+    every, checkpoints = [Path(path) for path in sort_checkpoints(str(output_dir))], complete_checkpoints(output_dir)
     if not config.resume:
         if checkpoints:
             raise ValueError(
@@ -484,12 +455,11 @@ def _checkpoint_to_resume(output_dir: Path, config, state, existed: bool) -> Pat
                 f"--resume (resume=True) to continue from {checkpoints[-1].name}, or choose another output directory"
             )
         return None
-    every = [Path(path) for path in sort_checkpoints(str(output_dir))]
-    incomplete = [path.name for path in every if path not in checkpoints]
     if not checkpoints:
         why = f"{output_dir} holds no checkpoint-N folder" if existed else f"{output_dir} does not exist"
-        if incomplete:
-            why = f"{output_dir} holds only incomplete checkpoints ({', '.join(incomplete)}: no {TRAINER_STATE_NAME})"
+        if every:
+            names = ", ".join(path.name for path in every)
+            why = f"{output_dir} holds only incomplete checkpoints ({names}: no {TRAINER_STATE_NAME})"
         if state.is_main_process:
             logger.warning("resume: starting from the beginning (step 0): %s", why)
         return None
@@ -510,20 +480,18 @@ def _check_resume(output_dir: Path, stage_record: dict, resume_from: Path | None
         logger.warning("resume: %s records no %s; not compared", path, [k for k in CURVE_KEYS if k not in previous])
     changed = [
         f"{key} {previous[key]!r} -> {stage_record[key]!r}"
-        + (" (the training data differ)" if key == "data_fingerprint" else "")
+        + " (the training data differ)" * (key == "data_fingerprint")
         for key in CURVE_KEYS
         if key in previous and previous[key] != stage_record[key]
     ]
     if changed:
-        raise ValueError(
-            f"resuming {resume_from} with settings that change the loss curve: {'; '.join(changed)}; keep them, or "
-            "start a new output directory"
-        )
+        raise ValueError(f"resuming {resume_from} with settings that change the loss curve: {'; '.join(changed)}; "
+                         "keep them, or start a new output directory")  # fmt: skip
 
 
 def _pre_pass(records, processor, config, state):
-    """`check_records` on the main process only; its result, or its failure, broadcast to the others (which raise the
-    same message rather than wait forever)."""
+    """`check_records` on the main process only; its result or failure broadcast to the others (which raise the same
+    message rather than wait forever)."""
 
     def check():
         logger.info("pre-pass (process %d): checking %d records of %s", state.process_index, len(records),
@@ -551,61 +519,17 @@ def _pre_pass(records, processor, config, state):
     return payload[0]
 
 
-def _record_run_start(output_dir: Path, record: dict, data_check, state) -> None:
-    """At the end of the first step (main process): removes what an interrupted save left, writes the training record
-    and the skipped-records list (or removes a list an earlier run left)."""
-    if not state.is_main_process:
-        return
-    # A save into a folder an interrupted save left would mix its files with the stale ones and mark them complete.
-    for path in sort_checkpoints(str(output_dir)):
-        if not (Path(path) / TRAINER_STATE_NAME).is_file():
-            logger.warning("removing %s: an incomplete checkpoint left by an interrupted save", path)
-            shutil.rmtree(path)
-    recover_final_save(output_dir)
-    _write_record(output_dir, record, state)
-    (output_dir / SKIPPED_RECORDS).unlink(missing_ok=True)  # an earlier run's list would mislead
-    if data_check.problems:
-        lines = "".join(json.dumps(problem.to_dict()) + "\n" for problem in data_check.problems)
-        _write_atomically(output_dir / SKIPPED_RECORDS, lines)
-
-
-def _write_record(output_dir: Path, record: dict, state, **update) -> None:
-    """The training record, this run's stage updated with `update`, written whole (main process)."""
-    record["stages"][-1].update(update)
-    if state.is_main_process:
-        _write_atomically(output_dir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """`path` gets `text` whole or keeps its old content."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
-def _push(checkpoint_dir: Path, config, model_name_or_path: str, record: dict) -> None:
-    """Uploads the trained checkpoint with `ms_llava.hub.push_to_hub`; the card states the recorded stages."""
-    from ..hub import push_to_hub
-
-    base_model = None if Path(model_name_or_path).exists() else model_name_or_path
-    training = {"stages": record["stages"], "trained with": "ms-llava train"}
-    commit = push_to_hub(checkpoint_dir, config.hub_model_id, base_model=base_model, training=training)
-    logger.info("pushed %s to %s (commit %s)", checkpoint_dir, config.hub_model_id, commit.oid)
-
-
 # --------------------------------------------------------------------------------------------- command line
-
-DESCRIPTION = (
-    "Train MS-LLaVA with the paper's two-stage recipe (Sec. 4.1). pretrain: only the projector trains (AdamW, lr "
-    "1e-3, global batch 32, 1 epoch); finetune: projector and LLM train, vision tower frozen (lr 1e-5, global batch "
-    "16, 1 epoch). Every option overrides the recipe. Runs under `accelerate launch` for several processes. The other "
-    "options of transformers' TrainingArguments (--optim, --report_to, ...) are taken too; they are not listed here."
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`ms-llava train`'s options (`ms_llava.training.arguments`)."""
-    parser.description = DESCRIPTION
+    parser.description = (
+        "Train MS-LLaVA with the paper's two-stage recipe (Sec. 4.1). pretrain: only the projector trains (AdamW, lr "
+        "1e-3, global batch 32, 1 epoch); finetune: projector and LLM train, vision tower frozen (lr 1e-5, global "
+        "batch 16, 1 epoch). Every option overrides the recipe. Runs under `accelerate launch` for several processes. "
+        "The other options of transformers' TrainingArguments (--optim, --report_to, ...) are taken but not listed."
+    )
     arguments.add_arguments(parser)
 
 
@@ -613,7 +537,7 @@ def run(args: argparse.Namespace) -> int:
     """`ms-llava train`: trains, prints one summary line (main process), returns 0; errors propagate."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("ms_llava").setLevel(logging.INFO)
+    logger.setLevel(logging.INFO)
     options = {item.name for item in dataclasses.fields(MSLlavaTrainingArguments) if item.init} - {"stage"}
     overrides = {name: value for name, value in vars(args).items() if name in options and value is not None}
     result = train(args.model, args.stage, args.data, image_folder=args.image_folder, **overrides)
