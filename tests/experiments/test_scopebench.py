@@ -94,6 +94,7 @@ def _shape(fill: float) -> str:
     return "square" if fill > 0.9 else ("circle" if fill > 0.65 else "triangle")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_every_answer_is_right_for_its_image(split):
     words = {v: k for k, v in sb.COUNT_WORDS.items()}
@@ -377,6 +378,7 @@ def test_readout_finds_the_one_token_that_holds_the_answer_and_refuses_other_sha
         readout(torch.zeros(2, 35, 32))
 
 
+@pytest.mark.slow
 def test_readout_run_trains_only_the_projector_and_reports_the_table_format(tmp_path):
     from experiments.scopebench.models import build_ms_llava, build_tokenizer
     from experiments.scopebench.readout import train_readout

@@ -137,6 +137,7 @@ def two_states():
     return SavingTrainer(old_model, processor, 1), SavingTrainer(new_model, processor, 2)
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_every_point_of_the_final_save_leaves_the_old_or_the_new_state(
     two_states, tmp_path, monkeypatch, folder_contents
 ):
@@ -266,6 +267,7 @@ def final_save_points(tiny_dir: Path, shapes, finished_run: Path, folder: Path, 
     return counting.points
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_ctrl_c_during_trains_final_save(tiny_dir, shapes, finished_run, tmp_path, monkeypatch, where, final_state):
     """Ctrl-C during `train`'s final save leaves the previous final model, or the new complete one (before: a 0-byte

@@ -182,6 +182,7 @@ def test_random_bytes_as_a_data_file_larger_budget(tmp_path_factory, content, su
     check_random_file(tmp_path_factory.getbasetemp(), content, suffix)
 
 
+@pytest.mark.slow
 def test_skip_bad_records_counts_and_prints_what_it_skips(tiny_dir, fuzz, tmp_path, run_cli, caplog):
     """The train command with --skip-bad-records: every skipped record counted in its summary line and named in the
     log; nothing dropped without a word."""

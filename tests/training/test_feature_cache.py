@@ -49,6 +49,7 @@ def tiny_llava(directory: Path) -> Path:
     return directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["ms_llava", "llava"])
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_the_cache_gives_the_same_losses_and_weights(architecture, stage, tiny_dir, shapes, tmp_path):
@@ -75,6 +76,7 @@ def test_the_cache_gives_the_same_losses_and_weights(architecture, stage, tiny_d
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_a_later_run_in_the_same_process_reuses_the_cache(tiny_dir, shapes, tmp_path, caplog):
     # Shared explicitly: a cache built once and handed to each run (no state kept between runs by the module).
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
@@ -97,6 +99,7 @@ def test_a_later_run_in_the_same_process_reuses_the_cache(tiny_dir, shapes, tmp_
               max_steps=1)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_text_only_records_train_with_the_flag(tiny_dir, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     records = [
@@ -189,6 +192,7 @@ def test_images_in_memory_a_training_tower_and_dropout_are_refused(tiny, shapes,
         check_cacheable(with_dropout)
 
 
+@pytest.mark.slow
 def test_the_train_command_takes_the_flag(tiny_dir, shapes, tmp_path, capsys):
     from ms_llava.cli import main
 

@@ -87,6 +87,7 @@ def test_the_output_folder_is_checked_before_the_model_loads(tiny_dir, shapes, t
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_names_the_output_folder(tiny_dir, shapes, tmp_path, run_cli, monkeypatch):
     """The weights' write fails with ENOSPC (as a full disk makes it): the one error line says so and names the
     output folder being written, not the --model folder that was only read."""
@@ -102,6 +103,7 @@ def test_a_full_disk_during_a_save_names_the_output_folder(tiny_dir, shapes, tmp
     assert str(tiny_dir) not in err
 
 
+@pytest.mark.slow
 def test_the_training_record_states_what_ran_stage_by_stage(tiny_dir, shapes, tmp_path, run_cli):
     """`ms_llava_training.json`: a `stages` list, oldest first; stage 2's record carries stage 1's from its --model
     folder, and each stage says what trained and how."""

@@ -286,6 +286,7 @@ def test_messages_datasets_encode_exactly_like_llava_json(tiny, shapes, tmp_path
                 torch.testing.assert_close(got[key], expected[key], msg=f"{source.description}: {key}")
 
 
+@pytest.mark.slow
 def test_bad_records_are_found_before_the_model_loads_and_named(tiny_dir, shapes, tmp_path, caplog):
     good = json.loads(shapes["qa"].read_text())[:8]
     image = good[0]["image"]
@@ -365,6 +366,7 @@ def checkpoint_with_template(tiny_dir: Path, directory: Path, chat_template: str
     return directory
 
 
+@pytest.mark.slow
 def test_a_chat_template_that_marks_no_assistant_token_stops_the_run_before_training(tiny_dir, shapes, tmp_path):
     """Without {% generation %} markers (llava-hf's templates have none) every label would be -100 and the loss 0;
     the run stops before the model loads, saying how to fix the template. The fix it names makes the run train."""
@@ -396,6 +398,7 @@ def test_a_chat_template_that_marks_no_assistant_token_stops_the_run_before_trai
     assert len(result.losses) == 2 and all(loss > 1.0 for _, loss in result.losses), result.losses
 
 
+@pytest.mark.slow
 def test_a_record_without_assistant_tokens_is_a_bad_record(tiny_dir, shapes, tmp_path):
     """A record whose assistant turns the template keeps outside its generation markers is named (and skippable);
     a data set of one record with an empty or an all-truncated answer names that record, not the template."""
@@ -464,6 +467,7 @@ def corrupt_png_bytes() -> tuple[bytes, bytes]:
     return buffer.getvalue()[: len(buffer.getvalue()) // 2], b"not an image at all" * 10
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_found_by_the_pre_pass_or_named_when_training_hits_them(tiny, tiny_dir, shapes, tmp_path):
     """By default the pre-pass reads every image's header (bytes that are no image are bad records); a file cut after
     its header needs --verify-images (a full decode, embedded bytes included). Without it, training stops on such an
@@ -711,6 +715,7 @@ def test_resume_after_a_crash_mid_save_reproduces_the_loss_curve(tiny_dir, shape
         torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_bf16_or_other_data_and_no_stale_skipped_list_remains(tiny_dir, shapes, tmp_path):
     """The run record holds bf16 and a fingerprint of the data (ids, messages, image references, records kept): a
     resume that changes either is refused, even with as many examples. A skipped-records list from an earlier run
@@ -947,6 +952,7 @@ def test_train_command(tiny_dir, shapes, run_cli, tmp_path):
         run_cli([*common, "--stage", "sft", "--output-dir", tmp_path])
 
 
+@pytest.mark.slow
 def test_push_to_hub_after_training(tiny_dir, shapes, tmp_path, hub):
     from huggingface_hub import HfApi, ModelCard
 

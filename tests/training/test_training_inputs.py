@@ -128,6 +128,7 @@ def corrupt_png() -> bytes:
     return buffer.getvalue()[: len(buffer.getvalue()) // 2]
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_before_its_first_step_leaves_no_output_folder(tiny_dir, shapes, tmp_path, run_cli):
     """Bad data found at the first batch (an image cut after its header, which only --verify-images finds before):
     the error names the record, and the output folder (and the parents this run would have created) do not exist
@@ -154,6 +155,7 @@ class InterruptAtFirstStep(TrainerCallback):
         raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_step_leaves_an_existing_run_folder_as_it_was(
     tiny_dir, shapes, tmp_path, folder_contents
 ):
@@ -182,6 +184,7 @@ def test_ctrl_c_before_the_first_step_leaves_an_existing_run_folder_as_it_was(
 # --------------------------------------------------------------------------------------------- --resume
 
 
+@pytest.mark.slow
 def test_resume_says_which_checkpoint_and_step_or_why_it_starts_fresh(tiny_dir, shapes, tmp_path, caplog, run_cli):
     output_dir = tmp_path / "out"
     common = ["--stage", "finetune", "--model", tiny_dir, "--data", shapes["qa8"], "--image-folder", shapes["images"]]
@@ -211,6 +214,7 @@ def test_resume_says_which_checkpoint_and_step_or_why_it_starts_fresh(tiny_dir, 
     )
 
 
+@pytest.mark.slow
 def test_the_train_command_prints_where_it_resumed_from(tiny_dir, shapes, tmp_path, run_cli):
     output_dir = tmp_path / "out"
     common = ["--stage", "finetune", "--model", tiny_dir, "--data", shapes["qa8"], "--image-folder", shapes["images"]]

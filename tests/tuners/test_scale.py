@@ -491,6 +491,7 @@ def qa(shapes):
 RUN = {"global_batch_size": 4, "max_steps": 3, "dataloader_num_workers": 0, "save_steps": 100}
 
 
+@pytest.mark.slow
 def test_training_with_scale_changes_only_the_scalars(tiny_dir, qa, tmp_path):
     from transformers import AutoModelForImageTextToText
 
@@ -539,6 +540,7 @@ def test_training_refuses_combinations_that_make_no_sense(tiny_dir, qa, tmp_path
     assert MSLlavaTrainingArguments.for_stage("finetune", lora=True).adapter == "lora"
 
 
+@pytest.mark.slow
 def test_train_command_with_scale(tiny_dir, qa, tmp_path, capsys):
     data, images = qa
     common = ["train", "--stage", "finetune", "--adapter", "scale", "--model", str(tiny_dir), "--data", str(data)]
@@ -566,6 +568,7 @@ def test_scale_layer_is_a_peft_tuner_layer():
     assert layer.head_dim == 8
 
 
+@pytest.mark.slow
 def test_scale_training_with_activation_checkpointing_gives_the_same_losses(tiny_dir, qa, tmp_path):
     data, images = qa
     runs = [
