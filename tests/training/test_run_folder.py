@@ -140,12 +140,12 @@ def test_the_training_record_states_what_ran_stage_by_stage(tiny_dir, shapes, tm
 
 def test_data_loader_workers_follow_the_data_size_and_the_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
-    assert default_num_workers(96) == 0  # a small data set: worker start-up costs more than it saves
-    assert default_num_workers(1_000_000) == 1  # two cores: one loads while the other trains
-    assert default_num_workers(1_000_000, processes_here=2) == 0  # one core per process
+    assert default_num_workers(40, 8) == 0  # 5 steps an epoch: starting the workers each epoch costs more
+    assert default_num_workers(96, 8) == 1  # two cores: one loads while the other trains
+    assert default_num_workers(1_000_000, 8, processes_here=2) == 0  # one core per process
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert default_num_workers(1_000_000) == 4 and default_num_workers(1_000_000, processes_here=8) == 4
-    assert default_num_workers(1_000_000, processes_here=32) == 1
+    assert default_num_workers(1_000_000, 8) == 4 and default_num_workers(1_000_000, 8, processes_here=8) == 4
+    assert default_num_workers(1_000_000, 8, processes_here=32) == 1
     assert MSLlavaTrainingArguments.for_stage("finetune").auto_num_workers
     given = MSLlavaTrainingArguments.for_stage("finetune", dataloader_num_workers=0)
     assert not given.auto_num_workers and given.dataloader_num_workers == 0

@@ -20,8 +20,9 @@ from ..recipes import PAPER_RECIPES, preset
 
 ADAPTERS = ("lora", "scale")
 LISTED_INHERITED_OPTIONS = ("max_steps", "seed", "weight_decay", "max_grad_norm", "bf16")  # the other 90 are unlisted
-# fewer examples, or one core per process: the data load in the main process (docs/training.md has the measurements)
-WORKERS_MIN_EXAMPLES, WORKERS_MAX = 2000, 4
+# data-loader workers start again every epoch: below this many steps per epoch, or with one core per process, the data
+# load in the training process (docs/training.md has the measurements)
+WORKERS_MIN_STEPS_PER_EPOCH, WORKERS_MAX = 10, 4
 
 
 def option(default, text: str, **metadata):
@@ -33,12 +34,13 @@ def launched_world_size() -> int:
     return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
 
 
-def default_num_workers(num_examples: int, processes_here: int = 1) -> int:
-    """Data-loader workers when none are given: 0 below `WORKERS_MIN_EXAMPLES` examples (starting the workers each
-    epoch costs more than loading takes) or with one core per process; else one per spare core, at most WORKERS_MAX."""
+def default_num_workers(num_examples: int, global_batch_size: int, processes_here: int = 1) -> int:
+    """Data-loader workers when none are given: 0 when an epoch has fewer than `WORKERS_MIN_STEPS_PER_EPOCH` steps
+    (the workers' start costs more than they save) or a process has one core; else one per spare core, 4 at most."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     spare = cores // max(processes_here, 1) - 1
-    return 0 if num_examples < WORKERS_MIN_EXAMPLES or spare < 1 else min(spare, WORKERS_MAX)
+    small = num_examples < WORKERS_MIN_STEPS_PER_EPOCH * global_batch_size
+    return 0 if small or spare < 1 else min(spare, WORKERS_MAX)
 
 
 def gradient_accumulation_steps(global_batch_size: int, per_device_batch_size: int, world_size: int) -> int:
@@ -86,8 +88,8 @@ class MSLlavaTrainingArguments(TrainingArguments):
     logging_steps: int = option(1, "log the loss every N steps (default 1)")
     dataloader_num_workers: int | None = option(
         None,
-        f"data-loader worker processes (default: 0 below {WORKERS_MIN_EXAMPLES} examples or with one core per "
-        f"process, else one per spare core, at most {WORKERS_MAX})",
+        f"data-loader worker processes (default: 0 when an epoch has fewer than {WORKERS_MIN_STEPS_PER_EPOCH} steps "
+        f"or a process has one CPU core, else one per spare core, at most {WORKERS_MAX})",
         aliases=["--num-workers"],
     )
     disable_tqdm: bool | None = option(False, "no progress bar")

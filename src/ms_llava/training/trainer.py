@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -36,7 +37,7 @@ from .adapters import configure_trainable, load_model, merge_lora_adapter, requi
 from .arguments import MSLlavaTrainingArguments
 from .data import BadRecordsError, RightPaddingCollator, SupervisedDataset, check_records, load_training_records
 from .data import pad_token_id as find_pad_token_id
-from .feature_cache import FeatureCache, build_cache, check_cacheable, vision_features_input
+from .feature_cache import build_cache, check_cacheable, vision_features_input
 
 logger = logging.getLogger(__name__)
 LOSS_LOG, RUN_RECORD, SKIPPED_RECORDS = "loss_log.csv", "ms_llava_training.json", "skipped_records.jsonl"
@@ -308,7 +309,7 @@ def train(model_name_or_path, stage: str, data_path, image_folder=None, output_d
             _log_main(state, "data: %s: %s", records.description, data_check.summary())
             if config.auto_num_workers:
                 config.dataloader_num_workers = arguments.default_num_workers(
-                    len(data_check.kept), state.num_processes
+                    len(data_check.kept), config.global_batch_size, state.num_processes
                 )
             # A batch of text-only records leaves the projector unused: DDP must then look for unused parameters.
             config.ddp_find_unused_parameters = data_check.num_text_only > 0
@@ -324,8 +325,13 @@ def train(model_name_or_path, stage: str, data_path, image_folder=None, output_d
                       f"{config.gradient_accumulation_steps} accumulation x {state.num_processes} process(es); lr "
                       f"{config.learning_rate:g}{projector_lr}; {config.dataloader_num_workers} data-loader "
                       "worker(s)")  # fmt: skip
-            if config.cache_vision_features:
-                feature_cache = _build_feature_cache(model, processor, records, data_check.kept, state, feature_cache)
+            images = [image for index in data_check.kept for image in records[index].images]
+            if config.cache_vision_features and not images:
+                _log_main(state, "vision feature cache: the kept records hold no image, nothing to cache")
+            elif config.cache_vision_features:
+                check_cacheable(model)
+                log = functools.partial(_log_main, state)
+                feature_cache = build_cache(model, processor, images, log=log, reuse=feature_cache)
             record = {"stages": [*_earlier_stages(model_name_or_path), stage_record]}
             files = RunFiles(output_dir, record, data_check.problems, state.is_main_process)
             trainer = MSLlavaTrainer(
@@ -431,18 +437,6 @@ def _earlier_stages(model_name_or_path: str) -> list[dict]:
     except (ValueError, KeyError, TypeError) as error:
         logger.warning("%s cannot be read (%s); the record of this run starts with this stage", path, error)
         return []
-
-
-def _build_feature_cache(model, processor, records, kept: list[int], state, reuse: FeatureCache | None):
-    check_cacheable(model)
-    images = [image for index in kept for image in records[index].images]
-    if not images:
-        _log_main(state, "vision feature cache: the kept records hold no image, nothing to cache")
-        return None
-    started = time.perf_counter()
-    cache = build_cache(model, processor, images, log=lambda *args: _log_main(state, *args), reuse=reuse)
-    _log_main(state, "vision feature cache ready in %.1f s", time.perf_counter() - started)
-    return cache
 
 
 def _checkpoint_to_resume(output_dir: Path, config, state, existed: bool) -> Path | None:

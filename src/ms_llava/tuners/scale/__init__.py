@@ -1,22 +1,12 @@
 """ScAle: bounded scalar rescaling of a frozen decoder's attention heads and MLP outputs, as a PEFT method.
 
 ScAle (Zhao et al., arXiv 2606.29579; only the abstract is public) learns "a small set of scalar coefficients to
-modulate last-token attention and MLP activations in a fully frozen backbone". Per selected decoder layer: one scalar
-per attention head (on its slice of `o_proj`'s input) and one on the MLP output, each `s = 1 + bound * tanh(theta)`,
-theta = 0 at first, so the adapted model starts as the base model exactly. docs/scale.md gives every choice.
+modulate last-token attention and MLP activations in a fully frozen backbone": here one scalar per attention head (on
+its slice of `o_proj`'s input) and one on each MLP output, `s = 1 + bound * tanh(theta)`, theta = 0 at first. Which
+positions a "last" adapter scales, where it hooks, and every other choice: docs/scale.md.
 
-**Token scope.** `token_scope="all"` scales every position; `"last"` (default) scales, in each forward call, the
-first that applies: (1) with `scale_scope_start=S` passed to the model, positions >= S; (2) with `labels`, the
-positions whose next token is supervised; (3) with a KV cache that holds tokens (decoding), every position; (4) else
-the last position whose `attention_mask` is 1. So cached greedy generation equals an uncached forward of the whole
-sequence with `scale_scope_start = P - 1`, and training scales what generation will.
-
-**Placement.** Nothing is replaced: a child `scaler` (the PEFT tuner layer) is added to each attention module and
-MLP, with hooks (the head scalars on whatever `o_proj` is at call time, LoRA-wrapped too), so LoRA adapters load and
-save the same keys with or without ScAle. Only `token_scope="all"` merges into the weights.
-
-Importing this module registers `peft_type="SCALE"` with PEFT: `get_peft_model`, `PeftModel.from_pretrained`,
-`save_pretrained` and transformers' `load_adapter` then take `ScaleConfig`.
+Importing this module registers `peft_type="SCALE"` with PEFT (`get_peft_model`, `PeftModel.from_pretrained`,
+transformers' `load_adapter`).
 """
 
 from __future__ import annotations
@@ -39,7 +29,7 @@ from .model import ScaleModel, scale_layers
 def _add_peft_type_member(name: str) -> PeftType:
     """peft 0.21's `register_peft_method` takes only members of its `PeftType` enum, and transformers' `load_adapter`
     reads `peft_type.value`, so a third-party method needs a real member. Enums cannot be extended through their API:
-    this adds one as `enum` stores its own (the maps behind `PeftType[name]`, `PeftType(value)`, iteration). Idempotent."""
+    this adds one as `enum` stores its own (the maps behind `PeftType[name]`, `PeftType(value)`, iteration)."""
     if name in PeftType.__members__:
         return PeftType[name]
     member = str.__new__(PeftType, name)
@@ -61,15 +51,5 @@ def register_scale_peft_method() -> None:
 
 register_scale_peft_method()
 
-__all__ = [
-    "DEFAULT_TARGET_MODULES",
-    "SCOPE_START_KWARG",
-    "ScaleConfig",
-    "ScaleLayer",
-    "ScaleModel",
-    "ScaleScope",
-    "register_scale_peft_method",
-    "scale_layers",
-    "scale_parameter_count",
-    "scope_mask",
-]
+__all__ = ["DEFAULT_TARGET_MODULES", "SCOPE_START_KWARG", "ScaleConfig", "ScaleLayer", "ScaleModel", "ScaleScope"]
+__all__ += ["register_scale_peft_method", "scale_layers", "scale_parameter_count", "scope_mask"]

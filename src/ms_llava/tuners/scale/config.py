@@ -53,29 +53,21 @@ class ScaleConfig(PeftConfig):
             raise ValueError(f"bound must be a number in (0, 1] (s = 1 + bound * tanh(theta) > 0), got {self.bound!r}")
         self.bound = float(self.bound)
         layers = self.layers_to_transform
-        if layers is not None:
-            values = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
-            if (
-                not isinstance(values, (list, tuple))
-                or not values
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
-            ):
-                raise ValueError(
-                    f"layers_to_transform must be a non-negative int or a non-empty list of them, got {layers!r}"
-                )
-            self.layers_to_transform = sorted(set(values))
+        values = [layers] if type(layers) is int else layers
+        valid = isinstance(values, (list, tuple)) and values and all(type(v) is int and v >= 0 for v in values)
+        if layers is not None and not valid:
+            raise ValueError(
+                f"layers_to_transform must be a non-negative int or a non-empty list of them, got {layers!r}"
+            )
+        self.layers_to_transform = None if layers is None else sorted(set(values))
         if not (self.scale_attention or self.scale_mlp):
             raise ValueError("scale_attention=False and scale_mlp=False leave nothing to scale; enable one of them")
         if self.modules_to_save:
             raise ValueError(
                 f"ScAle trains only its scalars; modules_to_save must be None, got {self.modules_to_save!r}"
             )
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if self.target_modules is None:
-            self.target_modules = DEFAULT_TARGET_MODULES
-        if isinstance(self.target_modules, str):
-            re.compile(self.target_modules)
+        targets = DEFAULT_TARGET_MODULES if self.target_modules is None else self.target_modules
+        self.target_modules = re.compile(targets).pattern if isinstance(targets, str) else sorted(targets)
 
 
 def scale_parameter_count(text_config, layers: list[int] | None = None, attention: bool = True, mlp: bool = True):

@@ -39,25 +39,26 @@ class ScaleScope:
 
 
 def scope_mask(args: tuple, kwargs: dict, start=None) -> torch.Tensor | None:
-    """The (batch, seq) positions a "last" adapter scales for a call with `args` / `kwargs` (rules in the package
-    docstring); None without a sequence input."""
+    """The (batch, seq) positions a "last" adapter scales in a call, by the first rule that applies: positions >=
+    `start` (`scale_scope_start`); with `labels`, those whose next token is supervised; with a KV cache that holds
+    tokens (decoding), all; else the last position whose `attention_mask` is 1. None without a sequence input."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if reference is None:
         return None
     (batch, length), device = reference.shape[:2], reference.device
     positions = torch.arange(length, device=device).expand(batch, length)
-    if start is not None:  # rule 1: explicit
+    if start is not None:
         return positions >= torch.as_tensor(start, device=device).reshape(-1, 1)
     labels = kwargs.get("labels")
-    if labels is not None and tuple(labels.shape) == (batch, length):  # rule 2: training
+    if labels is not None and tuple(labels.shape) == (batch, length):
         mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
         mask[:, :-1] = labels[:, 1:].to(device) != -100
         return mask
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 calls it `cache` in generate
-    if cache is not None and cache.get_seq_length() > 0:  # rule 3: decoding
+    if cache is not None and cache.get_seq_length() > 0:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
-    attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)  # rule 4: the last prompt token
+    attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     if attention_mask is not None and tuple(attention_mask.shape) == (batch, length):
         last = length - 1 - attention_mask.to(device).flip(-1).ne(0).int().argmax(-1)
     else:

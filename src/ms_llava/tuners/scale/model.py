@@ -37,7 +37,8 @@ class ScaleModel(BaseTuner):
         if kind == "mlp" and not hasattr(target, peft_config.mlp_output):
             raise ValueError(
                 f"ScAle target {current_key!r} ({type(target).__name__}) has neither {peft_config.attention_output!r} "
-                f"(attention) nor {peft_config.mlp_output!r} (MLP); set attention_output / mlp_output or target_modules"
+                f"(attention) nor {peft_config.mlp_output!r} (MLP); set attention_output / mlp_output or "
+                "target_modules"
             )
         if not (peft_config.scale_attention if kind == "attention" else peft_config.scale_mlp):
             return
