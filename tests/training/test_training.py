@@ -405,8 +405,8 @@ def test_a_record_without_assistant_tokens_is_a_bad_record(tiny_dir, shapes, tmp
     # A template that does not train on "n/a" answers: they render outside the markers.
     template = LLAVA_1_5_CHAT_TEMPLATE.replace(
         "{{ 'ASSISTANT:' }}{%- generation -%}",
-        "{{ 'ASSISTANT:' }}{%- if (message['content'] | map(attribute='text') | join) == 'n/a' -%}{{ ' n/a' }}{{ eos_token }}"
-        "{%- else -%}{%- generation -%}",
+        "{{ 'ASSISTANT:' }}{%- if (message['content'] | map(attribute='text') | join) == 'n/a' -%}"
+        "{{ ' n/a' }}{{ eos_token }}{%- else -%}{%- generation -%}",
     ).replace("{{ eos_token }}{%- endgeneration -%}", "{{ eos_token }}{%- endgeneration -%}{%- endif -%}")
     checkpoint = checkpoint_with_template(tiny_dir, tmp_path / "model", template)
     good = json.loads(shapes["qa"].read_text())[:4]
