@@ -1,3 +1,4 @@
+import json
 from urllib.parse import urlsplit
 
 import pytest
@@ -5,7 +6,13 @@ import torch
 
 from hub_server import HubServer
 from isolation import install_network_guard, local_hub_clients
-from ms_llava.testing_utils import build_tiny_checkpoint, build_tiny_processor, build_tiny_tokenizer, sample_image
+from ms_llava.testing_utils import (
+    build_tiny_checkpoint,
+    build_tiny_processor,
+    build_tiny_tokenizer,
+    sample_image,
+    write_shapes_dataset,
+)
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +30,23 @@ def tiny_dir(tiny, tmp_path_factory):
     model.save_pretrained(path)
     build_tiny_processor(model.config, build_tiny_tokenizer()).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """The generated data (LLaVA JSON, images in `images`): `text` (LLM warm-up), `caption` (stage 1), `qa` (stage 2)
+    and `held_out` (qa, another seed), 96 / 96 / 96 / 32 records; `qa8`, `qa24`, `caption24`: their first records."""
+    directory = tmp_path_factory.mktemp("shapes")
+    paths = {
+        "text": write_shapes_dataset(directory, "text", 96, seed=3),
+        "caption": write_shapes_dataset(directory, "caption", 96, seed=0),
+        "qa": write_shapes_dataset(directory, "qa", 96, seed=1),
+        "held_out": write_shapes_dataset(directory, "qa", 32, seed=2),
+    }
+    for name, count in (("qa", 8), ("qa", 24), ("caption", 24)):
+        paths[f"{name}{count}"] = directory / f"{name}{count}.json"
+        paths[f"{name}{count}"].write_text(json.dumps(json.loads(paths[name].read_text())[:count]))
+    return {**paths, "images": directory / "images"}
 
 
 @pytest.fixture(scope="module")

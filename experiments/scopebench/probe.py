@@ -77,8 +77,10 @@ def linear_probe(x_train, y_train, x_test, y_test, num_classes: int, weight_deca
         }
 
 
-def probe_model(model, processor, data: Path, train_images: int = 1500, test_images: int = 300) -> dict:
-    """The four probes (digit / colour, @anchor / @all) of one model; accuracies in [0, 1]."""
+def probe_model(
+    model, processor, data: Path, train_images: int = 1500, test_images: int = 300, steps: int = 400
+) -> dict:
+    """The four probes (digit / colour, @anchor / @all) of one model, `steps` optimizer steps each; accuracies."""
     data = Path(data)
     train, test = first_scenes(data, "train", train_images), first_scenes(data, "test", test_images)
     x_train = visual_tokens(model, processor, [data / "images" / name for name, _ in train])
@@ -91,9 +93,17 @@ def probe_model(model, processor, data: Path, train_images: int = 1500, test_ima
     anchor_test = x_test[torch.arange(len(x_test)), y_test["cell"]]
     result = {"M": x_train.shape[1], "train_images": len(train), "test_images": len(test)}
     for target, classes in (("digit", 9), ("colour", 6)):
-        result[f"{target}@anchor"] = linear_probe(anchor_train, y_train[target], anchor_test, y_test[target], classes)
+        result[f"{target}@anchor"] = linear_probe(
+            anchor_train, y_train[target], anchor_test, y_test[target], classes, steps=steps
+        )
         result[f"{target}@all"] = linear_probe(
-            x_train.flatten(1), y_train[target], x_test.flatten(1), y_test[target], classes, weight_decay=1e-2
+            x_train.flatten(1),
+            y_train[target],
+            x_test.flatten(1),
+            y_test[target],
+            classes,
+            weight_decay=1e-2,
+            steps=steps,
         )
     return result
 

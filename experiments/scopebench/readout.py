@@ -89,11 +89,10 @@ class Readout(nn.Module):
 
 
 def projected(model, rows: torch.Tensor, cache) -> torch.Tensor:
-    """The projector's tokens `(batch, M, width)` for the cache rows `rows`: MS-LLaVA's own `get_image_features` on
-    their `vision_features`, LLaVA's projector as its `get_image_features` calls it (`feature_cache.projected`)."""
-    from ms_llava.training import feature_cache
-
-    return torch.stack(feature_cache.projected(model, cache.features[rows]))  # one (M, width) tensor per image
+    """The projector's tokens `(batch, M, width)` for the cache rows `rows`, called as the model's own
+    `get_image_features` calls it (`FeatureCache.projector_args`)."""
+    args, kwargs = cache.projector_args
+    return model.model.multi_modal_projector(cache.features[rows], *args, **kwargs)
 
 
 def accuracy(model, readout, rows: torch.Tensor, answers: torch.Tensor, cache, batch_size: int = 100) -> dict:

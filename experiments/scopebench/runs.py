@@ -14,7 +14,7 @@ import torch
 from . import generator as sb
 
 # The recipe's settings overridden for a tiny model trained from a random start in minutes (the paper's lrs, 1e-3 /
-# 2e-5, and one epoch of 558K / 665K examples move nothing here). Everything else is `TrainingConfig`'s default.
+# 2e-5, and one epoch of 558K / 665K examples move nothing here). Everything else is the training options' default.
 WARMUP = {"learning_rate": 3e-3, "global_batch_size": 16, "num_train_epochs": 2, "warmup_ratio": 0.05}
 STAGES = {
     "pretrain": {"learning_rate": 3e-3, "global_batch_size": 16, "max_steps": 50, "warmup_ratio": 0.1},

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_query_arguments(visualize)
 
-    from . import compose, conversion, hub, testing_utils, training
+    from . import compose, conversion, hub, testing_utils
 
     for name, module, help_text in (
         ("tiny", testing_utils, "write a tiny untrained checkpoint, compose parts or data (tests, examples, offline)"),
@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(command := commands.add_parser(name, help=help_text))
         command.set_defaults(handler=module.run)
     __import__("ms_llava.evaluation", fromlist=["add_cli"]).add_cli(commands)  # ms-llava eval (lmms-eval)
-    training.add_cli(commands, argv=sys.argv[1:] if argv is None else argv)  # train's modules only for train
+    train = commands.add_parser("train", help="train with the paper's two-stage recipe")
+    if next((word for word in (sys.argv[1:] if argv is None else argv) if not word.startswith("-")), None) == "train":
+        from . import training  # a command's module only when it is chosen (add_arguments / run)
+
+        training.add_arguments(train)
+        train.set_defaults(handler=training.run)
 
     args = parser.parse_args(argv)
     debug = _debug(args)
@@ -124,7 +129,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from PIL import Image
     from safetensors import SafetensorError
 
-    return (ValueError, OSError, ImportError, SafetensorError, Image.DecompressionBombError)
+    from .outputs import FolderInUseError
+
+    return (ValueError, OSError, ImportError, SafetensorError, Image.DecompressionBombError, FolderInUseError)
 
 
 def _describe(error: BaseException, args) -> str:

@@ -1,6 +1,6 @@
-"""The paper's training recipe (Sec. 4.1) as data: what each stage trains and its hyper-parameters, the defaults of
-the adapters the paper does not use, and `preset`, the option values a run starts from. Read by the training options
-(`ms_llava.training.arguments`) and by the model card (`ms_llava.hub`); imports neither.
+"""The paper's training recipe (Sec. 4.1) as data: what each stage trains and its hyper-parameters, and the defaults
+of the adapters the paper does not use. Read by the training options (`ms_llava.training.arguments`) and the model
+card (`ms_llava.hub`); imports neither.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ PROJECTOR = "multi_modal_projector"
 
 @dataclass(frozen=True)
 class StageRecipe:
-    """One stage of the paper's recipe (Sec. 4.1): what trains, and the stage's hyper-parameters."""
+    """One stage of the paper's recipe: what trains (parameter-name prefixes; the rest is frozen) and how."""
 
     stage: str
     description: str
-    trained_modules: tuple[str, ...]  # parameter-name prefixes that train; everything else is frozen
+    trained_modules: tuple[str, ...]
     learning_rate: float
     global_batch_size: int
     num_train_epochs: float
@@ -24,17 +24,17 @@ class StageRecipe:
 
 PAPER_RECIPES = {
     "pretrain": StageRecipe(
-        stage="pretrain",
-        description="projector pre-training on image-caption pairs (LLaVA-1.5's 558K); vision tower and LLM frozen",
-        trained_modules=(f"model.{PROJECTOR}",),
+        "pretrain",
+        "projector pre-training on image-caption pairs (LLaVA-1.5's 558K); vision tower and LLM frozen",
+        (f"model.{PROJECTOR}",),
         learning_rate=1e-3,
         global_batch_size=32,
         num_train_epochs=1.0,
     ),
     "finetune": StageRecipe(
-        stage="finetune",
-        description="instruction tuning (LLaVA-1.5's 665K); projector and LLM train, vision tower frozen",
-        trained_modules=(f"model.{PROJECTOR}", "model.language_model", "lm_head"),
+        "finetune",
+        "instruction tuning (LLaVA-1.5's 665K); projector and LLM train, vision tower frozen",
+        (f"model.{PROJECTOR}", "model.language_model", "lm_head"),
         learning_rate=1e-5,
         global_batch_size=16,
         num_train_epochs=1.0,
@@ -43,18 +43,12 @@ PAPER_RECIPES = {
 
 # LLaVA-1.5's LoRA recipe (scripts/v1_5/finetune_lora.sh): the paper trains no adapters.
 LORA_DEFAULTS = {"learning_rate": 2e-4, "projector_learning_rate": 2e-5}
-# ScAle (docs/scale.md): a few hundred to a thousand bounded scalars, d s / d theta = bound at initialisation; they
-# need a learning rate far above LoRA's to move in one epoch (ours, the ScAle abstract gives none).
+# ScAle (docs/scale.md): a few hundred bounded scalars need a learning rate far above LoRA's to move in one epoch.
 SCALE_DEFAULTS = {"learning_rate": 2e-2}
 
 
 def preset(stage: str, adapter: str | None = None) -> dict:
-    """The option values a run of `stage` starts from (`adapter`: None, "lora" or "scale"), by option name; the
-    training arguments take them where the caller set no value."""
+    """The option values a run of `stage` starts from (`adapter`: None, "lora" or "scale"), by option name."""
     recipe = PAPER_RECIPES[stage]
-    values = {
-        "learning_rate": recipe.learning_rate,
-        "global_batch_size": recipe.global_batch_size,
-        "num_train_epochs": recipe.num_train_epochs,
-    }
+    values = {name: getattr(recipe, name) for name in ("learning_rate", "global_batch_size", "num_train_epochs")}
     return {**values, **{"lora": LORA_DEFAULTS, "scale": SCALE_DEFAULTS}.get(adapter, {})}

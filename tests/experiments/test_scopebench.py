@@ -16,6 +16,7 @@ from experiments.scopebench import generator as sb
 
 DEFAULT = Path(ms_llava.__file__).parent / "default_checkpoint"
 MAX_DEFAULT_MB = 10.0
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second thread costs more than it gives
 
 
 def _png(image: Image.Image) -> bytes:
@@ -93,6 +94,7 @@ def _shape(fill: float) -> str:
     return "square" if fill > 0.9 else ("circle" if fill > 0.65 else "triangle")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_every_answer_is_right_for_its_image(split):
     words = {v: k for k, v in sb.COUNT_WORDS.items()}
@@ -169,7 +171,7 @@ def test_grid_warm_up_trains_the_language_model_and_saves_a_warm_up_folder(tmp_p
     model.save_pretrained(tmp_path / "source")
     processor.save_pretrained(tmp_path / "source")
     report = grid_warm_up(tmp_path / "source", tmp_path / "out", tmp_path / "data", steps=3, batch_size=4,
-                          eval_questions=10, log=lambda _: None)  # fmt: skip
+                          eval_questions=5, log=lambda _: None)  # fmt: skip
     assert set(report["after"]) == {6, 8, 12} and set(report["after"][8]) == set(sb.QUESTION_TYPES)
     saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
     before, after = model.state_dict(), saved.state_dict()
@@ -256,8 +258,8 @@ def test_linear_probe_reads_a_linear_label_and_not_noise():
     labels = torch.randint(0, 9, (600,), generator=generator)
     noise = torch.randn(600, 32, generator=generator)
     coded = noise + 5 * torch.nn.functional.one_hot(labels, 32).float()  # the label is a direction
-    readable = linear_probe(coded[:400], labels[:400], coded[400:], labels[400:], 9)
-    unreadable = linear_probe(noise[:400], labels[:400], noise[400:], labels[400:], 9)
+    readable = linear_probe(coded[:400], labels[:400], coded[400:], labels[400:], 9, steps=100)
+    unreadable = linear_probe(noise[:400], labels[:400], noise[400:], labels[400:], 9, steps=100)
     assert readable["test"] > 0.9 and unreadable["test"] < 0.3
 
 
@@ -283,7 +285,7 @@ def test_probe_model_on_the_default_checkpoint(default_model, tmp_path):
     sb.write_split(tmp_path, "train", 12)
     sb.write_split(tmp_path, "test", 6)
     model, processor = default_model
-    result = probe_model(model, processor, tmp_path, train_images=12, test_images=6)
+    result = probe_model(model, processor, tmp_path, train_images=12, test_images=6, steps=50)
     assert result["M"] == model.config.resampler_config.num_queries and result["test_images"] == 6
     for key in ("digit@anchor", "colour@anchor", "digit@all", "colour@all"):
         assert 0.0 <= result[key]["test"] <= 1.0 and result[key]["train"] > 0.5  # 12 rows: a linear probe fits them
@@ -363,7 +365,7 @@ def test_readout_finds_the_one_token_that_holds_the_answer_and_refuses_other_sha
     readout = Readout(width, m)
     optimizer = torch.optim.Adam(readout.parameters(), lr=3e-3)
     column = list(ANSWERS).index("fine_digit")
-    for step in range(300):
+    for step in range(150):
         batch = torch.arange(step * 32, step * 32 + 32) % 1000
         loss = torch.nn.functional.cross_entropy(readout(tokens[batch])[column], digit[batch])
         optimizer.zero_grad()
@@ -376,6 +378,7 @@ def test_readout_finds_the_one_token_that_holds_the_answer_and_refuses_other_sha
         readout(torch.zeros(2, 35, 32))
 
 
+@pytest.mark.slow
 def test_readout_run_trains_only_the_projector_and_reports_the_table_format(tmp_path):
     from experiments.scopebench.models import build_ms_llava, build_tokenizer
     from experiments.scopebench.readout import train_readout

@@ -10,6 +10,8 @@ import pytest
 
 from experiments.spatial_scale import spatial
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def centre(image, colour) -> np.ndarray:
     """The centroid (x, y) of the pixels within 40 of `colour` on every channel."""

@@ -4,7 +4,7 @@ in is completed by the next run (`recover_final_save`).
 
 The interrupts are real signals: `Interrupter` counts the points where a save writes (a file opened for writing, the
 weights file created, a file renamed into place) under a folder and, at the k-th, sends the process SIGINT (what
-Ctrl-C sends; Python raises KeyboardInterrupt unless the handler is deferred) or SIGKILL (in a subprocess). Before,
+Ctrl-C sends; Python raises KeyboardInterrupt unless the handler is deferred) or SIGKILL (in a forked child). Before,
 Ctrl-C at the first point left a 0-byte config.json in the output folder.
 """
 
@@ -12,8 +12,6 @@ import builtins
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,7 +59,10 @@ class Interrupter:
         if self.count == self.at:
             signal.raise_signal(self.signal_number)
 
+    installed = None  # the last one installed
+
     def install(self, monkeypatch) -> "Interrupter":
+        Interrupter.installed = self
         real_open, real_replace = builtins.open, os.replace
         real_save_file = transformers.modeling_utils.safe_save_file
 
@@ -101,13 +102,13 @@ class ArmAtTrainEnd(TrainerCallback):
         self.interrupter.armed = True
 
 
-def folder_contents(folder: Path) -> dict[str, bytes | None]:
-    return {str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes() for path in folder.rglob("*")}
+@pytest.fixture
+def final_state(folder_contents):
+    def final_state(folder: Path) -> dict[str, bytes | None]:
+        """The folder's contents without the checkpoints (which the final save does not touch)."""
+        return {name: data for name, data in folder_contents(folder).items() if not name.startswith("checkpoint-")}
 
-
-def final_state(folder: Path) -> dict[str, bytes | None]:
-    """The folder's contents without the checkpoints (which the final save does not touch)."""
-    return {name: data for name, data in folder_contents(folder).items() if not name.startswith("checkpoint-")}
+    return final_state
 
 
 # --------------------------------------------------------------------------------------------- save_final_model
@@ -136,7 +137,10 @@ def two_states():
     return SavingTrainer(old_model, processor, 1), SavingTrainer(new_model, processor, 2)
 
 
-def test_ctrl_c_at_every_point_of_the_final_save_leaves_the_old_or_the_new_state(two_states, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_ctrl_c_at_every_point_of_the_final_save_leaves_the_old_or_the_new_state(
+    two_states, tmp_path, monkeypatch, folder_contents
+):
     old, new = two_states
     references = {}
     for name, trainer in (("old", old), ("new", new)):
@@ -183,7 +187,9 @@ def test_ctrl_c_at_every_point_of_the_final_save_leaves_the_old_or_the_new_state
     assert outcomes[0] == "old" and outcomes[-1] == "new" and outcomes == sorted(outcomes, key=["old", "new"].index)
 
 
-def test_a_kill_while_the_files_move_in_is_completed_by_the_next_run(two_states, tmp_path, monkeypatch):
+def test_a_kill_while_the_files_move_in_is_completed_by_the_next_run(
+    two_states, tmp_path, monkeypatch, folder_contents
+):
     """A kill (no handler runs) between two renames: the folder holds new and old files, the staged save marked
     complete; `recover_final_save` (which the next `train` runs) moves the rest in. A staged save that is not marked
     complete (killed while written) is removed, leaving the old state."""
@@ -217,18 +223,10 @@ def test_a_kill_while_the_files_move_in_is_completed_by_the_next_run(two_states,
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    from ms_llava.testing_utils import write_shapes_dataset
-
-    directory = tmp_path_factory.mktemp("shapes")
-    return {"qa": write_shapes_dataset(directory, "qa", 8, seed=1), "images": directory / "images"}
-
-
-@pytest.fixture(scope="module")
 def finished_run(tiny_dir, shapes, tmp_path_factory):
     """A complete two-step run: checkpoint-1, checkpoint-2 and the final model in the output folder."""
     output_dir = tmp_path_factory.mktemp("finished") / "out"
-    train(tiny_dir, "finetune", shapes["qa"], shapes["images"], output_dir, **RUN)
+    train(tiny_dir, "finetune", shapes["qa8"], shapes["images"], output_dir, **RUN)
     return output_dir
 
 
@@ -241,16 +239,19 @@ def rerun_step_2(run: Path, folder: Path) -> None:
     (folder / "checkpoint-2" / "trainer_state.json").unlink()
 
 
-def check_old_or_new(folder: Path, old: dict[str, bytes | None]) -> str:
+def check_old_or_new(final_state, folder: Path, old: dict[str, bytes | None]) -> str:
     """The final files are the old ones, or a complete new save of the same step-2 weights (only its trainer state and
-    training arguments differ: the new run's timings, resume=True): no file truncated, a staging folder left by none, the model loads."""
+    training arguments differ: the new run's timings, resume=True): no file truncated, a staging folder left by none,
+    the model loads. The training record, saved with the final files, says whether this run completed."""
     now = final_state(folder)
     assert set(now) == set(old), sorted(set(now) ^ set(old))
-    differing = sorted(name for name in old if now[name] != old[name])
+    differing = sorted(name for name in old if now[name] != old[name] and name != "ms_llava_training.json")
     assert differing in ([], ["trainer_state.json", "training_args.bin"]), differing  # the new run's timings, resume
     state = json.loads(now["trainer_state.json"])
     assert state["global_step"] == 2 and [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2]
     AutoModelForImageTextToText.from_pretrained(folder)
+    completed = json.loads(now["ms_llava_training.json"])["stages"][-1]["completed"]
+    assert completed == bool(differing), (completed, differing)
     return "old" if not differing else "new"
 
 
@@ -260,14 +261,15 @@ def final_save_points(tiny_dir: Path, shapes, finished_run: Path, folder: Path, 
     counting = Interrupter(folder, None)
     rerun_step_2(finished_run, folder)
     counting.install(monkeypatch)
-    train(tiny_dir, "finetune", shapes["qa"], shapes["images"], folder, resume=True,
+    train(tiny_dir, "finetune", shapes["qa8"], shapes["images"], folder, resume=True,
           callbacks=[ArmAtTrainEnd(counting)], **RUN)  # fmt: skip
     monkeypatch.undo()
     return counting.points
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-def test_ctrl_c_during_trains_final_save(tiny_dir, shapes, finished_run, tmp_path, monkeypatch, where):
+def test_ctrl_c_during_trains_final_save(tiny_dir, shapes, finished_run, tmp_path, monkeypatch, where, final_state):
     """Ctrl-C during `train`'s final save leaves the previous final model, or the new complete one (before: a 0-byte
     config.json at the first point)."""
     old = final_state(finished_run)
@@ -279,36 +281,22 @@ def test_ctrl_c_during_trains_final_save(tiny_dir, shapes, finished_run, tmp_pat
     rerun_step_2(finished_run, folder)
     interrupter = Interrupter(folder, at).install(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_dir, "finetune", shapes["qa"], shapes["images"], folder, resume=True,
+        train(tiny_dir, "finetune", shapes["qa8"], shapes["images"], folder, resume=True,
               callbacks=[ArmAtTrainEnd(interrupter)], **RUN)  # fmt: skip
     monkeypatch.undo()
-    outcome = check_old_or_new(folder, old)
+    outcome = check_old_or_new(final_state, folder, old)
     assert outcome == ("new" if points[at - 1].startswith("rename to") else "old"), points[at - 1]
 
 
-KILL_SCRIPT = """
-import signal, sys
-import pytest
-sys.path.insert(0, {tests!r})
-import torch
-from test_atomic_save import Interrupter, ArmAtTrainEnd, RUN
-from ms_llava.training.trainer import train
-torch.set_num_threads(1)
-monkeypatch = pytest.MonkeyPatch()
-interrupter = Interrupter({folder!r}, {at}, signal.SIGKILL).install(monkeypatch)
-train({model!r}, "finetune", {data!r}, {images!r}, {folder!r}, resume=True, callbacks=[ArmAtTrainEnd(interrupter)],
-      **RUN)
-"""
-
-
 @pytest.mark.slow
-def test_sigkill_during_trains_final_save_then_the_next_run(tiny_dir, shapes, finished_run, tmp_path, monkeypatch):
-    """SIGKILL (no handler, no cleanup) at points of the final save, in a subprocess (each costs a start of Python
-    with torch, so a sample: the first write, one a third in, the last write before the moves, the first, middle and
-    last move): the final files are the
-    old ones (killed while the new ones were written into the staging folder) or a mix of complete old and new files
-    (killed while they were moved in, the staged save marked complete); never a truncated file. The next run's
-    `recover_final_save` then leaves the old state or the complete new one."""
+def test_sigkill_during_trains_final_save_then_the_next_run(
+    tiny_dir, shapes, finished_run, tmp_path, monkeypatch, final_state
+):
+    """SIGKILL (no handler, no cleanup) at points of the final save, each in a forked child of this process (a sample:
+    the first write, one a third in, the last write before the moves, the first, middle and last move): the final
+    files are the old ones (killed while the new ones were written into the staging folder) or a mix of complete old
+    and new files (killed while they were moved in, the staged save marked complete); never a truncated file. The
+    next run's `recover_final_save` then leaves the old state or the complete new one."""
     points = final_save_points(tiny_dir, shapes, finished_run, tmp_path / "count", monkeypatch)
     old = final_state(finished_run)
     moves = [at for at, point in enumerate(points, 1) if point.startswith("rename to")]
@@ -317,19 +305,23 @@ def test_sigkill_during_trains_final_save_then_the_next_run(tiny_dir, shapes, fi
     for at in chosen:
         folder = tmp_path / f"kill-{at}"
         rerun_step_2(finished_run, folder)
-        script = KILL_SCRIPT.format(
-            tests=str(Path(__file__).parent), folder=str(folder), at=at, model=str(tiny_dir),
-            data=str(shapes["qa"]), images=str(shapes["images"]),
-        )  # fmt: skip
-        completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-        assert completed.returncode == -signal.SIGKILL, completed.stderr[-3000:]
+        child = os.fork()
+        if child == 0:  # the resumed run, killed at point `at`; nothing of pytest's runs in the child after it
+            try:
+                Interrupter(folder, at, signal.SIGKILL).install(monkeypatch)
+                train(tiny_dir, "finetune", shapes["qa8"], shapes["images"], folder, resume=True,
+                      callbacks=[ArmAtTrainEnd(Interrupter.installed)], **RUN)  # fmt: skip
+            finally:
+                os._exit(1)  # not killed
+        _, status = os.waitpid(child, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"at {points[at - 1]!r}: {status}"
         staging = folder / FINAL_SAVE_STAGING
         for name in old:
-            if not name.startswith(FINAL_SAVE_STAGING) and (folder / name).is_file():
+            if (folder / name).is_file():
                 assert (folder / name).stat().st_size > 0, f"killed at {points[at - 1]!r}: {name} empty"
         if (staging / STAGED_COMPLETE).is_file():
             rolled_forward.append(at)
         recover_final_save(folder)
         assert not staging.exists()
-        assert check_old_or_new(folder, old) == ("new" if at in rolled_forward else "old"), points[at - 1]
+        assert check_old_or_new(final_state, folder, old) == ("new" if at in rolled_forward else "old"), points[at - 1]
     assert rolled_forward == [at for at in chosen if at in moves], (rolled_forward, points)

@@ -2,9 +2,9 @@
 
 The cache must change nothing but the time: the per-step losses and the trained weights equal an uncached run's, on
 MS-LLaVA and on transformers' LLaVA (its MLP projector over every token), and the saved checkpoint holds the real
-tower. The cache hands the model the features it selects itself (`vision_features`, an input of MS-LLaVA), the data
-set yields them with the same tokens and labels, and nothing of the model is replaced. Refusals name what cannot be
-cached.
+tower. The cache keeps what the model's own image path hands its projector; the data set yields it with the same tokens
+and labels, and a pre-hook feeds it back as `inputs_embeds`; nothing of the model is replaced. Refusals name what
+cannot be cached.
 """
 
 import json
@@ -18,35 +18,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
 from ms_llava import MSLlavaProcessor
-from ms_llava.testing_utils import (
-    build_tiny_checkpoint,
-    build_tiny_processor,
-    build_tiny_tokenizer,
-    write_shapes_dataset,
-)
+from ms_llava.testing_utils import build_tiny_checkpoint, build_tiny_processor, build_tiny_tokenizer
 from ms_llava.training import train
 from ms_llava.training.data import RightPaddingCollator, SupervisedDataset, load_training_records
-from ms_llava.training.feature_cache import (
-    build_cache,
-    check_cacheable,
-    projected,
-    vision_features_input,
-    vision_tower_of,
-)
+from ms_llava.training.feature_cache import build_cache, check_cacheable, vision_features_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = {"dataloader_num_workers": 0, "save_steps": 1000, "warmup_ratio": 0.1, "global_batch_size": 8}
 STEPS = {"learning_rate": 1e-2, "max_steps": 6}
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("cache_shapes")
-    return {
-        "caption": write_shapes_dataset(directory, "caption", 24, seed=0),
-        "qa": write_shapes_dataset(directory, "qa", 48, seed=1),
-        "images": directory / "images",
-    }
 
 
 def tiny_llava(directory: Path) -> Path:
@@ -70,11 +49,12 @@ def tiny_llava(directory: Path) -> Path:
     return directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["ms_llava", "llava"])
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_the_cache_gives_the_same_losses_and_weights(architecture, stage, tiny_dir, shapes, tmp_path):
     start = tiny_dir if architecture == "ms_llava" else tiny_llava(tmp_path / "llava")
-    data = shapes["caption"] if stage == "pretrain" else shapes["qa"]
+    data = shapes["caption24"] if stage == "pretrain" else shapes["qa24"]
     args = (start, stage, data, shapes["images"])
     plain = train(*args, tmp_path / "plain", **RUN, **STEPS)
     cached = train(*args, tmp_path / "cached", cache_vision_features=True, **RUN, **STEPS)
@@ -96,27 +76,30 @@ def test_the_cache_gives_the_same_losses_and_weights(architecture, stage, tiny_d
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_a_later_run_in_the_same_process_reuses_the_cache(tiny_dir, shapes, tmp_path, caplog):
     # Shared explicitly: a cache built once and handed to each run (no state kept between runs by the module).
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
-    records = load_training_records(shapes["qa"], shapes["images"])
+    records = load_training_records(shapes["qa24"], shapes["images"])
     images = [image for index in range(len(records)) for image in records[index].images]
     cache = build_cache(model, AutoProcessor.from_pretrained(tiny_dir), images)
     caplog.set_level(logging.INFO)
+    caplog.clear()
     for name in ("a", "b"):
-        train(tiny_dir, "finetune", shapes["qa"], shapes["images"], tmp_path / name, cache_vision_features=True,
+        train(tiny_dir, "finetune", shapes["qa24"], shapes["images"], tmp_path / name, cache_vision_features=True,
               feature_cache=cache, **RUN, max_steps=1)  # fmt: skip
-    assert caplog.text.count("vision feature cache: reused (48 images)") == 2
-    assert "vision feature cache: 48 images" not in caplog.text  # never built again
+    assert caplog.text.count("vision feature cache: reused (24 images)") == 2
+    assert "vision feature cache: 24 images" not in caplog.text  # never built again
     other = build_cache(model, AutoProcessor.from_pretrained(tiny_dir), images[:1])
-    with pytest.raises(ValueError, match="the feature_cache given lacks 47 of the 48 images"):
-        train(tiny_dir, "finetune", shapes["qa"], shapes["images"], tmp_path / "c", cache_vision_features=True,
+    with pytest.raises(ValueError, match="the feature_cache given lacks 23 of the 24 images"):
+        train(tiny_dir, "finetune", shapes["qa24"], shapes["images"], tmp_path / "c", cache_vision_features=True,
               feature_cache=other, **RUN, max_steps=1)  # fmt: skip
     with pytest.raises(ValueError, match="feature_cache is used with cache_vision_features=True only"):
-        train(tiny_dir, "finetune", shapes["qa"], shapes["images"], tmp_path / "d", feature_cache=cache, **RUN,
+        train(tiny_dir, "finetune", shapes["qa24"], shapes["images"], tmp_path / "d", feature_cache=cache, **RUN,
               max_steps=1)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_text_only_records_train_with_the_flag(tiny_dir, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     records = [
@@ -132,21 +115,22 @@ def test_text_only_records_train_with_the_flag(tiny_dir, tmp_path, caplog):
 
 def test_the_cache_holds_the_selected_features_and_the_data_set_yields_them(tiny, shapes):
     model, processor = tiny
-    records = load_training_records(shapes["qa"], shapes["images"])
+    records = load_training_records(shapes["qa24"], shapes["images"])
     images = [image for index in range(len(records)) for image in records[index].images]
     cache = build_cache(model, processor, images)
     assert len(cache) == len(set(images))
-    tower, config = vision_tower_of(model)
+    tower, config = model.model.vision_tower, model.config
     assert "forward" not in vars(tower) and not tower._forward_pre_hooks and not tower._forward_hooks
+    assert not model.model.multi_modal_projector._forward_pre_hooks  # the capturing hook is gone
     pixel_values = processor.image_processor(images=[Image.open(images[0])], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         hidden = tower(pixel_values, output_hidden_states=True).hidden_states[config.vision_feature_layer]
         assert config.vision_feature_select_strategy == "default"  # the CLS token is dropped
         torch.testing.assert_close(cache[images[0]], hidden[0, 1:], rtol=0, atol=1e-6)
         from_pixels = model.model.get_image_features(pixel_values=pixel_values).pooler_output[0]
-        from_cache = model.model.get_image_features(vision_features=cache[images[0]][None]).pooler_output[0]
+        args, kwargs = cache.projector_args
+        from_cache = model.model.multi_modal_projector(cache[images[0]][None], *args, **kwargs)[0]
         torch.testing.assert_close(from_cache, from_pixels, rtol=0, atol=1e-6)
-        torch.testing.assert_close(projected(model, cache[images[0]][None])[0], from_pixels, rtol=0, atol=1e-6)
     kept = list(range(len(records)))
     plain = SupervisedDataset(records, kept, processor, None)
     cached = SupervisedDataset(records, kept, processor, None, cache)
@@ -159,60 +143,42 @@ def test_the_cache_holds_the_selected_features_and_the_data_set_yields_them(tiny
     assert batch["vision_features"].shape == (2, *cache.features.shape[1:])
 
 
-def test_the_model_takes_vision_features_in_place_of_pixel_values(tiny):
+@pytest.mark.parametrize("architecture", ["ms_llava", "llava"])
+def test_the_model_takes_cached_features_for_the_block_only(architecture, tiny, tmp_path):
+    """Inside `vision_features_input` the model (MS-LLaVA, transformers' LLaVA) takes `vision_features` in place of
+    `pixel_values` with the same logits; both at once, or features that do not fill the image tokens, are refused;
+    after the block the hook is gone."""
     model, processor = tiny
-    image = Image.new("RGB", (40, 40), (200, 30, 30))
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "color?"}]}]
+    if architecture == "llava":
+        model = LlavaForConditionalGeneration.from_pretrained(tiny_llava(tmp_path / "llava")).eval()
+        processor = AutoProcessor.from_pretrained(tmp_path / "llava")
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(tmp_path / "red.png")},
+                                             {"type": "text", "text": "color?"}]}]  # fmt: skip
     inputs = processor.apply_chat_template(
         messages, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"
     )
     text = {key: value for key, value in inputs.items() if key != "pixel_values"}
-    with torch.no_grad():
-        features = model.model.get_vision_features(inputs["pixel_values"])
-        assert features.shape == (1, 64, model.config.vision_config.hidden_size)  # 8 x 8 patches, CLS dropped
-        assert torch.equal(model(**text, vision_features=features).logits, model(**inputs).logits)
-        assert torch.equal(
-            model.model(**text, vision_features=features).last_hidden_state, model.model(**inputs).last_hidden_state
-        )
-        generated = model.generate(**text, vision_features=features, max_new_tokens=4, do_sample=False)
-        assert torch.equal(generated, model.generate(**inputs, max_new_tokens=4, do_sample=False))
+    cache = build_cache(model, processor, [tmp_path / "red.png"])
+    features = cache[tmp_path / "red.png"][None]
+    hooks = dict(model.model._forward_pre_hooks)
+    with torch.no_grad(), vision_features_input(model, cache):
+        torch.testing.assert_close(model(**text, vision_features=features).logits, model(**inputs).logits, rtol=0,
+                                   atol=1e-6)  # fmt: skip
         with pytest.raises(ValueError, match="got both pixel_values and vision_features"):
             model(**inputs, vision_features=features)
-        with pytest.raises(ValueError, match="either pixel_values or vision_features .*; got both"):
-            model.get_image_features(pixel_values=inputs["pixel_values"], vision_features=features)
-        with pytest.raises(ValueError, match=r"shape \(num_images, 64 or 65, 24\).*got \(1, 63, 24\)"):
+        with pytest.raises(ValueError):  # a feature row short
             model(**text, vision_features=features[:, 1:])
-        with pytest.raises(ValueError, match=r"got \(64, 24\)"):
-            model(**text, vision_features=features[0])
-
-
-def test_transformers_llava_takes_them_for_the_block_only(tmp_path, tiny):
-    llava = LlavaForConditionalGeneration.from_pretrained(tiny_llava(tmp_path / "llava"))
-    _, processor = tiny
-    pixel_values = processor.image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")["pixel_values"]
-    hooks = dict(llava.model._forward_pre_hooks)
-    with torch.no_grad(), vision_features_input(llava):
-        features = llava.model.get_image_features(pixel_values=pixel_values).pooler_output[0]
-        from ms_llava.training.feature_cache import vision_features_of
-
-        selected = vision_features_of(llava, pixel_values)
-        torch.testing.assert_close(projected(llava, selected)[0], features, rtol=0, atol=0)
-        input_ids = torch.tensor([[1] + [llava.config.image_token_id] * 64 + [5]])
-        torch.testing.assert_close(
-            llava(input_ids=input_ids, vision_features=selected).logits,
-            llava(input_ids=input_ids, pixel_values=pixel_values).logits,
-            rtol=0,
-            atol=0,
-        )
-    assert dict(llava.model._forward_pre_hooks) == hooks  # the hook is gone after the block
+        with pytest.raises(ValueError, match=r"image tokens for \(2, "):
+            model(**text, vision_features=torch.cat([features, features]))
+    assert dict(model.model._forward_pre_hooks) == hooks  # the hook is gone after the block
 
 
 def test_images_in_memory_a_training_tower_and_dropout_are_refused(tiny, shapes, tmp_path):
     model, processor = tiny
     with pytest.raises(ValueError, match="needs the images as files; got a Image"):
         build_cache(model, processor, [Image.new("RGB", (32, 32))])
-    tower, _ = vision_tower_of(model)
-    parameter = next(tower.parameters())
+    parameter = next(model.model.vision_tower.parameters())
     parameter.requires_grad_(True)
     try:
         with pytest.raises(ValueError, match="needs a frozen vision tower, but .* parameters train"):
@@ -226,10 +192,11 @@ def test_images_in_memory_a_training_tower_and_dropout_are_refused(tiny, shapes,
         check_cacheable(with_dropout)
 
 
+@pytest.mark.slow
 def test_the_train_command_takes_the_flag(tiny_dir, shapes, tmp_path, capsys):
     from ms_llava.cli import main
 
-    code = main(["train", "--stage", "pretrain", "--model", str(tiny_dir), "--data", str(shapes["caption"]),
+    code = main(["train", "--stage", "pretrain", "--model", str(tiny_dir), "--data", str(shapes["caption24"]),
                  "--image-folder", str(shapes["images"]), "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
                  "--num-workers", "0", "--cache-vision-features"])  # fmt: skip
     assert code == 0

@@ -6,7 +6,6 @@ commands that do not train must not import it; training holds that line back and
 missing and what it costs.
 """
 
-import argparse
 import subprocess
 import sys
 from unittest import mock
@@ -14,86 +13,43 @@ from unittest import mock
 import pytest
 import torch
 
-import ms_llava.training
 from ms_llava.training import adapters
+from ms_llava.training.arguments import MSLlavaTrainingArguments
 
 pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the test extra installs it)")
 
 BITSANDBYTES_LINE = "Failed to load CPU gemm_4bit_forward"
-HEAVY = ("bitsandbytes", "peft", "transformers.training_args")
+HEAVY = ("ms_llava.training", "bitsandbytes", "peft", "transformers.training_args")
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run(code: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-@pytest.mark.slow  # a fresh interpreter: about 20 s on 2 shared cores
-def test_importing_training_and_registering_the_command_leave_bitsandbytes_out():
-    done = run(
-        "import argparse, sys\n"
-        "import ms_llava.training as training\n"
-        "parser = argparse.ArgumentParser(prog='ms-llava')\n"
-        "training.add_cli(parser.add_subparsers(dest='command'), argv=['--help'])\n"
-        "print(parser.format_help())\n"
-        f"print('LOADED', [name for name in {HEAVY!r} if name in sys.modules])\n"
-    )
-    assert "LOADED []" in done.stdout
-    assert training_help() in " ".join(done.stdout.split())
-    assert BITSANDBYTES_LINE not in done.stdout + done.stderr
-
-
-def training_help() -> str:
-    """The help line of the real `train` parser (`trainer.add_cli`), which the light registration repeats."""
-    from ms_llava.training.trainer import add_cli
-
-    subparsers = argparse.ArgumentParser().add_subparsers()
-    add_cli(subparsers)
-    (choice,) = subparsers._choices_actions
-    assert choice.help == ms_llava.training.TRAIN_COMMAND_HELP
-    return choice.help
-
-
-def test_a_command_line_naming_train_registers_the_real_parser():
-    subparsers = argparse.ArgumentParser().add_subparsers(dest="command")
-    parser = ms_llava.training.add_cli(subparsers, argv=["train", "--help"])
-    assert "--qlora" in parser.format_help()
-
-
-@pytest.mark.slow  # a fresh interpreter: about 20 s on 2 shared cores
-def test_ms_llava_help_prints_no_bitsandbytes_line():
-    done = run("from ms_llava.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n")
-    assert "train with the paper's two-stage recipe" in done.stdout
-    assert BITSANDBYTES_LINE not in done.stdout + done.stderr
-
-
-@pytest.mark.slow  # a fresh interpreter: about 20 s on 2 shared cores
-def test_ms_llava_help_does_not_import_bitsandbytes():
-    done = run(
+@pytest.mark.slow  # a fresh interpreter: about 10 s on 2 shared cores
+def test_help_leaves_training_out_and_training_holds_back_the_bitsandbytes_line():
+    """`ms-llava --help` imports neither the training command nor peft / bitsandbytes / TrainingArguments; importing
+    the training package and peft afterwards prints no bitsandbytes line, and where bitsandbytes tried its fused CPU
+    kernel and failed, the QLoRA note names what is missing and the cost."""
+    code = (
         "import sys\nfrom ms_llava.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         f"print('LOADED', [name for name in {HEAVY!r} if name in sys.modules])\n"
-    )
-    assert "LOADED []" in done.stdout
-
-
-@pytest.mark.slow  # a fresh interpreter: about 20 s on 2 shared cores
-def test_training_holds_back_the_bitsandbytes_line_and_qlora_says_it_plainly():
-    """Importing peft (as transformers' Trainer does) prints nothing after `import ms_llava.training`; where
-    bitsandbytes tried its fused CPU kernel and failed, the note names what is missing and the cost."""
-    done = run(
-        "import ms_llava.training, peft, sys\n"
-        "from ms_llava.training.adapters import cpu_4bit_kernel_note, hold_back_bitsandbytes_cpu_kernel_warning\n"
-        "print('REASON', hold_back_bitsandbytes_cpu_kernel_warning().reason)\n"
+        "import ms_llava.training, peft\nfrom ms_llava.training.adapters import cpu_4bit_kernel_note\n"
         "print('NOTE', cpu_4bit_kernel_note())\n"
     )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LOADED []" in done.stdout and "train with the paper's two-stage recipe" in done.stdout
     assert BITSANDBYTES_LINE not in done.stdout + done.stderr
-    if "REASON None" in done.stdout:
-        pytest.skip("bitsandbytes did not try its fused CPU kernel here (it does only on CPUs with AVX512-BF16)")
-    assert "`kernels`" in done.stdout and "slower" in done.stdout, done.stdout
+    if "NOTE None" not in done.stdout:  # bitsandbytes tries its fused kernel only on CPUs with AVX512-BF16
+        assert "`kernels`" in done.stdout and "slower" in done.stdout, done.stdout
+
+
+def test_a_command_line_naming_train_lists_its_options(capsys):
+    from ms_llava.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--qlora" in capsys.readouterr().out
 
 
 def test_qlora_needs_bitsandbytes_but_no_gpu():
@@ -108,9 +64,7 @@ def test_qlora_needs_bitsandbytes_but_no_gpu():
 def test_the_qlora_base_keeps_tower_resampler_and_head_unquantized(tiny_dir):
     import bitsandbytes as bnb
 
-    from ms_llava.training.arguments import TrainingConfig
-
-    model = adapters.load_model(str(tiny_dir), TrainingConfig.for_stage("finetune", qlora=True))
+    model = adapters.load_model(str(tiny_dir), MSLlavaTrainingArguments.for_stage("finetune", qlora=True))
     kinds = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -132,7 +86,6 @@ def test_qlora_trains_on_cpu_and_the_adapter_reloads_on_a_fresh_4bit_base(tmp_pa
 
     from ms_llava.testing_utils import sample_image, write_shapes_dataset
     from ms_llava.training import train
-    from ms_llava.training.arguments import TrainingConfig
     from quantized_tiny import write_tiny64_checkpoint
 
     monkeypatch.setattr(adapters, "_NOTED", [])  # the note is said once per process: count it in this test
@@ -152,7 +105,7 @@ def test_qlora_trains_on_cpu_and_the_adapter_reloads_on_a_fresh_4bit_base(tmp_pa
 
     with torch.no_grad():
         before = (
-            adapters.load_model(str(base), TrainingConfig.for_stage("finetune", qlora=True))
+            adapters.load_model(str(base), MSLlavaTrainingArguments.for_stage("finetune", qlora=True))
             .eval()(**inputs, use_cache=False)
             .logits
         )
@@ -166,16 +119,16 @@ def test_qlora_trains_on_cpu_and_the_adapter_reloads_on_a_fresh_4bit_base(tmp_pa
     assert len(losses) == 8 and losses[-1] < losses[0] and all(torch.isfinite(torch.tensor(losses)))
     assert result.adapter and (tmp_path / "qlora" / "adapter_model.safetensors").is_file()
 
-    fresh = adapters.load_model(str(base), TrainingConfig.for_stage("finetune", qlora=True))
+    fresh = adapters.load_model(str(base), MSLlavaTrainingArguments.for_stage("finetune", qlora=True))
     reloaded = PeftModel.from_pretrained(fresh, tmp_path / "qlora").eval()
     with torch.no_grad():
         logits = reloaded(**inputs, use_cache=False).logits
-    # Measured: max |difference| 5.1e-5 on logits up to ~1.2, not bit-identical. Two fresh reloads agree bit for bit
-    # and so do two passes of the trained model; where the in-memory model differs was not found (its state_dict
-    # equals the reloaded one's). A wrong or missing adapter tensor moves the logits by far more (training moved them).
-    torch.testing.assert_close(logits, LogitsAtTheEnd.logits, rtol=0, atol=1e-4)
-    assert (LogitsAtTheEnd.logits - before).abs().max() > 1e-2
+    # The 4-bit layers compute in bfloat16 (relative precision 2**-8), and bitsandbytes' CPU kernels do not give the
+    # same numbers on every call: measured, two passes of one reloaded model differ by up to 1.6e-3, two fresh reloads
+    # agree bit for bit. A wrong or missing adapter tensor moves the logits by far more (training moved them).
+    torch.testing.assert_close(logits, LogitsAtTheEnd.logits, rtol=0, atol=4e-3)
+    assert (LogitsAtTheEnd.logits - before).abs().max() > 10 * 4e-3
     notes = [record for record in caplog.records if "kernels-community" in record.getMessage()]
     # three 4-bit loads, one note (where bitsandbytes tried its fused CPU kernel after ms_llava.training was imported)
-    tried = adapters.hold_back_bitsandbytes_cpu_kernel_warning().reason is not None
+    tried = adapters.cpu_4bit_kernel_note() is not None
     assert len(notes) == int(tried) and all(BITSANDBYTES_LINE not in record.getMessage() for record in notes)

@@ -6,49 +6,27 @@ Tiny runs as in test_training.py: the tiny random checkpoint, generated shapes d
 data-loader workers.
 """
 
-import argparse
 import io
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from ms_llava.testing_utils import write_shapes_dataset
 from ms_llava.training.data import check_records, load_training_records
-from ms_llava.training.trainer import add_cli, complete_checkpoints, train
+from ms_llava.training.trainer import complete_checkpoints, train
 
 RUN = {"dataloader_num_workers": 0, "save_steps": 1000, "warmup_ratio": 0.1, "global_batch_size": 4}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("shapes")
-    return {"qa": write_shapes_dataset(directory, "qa", 8, seed=1), "images": directory / "images"}
-
-
-def folder_contents(folder: Path) -> dict[str, bytes | None]:
-    """Every path under `folder` (relative) with its bytes (None for a folder): what "as it found it" compares."""
-    return {str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes() for path in folder.rglob("*")}
-
-
-def run_cli(arguments: list[str], capsys) -> tuple[int, str]:
-    parser = argparse.ArgumentParser(prog="ms-llava")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *arguments])
-    status = args.handler(args)
-    return status, capsys.readouterr().err
-
-
 # --------------------------------------------------------------------------------------------- data files
 
 
-def test_a_data_file_that_is_not_utf8_is_named_with_the_offending_byte_and_what_to_do(tiny_dir, tmp_path, capsys):
+def test_a_data_file_that_is_not_utf8_is_named_with_the_offending_byte_and_what_to_do(tiny_dir, tmp_path, run_cli):
     records = [{"id": "0", "conversations": [{"from": "human", "value": "Qu'est-ce que c'est, café ?"}]}]
     data = tmp_path / "latin1.json"
     data.write_bytes(json.dumps(records, ensure_ascii=False).encode("latin-1"))  # é as the single byte 0xe9
@@ -59,11 +37,10 @@ def test_a_data_file_that_is_not_utf8_is_named_with_the_offending_byte_and_what_
     assert f"{data} is not UTF-8 text: byte 0xe9 at offset {offset} (line 1)" in message
     assert "re-encode the file" in message and "iconv -f latin1 -t utf-8 latin1.json" in message
 
-    status, err = run_cli(
-        ["--stage", "pretrain", "--model", str(tiny_dir), "--data", str(data), "--output-dir", str(tmp_path / "out")],
-        capsys,
+    status, _, err = run_cli(
+        ["--stage", "pretrain", "--model", tiny_dir, "--data", data, "--output-dir", tmp_path / "out"]
     )
-    assert status == 2 and f"ms-llava train: error: {data} is not UTF-8 text" in err
+    assert status != 0 and f"ms-llava train: error: {data} is not UTF-8 text" in err
     assert not (tmp_path / "out").exists()
 
     # a UTF-8 file that starts with a byte-order mark (as Windows editors write it) reads like one without
@@ -116,7 +93,7 @@ def test_records_of_the_wrong_shape_are_named_bad_records_not_crashes(tiny, shap
     """Values a converter once passed on unchecked: a list where a role should be (a TypeError: unhashable), a lone
     surrogate escape (valid JSON, no valid Unicode: the tokenizer crashed on the whole batch)."""
     _, processor = tiny
-    good = json.loads(shapes["qa"].read_text())[:2]
+    good = json.loads(shapes["qa8"].read_text())[:2]
     question = good[0]["conversations"][0]
     records = [
         *good,
@@ -151,22 +128,23 @@ def corrupt_png() -> bytes:
     return buffer.getvalue()[: len(buffer.getvalue()) // 2]
 
 
-def test_a_run_that_fails_before_its_first_step_leaves_no_output_folder(tiny_dir, shapes, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_run_that_fails_before_its_first_step_leaves_no_output_folder(tiny_dir, shapes, tmp_path, run_cli):
     """Bad data found at the first batch (an image cut after its header, which only --verify-images finds before):
     the error names the record, and the output folder (and the parents this run would have created) do not exist
     afterwards. Before, it held ms_llava_training.json."""
     images = tmp_path / "images"
     shutil.copytree(shapes["images"], images)
     (images / "cut.png").write_bytes(corrupt_png())
-    records = json.loads(shapes["qa"].read_text())[:4]
+    records = json.loads(shapes["qa8"].read_text())[:4]
     records[0] = {**records[0], "id": "cut", "image": "cut.png"}  # the first batch holds every record
     (tmp_path / "data.json").write_text(json.dumps(records))
     output_dir = tmp_path / "runs" / "first"
     arguments = ["--stage", "finetune", "--model", str(tiny_dir), "--data", str(tmp_path / "data.json")]
     arguments += ["--image-folder", str(images), "--output-dir", str(output_dir), "--max-steps", "1"]
     arguments += ["--global-batch-size", "4", "--num-workers", "0"]
-    status, err = run_cli(arguments, capsys)
-    assert status == 2 and "record 0 (id 'cut'), image(s) " + str(images / "cut.png") + ": OSError" in err
+    status, _, err = run_cli(arguments)
+    assert status != 0 and "record 0 (id 'cut'), image(s) " + str(images / "cut.png") + ": OSError" in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -177,12 +155,15 @@ class InterruptAtFirstStep(TrainerCallback):
         raise KeyboardInterrupt
 
 
-def test_ctrl_c_before_the_first_step_leaves_an_existing_run_folder_as_it_was(tiny_dir, shapes, tmp_path):
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_step_leaves_an_existing_run_folder_as_it_was(
+    tiny_dir, shapes, tmp_path, folder_contents
+):
     """A folder with a user's notes, a complete checkpoint-2, the checkpoint-3 a crash left half-written and a loss
     log of three steps: a resumed run interrupted in its first step changes none of it (before, the loss log was cut
     back to two steps, the run record rewritten and checkpoint-3 removed before a single step ran)."""
     output_dir = tmp_path / "out"
-    args = (tiny_dir, "finetune", shapes["qa"], shapes["images"], output_dir)
+    args = (tiny_dir, "finetune", shapes["qa8"], shapes["images"], output_dir)
     train(*args, max_steps=3, **{**RUN, "save_steps": 1, "save_total_limit": None})
     shutil.rmtree(output_dir / "checkpoint-3" / "rng_state.pth", ignore_errors=True)
     (output_dir / "checkpoint-3" / "trainer_state.json").unlink()  # as a crash mid-save leaves it
@@ -203,20 +184,21 @@ def test_ctrl_c_before_the_first_step_leaves_an_existing_run_folder_as_it_was(ti
 # --------------------------------------------------------------------------------------------- --resume
 
 
-def test_resume_says_which_checkpoint_and_step_or_why_it_starts_fresh(tiny_dir, shapes, tmp_path, caplog, capsys):
+@pytest.mark.slow
+def test_resume_says_which_checkpoint_and_step_or_why_it_starts_fresh(tiny_dir, shapes, tmp_path, caplog, run_cli):
     output_dir = tmp_path / "out"
-    common = ["--stage", "finetune", "--model", str(tiny_dir), "--data", str(shapes["qa"]), "--image-folder"]
-    common += [str(shapes["images"]), "--output-dir", str(output_dir), "--global-batch-size", "4"]
-    common += ["--num-workers", "0", "--save-steps", "1", "--resume"]
+    common = ["--stage", "finetune", "--model", tiny_dir, "--data", shapes["qa8"], "--image-folder", shapes["images"]]
+    common += ["--output-dir", output_dir, "--global-batch-size", "4", "--num-workers", "0", "--save-steps", "1"]
+    common += ["--resume"]
 
     with caplog.at_level("INFO", logger="ms_llava.training.trainer"):
-        assert run_cli([*common, "--max-steps", "2"], capsys)[0] == 0
+        assert run_cli([*common, "--max-steps", "2"])[0] == 0
     assert f"resume: starting from the beginning (step 0): {output_dir} does not exist" in caplog.text
     caplog.clear()
 
     (output_dir / "checkpoint-2" / "trainer_state.json").unlink()  # as a save that died before its end leaves it
     with caplog.at_level("INFO", logger="ms_llava.training.trainer"):
-        assert run_cli([*common, "--max-steps", "2"], capsys)[0] == 0
+        assert run_cli([*common, "--max-steps", "2"])[0] == 0
     assert (
         f"resume: continuing from {output_dir / 'checkpoint-1'} at step 1 (skipping the incomplete checkpoint-2)"
         in caplog.text
@@ -225,27 +207,23 @@ def test_resume_says_which_checkpoint_and_step_or_why_it_starts_fresh(tiny_dir, 
     empty = tmp_path / "empty"
     (empty / "checkpoint-5").mkdir(parents=True)
     with caplog.at_level("INFO", logger="ms_llava.training.trainer"):
-        train(tiny_dir, "finetune", shapes["qa"], shapes["images"], empty, resume=True, max_steps=1, **RUN)
+        train(tiny_dir, "finetune", shapes["qa8"], shapes["images"], empty, resume=True, max_steps=1, **RUN)
     assert (
         f"resume: starting from the beginning (step 0): {empty} holds only incomplete checkpoints (checkpoint-5: no "
         "trainer_state.json)" in caplog.text
     )
 
 
-def test_the_train_command_prints_where_it_resumed_from(tiny_dir, shapes, tmp_path, capsys):
+@pytest.mark.slow
+def test_the_train_command_prints_where_it_resumed_from(tiny_dir, shapes, tmp_path, run_cli):
     output_dir = tmp_path / "out"
-    common = ["--stage", "finetune", "--model", str(tiny_dir), "--data", str(shapes["qa"]), "--image-folder"]
-    common += [str(shapes["images"]), "--output-dir", str(output_dir), "--global-batch-size", "4"]
-    common += ["--num-workers", "0", "--save-steps", "1"]
-    parser = argparse.ArgumentParser(prog="ms-llava")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    first = parser.parse_args(["train", *common, "--max-steps", "2"])
-    assert first.handler(first) == 0
-    assert "resumed from" not in capsys.readouterr().out
+    common = ["--stage", "finetune", "--model", tiny_dir, "--data", shapes["qa8"], "--image-folder", shapes["images"]]
+    common += ["--output-dir", output_dir, "--global-batch-size", "4", "--num-workers", "0", "--save-steps", "1"]
+    status, out, _ = run_cli([*common, "--max-steps", "2"])
+    assert status == 0 and "resumed from" not in out
     (output_dir / "checkpoint-2" / "trainer_state.json").unlink()  # as a save that died before its end leaves it
-    resumed = parser.parse_args(["train", *common, "--max-steps", "2", "--resume"])
-    assert resumed.handler(resumed) == 0
-    assert "trained finetune: 2 steps, 8 examples (0 skipped), final loss " in (out := capsys.readouterr().out)
+    status, out, _ = run_cli([*common, "--max-steps", "2", "--resume"])
+    assert status == 0 and "trained finetune: 2 steps, 8 examples (0 skipped), final loss " in out
     assert f"resumed from {output_dir / 'checkpoint-1'}; model and processor in {output_dir}" in out
 
 

@@ -1,14 +1,17 @@
 """ScAle adapter (ms_llava.tuners.scale): PEFT format, identity at init, token scope, cache, merge, LoRA coexistence,
-architectures, training."""
+architectures, training; and which of transformers' adapter methods take the installed peft."""
 
 from __future__ import annotations
 
-import argparse
 import json
+import types
+from importlib.metadata import version
 
 import pytest
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from packaging.version import Version
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.peft_types import PeftType
 from safetensors.torch import load_file
 from transformers import (
@@ -21,10 +24,12 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.integrations.peft import MIN_PEFT_VERSION
 
 from messages import chat
-from ms_llava.testing_utils import build_tiny_checkpoint, tiny_vision_config, write_shapes_dataset
-from ms_llava.training import TrainingConfig, add_cli, train
+from ms_llava.cli import main
+from ms_llava.testing_utils import build_tiny_checkpoint, tiny_vision_config
+from ms_llava.training import MSLlavaTrainingArguments, train
 from ms_llava.tuners.scale import (
     DEFAULT_TARGET_MODULES,
     SCOPE_START_KWARG,
@@ -38,6 +43,11 @@ from ms_llava.tuners.scale import (
 )
 
 SMALL = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+# transformers refuses a peft older than MIN_PEFT_VERSION (0.22.0 from transformers 5.24 on) in these adapter methods
+# of its models (not in load_adapter), and in save_pretrained of a model holding adapters it loaded.
+NEEDS_MIN_PEFT = ("add_adapter", "set_adapter", "enable_adapters", "disable_adapters", "active_adapters")
+NEEDS_MIN_PEFT += ("get_adapter_state_dict", "delete_adapter", "save_pretrained")
+NATIVE_ADAPTER_API = Version(version("peft")) >= Version(MIN_PEFT_VERSION)
 
 
 # one thread: training runs are small, and with two their timing (and DDP's gloo) gets erratic on a 2-core machine
@@ -61,6 +71,15 @@ def randomise(model, seed: int = 1, adapter: str = "default") -> None:
 
 def ids(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 60, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def disable_all_adapters(model) -> None:
+    """transformers' `disable_adapters()` where it takes this peft, else PEFT's own switch on each tuner layer."""
+    if NATIVE_ADAPTER_API:
+        return model.disable_adapters()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(False)
 
 
 # --------------------------------------------------------------------------------------------- PEFT registration
@@ -204,6 +223,9 @@ def test_scope_mask_rules():
     assert right.nonzero().tolist() == [[0, 2], [1, 4]]
     assert scope_mask((x,), {}).nonzero().tolist() == [[0, 4], [1, 4]]
     assert scope_mask((), {"input_ids": x}, start=torch.tensor([1, 3])).sum() == 4 + 2
+    holding = types.SimpleNamespace(get_seq_length=lambda: 3)  # a KV cache that holds tokens: decoding
+    for name in ("past_key_values", "cache"):  # transformers >= 5.24's generate passes `cache`
+        assert scope_mask((), {"input_ids": x, name: holding}).all()
     labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, -100, 6, 7]])
     assert scope_mask((), {"input_ids": x, "labels": labels}).nonzero().tolist() == [
         [0, 1],
@@ -248,13 +270,47 @@ def test_save_load_round_trip_with_peft_and_transformers(tmp_path):
         loaded = PeftModel.from_pretrained(llama(), tmp_path)
         assert torch.equal(loaded(x).logits, expected)
         plain = llama()
-        plain.load_adapter(str(tmp_path), adapter_name="spatial")
+        plain.load_adapter(str(tmp_path), adapter_name="spatial")  # on every transformers version
         assert torch.equal(plain(x).logits, expected)
-        plain.disable_adapters()
+        disable_all_adapters(plain)
         assert torch.equal(plain(x).logits, llama()(x).logits)
-    fresh = llama()
-    fresh.add_adapter(ScaleConfig(), adapter_name="new")
-    assert len(scale_layers(fresh)) == 4 and torch.equal(fresh(x).logits, llama()(x).logits)
+        with model.disable_adapter():  # PEFT's own
+            assert torch.equal(model(x).logits, llama()(x).logits)
+    adders = [lambda m: inject_adapter_in_model(ScaleConfig(), m, adapter_name="new")]  # PEFT's own
+    if NATIVE_ADAPTER_API:  # refused otherwise: test_the_adapter_methods_that_need_a_newer_peft
+        adders.append(lambda m: m.add_adapter(ScaleConfig(), adapter_name="new"))
+    for add in adders:
+        fresh = llama()
+        add(fresh)
+        assert len(scale_layers(fresh)) == 4 and torch.equal(fresh(x).logits, llama()(x).logits)
+
+
+def test_the_adapter_methods_that_need_a_newer_peft(tmp_path):
+    """On transformers >= 5.24 with peft < 0.22, exactly NEEDS_MIN_PEFT refuse (ValueError naming the version);
+    `load_adapter` and PEFT's own API work on every version (the other tests use them there)."""
+    model = get_peft_model(llama(), ScaleConfig(token_scope="all"))
+    randomise(model)
+    model.save_pretrained(tmp_path / "scale")
+    plain = llama()
+    plain.load_adapter(str(tmp_path / "scale"), adapter_name="spatial")
+    calls = {
+        "add_adapter": lambda: plain.add_adapter(ScaleConfig(), adapter_name="new"),
+        "set_adapter": lambda: plain.set_adapter("spatial"),
+        "enable_adapters": plain.enable_adapters,
+        "disable_adapters": plain.disable_adapters,
+        "active_adapters": plain.active_adapters,
+        "get_adapter_state_dict": lambda: plain.get_adapter_state_dict("spatial"),
+        "delete_adapter": lambda: plain.delete_adapter("new"),
+        "save_pretrained": lambda: plain.save_pretrained(tmp_path / "saved"),
+    }
+    refused = []
+    for name, call in calls.items():
+        try:
+            call()
+        except ValueError as error:
+            assert f"please use a version >= {MIN_PEFT_VERSION}" in str(error), (name, error)
+            refused.append(name)
+    assert tuple(refused) == (() if NATIVE_ADAPTER_API else NEEDS_MIN_PEFT)
 
 
 def test_all_tokens_merge_equals_unmerged_and_last_token_refuses():
@@ -420,7 +476,7 @@ def test_scale_and_lora_coexist_on_one_base(tmp_path):
                 for n, _ in lora.named_parameters()
                 if "lora_A" in n
             )
-        both.disable_adapters()
+        disable_all_adapters(both)
         assert torch.equal(both(x).logits, llama()(x).logits)
 
 
@@ -428,14 +484,14 @@ def test_scale_and_lora_coexist_on_one_base(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def qa(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("scale_shapes")
-    return write_shapes_dataset(directory, "qa", 8, seed=1), directory / "images"
+def qa(shapes):
+    return shapes["qa8"], shapes["images"]
 
 
 RUN = {"global_batch_size": 4, "max_steps": 3, "dataloader_num_workers": 0, "save_steps": 100}
 
 
+@pytest.mark.slow
 def test_training_with_scale_changes_only_the_scalars(tiny_dir, qa, tmp_path):
     from transformers import AutoModelForImageTextToText
 
@@ -448,8 +504,9 @@ def test_training_with_scale_changes_only_the_scalars(tiny_dir, qa, tmp_path):
     weights = load_file(tmp_path / "scale" / "adapter_model.safetensors")
     assert all(".scaler.scale_theta" in key and ".language_model." in key for key in weights)
     assert sum(t.numel() for t in weights.values()) == 10 and all(t.abs().max() > 0 for t in weights.values())
-    record = json.loads((tmp_path / "scale" / "ms_llava_training.json").read_text())
-    assert record["adapter"] == "scale" and record["learning_rate"] == 2e-2 and record["scale_token_scope"] == "last"
+    record = json.loads((tmp_path / "scale" / "ms_llava_training.json").read_text())["stages"][-1]
+    assert record["adapter"]["type"] == "scale" and record["learning_rate"] == 2e-2
+    assert record["adapter"]["token_scope"] == "last" and record["trained"] == ["model.language_model"]
     base = AutoModelForImageTextToText.from_pretrained(tiny_dir)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     adapted = PeftModel.from_pretrained(base, tmp_path / "scale")
@@ -476,26 +533,23 @@ def test_training_refuses_combinations_that_make_no_sense(tiny_dir, qa, tmp_path
     ]
     for overrides, message in cases:
         with pytest.raises(ValueError, match=message):
-            TrainingConfig.for_stage("finetune", **overrides)
+            MSLlavaTrainingArguments.for_stage("finetune", **overrides)
     with pytest.raises(ValueError, match="use stage 'finetune', got 'pretrain'"):
-        TrainingConfig.for_stage("pretrain", adapter="scale")
-    assert TrainingConfig.for_stage("finetune", adapter="lora").lora
-    assert TrainingConfig.for_stage("finetune", lora=True).adapter == "lora"
+        MSLlavaTrainingArguments.for_stage("pretrain", adapter="scale")
+    assert MSLlavaTrainingArguments.for_stage("finetune", adapter="lora").lora
+    assert MSLlavaTrainingArguments.for_stage("finetune", lora=True).adapter == "lora"
 
 
+@pytest.mark.slow
 def test_train_command_with_scale(tiny_dir, qa, tmp_path, capsys):
     data, images = qa
-    parser = argparse.ArgumentParser(prog="ms-llava")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(
-        ["train", "--stage", "finetune", "--adapter", "scale", "--model", str(tiny_dir), "--data", str(data)]
-        + ["--image-folder", str(images), "--output-dir", str(tmp_path / "out"), "--global-batch-size", "4"]
+    common = ["train", "--stage", "finetune", "--adapter", "scale", "--model", str(tiny_dir), "--data", str(data)]
+    status = main(
+        [*common, "--image-folder", str(images), "--output-dir", str(tmp_path / "out"), "--global-batch-size", "4"]
         + ["--max-steps", "2", "--num-workers", "0", "--scale-layers", "1", "--scale-token-scope", "all"]
         + ["--scale-bound", "0.5"]
     )
-    assert args.scale_layers == [1]
-    assert args.handler(args) == 0
-    assert "ScAle adapter and processor in" in capsys.readouterr().out
+    assert status == 0 and "ScAle adapter and processor in" in capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["layers_to_transform"], config["token_scope"], config["bound"]) == (
         "SCALE",
@@ -503,11 +557,7 @@ def test_train_command_with_scale(tiny_dir, qa, tmp_path, capsys):
         "all",
         0.5,
     )
-    bad = parser.parse_args(
-        ["train", "--stage", "finetune", "--adapter", "scale", "--lora", "--model", str(tiny_dir), "--data", str(data)]
-        + ["--output-dir", str(tmp_path / "bad")]
-    )
-    assert bad.handler(bad) == 2
+    assert main([*common, "--lora", "--output-dir", str(tmp_path / "bad")]) != 0
     assert "adapter='scale' cannot be combined with lora=True" in capsys.readouterr().err
 
 
@@ -518,6 +568,7 @@ def test_scale_layer_is_a_peft_tuner_layer():
     assert layer.head_dim == 8
 
 
+@pytest.mark.slow
 def test_scale_training_with_activation_checkpointing_gives_the_same_losses(tiny_dir, qa, tmp_path):
     data, images = qa
     runs = [

@@ -1,5 +1,5 @@
-"""`python -m ms_llava.training ...` = `ms-llava train ...`, for launchers that take a module (`accelerate launch -m`,
-`torchrun -m`), with the same handling of input errors (`ms_llava.cli.run_as_module`)."""
+"""`python -m ms_llava.training ...` = `ms-llava train ...`, through the command line's dispatcher and error boundary
+(for launchers that take a module: `accelerate launch -m`, `torchrun -m`)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""`ScaleConfig`: the settings of a ScAle adapter, and the constants its layer and tuner share."""
+"""`ScaleConfig`: the settings of a ScAle adapter, and the names its layer and tuner share."""
 
 from __future__ import annotations
 
@@ -8,41 +8,29 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
-PEFT_TYPE_NAME = "SCALE"
-PREFIX = "scale_"
-LAYER_ATTRIBUTE = "scaler"  # the child module added to each adapted module (must not contain PREFIX: see below)
-SCOPE_ATTRIBUTE = "_ms_llava_scale_scope"
+PEFT_TYPE_NAME, PREFIX = "SCALE", "scale_"
+LAYER_ATTRIBUTE = "scaler"  # the child added to each adapted module (must not contain PREFIX)
 SCOPE_START_KWARG = "scale_scope_start"
-TOKEN_SCOPES = ("last", "all")
-
-# Decoder attention / MLP modules of the language model only: `layers.N.self_attn|mlp` directly under the model root,
-# `model.`, `model.language_model.` (LLaVA-family VLMs, MS-LLaVA) or `language_model.model.` (older LLaVA layout). A
-# vision tower's layers sit under `model.vision_tower.` (or `vision_tower.`), which none of these prefixes allows.
+# Decoder attention / MLP modules of the language model only: `layers.N.self_attn|mlp` under the model root,
+# `model.`, `model.language_model.` (LLaVA-family VLMs, MS-LLaVA) or `language_model.model.` (older LLaVA layout).
 DEFAULT_TARGET_MODULES = r"^(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.\d+\.(?:self_attn|mlp)$"
-# Module-name segments that mark vision modules; a target under one is refused whatever the pattern.
+# Module-name segments of vision modules; a target under one is refused whatever the pattern.
 VISION_SEGMENTS = frozenset({"vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder"})
-
-
-# --------------------------------------------------------------------------------------------- config
 
 
 @dataclass
 class ScaleConfig(PeftConfig):
-    """Configuration of a ScAle adapter (see the module docstring).
+    """A ScAle adapter (see `ms_llava.tuners.scale`).
 
     Args:
-        token_scope: ``"last"`` (default; the positions of the module docstring's rule) or ``"all"`` (every token).
-        bound: ``b`` in ``s = 1 + b * tanh(theta)``, in ``(0, 1]``; default 1.0, so a scalar ranges over ``(0, 2)``:
-            from switching a head (or MLP) off to doubling it, never changing its sign.
-        layers_to_transform: decoder layer indices to adapt (an int or a list); None: every layer.
+        token_scope: "last" (default: the positions of the token-scope rule) or "all" (every position).
+        bound: `b` in `s = 1 + b * tanh(theta)`, in (0, 1]; 1.0 lets a scalar range over (0, 2).
+        layers_to_transform: decoder layer indices (an int or a list); None: every layer.
         scale_attention / scale_mlp: adapt the attention heads / the MLP outputs (both by default).
-        target_modules: a regular expression (full match) or a list of module names / name suffixes selecting the
-            attention and MLP modules; None: `DEFAULT_TARGET_MODULES`, the language model's `layers.N.self_attn` and
-            `layers.N.mlp`. A module under a vision tower is refused whatever the pattern.
-        exclude_modules: modules not to adapt (same forms as `target_modules`).
-        attention_output: the attribute name of the attention's output projection (``o_proj`` in LLaMA, Qwen2,
-            Mistral, MS-LLaVA and LLaVA's language models); its presence marks a module as attention.
-        mlp_output: the attribute name of the MLP's output projection (``down_proj``), used for merging.
+        target_modules / exclude_modules: a regular expression (full match) or module names / name suffixes; None:
+            `DEFAULT_TARGET_MODULES`. A module under a vision tower is refused.
+        attention_output / mlp_output: the attribute of the output projection (`o_proj` marks an attention module;
+            `down_proj` is used for merging).
     """
 
     token_scope: str = field(default="last", metadata={"help": "'last' (default) or 'all'"})
@@ -59,43 +47,30 @@ class ScaleConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType[PEFT_TYPE_NAME]
-        if self.token_scope not in TOKEN_SCOPES:
-            raise ValueError(f"token_scope must be one of {list(TOKEN_SCOPES)}, got {self.token_scope!r}")
-        bound = self.bound
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (0 < bound <= 1):
-            raise ValueError(
-                f"bound must be a number in (0, 1] (s = 1 + bound * tanh(theta) stays positive), got {bound!r}"
-            )
-        self.bound = float(bound)
+        if self.token_scope not in ("last", "all"):
+            raise ValueError(f"token_scope must be one of ['last', 'all'], got {self.token_scope!r}")
+        if isinstance(self.bound, bool) or not isinstance(self.bound, (int, float)) or not 0 < self.bound <= 1:
+            raise ValueError(f"bound must be a number in (0, 1] (s = 1 + bound * tanh(theta) > 0), got {self.bound!r}")
+        self.bound = float(self.bound)
         layers = self.layers_to_transform
-        if layers is not None:
-            values = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
-            if (
-                not isinstance(values, (list, tuple))
-                or not values
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
-            ):
-                raise ValueError(
-                    f"layers_to_transform must be a non-negative int or a non-empty list of them, got {layers!r}"
-                )
-            self.layers_to_transform = sorted(set(values))
+        values = [layers] if type(layers) is int else layers
+        valid = isinstance(values, (list, tuple)) and values and all(type(v) is int and v >= 0 for v in values)
+        if layers is not None and not valid:
+            raise ValueError(
+                f"layers_to_transform must be a non-negative int or a non-empty list of them, got {layers!r}"
+            )
+        self.layers_to_transform = None if layers is None else sorted(set(values))
         if not (self.scale_attention or self.scale_mlp):
             raise ValueError("scale_attention=False and scale_mlp=False leave nothing to scale; enable one of them")
         if self.modules_to_save:
             raise ValueError(
                 f"ScAle trains only its scalars; modules_to_save must be None, got {self.modules_to_save!r}"
             )
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.target_modules, str):
-            re.compile(self.target_modules)
-
-    def resolved_target_modules(self) -> list[str] | str:
-        return DEFAULT_TARGET_MODULES if self.target_modules is None else self.target_modules
+        targets = DEFAULT_TARGET_MODULES if self.target_modules is None else self.target_modules
+        self.target_modules = re.compile(targets).pattern if isinstance(targets, str) else sorted(targets)
 
 
 def scale_parameter_count(text_config, layers: list[int] | None = None, attention: bool = True, mlp: bool = True):
     """The number of ScAle scalars for a decoder config (no weights needed): heads x layers + layers."""
-    num_layers = text_config.num_hidden_layers
-    selected = len([i for i in range(num_layers) if layers is None or i in layers])
+    selected = sum(layers is None or i in layers for i in range(text_config.num_hidden_layers))
     return selected * (text_config.num_attention_heads * attention + mlp)
