@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import typing
 from collections.abc import Callable, Container
 from pathlib import Path
 
 import torch
 
-from ..configuration_ms_llava import FUSIONS, MSLlavaConfig
+from ..configuration_ms_llava import MSLlavaConfig, MSResamplerConfig
 from ..image_processing_ms_llava import MSLlavaImageProcessor
 from ..modeling_ms_llava import MSLlavaForConditionalGeneration, MSResampler, query_anchors
 from ..processing_ms_llava import MSLlavaProcessor
@@ -78,6 +79,8 @@ PROJECTOR_PREFIX = "model.multi_modal_projector."
 EMBED_KEY = "model.language_model.embed_tokens.weight"
 # Buffers some older checkpoints saved; transformers recomputes them, so they are dropped.
 RECOMPUTED_BUFFER_SUFFIXES = (".rotary_emb.inv_freq", "embeddings.position_ids")
+
+FUSIONS = typing.get_args(MSResamplerConfig.__annotations__["fusion"])  # the config's Literal
 
 
 def canonical_llava_key(key: str, expected: Container[str]) -> str:
