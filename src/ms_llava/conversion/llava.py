@@ -169,6 +169,7 @@ def initial_resampler_tensors(config: MSLlavaConfig, seed: int, dtype: torch.dty
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         resampler = MSResampler(config)
+        resampler.reset_parameters()  # the constructor leaves it to the enclosing model's post_init
     return {PROJECTOR_PREFIX + name: tensor.detach().to(dtype) for name, tensor in resampler.state_dict().items()}
 
 
