@@ -661,10 +661,7 @@ def _handle(args: argparse.Namespace) -> int:
     )
 
 
-def add_cli(commands) -> argparse.ArgumentParser:
-    """Registers `compose` on the `ms-llava` subparsers; `args.handler(args)` runs it (exit code)."""
-    help_text = "a vision encoder + a language model -> a new MS-LLaVA (fresh MS-Resampler, the rest bit-exact)"
-    return convert_llava.add_command(commands, "compose", help_text, __doc__.split("\n\n")[0], _add_arguments, _handle)
+add_arguments, run = _add_arguments, _handle  # `ms-llava compose`
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -676,4 +673,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["CHATML_CHAT_TEMPLATE", "CHAT_TEMPLATES", "add_cli", "compose", "main"]
+__all__ = ["CHATML_CHAT_TEMPLATE", "CHAT_TEMPLATES", "add_arguments", "compose", "main", "run"]

@@ -239,6 +239,13 @@ def _write(path: Path, content: bytes) -> None:
 def _check_results(results) -> list[tuple[str, str]]:
     if results is None:
         return []
+    if isinstance(results, dict) and results.get("format") == "ms-llava-eval-results/1":  # `ms-llava eval --output`
+        labels = [
+            f"{row['task']} {row['metric']} ({' '.join(map(str, *row['source'].items()))}; {row['num_samples']} "
+            f"samples; limit {row['limit']})"
+            for row in results["rows"]
+        ]
+        results = {row["benchmark"] or label: row["score"] for row, label in zip(results["rows"], labels, strict=True)}
     if not isinstance(results, dict) or not results:
         raise ValueError(f"results must be a non-empty dict {{benchmark: score}}, got {results!r}")
     rows = []
@@ -491,15 +498,11 @@ def _stage(checkpoint, processor, folder: Path) -> str:
 # --------------------------------------------------------------------------------------------- command line
 
 
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Registers `push` on an argparse subparsers object (`ms-llava push DIR REPO_ID ...`)."""
-    push = subparsers.add_parser(
-        "push",
-        help="upload a checkpoint directory to the Hugging Face Hub with a generated model card",
-        description=(
-            "Upload an MS-LLaVA checkpoint (safetensors weights, processor, remote-code modules) and a generated "
-            "model card to the Hugging Face Hub. The card marks the weights UNTRAINED unless --training is given."
-        ),
+def add_arguments(push: argparse.ArgumentParser) -> None:
+    """`ms-llava push DIR REPO_ID ...`."""
+    push.description = (
+        "Upload an MS-LLaVA checkpoint (safetensors weights, processor, remote-code modules) and a generated "
+        "model card to the Hugging Face Hub. The card marks the weights UNTRAINED unless --training is given."
     )
     push.add_argument("directory", help="a checkpoint directory written by save_pretrained (model + processor)")
     push.add_argument("repo_id", help="the Hub repository, org/name (created if needed)")
@@ -512,8 +515,15 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "--training", help="'paper' (trained with the paper's two stages) or a JSON file with your recipe"
     )
     push.add_argument("--commit-message")
-    push.set_defaults(handler=_push_command)
-    return push
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ms-llava push`: every `.safetensors` file must read (a truncated one would be published broken)."""
+    from .checkpoints import check_safetensors
+
+    for path in sorted(Path(args.directory).glob("*.safetensors")):
+        check_safetensors(path, args.directory)
+    return _push_command(args)
 
 
 def _load_json_argument(value: str, flag: str):

@@ -299,6 +299,23 @@ def answer_accuracy(model, processor, data_path: str | Path, image_folder: str |
     return correct / len(prompts)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`ms-llava tiny DIR`."""
+    parser.add_argument("directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the checkpoint files of a folder that already holds a checkpoint (other files are kept)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    directory = write_tiny_checkpoint(args.directory, seed=args.seed, overwrite=args.overwrite, log=print)
+    print(f"wrote {directory} (untrained)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ms_llava.testing_utils",

@@ -10,6 +10,7 @@ the attention as a heat overlay. `visualize` does both and writes a PNG.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .images import display_rgb
 from .modeling_ms_llava import build_scope_bias, query_anchors
+from .outputs import check_writable, writing
 
 # Heat colours (magma-like), from no attention to the panel's maximum.
 _HEAT_STOPS = np.array(
@@ -89,7 +91,7 @@ def _check_model(model):
             f"with model_type {model_type!r}"
         )
     projector = getattr(getattr(model, "model", model), "multi_modal_projector", None)
-    if projector is None or not hasattr(projector, "scope_windows"):
+    if projector is None or not hasattr(projector, "scope_bias"):
         raise ValueError(f"{type(model).__name__} has no MS-Resampler as multi_modal_projector")
     return projector
 
@@ -210,7 +212,7 @@ def query_attention(
     grid_height, grid_width = pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1]
     grid_tokens = grid_height * grid_width
     num_prefix = probs.shape[-1] - grid_tokens
-    rows, cols = projector.query_rows, projector.query_cols
+    rows, cols = projector.config.query_grid_shape
     anchors = query_anchors(rows, cols, grid_height, grid_width)  # (M, 2)
 
     point = None
@@ -227,10 +229,11 @@ def query_attention(
     elif query is None:
         query = nearest_query(anchors, ((grid_height - 1) / 2, (grid_width - 1) / 2))
 
-    bias = build_scope_bias(projector.scope_windows, rows, cols, grid_height, grid_width)  # (E, M, H*W), 0 / -1
+    windows = projector.config.scope_windows
+    bias = build_scope_bias(windows, rows, cols, grid_height, grid_width)  # (E, M, H*W), 0 / -1
     attention = probs[0].float().mean(dim=1)[:, query]  # (E, prefix + H*W), heads averaged
     branches = []
-    for branch, window in enumerate(projector.scope_windows):
+    for branch, window in enumerate(windows):
         mask = (bias[branch, query] == 0).view(grid_height, grid_width).numpy()
         grid_attention = attention[branch, num_prefix:].view(grid_height, grid_width).cpu().numpy()
         token_rows, token_cols = np.nonzero(mask)
@@ -404,16 +407,16 @@ def visualize(
         raise ValueError(f"output must be a .png file, got {str(output)!r}")
     result = query_attention(model, processor, image, query=query, query_at=query_at)
     picture = render(result, image, panel_size=panel_size, title=title, notes=notes)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(output, format="PNG")
+    with writing(output.parent):  # a full or read-only disk is named with the folder
+        output.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(output, format="PNG")
     return result
 
 
 def parse_point(text: str) -> tuple[float, float]:
     """`"x,y"` to `(x, y)`; ValueError naming the text otherwise."""
-    parts = text.split(",")
     try:
-        x, y = (float(part) for part in parts)
+        x, y = (float(part) for part in text.split(","))
     except ValueError:
         raise ValueError(f"expected a point as x,y in pixels (e.g. 120,80), got {text!r}") from None
     if not (math.isfinite(x) and math.isfinite(y)):
@@ -421,12 +424,88 @@ def parse_point(text: str) -> tuple[float, float]:
     return x, y
 
 
-__all__ = [
-    "BranchAttention",
-    "QueryAttention",
-    "map_to_model_input",
-    "parse_point",
-    "query_attention",
-    "render",
-    "visualize",
-]
+# --------------------------------------------------------------------------------------------------------------------
+# `ms-llava visualize` (and the drawing step of `ms-llava demo`)
+# --------------------------------------------------------------------------------------------------------------------
+
+VISUALIZE_OUTPUT = "ms-llava-attention.png"
+
+
+def printable(text: str) -> str:
+    """`text` for the PNG's header: characters the font cannot show (an untrained model's bytes) become '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def draw_attention(model, processor, image, output, query=None, query_at=None, notes=()) -> QueryAttention:
+    """Writes the attention PNG and prints where, for which query, and each branch's mass inside its window. A query
+    the checkpoint does not have (`--query`, `--query-at`) is an `argparse.ArgumentError`."""
+    try:
+        result = visualize(model, processor, image, output, query=query, query_at=query_at, notes=notes)
+    except ValueError as error:  # M and the image's extent are known only now
+        raise argparse.ArgumentError(None, str(error)) from error
+    print(
+        f"attention map: {Path(output).resolve()} (query {result.query} of {result.num_queries}, anchor "
+        f"row {result.anchor[0]:g} col {result.anchor[1]:g} on the {result.grid_size[0]}x{result.grid_size[1]} grid)"
+    )
+    for branch in result.branches:
+        cls = f", CLS {100 * branch.prefix_mass:.1f}%" if result.num_prefix_tokens else ""
+        print(f"  k={branch.window}: {100 * branch.mass_inside:.1f}% of the attention inside the window{cls}")
+    return result
+
+
+def add_query_arguments(parser: argparse.ArgumentParser, output: str) -> None:
+    """--output and --query | --query-at, shared with `ms-llava demo`."""
+    parser.add_argument("--output", default=output, help=f"the attention PNG (default: ./{output})")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--query", type=int, help="the query index 0..M-1 (default: the anchor nearest the centre)")
+    which.add_argument("--query-at", metavar="X,Y", help="the query whose anchor is nearest this pixel of the image")
+
+
+def query_options(args: argparse.Namespace) -> dict:
+    """`output`, `query` and `query_at` of the parsed arguments, checked before any weights load."""
+    if args.image and not Path(args.image).is_file():
+        raise argparse.ArgumentError(None, f"--image: no such file: {args.image}")
+    if not args.output.lower().endswith(".png"):
+        raise argparse.ArgumentError(None, f"--output must be a .png file, got {args.output!r}")
+    check_writable(Path(args.output).parent)  # before the weights load
+    try:
+        query_at = parse_point(args.query_at) if args.query_at is not None else None
+    except ValueError as error:
+        raise argparse.ArgumentError(None, f"--query-at: {error}") from error
+    return {"output": args.output, "query": args.query, "query_at": query_at}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .chat import add_checkpoint_arguments
+
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--image", help="an image file (default: the checkpoint's first demo sample)")
+    parser.add_argument("--question", help="also answer this question about the image")
+    add_query_arguments(parser, VISUALIZE_OUTPUT)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ms-llava visualize`: draws one query's per-branch attention (answers `--question` first, when given)."""
+    from .chat import ask, load_checkpoint, load_demo_samples
+    from .images import load_image
+
+    options = query_options(args)
+    path, model, processor, generator = load_checkpoint(args.checkpoint)
+    image_path = args.image
+    if image_path is None:
+        samples = load_demo_samples(path)
+        if not samples:
+            raise argparse.ArgumentError(
+                None, f"--image is required: {path} has no demo_samples.json to take one from"
+            )
+        image_path = samples[0]["image"]
+    image = load_image(image_path)
+    print(f"image: {image_path} ({image.size[0]}x{image.size[1]})")
+    notes = []
+    if args.question is not None:
+        answer = ask(generator, args.question, args.max_new_tokens, image=image)
+        print(f"question: {args.question}")
+        print(f"answer: {answer!r}")
+        notes.append(f"Q: {args.question}   A: {printable(answer)}")
+    draw_attention(model, processor, image, notes=notes, **options)
+    return 0

@@ -16,13 +16,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 
 from isolation import hub_subprocess_env, run_python
 from ms_llava import LLAVA_1_5_CHAT_TEMPLATE, MSLlavaConfig
-from ms_llava.cli import main as cli_main
 from ms_llava.compose import CHATML_CHAT_TEMPLATE, compose, tokenizer_surgery
 from ms_llava.compose import main as compose_main
 from ms_llava.conversion import llava as convert_llava
 from ms_llava.conversion.checkpoint_io import read_checkpoint
 from ms_llava.testing_utils import write_shapes_dataset
 from ms_llava.training.data import Conversation, encode_conversation
+from ms_llava_cli import main as cli_main
 
 QUIET = {"log": lambda line: None}
 

@@ -66,7 +66,7 @@ def test_a_command_line_naming_train_registers_the_real_parser():
 
 @pytest.mark.slow  # a fresh interpreter: about 20 s on 2 shared cores
 def test_ms_llava_help_prints_no_bitsandbytes_line():
-    done = run("from ms_llava.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n")
+    done = run("from ms_llava_cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n")
     assert "train with the paper's two-stage recipe" in done.stdout
     assert BITSANDBYTES_LINE not in done.stdout + done.stderr
 
@@ -74,7 +74,7 @@ def test_ms_llava_help_prints_no_bitsandbytes_line():
 @pytest.mark.slow  # a fresh interpreter: about 20 s on 2 shared cores
 def test_ms_llava_help_does_not_import_bitsandbytes():
     done = run(
-        "import sys\nfrom ms_llava.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "import sys\nfrom ms_llava_cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         f"print('LOADED', [name for name in {HEAVY!r} if name in sys.modules])\n"
     )
     assert "LOADED []" in done.stdout

@@ -39,44 +39,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_checkpoint(pretrained: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
-    """(model, processor) of an MS-LLaVA checkpoint directory, in eval mode.
+    """(model, processor) of an MS-LLaVA checkpoint directory, in eval mode, after `check_checkpoint_folder` (files
+    present and readable, processor and model agreeing on M). With `trust_remote_code` the classes its `auto_map`
+    names are loaded from its own modules (as on a machine without `ms_llava`); otherwise the package's. Not the Auto
+    classes: with `ms_llava` imported they resolve "ms_llava" to the package's classes even with trust_remote_code."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    With `trust_remote_code` the checkpoint's own modules are loaded through transformers' Auto classes (as on a
-    machine without `ms_llava`); otherwise the package's classes. Refuses (`ValueError`) a checkpoint whose processor
-    expands an image to a different number of tokens than the model's M (`resampler_config.num_queries`)."""
-    directory = Path(pretrained)
-    if not (directory / "config.json").is_file():
-        raise ValueError(f"pretrained={pretrained}: not a checkpoint directory (no config.json)")
+    from ..checkpoints import check_checkpoint_folder
+    from ..modeling_ms_llava import MSLlavaForConditionalGeneration
+    from ..processing_ms_llava import MSLlavaProcessor
+
+    directory = check_checkpoint_folder(pretrained, "pretrained", processor=True)
+    model_class, processor_class = MSLlavaForConditionalGeneration, MSLlavaProcessor
     if trust_remote_code:
-        # The classes the checkpoint's `auto_map` names, from its own modules. Not the Auto classes: with `ms_llava`
-        # imported they resolve `ms_llava` to the package's registered classes even with trust_remote_code=True.
-        from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-        auto_maps = [json.loads((directory / name).read_text(encoding="utf-8")).get("auto_map", {}) for name in (
-            "config.json", "processor_config.json")]  # fmt: skip
-        references = (auto_maps[0].get("AutoModelForImageTextToText"), auto_maps[1].get("AutoProcessor"))
+        names = {"config.json": "AutoModelForImageTextToText", "processor_config.json": "AutoProcessor"}
+        references = [json.loads((directory / file).read_text()).get("auto_map", {}).get(name) for file, name in
+                      names.items()]  # fmt: skip
         if None in references:
-            raise ValueError(
-                f"pretrained={pretrained}: trust_remote_code=True needs the checkpoint's auto_map entries "
-                f"AutoModelForImageTextToText (config.json) and AutoProcessor (processor_config.json); found "
-                f"{references}"
-            )
+            raise ValueError(f"pretrained={pretrained}: trust_remote_code=True needs the auto_map entries {names}")
         model_class, processor_class = (get_class_from_dynamic_module(ref, directory) for ref in references)
-        processor = processor_class.from_pretrained(directory)
-        model = model_class.from_pretrained(directory, dtype=dtype)
-    else:
-        from ..modeling_ms_llava import MSLlavaForConditionalGeneration
-        from ..processing_ms_llava import MSLlavaProcessor
-
-        processor = MSLlavaProcessor.from_pretrained(directory)
-        model = MSLlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
-    num_queries = model.config.resampler_config.num_queries
-    if processor.num_image_tokens != num_queries:
-        raise ValueError(
-            f"pretrained={pretrained}: the processor expands each image to num_image_tokens="
-            f"{processor.num_image_tokens} tokens, but the model has M = resampler_config.num_queries={num_queries}"
-        )
-    return model.eval(), processor
+    return model_class.from_pretrained(directory, dtype=dtype).eval(), processor_class.from_pretrained(directory)
 
 
 def build_prompt(processor, context: str, num_images: int, chat_template: str | None = None) -> str:
@@ -151,14 +133,13 @@ class MSLlavaLMMS(lmms):
             self._device = torch.device(device)
         else:
             self._device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        self.model, self.processor = load_checkpoint(
-            pretrained, trust_remote_code=_as_bool(trust_remote_code), dtype=DTYPES[str(dtype)]
-        )
+        self.model, self.processor = load_checkpoint(pretrained, bool(trust_remote_code), DTYPES[str(dtype)])
         self.model.to(self._device)
-        eval_logger.info(
+        self.summary = (
             f"ms_llava: {type(self.model).__module__}.{type(self.model).__name__} from {pretrained} on {self._device} "
             f"(rank {self._rank} of {self._world_size}, batch size {self.batch_size_per_device})"
         )
+        eval_logger.info(self.summary)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation: every prompt ends where generation starts
         if self.tokenizer.pad_token_id is None:
@@ -271,14 +252,3 @@ class MSLlavaLMMS(lmms):
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("ms_llava does not implement multi-round generation")
-
-
-def _as_bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", "none", ""):
-        return False
-    raise ValueError(f"ms_llava: expected a boolean, got {value!r}")

@@ -36,9 +36,10 @@ __all__ = [
     "MSLlavaTrainingArguments",
     "TrainResult",
     "TrainingConfig",
-    "add_cli",
+    "add_arguments",
     "main",
     "merge_lora_adapter",
+    "run",
     "train",
 ]
 
@@ -49,13 +50,26 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def add_cli(subparsers, argv: list[str] | None = None):
-    """Registers `train` on an argparse subparsers object (see `trainer.add_cli`). With `argv` (the command line
-    about to be parsed) that does not name `train`, registers only its name and help line, without importing the
-    trainer (and with it transformers' Trainer, peft and bitsandbytes): `ms-llava --help` and the other commands
-    start without them."""
-    if argv is not None and "train" not in argv:
-        return subparsers.add_parser("train", help=TRAIN_COMMAND_HELP)
-    from .trainer import add_cli as add_train_cli
+def add_arguments(parser) -> None:
+    """`ms-llava train`: the options of `arguments.train_argument_parser`, added to `parser`."""
+    from .trainer import _DESCRIPTION, train_argument_parser
 
-    return add_train_cli(subparsers)
+    parser.description = _DESCRIPTION
+    source = train_argument_parser(add_help=False)
+    for action in source._actions:  # rebuilt with the public add_argument, one per option
+        stores = {"nargs", "const", "type", "choices", "metavar"} if action.nargs != 0 else set()
+        keywords = {key: getattr(action, key) for key in ("dest", "default", "required", "help", *stores)}
+        parser.add_argument(*action.option_strings, action=type(action), **keywords)
+
+
+def run(args) -> int:
+    """`ms-llava train`: the --model argument is resolved (a mistyped path, an incomplete checkpoint) first."""
+    from pathlib import Path
+
+    from ..checkpoints import resolve_checkpoint
+    from .trainer import _train_command
+
+    folder = resolve_checkpoint(args.model, "--model", processor=True)
+    if Path(args.model).expanduser().is_dir():
+        args.model = str(folder)
+    return _train_command(args)
