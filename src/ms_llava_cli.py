@@ -1,4 +1,4 @@
-"""The `ms-llava` command line: one table of commands and one error boundary.
+"""`ms-llava`: one table of commands and one error boundary.
 
     ms-llava demo       answer the default checkpoint's demo questions (or yours) and draw one query's attention
     ms-llava visualize  draw one MS-Resampler query's scope windows and per-branch attention over an image
@@ -10,17 +10,11 @@
     ms-llava eval       evaluate a checkpoint with lmms-eval and write the results record
     ms-llava train      train with the paper's two-stage recipe
 
-A command is one module exposing `add_arguments(parser)` and `run(args) -> exit status`, listed in `COMMANDS`. Only
-the chosen command's module is imported: this module sits beside the `ms_llava` package, not in it, because importing
-the package imports torch and transformers (it registers the Auto classes), so that `ms-llava --help` and argument
-errors answer at once.
-
-Errors are mapped by kind, found along the exception's chain (`__cause__`, `__context__`, tenacity's last attempt):
-network (unreachable, refused, timeouts, offline, HTTP errors), file system (missing, permission, read-only, full;
-an `OSError` names its file), content (bad values, invalid JSON, configs, shapes, unreadable or unsafe weights), a
-missing optional dependency; each is printed as one line `ms-llava COMMAND: error: ...`, exit status 1. A bad value of
-an argument found while running (`argparse.ArgumentError`) exits with status 2. `ms-llava --debug ...` or
-`MS_LLAVA_DEBUG=1` shows the traceback instead; other exceptions (bugs) always show theirs.
+A command is a module with `add_arguments(parser)` and `run(args) -> exit status`, named in `COMMANDS`; only the
+chosen one is imported (this module sits beside the package because importing `ms_llava` imports torch). Errors are
+told by kind, found along the exception's chain: network, file system, content, a missing dependency, each as one
+line `ms-llava COMMAND: error: ...` naming the culprit (exit status 1; 2 for an `argparse.ArgumentError`); `--debug`
+or MS_LLAVA_DEBUG=1 shows the traceback; other exceptions (bugs) always show theirs.
 """
 
 from __future__ import annotations
@@ -30,12 +24,8 @@ import importlib
 import os
 import sys
 
-# command -> (module exposing add_arguments / run, help line)
-COMMANDS = {
-    "demo": (
-        "ms_llava.demo",
-        "answer the default checkpoint's demo questions (or yours) and draw one query's attention",
-    ),
+COMMANDS = {  # command -> (module with add_arguments / run, help line)
+    "demo": ("ms_llava.demo", "answer the default checkpoint's demo questions (or yours), draw one query's attention"),
     "visualize": ("ms_llava.visualize", "draw one MS-Resampler query's scope windows and per-branch attention"),
     "chat": ("ms_llava.chat", "talk about images with a checkpoint in the terminal, answers streamed"),
     "tiny": ("ms_llava.testing_utils", "write a tiny untrained checkpoint (for tests and examples)"),
@@ -45,24 +35,20 @@ COMMANDS = {
     "eval": ("ms_llava.evaluation", "evaluate a checkpoint with lmms-eval and write the results record"),
     "train": ("ms_llava.training", "train with the paper's two-stage recipe"),
 }
-# Set to anything but "" or "0": errors show their traceback (as `--debug` does).
-DEBUG_ENVIRONMENT_VARIABLE = "MS_LLAVA_DEBUG"
-MAX_MESSAGE = 1000  # characters of an error message shown; --debug shows all
+DEBUG_ENVIRONMENT_VARIABLE = "MS_LLAVA_DEBUG"  # anything but "" or "0": tracebacks, as --debug
+MAX_MESSAGE = 1000  # characters of an error shown; --debug shows all
+# the HTTP clients' errors (besides Python's ConnectionError, TimeoutError, socket and urllib errors)
+NETWORK_ERRORS = """httpx.HTTPError httpx2.HTTPError requests.RequestException urllib3.exceptions.HTTPError
+aiohttp.ClientError huggingface_hub.errors.HfHubHTTPError huggingface_hub.errors.LocalEntryNotFoundError""".split()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="ms-llava", description="MS-LLaVA: LLaVA with an MS-Resampler projector")
-    parser.add_argument(
-        "--debug",
-        action="store_true",
-        # not `debug`: train's TrainingArguments have a --debug of their own, whose default would overwrite this one
-        dest="show_traceback",
-        help=f"show the traceback of errors (or set {DEBUG_ENVIRONMENT_VARIABLE}=1)",
-    )
+    # dest is not `debug`: train's TrainingArguments have a --debug of their own, whose default would overwrite it
+    parser.add_argument("--debug", action="store_true", dest="show_traceback", help="show the traceback of errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((word for word in argv if not word.startswith("-")), None)  # --debug is the only option before it
-    module = None
     for name, (module_path, help_line) in COMMANDS.items():
         command = commands.add_parser(name, help=help_line, description=help_line)
         if name == chosen:
@@ -84,32 +70,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ms-llava {args.command}: error: {message}", file=sys.stderr)
         if kind == "argument":
             return 2
-        print(f"  (`ms-llava --debug {args.command} ...` or {DEBUG_ENVIRONMENT_VARIABLE}=1 shows the traceback)",
-              file=sys.stderr)  # fmt: skip
+        hint = f"`ms-llava --debug {args.command} ...` or {DEBUG_ENVIRONMENT_VARIABLE}=1 shows the traceback"
+        print(f"  ({hint})", file=sys.stderr)
         return 1
 
 
 def run_as_module(command: str, argv: list[str] | None = None) -> int:
-    """`python -m ms_llava.training ...` / `python -m ms_llava.evaluation ...` (for `accelerate launch -m`, `torchrun
-    -m`): `ms-llava COMMAND ...` through the same boundary. A leading `--debug` is the traceback flag; one further on
-    is the command's own (train's is TrainingArguments')."""
+    """`python -m ms_llava.training` / `ms_llava.evaluation` (for `accelerate launch -m`, `torchrun -m`) as `ms-llava
+    COMMAND`. A leading `--debug` is the traceback flag; one further on is the command's own."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--debug"]:
-        return main(["--debug", command, *argv[1:]])
-    return main([command, *argv])
-
-
-# ------------------------------------------------------------------------------------------------ error boundary
+    return main(["--debug", command, *argv[1:]] if argv[:1] == ["--debug"] else [command, *argv])
 
 
 def _classes(*names: str) -> tuple[type, ...]:
-    """The exception classes `module.Name` of the modules already imported (an error cannot come from the others)."""
-    found = []
-    for name in names:
-        module, _, attribute = name.rpartition(".")
-        if module in sys.modules and isinstance(getattr(sys.modules[module], attribute, None), type):
-            found.append(getattr(sys.modules[module], attribute))
-    return tuple(found)
+    """The classes `module.Name` of the modules already imported (an error cannot come from the others)."""
+    found = (getattr(sys.modules.get(name.rpartition(".")[0]), name.rpartition(".")[2], None) for name in names)
+    return tuple(cls for cls in found if isinstance(cls, type))
 
 
 def chain(error: BaseException) -> list[BaseException]:
@@ -118,8 +94,7 @@ def chain(error: BaseException) -> list[BaseException]:
     links = []
     while error is not None and error not in links:
         links.append(error)
-        retry = _classes("tenacity.RetryError")
-        if retry and isinstance(error, retry) and error.last_attempt.failed:
+        if isinstance(error, _classes("tenacity.RetryError")) and error.last_attempt.failed:
             error = error.last_attempt.exception()
         else:
             error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
@@ -132,51 +107,40 @@ def kind_of(error: BaseException) -> str | None:
     import socket
     import urllib.error
 
-    text = str(error)
+    safetensors = _classes("safetensors.SafetensorError")
     if isinstance(error, argparse.ArgumentError):
         return "argument"
-    network = (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError) + _classes(
-        "httpx.HTTPError", "httpx2.HTTPError", "requests.RequestException", "urllib3.exceptions.HTTPError",
-        "aiohttp.ClientError", "huggingface_hub.errors.HfHubHTTPError",
-        "huggingface_hub.errors.LocalEntryNotFoundError",
-    )  # fmt: skip
-    if isinstance(error, network):
+    if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError)) or isinstance(
+        error, _classes(*NETWORK_ERRORS)
+    ):
         return "network"
-    safetensors = _classes("safetensors.SafetensorError")
     if isinstance(error, (OSError, *_classes("ms_llava.outputs.FolderInUseError"))) or (
-        isinstance(error, safetensors) and "(os error" in text  # a full disk while saving, as Rust words it
+        isinstance(error, safetensors) and "(os error" in str(error)  # a full disk while saving, as Rust words it
     ):
         return "file"
-    content = (
-        ValueError,
-        pickle.UnpicklingError,
-        *safetensors,
-        *_classes("huggingface_hub.errors.StrictDataclassError"),
-    )
-    if isinstance(error, content) or (isinstance(error, RuntimeError) and "ignore_mismatched_sizes" in text):
+    if isinstance(error, (ValueError, pickle.UnpicklingError, *safetensors)) or isinstance(
+        error, _classes("huggingface_hub.errors.StrictDataclassError")
+    ):
         return "content"
-    if isinstance(error, ImportError):
-        return "dependency"
-    return None
+    if isinstance(error, RuntimeError) and "ignore_mismatched_sizes" in str(error):  # transformers' shape check
+        return "content"
+    return "dependency" if isinstance(error, ImportError) else None
 
 
 def describe(error: BaseException, args: argparse.Namespace | None = None) -> tuple[str | None, str]:
-    """`(kind, one line)` for `error`: the outermost message of the chain that a known kind raised, with the cause of
-    the decisive kind added where the message lacks it (a network error's host, an `OSError`'s file), and the
-    checkpoint argument named where the library's message names no file."""
+    """`(kind, one line)`: the outermost message in the chain of a known kind; the cause of the decisive kind added
+    where it lacks it (an `OSError`'s file, a network error's host); the checkpoint argument named where a library's
+    loading error names no file."""
     known = [(link, kind) for link in chain(error) for kind in [kind_of(link)] if kind is not None]
     if not known:
         return None, ""
-    order = ("argument", "network", "file", "content", "dependency")
-    kind = min((kind for _, kind in known), key=order.index)
+    kind = min((kind for _, kind in known), key=("argument", "network", "file", "content", "dependency").index)
     shown, decisive = known[0][0], next(link for link, link_kind in known if link_kind == kind)
     message = _text(shown)
     if decisive is not shown and _text(decisive) not in message:
         message = f"{message} ({_text(decisive)})"
     if kind == "network":
-        host = next(
-            (found for link, link_kind in known if link_kind == "network" for found in [_host(link)] if found), ""
-        )
+        host = next((_host(link) for link, link_kind in known if link_kind == "network" and _host(link)), "")
         if _host(shown):  # the HTTP client's own error, which says neither what nor where
             message = f"cannot reach {host}: {type(shown).__name__}: {message}"
         elif host and host not in message:
@@ -196,7 +160,7 @@ def _text(error: BaseException) -> str:
 
 
 def _host(error: BaseException) -> str:
-    """The host (and port) an HTTP client error was talking to, or ""."""
+    """The host (and port) an HTTP client's error was talking to, or ""."""
     from urllib.parse import urlsplit
 
     for attribute in ("request", "response"):
@@ -213,27 +177,26 @@ def _name_the_checkpoint(error: BaseException, message: str, args) -> str:
     """What a library's loading error (which names no file) means, with the checkpoint argument it came from."""
     from pathlib import Path
 
-    given = next(((flag, value) for flag in ("checkpoint", "model", "source", "directory")
-                  for value in [getattr(args, flag, None)] if value), None)  # fmt: skip
-    where = f" in {given[1]}" if given else ""
-    name = type(error).__name__
-    if name == "SafetensorError":
-        culprit = ""
-        for path in sorted(Path(given[1]).expanduser().glob("*.safetensors")) if given else []:
-            from ms_llava.checkpoints import CheckpointError, check_safetensors
+    given = next((value for name in ("checkpoint", "model", "source", "directory") if (value := getattr(args, name,
+                  None))), None)  # fmt: skip
+    where = f" in {given}" if given else ""
+    if type(error).__name__ == "SafetensorError":
+        from ms_llava.checkpoints import CheckpointError, check_safetensors
 
+        broken = []
+        for path in sorted(Path(given).expanduser().glob("*.safetensors")) if given else []:
             try:
                 check_safetensors(path)
             except CheckpointError:
-                culprit = culprit or f" ({path})"
-        return f"a .safetensors file{where} is truncated or corrupt{culprit}: {message}; download or save it again"
-    if name == "UnpicklingError":
+                broken.append(f" ({path})")
+        return f"a .safetensors file{where} is truncated or corrupt{''.join(broken[:1])}: {message}; save it again"
+    if type(error).__name__ == "UnpicklingError":
         reason = message[message.find("WeightsUnpickler error:") :].split(". ")[0]
         return (
-            f"a pickled weights file (.bin){where} was refused: it holds more than tensors, and unpickling it could "
-            f"run code (torch.load weights_only=True; {reason}); convert it to safetensors where you trust it"
+            f"a pickled weights file (.bin){where} was refused: it holds more than tensors, and unpickling it "
+            f"could run code (torch.load weights_only=True; {reason}); convert it to safetensors if you trust it"
         )
-    if isinstance(error, RuntimeError):  # transformers' shape check
+    if isinstance(error, RuntimeError):
         return f"the weights{where} do not have the shapes config.json gives (transformers' report above): {message}"
     return f"config.json{where}: {message}"  # StrictDataclassError: a config value of the wrong type or range
 

@@ -120,6 +120,7 @@ def test_hf_hub_offline_is_respected(tmp_path, run_cli, unreachable_hub, monkeyp
     assert_clear_error(code, err, "--checkpoint gpt2: not a local folder", "HF_HUB_OFFLINE is set")
 
 
+@pytest.mark.slow  # imports the trainer
 def test_train_model_argument_is_resolved_before_training(tmp_path, run_cli, unreachable_hub, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = write_shapes_dataset(tmp_path / "data", "qa", 2)
@@ -424,6 +425,7 @@ def test_tiny_overwrite_replaces_only_checkpoint_files_and_lists_what_it_removes
     assert not list(tmp_path.glob(".trained.*"))  # no staging or previous folder left behind
 
 
+@pytest.mark.slow  # two conversions
 def test_convert_overwrite_keeps_the_users_notes_and_lists_what_it_removes(tmp_path, run_cli):
     source = save_llava(tmp_path / "llava")
     output = tmp_path / "ms-llava"

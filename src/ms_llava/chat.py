@@ -1,15 +1,14 @@
-"""A checkpoint on the command line: the embedded default, loading one for a command, asking it about an image, and
-`ms-llava chat`, an interactive session (as LLaVA's `llava.serve.cli`) whose answers stream token by token.
-
-`ms-llava chat [--checkpoint DIR] [--image PATH ...]` keeps the conversation in the checkpoint's chat template; the
-images given go into the next question, where they were given; `/image PATH` adds one, `/reset` starts over, `/quit`
-(or end of input) ends. Without a terminal on standard input it reads one question per line until the end, so
-`printf 'What colour?\\nHow many?\\n' | ms-llava chat --image x.png` scripts it. A question the model refuses (a
-conversation longer than its context) is said in one line and the session goes on.
+"""A checkpoint on the command line (the embedded default, loading one, asking it), and `ms-llava chat [--checkpoint
+DIR] [--image PATH ...]`: a terminal session, as LLaVA's `llava.serve.cli`, whose answers stream token by token. The
+conversation is kept in the checkpoint's chat template, images go into the next question; `/image PATH` adds one,
+`/reset` starts over, `/quit` or the end of input ends. Without a terminal it reads a question per line, so that
+`printf 'What colour?\\nHow many?\\n' | ms-llava chat --image x.png` scripts it. A question the model refuses (longer
+than its context) is said in one line and the session goes on.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -67,10 +66,8 @@ def load_checkpoint(checkpoint: str | Path | None):
     generator = pipeline("image-text-to-text", model=model, processor=processor)
     resampler = model.config.resampler_config
     print(f"checkpoint: {path}")
-    print(
-        f"projector: MS-Resampler M={resampler.num_queries} windows={resampler.scope_windows} "
-        f"beta={resampler.scope_bias_strength} fusion={resampler.fusion}"
-    )
+    windows, beta = resampler.scope_windows, resampler.scope_bias_strength
+    print(f"projector: MS-Resampler M={resampler.num_queries} windows={windows} beta={beta} fusion={resampler.fusion}")
     return path, model, processor, generator
 
 
@@ -91,14 +88,9 @@ def add_checkpoint_arguments(parser) -> None:
 
 
 def _positive(text: str) -> int:
-    import argparse
-
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
-
-
-# ----------------------------------------------------------------------------------------------- ms-llava chat
 
 
 def add_arguments(parser) -> None:
@@ -119,14 +111,10 @@ def run(args) -> int:
 
     images = [load_image(path) for path in args.image]  # before the model loads: a bad path fails at once
     _, _, processor, generator = load_checkpoint(args.checkpoint)
-    interactive = sys.stdin.isatty()
+    interactive, messages = sys.stdin.isatty(), []
     if interactive:
         print("Ask about the images (/image PATH adds one, /reset starts over, /quit ends).")
-        lines = iter(lambda: input("USER: "), None)
-    else:
-        lines = (line.rstrip("\n") for line in sys.stdin)
-    messages = []
-    for line in _until_eof(lines):
+    for line in _until_eof(iter(lambda: input("USER: "), None) if interactive else sys.stdin):
         question = line.strip()
         if question in ("/quit", "/exit"):
             break

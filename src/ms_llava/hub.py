@@ -241,8 +241,8 @@ def _check_results(results) -> list[tuple[str, str]]:
         return []
     if isinstance(results, dict) and results.get("format") == "ms-llava-eval-results/1":  # `ms-llava eval --output`
         labels = [
-            f"{row['task']} {row['metric']} ({' '.join(map(str, *row['source'].items()))}; {row['num_samples']} "
-            f"samples; limit {row['limit']})"
+            f"{row['task']} {row['metric']} ({', '.join(f'{k} {v}' for k, v in row['source'].items())}; "
+            f"{row['num_samples']} samples; limit {row['limit']})"
             for row in results["rows"]
         ]
         results = {row["benchmark"] or label: row["score"] for row, label in zip(results["rows"], labels, strict=True)}

@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.slow
 def test_compose_train_evaluate_in_two_processes_push_card(tmp_path, trained_checkpoint, free_port, hub, run_cli):
-    columns = pope_columns(10, seed=7)
+    columns = pope_columns(6, seed=7)
     tasks = write_local_task(tmp_path, "pope_local", {"test": columns}, builtin="pope/pope.yaml")
     model, processor = load(trained_checkpoint)
     expected = {
@@ -45,7 +45,7 @@ def test_compose_train_evaluate_in_two_processes_push_card(tmp_path, trained_che
     # batch 3 with left padding, in two processes, answers as batch 1 without padding does
     answers = {doc_id: line["answer"] for doc_id, line in read_samples(samples)["pope_local"].items()}
     assert answers == expected
-    predictions = [expected[index].lower() for index in range(10)]
+    predictions = [expected[index].lower() for index in range(6)]
     assert set(predictions) <= {"yes", "no"} and "yes" in predictions, predictions  # the model answers the task
     truth = columns["answer"]
     tp = sum(p == "yes" and t == "yes" for p, t in zip(predictions, truth, strict=True))
@@ -63,7 +63,7 @@ def test_compose_train_evaluate_in_two_processes_push_card(tmp_path, trained_che
     assert pope["pope_f1_score,none"] == pytest.approx(f1)
     (row,) = json.loads(results.read_text())["rows"]
     assert row == {"task": "pope_local", "metric": "pope_f1_score", "score": round(100 * f1, 4), "benchmark": None,
-                   "source": {"local": str(tmp_path / "data" / "pope_local")}, "num_samples": 10,
+                   "source": {"local": str(tmp_path / "data" / "pope_local")}, "num_samples": 6,
                    "unreadable_samples": 0, "limit": None}  # fmt: skip
 
     repo_id = "ms-llava-test/composed-evaluated"
@@ -71,5 +71,5 @@ def test_compose_train_evaluate_in_two_processes_push_card(tmp_path, trained_che
     assert code == 0, err
     card = ModelCard.load(repo_id).text
     (line,) = [line for line in card.splitlines() if "pope_local" in line]
-    assert f"{row['score']:g}" in line and "local" in line and "10 samples" in line
+    assert f"{row['score']:g}" in line and "local" in line and "6 samples" in line
     assert "| POPE |" not in card and "No evaluation results" not in card

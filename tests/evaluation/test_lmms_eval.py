@@ -33,7 +33,7 @@ from ms_llava.evaluation.lmms_model import MSLlavaLMMS
 from ms_llava.testing_utils import COLOURS, SHAPES, draw_shape, write_tiny_checkpoint
 from ms_llava_cli import main
 
-SEED_LETTERS = "ABCD"
+SEED_LETTERS, SEED_SAMPLES = "ABCD", 4
 
 
 def seedbench_columns() -> dict[str, list]:
@@ -41,7 +41,7 @@ def seedbench_columns() -> dict[str, list]:
     rng = random.Random(2)
     columns = {k: [] for k in ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d")}
     columns.update(answer=[], data_type=[], image=[])
-    for index in range(10):
+    for index in range(SEED_SAMPLES):
         colour, other = list(COLOURS)[index % 4], list(COLOURS)[(index + 1) % 4]
         columns["question_id"].append(str(index))
         columns["question"].append("What colour is the object with the digit?" if index % 2 else "What shape is it?")
@@ -71,11 +71,11 @@ def image_paths(folder: Path, count: int, broken: dict[int, str]) -> list[str]:
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, default_checkpoint):
     """`ms-llava eval` of the default checkpoint on four local tasks, with `--log-samples` and `--lmms-eval-output`:
-    gqa_local (lmms-eval's GQA YAML on ScopeBench's questions about 4 images), seedbench_local (lmms-eval's SEED-Bench YAML, two
+    gqa_local (lmms-eval's GQA YAML on ScopeBench's questions about 2 images), seedbench_local (lmms-eval's SEED-Bench YAML, two
     images per sample), scopebench (a YAML of our own, images by path), paths_task (5 images by path, 2 of them
     missing or unreadable)."""
     root = tmp_path_factory.mktemp("evaluated")
-    gqa_path, records = scopebench_split(root / "gqa", 4)
+    gqa_path, records = scopebench_split(root / "gqa", 2)
     gqa = {
         "id": [record["id"] for record in records],
         "question": [record["conversations"][0]["value"].replace("<image>\n", "") for record in records],
@@ -115,6 +115,11 @@ def evaluated(tmp_path_factory, default_checkpoint):
         qa_path=qa_path,
         tasks=tasks,
     )
+
+
+@pytest.fixture(scope="module")
+def default_model(default_checkpoint):
+    return load(default_checkpoint)
 
 
 def answers_scored(evaluated, task: str) -> dict:
@@ -172,11 +177,11 @@ def test_results_record_rows_in_the_papers_units_and_only_official_runs_named_as
 
 
 @pytest.mark.slow
-def test_gqa_style_short_answers(evaluated, default_checkpoint):
+def test_gqa_style_short_answers(evaluated, default_model):
     """lmms-eval's GQA task (exact match, case and punctuation ignored); batch 4 with left padding answers as batch 1
     without padding does."""
     columns = evaluated.columns["gqa_local"]
-    model, processor = load(default_checkpoint)
+    model, processor = default_model
     answers = [
         reference_answer(model, processor, question + POST_PROMPT, [image], 16)
         for question, image in zip(columns["question"], columns["image"], strict=True)
@@ -186,19 +191,19 @@ def test_gqa_style_short_answers(evaluated, default_checkpoint):
     assert 0 < sum(hits) < len(hits), answers  # the number can move both ways
     assert evaluated.metrics["gqa_local"]["exact_match,none"] == pytest.approx(sum(hits) / len(hits))
     row = evaluated.rows["gqa_local"]
-    assert (row["metric"], row["score"], row["num_samples"]) == ("exact_match", round(100 * sum(hits) / 20, 4), 20)
+    assert (row["metric"], row["score"], row["num_samples"]) == ("exact_match", round(100 * sum(hits) / 10, 4), 10)
     assert row["benchmark"] is None and row["source"] == {"local": str(evaluated.tasks.parent / "data" / "gqa_local")}
-    assert f"gqa_local exact_match: {row['score']:g} (20 samples; " in evaluated.out
+    assert f"gqa_local exact_match: {row['score']:g} (10 samples; " in evaluated.out
 
 
 @pytest.mark.slow
-def test_multiple_choice_with_two_images_per_sample(evaluated, default_checkpoint):
+def test_multiple_choice_with_two_images_per_sample(evaluated, default_model):
     """lmms-eval's SEED-Bench task (the response's first letter against the option letter) with two images per
     sample. The default checkpoint answers with words, so its first letters score as they happen to."""
     columns = evaluated.columns["seedbench_local"]
-    model, processor = load(default_checkpoint)
+    model, processor = default_model
     answers = []
-    for index in range(10):
+    for index in range(SEED_SAMPLES):
         text = columns["question"][index] + "\n"
         text += "\n".join(f"{L}. {columns[f'choice_{L.lower()}'][index]}" for L in SEED_LETTERS)
         text += "\nAnswer with the option's letter from the given choices directly."
@@ -210,17 +215,17 @@ def test_multiple_choice_with_two_images_per_sample(evaluated, default_checkpoin
 
 
 @pytest.mark.slow
-def test_default_checkpoint_on_scopebench_matches_its_scorer(evaluated, default_checkpoint):
+def test_default_checkpoint_on_scopebench_matches_its_scorer(evaluated, default_model):
     """ScopeBench through lmms-eval (a task YAML of our own: the question alone, at most 3 new tokens, exact match)
     gives the accuracy ScopeBench's own scorer (`question_type_accuracy`) gives on the same questions."""
     from experiments.scopebench.generator import question_type_accuracy
 
-    model, processor = load(default_checkpoint)
+    model, processor = default_model
     expected = question_type_accuracy(model, processor, evaluated.qa_path, evaluated.qa_path.parent / "images")
     assert evaluated.metrics["scopebench"]["exact_match,none"] == pytest.approx(expected["overall"])
     assert 0 < expected["overall"] < 1
     row = evaluated.rows["scopebench"]
-    assert (row["num_samples"], row["unreadable_samples"]) == (20, 0)
+    assert (row["num_samples"], row["unreadable_samples"]) == (10, 0)
 
 
 @pytest.mark.slow
@@ -245,7 +250,7 @@ def test_log_samples_holds_each_samples_prompt_answer_and_score(evaluated):
     assert line["target"] == evaluated.columns["gqa_local"]["answer"][0]
     assert line["scores"] == {"exact_match": float(line["answer"].lower().strip(".") == line["target"].lower())}
     assert sorted(evaluated.samples) == ["gqa_local", "paths_task", "scopebench", "seedbench_local"]
-    assert [len(evaluated.samples[task]) for task in sorted(evaluated.samples)] == [20, 5, 20, 10]
+    assert [len(evaluated.samples[task]) for task in sorted(evaluated.samples)] == [10, 5, 10, SEED_SAMPLES]
 
 
 # --------------------------------------------------------------------------------------- refused before the work

@@ -1,6 +1,5 @@
-"""`python -m ms_llava.evaluation ...` = `ms-llava eval ...`, for launchers that take a module
-(`accelerate launch -m ms_llava.evaluation`, `torchrun -m ms_llava.evaluation`): each process evaluates its share of
-the samples, the first writes the results record. Errors go through `ms-llava`'s boundary (`ms_llava_cli`)."""
+"""`python -m ms_llava.evaluation` = `ms-llava eval`, for `accelerate launch -m` and `torchrun -m`: each process takes
+its share of the samples, the first writes the results record."""
 
 import sys
 
