@@ -661,7 +661,13 @@ def _handle(args: argparse.Namespace) -> int:
     )
 
 
-add_arguments, run = _add_arguments, _handle  # `ms-llava compose`
+def add_cli(commands) -> argparse.ArgumentParser:
+    """Registers `compose` on the `ms-llava` subparsers; `args.handler(args)` runs it (exit code)."""
+    help_text = "a vision encoder + a language model -> a new MS-LLaVA (fresh MS-Resampler, the rest bit-exact)"
+    return convert_llava.add_command(commands, "compose", help_text, __doc__.split("\n\n")[0], _add_arguments, _handle)
+
+
+add_arguments, run = _add_arguments, _handle  # `ms-llava compose` (ms_llava_cli's convention)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -673,4 +679,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["CHATML_CHAT_TEMPLATE", "CHAT_TEMPLATES", "add_arguments", "compose", "main", "run"]
+__all__ = ["CHATML_CHAT_TEMPLATE", "CHAT_TEMPLATES", "add_arguments", "add_cli", "compose", "main", "run"]

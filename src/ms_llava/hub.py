@@ -498,8 +498,18 @@ def _stage(checkpoint, processor, folder: Path) -> str:
 # --------------------------------------------------------------------------------------------- command line
 
 
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Registers `push` on an argparse subparsers object (`ms-llava push DIR REPO_ID ...`)."""
+    push = subparsers.add_parser(
+        "push", help="upload a checkpoint directory to the Hugging Face Hub with a generated model card"
+    )
+    add_arguments(push)
+    push.set_defaults(handler=_push_command)
+    return push
+
+
 def add_arguments(push: argparse.ArgumentParser) -> None:
-    """`ms-llava push DIR REPO_ID ...`."""
+    """`ms-llava push DIR REPO_ID ...` (ms_llava_cli's convention)."""
     push.description = (
         "Upload an MS-LLaVA checkpoint (safetensors weights, processor, remote-code modules) and a generated "
         "model card to the Hugging Face Hub. The card marks the weights UNTRAINED unless --training is given."

@@ -37,6 +37,7 @@ __all__ = [
     "TrainResult",
     "TrainingConfig",
     "add_arguments",
+    "add_cli",
     "main",
     "merge_lora_adapter",
     "run",
@@ -48,6 +49,18 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def add_cli(subparsers, argv: list[str] | None = None):
+    """Registers `train` on an argparse subparsers object (see `trainer.add_cli`). With `argv` (the command line
+    about to be parsed) that does not name `train`, registers only its name and help line, without importing the
+    trainer (and with it transformers' Trainer, peft and bitsandbytes): `ms-llava --help` and the other commands
+    start without them."""
+    if argv is not None and "train" not in argv:
+        return subparsers.add_parser("train", help=TRAIN_COMMAND_HELP)
+    from .trainer import add_cli as add_train_cli
+
+    return add_train_cli(subparsers)
 
 
 def add_arguments(parser) -> None:
