@@ -23,6 +23,8 @@ from llava_checkpoints import save_llava
 from ms_llava.testing_utils import write_shapes_dataset, write_tiny_checkpoint
 from ms_llava_cli import describe, main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster, and steady on a shared machine
+
 
 @pytest.fixture
 def hub_calls(monkeypatch):

@@ -11,6 +11,8 @@ from ms_llava.chat import default_checkpoint_path, load_demo_samples
 from ms_llava.visualize import panel_layout
 from ms_llava_cli import COMMANDS, main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster, and steady on a shared machine
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -261,6 +263,7 @@ def test_chat_streams_keeps_the_conversation_and_goes_on_after_a_refusal(run_cli
 @pytest.mark.slow
 def test_chat_scripts_from_a_pipe(tmp_path):
     """`printf 'What colour?\\nHow many?\\n' | ms-llava chat --image x.png`, with the embedded default checkpoint."""
+    import os
     import shutil
     import subprocess
     import sys
@@ -270,7 +273,7 @@ def test_chat_scripts_from_a_pipe(tmp_path):
     done = subprocess.run(
         [Path(sys.executable).parent / "ms-llava", "chat", "--image", "x.png"],
         input="How many objects are there?\nWhat colour is the object with the digit?\n",
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0 and done.stderr.count("error") == 0, done.stderr
     assert f"checkpoint: {default_checkpoint_path()}" in done.stdout

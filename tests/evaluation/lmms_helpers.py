@@ -162,6 +162,8 @@ def trained_checkpoint(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("paper_workflow")
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster, and steady on a shared machine
     tower, llm = root / "clip", root / "llama"
     CLIPVisionModel(tiny_vision_config()).save_pretrained(tower)
     (tower / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSING), encoding="utf-8")
@@ -187,6 +189,7 @@ def trained_checkpoint(tmp_path_factory):
           **run)  # fmt: skip
     train(root / "stage1", "finetune", questions, data / "images", root / "stage2", learning_rate=1e-2, max_steps=8,
           **run)  # fmt: skip
+    torch.set_num_threads(threads)
     return root / "stage2"
 
 

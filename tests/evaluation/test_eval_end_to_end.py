@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard
 from lmms_helpers import POST_PROMPT, load, pope_columns, read_samples, reference_answer, write_local_task
 
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster, and steady on a shared machine
 
 
 @pytest.mark.slow

@@ -33,6 +33,9 @@ from ms_llava.evaluation.lmms_model import MSLlavaLMMS
 from ms_llava.testing_utils import COLOURS, SHAPES, draw_shape, write_tiny_checkpoint
 from ms_llava_cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster, and steady on a shared machine
+
+
 SEED_LETTERS, SEED_SAMPLES = "ABCD", 4
 
 
