@@ -282,7 +282,7 @@ def test_hub_tasks_without_network_fail_within_seconds_pointing_to_local_data(ru
                                 tmp_path / "results.json"])  # fmt: skip
         elapsed = time.perf_counter() - started
     assert code == 1 and "Traceback" not in err and elapsed < 20, (elapsed, err)
-    assert "error: task gqa: the Hub dataset lmms-lab-encoder/GQA cannot be had" in err and f"host {host}" in err
+    assert "error: task gqa: the Hub dataset lmms-lab-encoder/GQA cannot be reached" in err and f"host {host}" in err
     assert "evaluate a local copy of the data (docs/evaluation.md, 'Local data')" in err
     assert not (tmp_path / "results.json").exists()
 

@@ -87,7 +87,7 @@ def task_sources(tasks: list[str], manager) -> dict[str, dict]:
             except Exception as error:
                 if kind_of(error) != "network":
                     raise
-                message = f"task {name}: the Hub dataset {path} cannot be had ({error}); {LOCAL_DATA_HINT}"
+                message = f"task {name}: the Hub dataset {path} cannot be reached ({error}); {LOCAL_DATA_HINT}"
                 raise ConnectionError(message) from error
             sources[name]["revision"] = info.sha
     return sources
