@@ -65,11 +65,11 @@ DEMO_CHILD = (
     "import sys\nimport ms_llava\n"
     + BEFORE
     + """
-from ms_llava.cli import main
+from ms_llava_cli import main
 sys.exit(main(["demo", "--image", sys.argv[1], "--question", sys.argv[4], "--output", sys.argv[3]]))
 """
 )
-IMPORTS_ONLY = "import sys\nimport ms_llava, ms_llava.cli, ms_llava.images\n"
+IMPORTS_ONLY = "import sys\nimport ms_llava, ms_llava.demo, ms_llava.images\n"
 
 
 def run_child(code: str, *arguments: str) -> dict:

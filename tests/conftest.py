@@ -1,4 +1,6 @@
 import json
+import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -86,6 +88,47 @@ def _strict_pil(monkeypatch):
     from PIL import ImageFile
 
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Runs `ms-llava ARGS` in this process (`ms_llava_cli.main`): `run_cli(args) -> (exit status, stdout, stderr)`."""
+    from ms_llava_cli import main
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as exit_info:
+            code = exit_info.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """`free_port() -> int`: a 127.0.0.1 port that nothing listens on now (bound, then released)."""
+
+    def port() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+    return port
+
+
+@pytest.fixture(scope="session")
+def folder_contents():
+    """`folder_contents(folder)`: every path under `folder` (relative) with its bytes (None for a folder), but a run's
+    lock file, which names its holder."""
+    from ms_llava.outputs import LOCK_FILE
+
+    return lambda folder: {
+        str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes()
+        for path in Path(folder).rglob("*")
+        if path.name != LOCK_FILE
+    }
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ def module_name(path: Path) -> str:
 
 
 def source_files() -> dict[str, Path]:
-    files = [*(ROOT / "src" / "ms_llava").rglob("*.py"), *(ROOT / "experiments").rglob("*.py")]
+    files = [*(ROOT / "src").rglob("*.py"), *(ROOT / "experiments").rglob("*.py")]
     return {module_name(path): path for path in files if "default_checkpoint" not in path.parts}
 
 
@@ -134,10 +134,15 @@ def test_the_wheel_holds_the_library_and_no_experiment(tmp_path):
         [sys.executable, "-c", build, str(tmp_path / "dist")], cwd=source, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    with zipfile.ZipFile(tmp_path / "dist" / run.stdout.strip().splitlines()[-1]) as wheel:
+    wheel_name = run.stdout.strip().splitlines()[-1]
+    with zipfile.ZipFile(tmp_path / "dist" / wheel_name) as wheel:
         names = set(wheel.namelist())
     library = {name for name in names if not name.startswith("ms_llava-0.1.0.dist-info/")}
-    assert all(name.startswith("ms_llava/") for name in library), sorted(library)
+    # the package, and beside it the command line's dispatcher (light: `ms-llava --help` does not import the package)
+    assert all(name.startswith("ms_llava/") for name in library - {"ms_llava_cli.py"}), sorted(library)
+    assert "ms_llava_cli.py" in library
+    entry_points = zipfile.ZipFile(tmp_path / "dist" / wheel_name).read("ms_llava-0.1.0.dist-info/entry_points.txt")
+    assert "ms-llava = ms_llava_cli:main" in entry_points.decode()
     expected_modules = {
         f"ms_llava/{name.relative_to(ROOT / 'src' / 'ms_llava').as_posix()}"
         for name in (ROOT / "src" / "ms_llava").rglob("*.py")

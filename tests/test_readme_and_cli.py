@@ -7,9 +7,11 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from ms_llava import MSLlavaForConditionalGeneration
-from ms_llava.cli import main
-from ms_llava.demo import default_checkpoint_path, load_demo_samples
+from ms_llava.chat import default_checkpoint_path, load_demo_samples
 from ms_llava.visualize import panel_layout
+from ms_llava_cli import COMMANDS, main
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster, and steady on a shared machine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,13 +54,13 @@ def test_demo_on_the_embedded_default(tmp_path, capsys, monkeypatch):
 
 
 def test_default_checkpoint_path_names_what_is_missing(tmp_path, monkeypatch):
-    from ms_llava import demo
+    from ms_llava import chat
 
-    monkeypatch.setattr(demo, "DEFAULT_CHECKPOINT_DIR", tmp_path / "default_checkpoint")
+    monkeypatch.setattr(chat, "DEFAULT_CHECKPOINT_DIR", tmp_path / "default_checkpoint")
     (tmp_path / "default_checkpoint").mkdir()
     (tmp_path / "default_checkpoint" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"default_checkpoint lacks demo_samples.json, \*.safetensors"):
-        demo.default_checkpoint_path()
+        chat.default_checkpoint_path()
 
 
 @pytest.fixture
@@ -134,18 +136,17 @@ def test_visualize_command(tiny_checkpoint_with_samples, tmp_path, capsys):
         (["--query", "1", "--query-at", "1,2"], "not allowed with argument"),
     ],
 )
-def test_visualize_refuses_bad_arguments(tiny_checkpoint_with_samples, capsys, extra, message, monkeypatch, tmp_path):
+def test_visualize_refuses_bad_arguments(tiny_checkpoint_with_samples, run_cli, extra, message, monkeypatch, tmp_path):
+    """Exit status 2, as argparse's own refusals, also for what is known only once the checkpoint is loaded (M)."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["visualize", "--checkpoint", str(tiny_checkpoint_with_samples), *extra])
-    assert exit_info.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
+    code, _, err = run_cli(["visualize", "--checkpoint", str(tiny_checkpoint_with_samples), *extra])
+    assert code == 2 and "Traceback" not in err
+    assert re.search(message, err)
 
 
-def test_demo_refuses_a_missing_image(capsys):
-    with pytest.raises(SystemExit):
-        main(["demo", "--image", "/nonexistent/photo.png"])
-    assert "no such file: /nonexistent/photo.png" in capsys.readouterr().err
+def test_demo_refuses_a_missing_image(run_cli):
+    code, _, err = run_cli(["demo", "--image", "/nonexistent/photo.png"])
+    assert code == 2 and "no such file: /nonexistent/photo.png" in err
 
 
 def test_the_main_command_writes_an_ignored_file_and_the_readme_says_where():
@@ -163,3 +164,118 @@ def test_the_main_command_writes_an_ignored_file_and_the_readme_says_where():
     ignored = subprocess.run(["git", "check-ignore", "-q", DEMO_OUTPUT], cwd=ROOT, check=False)
     tracked = subprocess.run(["git", "ls-files", DEMO_OUTPUT], cwd=ROOT, capture_output=True, text=True, check=True)
     assert ignored.returncode == 0 and tracked.stdout == ""
+
+
+# ----------------------------------------------------------------------------------------------- the dispatcher
+
+
+def test_help_and_argument_errors_answer_without_importing_the_package():
+    """`ms-llava --help` and an argument error are answered by `ms_llava_cli` alone: neither `ms_llava` (whose
+    __init__ imports torch and transformers to register the Auto classes) nor torch is imported. The console script
+    is timed too (the target is 1 s on a quiet 2-core machine; the bound here leaves room for a busy one)."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys\nfrom ms_llava_cli import main\n"
+        "for argv in (['--help'], ['no-such-command'], []):\n"
+        "    try:\n        main(argv)\n    except SystemExit as exit_info:\n        print('EXIT', exit_info.code)\n"
+        "print('LOADED', sorted(name for name in ('ms_llava', 'torch', 'transformers') if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.count("EXIT 2") == 2 and "EXIT 0" in done.stdout and "LOADED []" in done.stdout, done
+    assert "invalid choice: 'no-such-command'" in done.stderr and "required: COMMAND" in done.stderr
+    for name, (_, help_line) in COMMANDS.items():
+        assert f"{name}" in done.stdout and " ".join(help_line.split()[:3]) in " ".join(done.stdout.split())
+    script = Path(sys.executable).parent / "ms-llava"
+    started = time.perf_counter()
+    done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "chat" in done.stdout and time.perf_counter() - started < 3
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [("demo", "--query-at"), ("visualize", "--query-at"), ("chat", "--image"), ("tiny", "--overwrite"),
+     ("convert", "llava-to-ms-llava"), ("compose", "--vision-tower"), ("push", "repo_id"), ("eval", "--log-samples"),
+     ("train", "--stage")],
+)  # fmt: skip
+def test_every_command_has_its_options(command, option, run_cli):
+    """The table's module of each command builds its options (`add_arguments`), which `--help` lists."""
+    code, out, _ = run_cli([command, "--help"])
+    assert code == 0 and out.startswith(f"usage: ms-llava {command}") and option in out
+
+
+def test_demo_says_in_one_line_that_a_question_is_longer_than_the_context(run_cli, tmp_path):
+    code, _, err = run_cli(["demo", "--question", "word " * 1200, "--output", tmp_path / "o.png"])
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 2
+    assert re.search(r"error: the prompt holds \d+ tokens, more than the language model's context", err)
+    assert not (tmp_path / "o.png").exists()
+
+
+# --------------------------------------------------------------------------------------------------- ms-llava chat
+
+
+def test_chat_streams_keeps_the_conversation_and_goes_on_after_a_refusal(run_cli, monkeypatch, capsys):
+    """Questions from standard input (not a terminal), one per line: answers streamed token by token through
+    transformers' `TextStreamer`, the images placed in the turn they were given, `/image` adding one, a question
+    beyond the context refused in one line without ending the session, `/reset` starting over."""
+    import io
+
+    from transformers import TextStreamer, pipeline
+
+    from ms_llava.images import load_image
+
+    samples = {sample["answer"]: sample["image"] for sample in load_demo_samples(default_checkpoint_path())}
+    # the conversation's second turn, as the pipeline answers it: both turns, each with its image where it was given
+    question = "How many objects are there?"
+    turns = [{"role": "user", "content": [{"type": "image", "image": load_image(samples["two"])},
+                                          {"type": "text", "text": question}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
+             {"role": "user", "content": [{"type": "image", "image": load_image(samples["five"])},
+                                          {"type": "text", "text": question}]}]  # fmt: skip
+    reference = pipeline("image-text-to-text", model=str(default_checkpoint_path()))
+    second = reference(text=turns, generate_kwargs={"max_new_tokens": 4, "do_sample": False})
+    second = second[0]["generated_text"][-1]["content"].strip()
+    capsys.readouterr()  # the reference's loading bars
+    calls = []  # what generate gave the streamer: the prompt, then each new token, then the end
+    for method in ("put", "end"):
+        original = getattr(TextStreamer, method)
+        monkeypatch.setattr(TextStreamer, method, lambda self, *args, _o=original, _m=method: (calls.append(_m),
+                                                                                             _o(self, *args)))  # fmt: skip
+    lines = ["How many objects are there?", f"/image {samples['five']}", "How many objects are there?",
+             "word " * 1200, "/image /no/such/image.png", "/reset", f"/image {samples['four']}",
+             "How many objects are there?"]  # fmt: skip
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    code, out, err = run_cli(["chat", "--image", samples["two"], "--max-new-tokens", "4"])
+    assert code == 0, err
+    answers = re.findall(r"ASSISTANT: (.*)", out)
+    assert answers == ["two", second, "", "four"], out  # the third was refused: nothing was answered
+    assert out.count("USER: How many objects are there?") == 3
+    # every answer came through the streamer, token by token: three ends, and a put per token after each prompt
+    assert calls.count("end") == 3 and calls.count("put") >= 3 + 4, calls
+    refusals = err.strip().splitlines()
+    assert len(refusals) == 2 and "Traceback" not in err
+    assert re.search(r"error: the prompt holds \d+ tokens, more than the language model's context", refusals[0])
+    assert "question not kept" in refusals[0] and "image file not found: /no/such/image.png" in refusals[1]
+
+
+@pytest.mark.slow
+def test_chat_scripts_from_a_pipe(tmp_path):
+    """`printf 'What colour?\\nHow many?\\n' | ms-llava chat --image x.png`, with the embedded default checkpoint."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    image = Path(load_demo_samples(default_checkpoint_path())[0]["image"])
+    shutil.copy(image, tmp_path / "x.png")
+    done = subprocess.run(
+        [Path(sys.executable).parent / "ms-llava", "chat", "--image", "x.png"],
+        input="How many objects are there?\nWhat colour is the object with the digit?\n",
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr.count("error") == 0, done.stderr
+    assert f"checkpoint: {default_checkpoint_path()}" in done.stdout
+    answers = re.findall(r"ASSISTANT: (.*)", done.stdout)
+    assert len(answers) == 2 and answers[0] == "two" and all(answers), done.stdout

@@ -13,6 +13,8 @@ import pytest
 
 from ms_llava.testing_utils import build_tiny_checkpoint, sample_image
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster, and steady on a shared machine
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 NAMED_BLOCK = re.compile(r"<!-- python: ([\w-]+) -->\n```python\n(.+?)\n```", flags=re.S)

@@ -14,6 +14,8 @@ from ms_llava.visualize import (
     visualize,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster, and steady on a shared machine
+
 
 def resampler_attention(model, processor, image, **vision_kwargs):
     """The model's own per-branch attention, heads averaged: (E, M, prefix + H*W), straight from MSResampler."""

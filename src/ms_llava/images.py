@@ -1,10 +1,7 @@
-"""Opening a user's image file, the same way for every command (demo, visualize, train's dataset, evaluation).
-
-`load_image` decodes the whole file (so that a truncated one fails here, naming it, rather than inside the processor),
-turns an EXIF-rotated photo upright (as transformers' own `load_image` does) and otherwise hands back the image as
-opened: its mode is kept, because `MSLlavaImageProcessor` converts every PIL mode itself (16-bit greyscale scaled, not
-clipped; alpha composited on white), and a `convert("RGB")` here would do it worse. `display_rgb` is the 8-bit RGB
-picture the processor makes of an image, for drawing it.
+"""Opening a user's image file the same way for every command (demo, visualize, chat, train's dataset, evaluation):
+`load_image` decodes it whole (a truncated file fails here, named), turns an EXIF-rotated photo upright (as
+transformers' `load_image`) and keeps its mode, which `MSLlavaImageProcessor` converts itself (16-bit greyscale
+scaled, alpha on white) better than `convert("RGB")` would. `display_rgb` is that 8-bit RGB picture, for drawing.
 """
 
 from __future__ import annotations
@@ -37,9 +34,8 @@ def _strict_decoding():
 
 
 def decode_image(source: str | os.PathLike | BinaryIO) -> Image.Image:
-    """The image in `source` (a path or a binary file object), fully decoded and EXIF-upright, in the mode it has;
-    PIL's own exceptions for a file it cannot read (callers that name the file themselves, like the training set's
-    loader, which also names the record). `load_image` turns them into a `ValueError` naming the file."""
+    """The image in `source` (a path or a binary file), decoded and upright; PIL's own exceptions for callers that name
+    the file themselves (the training set's loader names the record too)."""
     with Image.open(source) as opened:
         with _strict_decoding():
             opened.load()  # decodes everything now: a truncated file fails here
@@ -48,12 +44,8 @@ def decode_image(source: str | os.PathLike | BinaryIO) -> Image.Image:
 
 
 def load_image(source: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
-    """The image in `source` (a path or a binary file object), fully decoded and EXIF-upright, in the mode it has.
-
-    `name` is how error messages call it (default: the path). Errors a file can cause are `ValueError`s naming it:
-    missing, a folder, not an image, truncated or damaged, or over PIL's decompression-bomb limit
-    (`PIL.Image.MAX_IMAGE_PIXELS`, which a trusting caller may raise).
-    """
+    """`decode_image`, with what a file can cause as a `ValueError` naming it (`name`, default the path): missing, a
+    folder, not an image, truncated or damaged, over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`)."""
     is_path = isinstance(source, (str, os.PathLike))
     name = (str(source) if is_path else getattr(source, "name", "<image bytes>")) if name is None else name
     if is_path:

@@ -1,15 +1,14 @@
-"""Where does one MS-Resampler query look? Per-branch attention maps and scope windows drawn over the image.
+"""Where does one MS-Resampler query look? `ms-llava visualize`, and the picture `ms-llava demo` draws.
 
-`query_attention` runs an MS-LLaVA's vision tower and MS-Resampler on one image (exactly as `generate` does, through
-`get_image_features`) and returns, for one query, every branch's attention over the visual-token grid (averaged over
-the branch's heads), the branch's scope window (the tokens where the scope prior B of Eq. 5 is 0, taken from
-`build_scope_bias` itself) and the attention mass inside it. `render` draws that as one picture with Pillow: the input
-image, then one panel per branch with the pre-processed image the model saw, the query's anchor, its k x k window and
-the attention as a heat overlay. `visualize` does both and writes a PNG.
+`query_attention` runs the vision tower and MS-Resampler on one image as `generate` does (`get_image_features`) and
+returns, for one query, each branch's attention over the token grid (heads averaged), its scope window (where Eq. 5's
+B is 0, from `build_scope_bias`) and the mass inside it. `render` draws the input, then per branch the image the model
+saw with the anchor, the k x k window and the attention as heat (Pillow); `visualize` writes that as a PNG.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .images import display_rgb
 from .modeling_ms_llava import build_scope_bias, query_anchors
+from .outputs import check_writable, writing
 
 # Heat colours (magma-like), from no attention to the panel's maximum.
 _HEAT_STOPS = np.array(
@@ -29,27 +29,15 @@ _HEAT_STOPS = np.array(
 
 @dataclass
 class BranchAttention:
-    """One branch's view of the query.
+    """One branch's view of the query."""
 
-    Attributes:
-        window: k, the branch's scope window size.
-        attention: `(H, W)` float32, the query's attention probabilities over the grid tokens, averaged over heads.
-        window_mask: `(H, W)` bool, the tokens where B == 0 for this query (its k x k window, clipped to the grid).
-        window_tokens: `(top, left, bottom, right)`, inclusive token rows/columns of the window's bounding box.
-        window_pixels: `(left, top, right, bottom)` of the window in the model's input image, in pixels (right and
-            bottom exclusive).
-        mass_inside: attention mass on the window's tokens (of the query's total of 1).
-        prefix_mass: attention mass on tokens without a grid position (the CLS token of a CLIP tower with
-            `vision_feature_select_strategy="full"`); 0 when there are none.
-    """
-
-    window: int
-    attention: np.ndarray
-    window_mask: np.ndarray
-    window_tokens: tuple[int, int, int, int]
-    window_pixels: tuple[int, int, int, int]
-    mass_inside: float
-    prefix_mass: float
+    window: int  # k
+    attention: np.ndarray  # (H, W) float32: the query's attention over the grid tokens, heads averaged
+    window_mask: np.ndarray  # (H, W) bool: where B == 0 for this query (its k x k window, clipped to the grid)
+    window_tokens: tuple[int, int, int, int]  # (top, left, bottom, right), inclusive token rows / columns
+    window_pixels: tuple[int, int, int, int]  # (left, top, right, bottom) in the model's input pixels, exclusive end
+    mass_inside: float  # attention on the window's tokens (of 1)
+    prefix_mass: float  # attention on tokens off the grid (CLS with vision_feature_select_strategy="full")
 
 
 @dataclass
@@ -69,68 +57,31 @@ class QueryAttention:
     branches: list[BranchAttention] = field(default_factory=list)
     point: tuple[float, float] | None = None  # `query_at` mapped into the model's input pixels, (x, y)
 
-    @property
-    def anchor_pixels(self) -> tuple[float, float]:
-        """The anchor `(x, y)` in the model's input pixels (the centre of token (y, x) is ((x + 0.5) * patch, ...))."""
-        return ((self.anchor[1] + 0.5) * self.patch_size[1], (self.anchor[0] + 0.5) * self.patch_size[0])
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _check_model(model):
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type != "ms_llava":
-        raise ValueError(
-            f"expected an MS-LLaVA model (config.model_type 'ms_llava'), got {type(model).__name__} "
-            f"with model_type {model_type!r}"
-        )
-    projector = getattr(getattr(model, "model", model), "multi_modal_projector", None)
-    if projector is None or not hasattr(projector, "scope_windows"):
-        raise ValueError(f"{type(model).__name__} has no MS-Resampler as multi_modal_projector")
-    return projector
-
 
 def _size_pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def map_to_model_input(image_processor, image_size: tuple[int, int], point: tuple[float, float]):
-    """Maps a point `(x, y)` in the original image's pixels to the model's input pixels, following the image
-    processor's steps: pad to a square (centred), resize the shortest edge (or to height x width), centre crop.
-    Returns `(x, y)`, or None when the point falls outside what the model sees (cropped away)."""
-    x, y = float(point[0]), float(point[1])
-    width, height = image_size
+    """The point `(x, y)` of the original image in the model's input pixels, following the image processor's steps
+    (pad to a centred square, resize the shortest edge or to height x width, centre crop); None when cropped away."""
+    (x, y), (width, height) = map(float, point), image_size
     if getattr(image_processor, "do_pad", False) and width != height:
         side = max(width, height)
-        if width > height:
-            y += (side - height) // 2
-        else:
-            x += (side - width) // 2
-        width = height = side
+        x, y, width, height = x + (side - width) // 2, y + (side - height) // 2, side, side
     if getattr(image_processor, "do_resize", False):
-        size = image_processor.size
-        size = size if isinstance(size, dict) else dict(size)
+        size, short = dict(image_processor.size), min(width, height)
         if size.get("shortest_edge"):
-            short, long = min(width, height), max(width, height)
-            new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
-            new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+            edge = size["shortest_edge"]
+            new = (edge, int(edge * height / short)) if width <= height else (int(edge * width / short), edge)
         else:
-            new_width, new_height = size["width"], size["height"]
-        x, y = x * new_width / width, y * new_height / height
-        width, height = new_width, new_height
+            new = (size["width"], size["height"])
+        x, y, width, height = x * new[0] / width, y * new[1] / height, *new
     if getattr(image_processor, "do_center_crop", False):
-        crop = image_processor.crop_size
-        crop = crop if isinstance(crop, dict) else dict(crop)
-        x -= (width - crop["width"]) // 2
-        y -= (height - crop["height"]) // 2
+        crop = dict(image_processor.crop_size)
+        x, y = x - (width - crop["width"]) // 2, y - (height - crop["height"]) // 2
         width, height = crop["width"], crop["height"]
-    if not (0 <= x < width and 0 <= y < height):
-        return None
-    return x, y
+    return (x, y) if 0 <= x < width and 0 <= y < height else None
 
 
 def nearest_query(anchors: torch.Tensor, token_yx: tuple[float, float]) -> int:
@@ -149,35 +100,18 @@ def _de_normalise(pixel_values: torch.Tensor, image_processor) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="RGB")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# The attention of one query
-# --------------------------------------------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def query_attention(
-    model,
-    processor,
-    image: Image.Image,
-    query: int | None = None,
-    query_at: tuple[float, float] | None = None,
-    **vision_kwargs,
+    model, processor, image: Image.Image, query=None, query_at=None, **vision_kwargs
 ) -> QueryAttention:
-    """Per-branch attention of one MS-Resampler query on `image`.
-
-    Args:
-        model: an `MSLlavaForConditionalGeneration` (also one loaded through remote code).
-        processor: its processor (or image processor).
-        image: a PIL image.
-        query: the query index, `0 <= query < M` (row-major over the query grid).
-        query_at: instead of `query`, a point `(x, y)` in `image`'s pixels: the query whose anchor is nearest to it.
-            With neither, the query whose anchor is nearest the centre of the grid.
-        vision_kwargs: passed on to the vision tower (e.g. `interpolate_pos_encoding=True` for CLIP at another size).
-
-    The vision tower and resampler run as in `generate` (`get_image_features`, the config's feature layer and CLS
-    strategy); the resampler is then called again on the very inputs it received, with `output_attentions=True`.
-    """
-    projector = _check_model(model)
+    """Per-branch attention of one MS-Resampler query of `model` (an MS-LLaVA, also one loaded as remote code) on the
+    PIL `image`: the query `query` (0 <= query < M, row-major), or the one whose anchor is nearest the point
+    `query_at` (x, y) of `image`, or the one nearest the grid's centre. `vision_kwargs` go to the vision tower. The
+    resampler is called again on the very inputs `get_image_features` gave it, with `output_attentions=True`."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type != "ms_llava":
+        raise ValueError(f"expected an MS-LLaVA model, got {type(model).__name__} with model_type {model_type!r}")
+    projector = model.model.multi_modal_projector
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL image, got {type(image).__name__}")
     if query is not None and query_at is not None:
@@ -191,85 +125,48 @@ def query_attention(
     parameter = next(model.parameters())
     pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
 
-    captured = {}
-
-    def capture(module, args, kwargs, output):
-        captured["args"], captured["kwargs"] = args, dict(kwargs)
-
-    handle = projector.register_forward_hook(capture, with_kwargs=True)
+    captured = {}  # what get_image_features passes the resampler
+    hook = projector.register_forward_hook(lambda _, args, kwargs, out: captured.update(args=args, kwargs=kwargs),
+                                           with_kwargs=True)  # fmt: skip
     try:
         model.get_image_features(pixel_values=pixel_values, **vision_kwargs)
     finally:
-        handle.remove()
-    if "args" not in captured:
-        raise ValueError(f"{type(model).__name__}.get_image_features did not call its multi_modal_projector")
-    kwargs = {**captured["kwargs"], "output_attentions": True}
-    _, probs = projector(*captured["args"], **kwargs)  # (batch, E, heads, M, prefix + H*W)
+        hook.remove()
+    _, probs = projector(*captured["args"], **{**captured["kwargs"], "output_attentions": True})  # (1, E, h, M, N)
 
     patch = _size_pair(model.config.vision_config.patch_size)
     grid_height, grid_width = pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1]
-    grid_tokens = grid_height * grid_width
-    num_prefix = probs.shape[-1] - grid_tokens
-    rows, cols = projector.query_rows, projector.query_cols
+    num_prefix = probs.shape[-1] - grid_height * grid_width
+    rows, cols = projector.config.query_grid_shape
     anchors = query_anchors(rows, cols, grid_height, grid_width)  # (M, 2)
 
     point = None
     if query_at is not None:
-        if len(query_at) != 2:
-            raise ValueError(f"query_at must be a point (x, y), got {query_at!r}")
         point = map_to_model_input(image_processor, image.size, query_at)
         if point is None:
-            raise ValueError(
-                f"query_at {tuple(query_at)} lies outside the part of the {image.size[0]}x{image.size[1]} image "
-                "that the model sees"
-            )
+            raise ValueError(f"query_at {tuple(query_at)} lies outside the part of the {image.size[0]}x"
+                             f"{image.size[1]} image that the model sees")  # fmt: skip
         query = nearest_query(anchors, (point[1] / patch[0] - 0.5, point[0] / patch[1] - 0.5))
     elif query is None:
         query = nearest_query(anchors, ((grid_height - 1) / 2, (grid_width - 1) / 2))
 
-    bias = build_scope_bias(projector.scope_windows, rows, cols, grid_height, grid_width)  # (E, M, H*W), 0 / -1
+    windows = projector.config.scope_windows
+    bias = build_scope_bias(windows, rows, cols, grid_height, grid_width)  # (E, M, H*W), 0 / -1
     attention = probs[0].float().mean(dim=1)[:, query]  # (E, prefix + H*W), heads averaged
     branches = []
-    for branch, window in enumerate(projector.scope_windows):
+    for branch, window in enumerate(windows):
         mask = (bias[branch, query] == 0).view(grid_height, grid_width).numpy()
         grid_attention = attention[branch, num_prefix:].view(grid_height, grid_width).cpu().numpy()
-        token_rows, token_cols = np.nonzero(mask)
-        top, bottom, left, right = token_rows.min(), token_rows.max(), token_cols.min(), token_cols.max()
-        branches.append(
-            BranchAttention(
-                window=int(window),
-                attention=grid_attention.astype(np.float32),
-                window_mask=mask,
-                window_tokens=(int(top), int(left), int(bottom), int(right)),
-                window_pixels=(
-                    int(left) * patch[1],
-                    int(top) * patch[0],
-                    (int(right) + 1) * patch[1],
-                    (int(bottom) + 1) * patch[0],
-                ),
-                mass_inside=float(grid_attention[mask].sum()),
-                prefix_mass=float(attention[branch, :num_prefix].sum()),
-            )
-        )
-    return QueryAttention(
-        query=query,
-        num_queries=num_queries,
-        query_grid=(rows, cols),
-        anchor=(float(anchors[query, 0]), float(anchors[query, 1])),
-        grid_size=(grid_height, grid_width),
-        patch_size=patch,
-        scope_bias_strength=projector.config.scope_bias_strength,
-        learned_scope_bias=projector.native_grid is not None,
-        num_prefix_tokens=num_prefix,
-        model_image=_de_normalise(pixel_values[0], image_processor),
-        branches=branches,
-        point=point,
-    )
+        (top, bottom), (left, right) = ((int(i.min()), int(i.max())) for i in np.nonzero(mask))
+        pixels = (left * patch[1], top * patch[0], (right + 1) * patch[1], (bottom + 1) * patch[0])
+        masses = float(grid_attention[mask].sum()), float(attention[branch, :num_prefix].sum())
+        box = (top, left, bottom, right)
+        branches.append(BranchAttention(int(window), grid_attention.astype(np.float32), mask, box, pixels, *masses))
+    anchor, learned = (float(anchors[query, 0]), float(anchors[query, 1])), projector.native_grid is not None
+    return QueryAttention(query, num_queries, (rows, cols), anchor, (grid_height, grid_width), patch,
+                          projector.config.scope_bias_strength, learned, num_prefix,
+                          _de_normalise(pixel_values[0], image_processor), branches, point)  # fmt: skip
 
-
-# --------------------------------------------------------------------------------------------------------------------
-# Drawing (Pillow only)
-# --------------------------------------------------------------------------------------------------------------------
 
 MARGIN, HEADER, CAPTION_LINE = 8, 22, 15
 CAPTION_LINES = 3
@@ -284,11 +181,8 @@ def _font(size: int):
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
     """`values` in [0, 1] to RGB uint8 along a magma-like scale."""
-    position = np.clip(values, 0.0, 1.0) * (len(_HEAT_STOPS) - 1)
-    low = np.floor(position).astype(int).clip(0, len(_HEAT_STOPS) - 2)
-    fraction = (position - low)[..., None]
-    colours = _HEAT_STOPS[low] * (1 - fraction) + _HEAT_STOPS[low + 1] * fraction
-    return np.rint(colours).astype(np.uint8)
+    stops = np.linspace(0, 1, len(_HEAT_STOPS))
+    return np.rint(np.stack([np.interp(values, stops, _HEAT_STOPS[:, c]) for c in range(3)], axis=-1)).astype(np.uint8)
 
 
 def panel_layout(num_branches: int, panel_size: int, num_notes: int = 0) -> tuple[int, int]:
@@ -314,7 +208,11 @@ def _branch_panel(result: QueryAttention, branch: BranchAttention, panel_size: i
     draw.rectangle(
         (left * scale_x, top * scale_y, right * scale_x - 1, bottom * scale_y - 1), outline=(0, 230, 255), width=2
     )
-    anchor_x, anchor_y = result.anchor_pixels
+    # the anchor in the model's input pixels: token (y, x) is centred at ((x + 0.5) * patch, (y + 0.5) * patch)
+    anchor_x, anchor_y = (
+        (result.anchor[1] + 0.5) * result.patch_size[1],
+        (result.anchor[0] + 0.5) * result.patch_size[0],
+    )
     cx, cy, r = anchor_x * scale_x, anchor_y * scale_y, max(3, panel_size // 60)
     draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(255, 255, 255), outline=(0, 0, 0), width=1)
     if result.point is not None:  # the point asked for with query_at
@@ -324,15 +222,9 @@ def _branch_panel(result: QueryAttention, branch: BranchAttention, panel_size: i
     return panel
 
 
-def render(
-    result: QueryAttention,
-    image: Image.Image,
-    panel_size: int = 320,
-    title: str | None = None,
-    notes: list[str] | tuple[str, ...] = (),
-) -> Image.Image:
-    """Draws `result` (from `query_attention` on `image`): the input image, then a panel per branch. `title` replaces
-    the heading (which names the query and its anchor); `notes` are further header lines (a question and answer)."""
+def render(result: QueryAttention, image: Image.Image, panel_size: int = 320, notes=()) -> Image.Image:
+    """Draws `result` (from `query_attention` on `image`): the input image, then a panel per branch; `notes` are
+    header lines under the one naming the query (a question and answer)."""
     if isinstance(panel_size, bool) or not isinstance(panel_size, int) or panel_size < 64:
         raise ValueError(f"panel_size must be an integer >= 64, got {panel_size!r}")
     width, height = panel_layout(len(result.branches), panel_size, len(notes))
@@ -340,7 +232,7 @@ def render(
     draw = ImageDraw.Draw(canvas)
     font, small = _font(14), _font(12)
     (grid_h, grid_w), (rows, cols) = result.grid_size, result.query_grid
-    heading = title or (
+    heading = (
         f"MS-Resampler query {result.query} of M={result.num_queries} ({rows}x{cols} query grid), anchor "
         f"(row {result.anchor[0]:g}, col {result.anchor[1]:g}) on the {grid_h}x{grid_w} token grid"
     )
@@ -355,31 +247,20 @@ def render(
     )
     offset = (MARGIN + (panel_size - shown.size[0]) // 2, top + (panel_size - shown.size[1]) // 2)
     canvas.paste(shown, offset)
-    model_h, model_w = result.model_image.size[1], result.model_image.size[0]
-    captions = [
-        [
-            f"input {image.size[0]}x{image.size[1]}",
-            f"model sees {model_w}x{model_h}, patch {result.patch_size[1]}",
-            f"beta={result.scope_bias_strength:g}"
-            + (" (learned B; Eq.5 windows)" if result.learned_scope_bias else ""),
-        ]
-    ]
+    (model_w, model_h), learned = result.model_image.size, " (learned B; Eq.5 windows)" * result.learned_scope_bias
+    patch = result.patch_size[1]
+    captions = [[f"input {image.size[0]}x{image.size[1]}", f"model sees {model_w}x{model_h}, patch {patch}",
+                 f"beta={result.scope_bias_strength:g}{learned}"]]  # fmt: skip
     for index, branch in enumerate(result.branches):
-        x = MARGIN + (index + 1) * (panel_size + MARGIN)
-        canvas.paste(_branch_panel(result, branch, panel_size), (x, top))
-        rows = branch.window_tokens[2] - branch.window_tokens[0] + 1
-        cols = branch.window_tokens[3] - branch.window_tokens[1] + 1
-        third = f"in window {100 * branch.mass_inside:.1f}%, peak {100 * float(branch.attention.max()):.1f}%"
-        if result.num_prefix_tokens:
-            third += f", CLS {100 * branch.prefix_mass:.1f}%"
-        captions.append(
-            [
-                f"branch {index + 1}: k={branch.window}, window {rows}x{cols} tokens (Eq. 4)",
-                f"rows {branch.window_tokens[0]}-{branch.window_tokens[2]}, "
-                f"cols {branch.window_tokens[1]}-{branch.window_tokens[3]}",
-                third,
-            ]
-        )
+        canvas.paste(_branch_panel(result, branch, panel_size), (MARGIN + (index + 1) * (panel_size + MARGIN), top))
+        top_row, left_col, bottom_row, right_col = branch.window_tokens
+        mass = f"in window {100 * branch.mass_inside:.1f}%, peak {100 * float(branch.attention.max()):.1f}%"
+        captions.append([
+            f"branch {index + 1}: k={branch.window}, window {bottom_row - top_row + 1}x{right_col - left_col + 1} "
+            "tokens (Eq. 4)",
+            f"rows {top_row}-{bottom_row}, cols {left_col}-{right_col}",
+            mass + (f", CLS {100 * branch.prefix_mass:.1f}%" if result.num_prefix_tokens else ""),
+        ])  # fmt: skip
     for index, lines in enumerate(captions):
         x = MARGIN + index * (panel_size + MARGIN)
         for line_index, line in enumerate(lines):
@@ -387,33 +268,23 @@ def render(
     return canvas
 
 
-def visualize(
-    model,
-    processor,
-    image: Image.Image,
-    output: str | Path,
-    query: int | None = None,
-    query_at: tuple[float, float] | None = None,
-    panel_size: int = 320,
-    title: str | None = None,
-    notes: list[str] | tuple[str, ...] = (),
-) -> QueryAttention:
+def visualize(model, processor, image, output, query=None, query_at=None, panel_size=320, notes=()) -> QueryAttention:
     """`query_attention` + `render`, written to the PNG `output`. Returns the `QueryAttention`."""
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise ValueError(f"output must be a .png file, got {str(output)!r}")
     result = query_attention(model, processor, image, query=query, query_at=query_at)
-    picture = render(result, image, panel_size=panel_size, title=title, notes=notes)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(output, format="PNG")
+    picture = render(result, image, panel_size=panel_size, notes=notes)
+    with writing(output.parent):  # a full or read-only disk is named with the folder
+        output.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(output, format="PNG")
     return result
 
 
 def parse_point(text: str) -> tuple[float, float]:
     """`"x,y"` to `(x, y)`; ValueError naming the text otherwise."""
-    parts = text.split(",")
     try:
-        x, y = (float(part) for part in parts)
+        x, y = (float(part) for part in text.split(","))
     except ValueError:
         raise ValueError(f"expected a point as x,y in pixels (e.g. 120,80), got {text!r}") from None
     if not (math.isfinite(x) and math.isfinite(y)):
@@ -421,12 +292,88 @@ def parse_point(text: str) -> tuple[float, float]:
     return x, y
 
 
-__all__ = [
-    "BranchAttention",
-    "QueryAttention",
-    "map_to_model_input",
-    "parse_point",
-    "query_attention",
-    "render",
-    "visualize",
-]
+# --------------------------------------------------------------------------------------------------------------------
+# `ms-llava visualize` (and the drawing step of `ms-llava demo`)
+# --------------------------------------------------------------------------------------------------------------------
+
+VISUALIZE_OUTPUT = "ms-llava-attention.png"
+
+
+def printable(text: str) -> str:
+    """`text` for the PNG's header: characters the font cannot show (an untrained model's bytes) become '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def draw_attention(model, processor, image, output, query=None, query_at=None, notes=()) -> QueryAttention:
+    """Writes the attention PNG and prints where, for which query, and each branch's mass inside its window. A query
+    the checkpoint does not have (`--query`, `--query-at`) is an `argparse.ArgumentError`."""
+    try:
+        result = visualize(model, processor, image, output, query=query, query_at=query_at, notes=notes)
+    except ValueError as error:  # M and the image's extent are known only now
+        raise argparse.ArgumentError(None, str(error)) from error
+    print(
+        f"attention map: {Path(output).resolve()} (query {result.query} of {result.num_queries}, anchor "
+        f"row {result.anchor[0]:g} col {result.anchor[1]:g} on the {result.grid_size[0]}x{result.grid_size[1]} grid)"
+    )
+    for branch in result.branches:
+        cls = f", CLS {100 * branch.prefix_mass:.1f}%" if result.num_prefix_tokens else ""
+        print(f"  k={branch.window}: {100 * branch.mass_inside:.1f}% of the attention inside the window{cls}")
+    return result
+
+
+def add_query_arguments(parser: argparse.ArgumentParser, output: str) -> None:
+    """--output and --query | --query-at, shared with `ms-llava demo`."""
+    parser.add_argument("--output", default=output, help=f"the attention PNG (default: ./{output})")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--query", type=int, help="the query index 0..M-1 (default: the anchor nearest the centre)")
+    which.add_argument("--query-at", metavar="X,Y", help="the query whose anchor is nearest this pixel of the image")
+
+
+def query_options(args: argparse.Namespace) -> dict:
+    """`output`, `query` and `query_at` of the parsed arguments, checked before any weights load."""
+    if args.image and not Path(args.image).is_file():
+        raise argparse.ArgumentError(None, f"--image: no such file: {args.image}")
+    if not args.output.lower().endswith(".png"):
+        raise argparse.ArgumentError(None, f"--output must be a .png file, got {args.output!r}")
+    check_writable(Path(args.output).parent)  # before the weights load
+    try:
+        query_at = parse_point(args.query_at) if args.query_at is not None else None
+    except ValueError as error:
+        raise argparse.ArgumentError(None, f"--query-at: {error}") from error
+    return {"output": args.output, "query": args.query, "query_at": query_at}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .chat import add_checkpoint_arguments
+
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--image", help="an image file (default: the checkpoint's first demo sample)")
+    parser.add_argument("--question", help="also answer this question about the image")
+    add_query_arguments(parser, VISUALIZE_OUTPUT)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ms-llava visualize`: draws one query's per-branch attention (answers `--question` first, when given)."""
+    from .chat import ask, load_checkpoint, load_demo_samples
+    from .images import load_image
+
+    options = query_options(args)
+    path, model, processor, generator = load_checkpoint(args.checkpoint)
+    image_path = args.image
+    if image_path is None:
+        samples = load_demo_samples(path)
+        if not samples:
+            raise argparse.ArgumentError(
+                None, f"--image is required: {path} has no demo_samples.json to take one from"
+            )
+        image_path = samples[0]["image"]
+    image = load_image(image_path)
+    print(f"image: {image_path} ({image.size[0]}x{image.size[1]})")
+    notes = []
+    if args.question is not None:
+        answer = ask(generator, args.question, args.max_new_tokens, image=image)
+        print(f"question: {args.question}")
+        print(f"answer: {answer!r}")
+        notes.append(f"Q: {args.question}   A: {printable(answer)}")
+    draw_attention(model, processor, image, notes=notes, **options)
+    return 0

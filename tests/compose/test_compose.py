@@ -18,7 +18,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 from isolation import hub_subprocess_env, run_python
 from llava_checkpoints import QUIET, TINY_RESAMPLER, tensors_of
 from ms_llava import LLAVA_1_5_CHAT_TEMPLATE, MSLlavaConfig
-from ms_llava.cli import main
 from ms_llava.compose import CHATML_CHAT_TEMPLATE, compose, tokenizer_surgery
 from ms_llava.conversion.streaming import fresh_resampler
 from ms_llava.testing_utils import (
@@ -29,6 +28,7 @@ from ms_llava.testing_utils import (
     write_shapes_dataset,
 )
 from ms_llava.training.data import Conversation, encode_conversation
+from ms_llava_cli import main
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "compose.md"
 

@@ -17,11 +17,11 @@ from llava_checkpoints import leftovers, rewrite_weights, tensors_of
 from messages import chat
 from ms_llava import MSLlavaConfig, MSLlavaForConditionalGeneration, MSLlavaProcessor
 from ms_llava.checkpoints import DOWNLOAD_PATTERNS
-from ms_llava.cli import main
 from ms_llava.conversion import ConversionError, convert_llava_to_ms_llava
 from ms_llava.conversion.streaming import check_output, prepare_output, write_weights
 from ms_llava.modeling_ms_llava import MSResampler
 from ms_llava.testing_utils import sample_image
+from ms_llava_cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 HUB_4X_BUFFER = "vision_tower.vision_model.embeddings.position_ids"

@@ -1,3 +1,3 @@
 """The lmms-eval tests' fixtures (lmms_helpers.py)."""
 
-from lmms_helpers import default_checkpoint, yes_no_checkpoint  # noqa: F401
+from lmms_helpers import _lmms_eval_tasks_indexed_once, default_checkpoint, trained_checkpoint  # noqa: F401

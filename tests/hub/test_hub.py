@@ -23,10 +23,10 @@ from isolation import hub_subprocess_env, local_hub_clients, run_python
 from llava_checkpoints import QUIET, TINY_RESAMPLER, save_llava
 from messages import chat
 from ms_llava import MSLlavaForConditionalGeneration, MSLlavaProcessor
-from ms_llava.cli import main
 from ms_llava.conversion import convert_llava_to_ms_llava
 from ms_llava.hub import CARD_TAGS, REMOTE_CODE_MODULES, build_model_card, push_to_hub, write_model_card
 from ms_llava.testing_utils import build_tiny_checkpoint, sample_image
+from ms_llava_cli import main
 
 REPO = "ms-llava-test/tiny"  # main: seed 1 (2nd push), tag v2; first commit: seed 0; branch dev: seed 2
 NATIVE = "ms-llava-test/tiny-native"  # transformers' own model.push_to_hub / processor.push_to_hub, seed 0
@@ -51,10 +51,6 @@ def logits_of(model, inputs):
         return model(**inputs).logits
 
 
-def folder_contents(directory: Path) -> dict[str, bytes]:
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
-
-
 def usage_snippet(card_text: str, marker: str) -> str:
     match = re.search(rf"<!-- {marker} -->\n```python\n(.+?)\n```", card_text, flags=re.S)
     assert match, f"the model card lost its {marker} snippet"
@@ -62,7 +58,7 @@ def usage_snippet(card_text: str, marker: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def published(hub_server, tiny, tiny_dir, tmp_path_factory):
+def published(hub_server, tiny, tiny_dir, tmp_path_factory, folder_contents):
     """Pushes every repo the tests read, and returns the commits and the logits expected from each."""
     model0, processor = tiny
     image = sample_image(size=48, seed=1)
@@ -373,7 +369,9 @@ def test_the_card_of_a_peft_adapter_folder(tiny_dir, tmp_path, training_record):
 # --------------------------------------------------------------------------------------------- dry run, network
 
 
-def test_dry_run_writes_what_a_push_would_upload_and_contacts_nobody(recorded_run, hub, tmp_path, capsys):
+def test_dry_run_writes_what_a_push_would_upload_and_contacts_nobody(
+    recorded_run, hub, tmp_path, capsys, folder_contents
+):
     """`ms-llava push DIR REPO --dry-run OUT`: no request reaches the Hub; OUT holds exactly the files a real push
     commits (card included), byte for byte."""
     folder, results = recorded_run

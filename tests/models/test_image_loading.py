@@ -1,5 +1,5 @@
-"""One image loader for every command (`ms_llava.images.load_image`): the command line (`demo.open_image`, which
-`demo` and `visualize` use) and the training dataset hand the processor the same pixels as
+"""One image loader for every command (`ms_llava.images.load_image`): the command line (`demo`, `visualize` and
+`chat` call it) and the training dataset hand the processor the same pixels as
 `processor(images=Image.open(f))`, for every PIL mode; photos come out upright; a file that cannot be read gives a
 `ValueError` naming it."""
 
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ms_llava.demo import open_image
 from ms_llava.images import display_rgb, load_image
 from ms_llava.training.data import encode_conversation, load_training_records
 from pil_modes import image_in_mode
@@ -64,10 +63,10 @@ def test_command_line_and_dataset_see_what_the_processor_sees(tiny, tmp_path, mo
     path = _saved(tmp_path, mode)
     with Image.open(path) as opened:
         expected = _pixels(processor.image_processor, opened)
-    np.testing.assert_array_equal(_pixels(processor.image_processor, open_image(path)), expected)
+    np.testing.assert_array_equal(_pixels(processor.image_processor, load_image(path)), expected)
     np.testing.assert_array_equal(_dataset_pixels(processor, path), expected)
     # what the loader hands back is the image as opened (mode kept), not an RGB conversion
-    assert open_image(path).mode == Image.open(path).mode
+    assert load_image(path).mode == Image.open(path).mode
 
 
 def _exif_rotated_jpeg(path):
@@ -90,7 +89,7 @@ def test_exif_rotated_photo_comes_out_upright(tiny, tmp_path, loader):
     with Image.open(path) as stored:
         assert stored.size == (60, 40)  # the file itself is sideways
     if loader == "command line":
-        image = open_image(path)
+        image = load_image(path)
         assert image.size == upright.size
         pixels = np.asarray(image, dtype=np.float64)
         np.testing.assert_allclose(pixels[:25].mean(axis=(0, 1)), [255, 0, 0], atol=8)  # red on top (JPEG loss only)
@@ -106,7 +105,7 @@ def test_transparent_png_is_composited_on_white_as_the_processor_does(tiny, tmp_
     path = tmp_path / "transparent.png"
     Image.new("RGBA", (30, 20), (0, 0, 0, 0)).save(path)  # fully transparent black
     white = _pixels(processor.image_processor, Image.new("RGB", (30, 20), (255, 255, 255)))
-    np.testing.assert_array_equal(_pixels(processor.image_processor, open_image(path)), white)
+    np.testing.assert_array_equal(_pixels(processor.image_processor, load_image(path)), white)
     np.testing.assert_array_equal(_dataset_pixels(processor, path), white)
 
 
@@ -116,10 +115,10 @@ def test_sixteen_bit_greyscale_png_is_not_white(tiny, tmp_path):
     Image.fromarray(np.full((20, 30), 16384, dtype=np.uint16)).save(path)  # a quarter of full scale
     image_processor = processor.image_processor
     quarter = _pixels(image_processor, Image.new("RGB", (30, 20), (64, 64, 64)))  # 16384 / 65535 * 255 = 63.75
-    np.testing.assert_array_equal(_pixels(image_processor, open_image(path)), quarter)
+    np.testing.assert_array_equal(_pixels(image_processor, load_image(path)), quarter)
     np.testing.assert_array_equal(_dataset_pixels(processor, path), quarter)
     # what the attention picture draws is that grey too
-    assert np.asarray(display_rgb(open_image(path)))[0, 0].tolist() == [64, 64, 64]
+    assert np.asarray(display_rgb(load_image(path)))[0, 0].tolist() == [64, 64, 64]
 
 
 def _truncated_jpeg(path):
@@ -137,8 +136,7 @@ def _truncated_jpeg(path):
         ("folder", "is a folder"),
     ],
 )
-@pytest.mark.parametrize("loader", [open_image, load_image], ids=["demo.open_image", "images.load_image"])
-def test_unreadable_image_gives_a_value_error_naming_the_file(tmp_path, case, message, loader):
+def test_unreadable_image_gives_a_value_error_naming_the_file(tmp_path, case, message):
     path = tmp_path / f"{case}.jpg"
     if case == "truncated":
         _truncated_jpeg(path)
@@ -147,7 +145,7 @@ def test_unreadable_image_gives_a_value_error_naming_the_file(tmp_path, case, me
     elif case == "folder":
         path.mkdir()
     with pytest.raises(ValueError, match=message) as raised:
-        loader(path)
+        load_image(path)
     assert str(path) in str(raised.value)
 
 
@@ -184,5 +182,5 @@ def test_image_over_the_decompression_bomb_limit_gives_a_clear_error(tmp_path, m
     Image.new("RGB", (100, 100)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses above twice this: 10000 > 2000
     with pytest.raises(ValueError, match="too large to decode safely") as raised:
-        open_image(path)
+        load_image(path)
     assert str(path) in str(raised.value) and "MAX_IMAGE_PIXELS" in str(raised.value)

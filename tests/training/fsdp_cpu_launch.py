@@ -55,6 +55,6 @@ if os.environ.get("FSDP_CPU_LAUNCH_COUNT_CHECKPOINTS"):
     )
 
 if __name__ == "__main__":
-    from ms_llava.cli import run_as_module  # what `python -m ms_llava.training` runs
+    from ms_llava_cli import run_as_module  # what `python -m ms_llava.training` runs
 
     sys.exit(run_as_module("train"))

@@ -183,7 +183,7 @@ def test_random_bytes_as_a_data_file_larger_budget(tmp_path_factory, content, su
 
 
 @pytest.mark.slow
-def test_skip_bad_records_counts_and_prints_what_it_skips(tiny_dir, fuzz, tmp_path, run_cli, caplog):
+def test_skip_bad_records_counts_and_prints_what_it_skips(tiny_dir, fuzz, tmp_path, run_train, caplog):
     """The train command with --skip-bad-records: every skipped record counted in its summary line and named in the
     log; nothing dropped without a word."""
     records = [*fuzz["llava"], {"id": "x", "conversations": [{"from": ["human"], "value": "x"}]}, [], "text"]
@@ -192,7 +192,7 @@ def test_skip_bad_records_counts_and_prints_what_it_skips(tiny_dir, fuzz, tmp_pa
     arguments += [fuzz["images"], "--output-dir", tmp_path / "out", "--max-steps", "1", "--global-batch-size", "4"]
     arguments += ["--num-workers", "0", "--skip-bad-records"]
     with caplog.at_level("WARNING", logger="ms_llava.training.trainer"):
-        status, out, _ = run_cli(arguments)
+        status, out, _ = run_train(arguments)
     assert status == 0 and "1 steps, 4 examples (3 skipped)" in out
     assert "skipping 3 bad record(s) (record 4 (id 'x'): malformed record: turn 0 is from ['human']" in caplog.text
     listed = [json.loads(line)["index"] for line in (tmp_path / "out" / "skipped_records.jsonl").open()]

@@ -194,7 +194,7 @@ def test_images_in_memory_a_training_tower_and_dropout_are_refused(tiny, shapes,
 
 @pytest.mark.slow
 def test_the_train_command_takes_the_flag(tiny_dir, shapes, tmp_path, capsys):
-    from ms_llava.cli import main
+    from ms_llava_cli import main
 
     code = main(["train", "--stage", "pretrain", "--model", str(tiny_dir), "--data", str(shapes["caption24"]),
                  "--image-folder", str(shapes["images"]), "--output-dir", str(tmp_path / "out"), "--max-steps", "2",

@@ -31,7 +31,7 @@ def test_help_leaves_training_out_and_training_holds_back_the_bitsandbytes_line(
     the training package and peft afterwards prints no bitsandbytes line, and where bitsandbytes tried its fused CPU
     kernel and failed, the QLoRA note names what is missing and the cost."""
     code = (
-        "import sys\nfrom ms_llava.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "import sys\nfrom ms_llava_cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         f"print('LOADED', [name for name in {HEAVY!r} if name in sys.modules])\n"
         "import ms_llava.training, peft\nfrom ms_llava.training.adapters import cpu_4bit_kernel_note\n"
         "print('NOTE', cpu_4bit_kernel_note())\n"
@@ -45,7 +45,7 @@ def test_help_leaves_training_out_and_training_holds_back_the_bitsandbytes_line(
 
 
 def test_a_command_line_naming_train_lists_its_options(capsys):
-    from ms_llava.cli import main
+    from ms_llava_cli import main
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -36,7 +36,7 @@ def arguments(tiny_dir, shapes, output_dir, *extra) -> list:
 
 @pytest.mark.slow  # one training subprocess
 def test_one_run_owns_its_output_folder_and_a_killed_runs_lock_is_taken_over(
-    tiny_dir, shapes, tmp_path, run_cli, caplog
+    tiny_dir, shapes, tmp_path, run_train, caplog
 ):
     output_dir = tmp_path / "out"
     command = [
@@ -52,7 +52,7 @@ def test_one_run_owns_its_output_folder_and_a_killed_runs_lock_is_taken_over(
             assert holder.poll() is None and time.monotonic() < deadline, "the first run did not take its folder"
             time.sleep(0.2)
         with mock.patch("ms_llava.training.trainer.load_model", side_effect=AssertionError("the model was loaded")):
-            status, _, err = run_cli(arguments(tiny_dir, shapes, output_dir, "--max-steps", "1"))
+            status, _, err = run_train(arguments(tiny_dir, shapes, output_dir, "--max-steps", "1"))
         first_line = err.splitlines()[0]
         assert status != 0 and first_line.startswith(f"ms-llava train: error: {output_dir} is in use by "), err
         assert f"(process {holder.pid} on " in first_line and "--max-steps 100000" in first_line
@@ -60,12 +60,12 @@ def test_one_run_owns_its_output_folder_and_a_killed_runs_lock_is_taken_over(
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert holder.returncode == -signal.SIGKILL
-    status, out, err = run_cli(arguments(tiny_dir, shapes, output_dir, "--max-steps", "1"))
+    status, out, err = run_train(arguments(tiny_dir, shapes, output_dir, "--max-steps", "1"))
     assert status == 0 and "trained finetune: 1 steps" in out, err
     assert f"{output_dir}: taking over the lock left by a run that ended" in caplog.text
 
 
-def test_the_output_folder_is_checked_before_the_model_loads(tiny_dir, shapes, tmp_path, run_cli, monkeypatch):
+def test_the_output_folder_is_checked_before_the_model_loads(tiny_dir, shapes, tmp_path, run_train, monkeypatch):
     """An existing folder that cannot be written, a path under a file, too little free space: one error line naming
     the folder, before the model (or the data) load, and the folder as it was."""
     existing = tmp_path / "existing"
@@ -76,19 +76,19 @@ def test_the_output_folder_is_checked_before_the_model_loads(tiny_dir, shapes, t
     monkeypatch.setattr(os, "access", lambda path, mode: path != existing and access(path, mode))  # as chmod 555
     real_usage = shutil.disk_usage
     with mock.patch("ms_llava.training.trainer.load_model", side_effect=AssertionError("the model was loaded")):
-        status, _, err = run_cli(arguments(tiny_dir, shapes, existing, "--max-steps", "1"))
+        status, _, err = run_train(arguments(tiny_dir, shapes, existing, "--max-steps", "1"))
         assert status != 0 and f"cannot write into {existing}: permission denied" in err
         assert sorted(path.name for path in existing.iterdir()) == ["notes.txt"]
-        status, _, err = run_cli(arguments(tiny_dir, shapes, tmp_path / "a-file" / "out", "--max-steps", "1"))
+        status, _, err = run_train(arguments(tiny_dir, shapes, tmp_path / "a-file" / "out", "--max-steps", "1"))
         assert status != 0 and f"{tmp_path / 'a-file'} is a file, so {tmp_path / 'a-file' / 'out'} cannot be" in err
         monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
-        status, _, err = run_cli(arguments(tiny_dir, shapes, tmp_path / "new", "--max-steps", "1"))
+        status, _, err = run_train(arguments(tiny_dir, shapes, tmp_path / "new", "--max-steps", "1"))
         assert status != 0 and f"{tmp_path} has 0.00 GiB free, " in err and " GiB are needed" in err
     assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_a_save_names_the_output_folder(tiny_dir, shapes, tmp_path, run_cli, monkeypatch):
+def test_a_full_disk_during_a_save_names_the_output_folder(tiny_dir, shapes, tmp_path, run_train, monkeypatch):
     """The weights' write fails with ENOSPC (as a full disk makes it): the one error line says so and names the
     output folder being written, not the --model folder that was only read."""
 
@@ -97,20 +97,20 @@ def test_a_full_disk_during_a_save_names_the_output_folder(tiny_dir, shapes, tmp
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
     output_dir = tmp_path / "out"
-    status, _, err = run_cli(arguments(tiny_dir, shapes, output_dir, "--max-steps", "1"))
+    status, _, err = run_train(arguments(tiny_dir, shapes, output_dir, "--max-steps", "1"))
     (line,) = [line for line in err.splitlines() if line.startswith("ms-llava train: error: ")]
     assert status != 0 and f"cannot write {output_dir}: no space left on the device" in line
     assert str(tiny_dir) not in err
 
 
 @pytest.mark.slow
-def test_the_training_record_states_what_ran_stage_by_stage(tiny_dir, shapes, tmp_path, run_cli):
+def test_the_training_record_states_what_ran_stage_by_stage(tiny_dir, shapes, tmp_path, run_train):
     """`ms_llava_training.json`: a `stages` list, oldest first; stage 2's record carries stage 1's from its --model
     folder, and each stage says what trained and how."""
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     pretrain = arguments(tiny_dir, shapes, stage1, "--max-steps", "1", "--learning-rate", "1e-2")
-    assert run_cli([*pretrain[:1], "pretrain", *pretrain[2:]])[0] == 0
-    assert run_cli(arguments(stage1, shapes, stage2, "--max-steps", "2", "--lora", "--lora-r", "4"))[0] == 0
+    assert run_train([*pretrain[:1], "pretrain", *pretrain[2:]])[0] == 0
+    assert run_train(arguments(stage1, shapes, stage2, "--max-steps", "2", "--lora", "--lora-r", "4"))[0] == 0
     first = json.loads((stage1 / "ms_llava_training.json").read_text())["stages"]
     stages = json.loads((stage2 / "ms_llava_training.json").read_text())["stages"]
     assert len(first) == 1 and stages[0] == first[0] and len(stages) == 2

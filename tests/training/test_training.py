@@ -929,18 +929,18 @@ def test_the_train_command_keeps_every_flag_with_its_meaning():
     assert "--report_to REPORT_TO" not in help_text  # ... without being listed
 
 
-def test_train_command(tiny_dir, shapes, run_cli, tmp_path):
+def test_train_command(tiny_dir, shapes, run_train, tmp_path):
     """`ms-llava train` through the command line's entry point: a run prints one summary line; a bad setting is one
     error line before any work; a bad --stage is an argument error."""
     common = ["--model", tiny_dir, "--data", shapes["caption"], "--image-folder", shapes["images"]]
-    status, out, _ = run_cli(
+    status, out, _ = run_train(
         [*common, "--stage", "pretrain", "--output-dir", tmp_path / "out", "--global-batch-size", "8"]
         + ["--per-device-batch-size", "4", "--max-steps", "2", "--learning-rate", "1e-2", "--num-workers", "0"]
     )
     assert status == 0 and "trained pretrain: 2 steps, 96 examples (0 skipped)" in out
     assert len(read_loss_log(tmp_path / "out")) == 2
     with mock.patch("ms_llava.training.trainer.load_model", side_effect=AssertionError("the model was loaded")):
-        status, _, err = run_cli(
+        status, _, err = run_train(
             [*common, "--stage", "finetune", "--output-dir", tmp_path / "bad", "--per-device-batch-size", "5"]
         )
     assert status != 0
@@ -949,7 +949,7 @@ def test_train_command(tiny_dir, shapes, run_cli, tmp_path):
         in err
     )
     with pytest.raises(SystemExit):
-        run_cli([*common, "--stage", "sft", "--output-dir", tmp_path])
+        run_train([*common, "--stage", "sft", "--output-dir", tmp_path])
 
 
 @pytest.mark.slow

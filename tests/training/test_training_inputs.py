@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # --------------------------------------------------------------------------------------------- data files
 
 
-def test_a_data_file_that_is_not_utf8_is_named_with_the_offending_byte_and_what_to_do(tiny_dir, tmp_path, run_cli):
+def test_a_data_file_that_is_not_utf8_is_named_with_the_offending_byte_and_what_to_do(tiny_dir, tmp_path, run_train):
     records = [{"id": "0", "conversations": [{"from": "human", "value": "Qu'est-ce que c'est, café ?"}]}]
     data = tmp_path / "latin1.json"
     data.write_bytes(json.dumps(records, ensure_ascii=False).encode("latin-1"))  # é as the single byte 0xe9
@@ -37,7 +37,7 @@ def test_a_data_file_that_is_not_utf8_is_named_with_the_offending_byte_and_what_
     assert f"{data} is not UTF-8 text: byte 0xe9 at offset {offset} (line 1)" in message
     assert "re-encode the file" in message and "iconv -f latin1 -t utf-8 latin1.json" in message
 
-    status, _, err = run_cli(
+    status, _, err = run_train(
         ["--stage", "pretrain", "--model", tiny_dir, "--data", data, "--output-dir", tmp_path / "out"]
     )
     assert status != 0 and f"ms-llava train: error: {data} is not UTF-8 text" in err
@@ -129,7 +129,7 @@ def corrupt_png() -> bytes:
 
 
 @pytest.mark.slow
-def test_a_run_that_fails_before_its_first_step_leaves_no_output_folder(tiny_dir, shapes, tmp_path, run_cli):
+def test_a_run_that_fails_before_its_first_step_leaves_no_output_folder(tiny_dir, shapes, tmp_path, run_train):
     """Bad data found at the first batch (an image cut after its header, which only --verify-images finds before):
     the error names the record, and the output folder (and the parents this run would have created) do not exist
     afterwards. Before, it held ms_llava_training.json."""
@@ -143,7 +143,7 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_output_folder(tiny_dir
     arguments = ["--stage", "finetune", "--model", str(tiny_dir), "--data", str(tmp_path / "data.json")]
     arguments += ["--image-folder", str(images), "--output-dir", str(output_dir), "--max-steps", "1"]
     arguments += ["--global-batch-size", "4", "--num-workers", "0"]
-    status, _, err = run_cli(arguments)
+    status, _, err = run_train(arguments)
     assert status != 0 and "record 0 (id 'cut'), image(s) " + str(images / "cut.png") + ": OSError" in err
     assert not (tmp_path / "runs").exists()
 
@@ -185,20 +185,20 @@ def test_ctrl_c_before_the_first_step_leaves_an_existing_run_folder_as_it_was(
 
 
 @pytest.mark.slow
-def test_resume_says_which_checkpoint_and_step_or_why_it_starts_fresh(tiny_dir, shapes, tmp_path, caplog, run_cli):
+def test_resume_says_which_checkpoint_and_step_or_why_it_starts_fresh(tiny_dir, shapes, tmp_path, caplog, run_train):
     output_dir = tmp_path / "out"
     common = ["--stage", "finetune", "--model", tiny_dir, "--data", shapes["qa8"], "--image-folder", shapes["images"]]
     common += ["--output-dir", output_dir, "--global-batch-size", "4", "--num-workers", "0", "--save-steps", "1"]
     common += ["--resume"]
 
     with caplog.at_level("INFO", logger="ms_llava.training.trainer"):
-        assert run_cli([*common, "--max-steps", "2"])[0] == 0
+        assert run_train([*common, "--max-steps", "2"])[0] == 0
     assert f"resume: starting from the beginning (step 0): {output_dir} does not exist" in caplog.text
     caplog.clear()
 
     (output_dir / "checkpoint-2" / "trainer_state.json").unlink()  # as a save that died before its end leaves it
     with caplog.at_level("INFO", logger="ms_llava.training.trainer"):
-        assert run_cli([*common, "--max-steps", "2"])[0] == 0
+        assert run_train([*common, "--max-steps", "2"])[0] == 0
     assert (
         f"resume: continuing from {output_dir / 'checkpoint-1'} at step 1 (skipping the incomplete checkpoint-2)"
         in caplog.text
@@ -215,14 +215,14 @@ def test_resume_says_which_checkpoint_and_step_or_why_it_starts_fresh(tiny_dir, 
 
 
 @pytest.mark.slow
-def test_the_train_command_prints_where_it_resumed_from(tiny_dir, shapes, tmp_path, run_cli):
+def test_the_train_command_prints_where_it_resumed_from(tiny_dir, shapes, tmp_path, run_train):
     output_dir = tmp_path / "out"
     common = ["--stage", "finetune", "--model", tiny_dir, "--data", shapes["qa8"], "--image-folder", shapes["images"]]
     common += ["--output-dir", output_dir, "--global-batch-size", "4", "--num-workers", "0", "--save-steps", "1"]
-    status, out, _ = run_cli([*common, "--max-steps", "2"])
+    status, out, _ = run_train([*common, "--max-steps", "2"])
     assert status == 0 and "resumed from" not in out
     (output_dir / "checkpoint-2" / "trainer_state.json").unlink()  # as a save that died before its end leaves it
-    status, out, _ = run_cli([*common, "--max-steps", "2", "--resume"])
+    status, out, _ = run_train([*common, "--max-steps", "2", "--resume"])
     assert status == 0 and "trained finetune: 2 steps, 8 examples (0 skipped), final loss " in out
     assert f"resumed from {output_dir / 'checkpoint-1'}; model and processor in {output_dir}" in out
 

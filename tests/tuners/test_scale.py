@@ -9,6 +9,7 @@ from importlib.metadata import version
 
 import pytest
 import torch
+from ms_llava.cli import main
 from packaging.version import Version
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -27,7 +28,6 @@ from transformers import (
 from transformers.integrations.peft import MIN_PEFT_VERSION
 
 from messages import chat
-from ms_llava.cli import main
 from ms_llava.testing_utils import build_tiny_checkpoint, tiny_vision_config
 from ms_llava.training import MSLlavaTrainingArguments, train
 from ms_llava.tuners.scale import (

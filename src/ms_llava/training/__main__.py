@@ -3,7 +3,7 @@
 
 import sys
 
-from ..cli import run_as_module
+from ms_llava_cli import run_as_module
 
 if __name__ == "__main__":
     sys.exit(run_as_module("train"))
