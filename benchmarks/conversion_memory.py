@@ -50,7 +50,7 @@ POSITIONS = (IMAGE_SIZE // PATCH_SIZE) ** 2 + 1  # 577: 24 x 24 patches + CLS
 DTYPE_BYTES = 2  # float16
 DEFAULT_SOURCE_SHARD_SIZE = "4.95GB"
 # The child: `python -c CHILD args...` runs `ms-llava args...` (the command line, in-process).
-CHILD = "import sys; from ms_llava.cli import main; sys.exit(main(sys.argv[1:]))"
+CHILD = "import sys; from ms_llava_cli import main; sys.exit(main(sys.argv[1:]))"
 IMPORTS_ONLY = "import ms_llava.conversion, ms_llava.compose"
 
 

@@ -9,7 +9,6 @@ from importlib.metadata import version
 
 import pytest
 import torch
-from ms_llava.cli import main
 from packaging.version import Version
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -41,6 +40,7 @@ from ms_llava.tuners.scale import (
     scale_parameter_count,
     scope_mask,
 )
+from ms_llava_cli import main
 
 SMALL = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
 # transformers refuses a peft older than MIN_PEFT_VERSION (0.22.0 from transformers 5.24 on) in these adapter methods
