@@ -8,7 +8,7 @@
 
 import sys
 
-from ms_llava.cli import main
+from ms_llava_cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["convert", "llava-to-ms-llava", *sys.argv[1:]]))

@@ -41,7 +41,8 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
             else:
                 base = node.module.split(".")
             stem = ".".join(base)
-            targets = [stem, *(f"{stem}.{alias.name}" for alias in node.names)]
+            # `from package import submodule` depends on the submodule, `from package import name` on the package
+            targets = [f"{stem}.{alias.name}" if f"{stem}.{alias.name}" in known else stem for alias in node.names]
         else:
             continue
         found |= {target for target in targets if target in known}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -109,10 +111,16 @@ def load_bin(path: Path, label: str | None = None) -> dict:
     what = f"{label}: " if label else ""
     try:
         state_dict = torch.load(path, weights_only=True, map_location="cpu", mmap=zipfile.is_zipfile(path))
-    except Exception as error:  # UnpicklingError for disallowed objects, RuntimeError for a corrupt archive
+    except pickle.UnpicklingError as error:  # what torch's weights-only unpickler refuses, before it runs anything
+        refused = re.search(r"Unsupported global: GLOBAL [\w.]+", str(error))
         raise CheckpointError(
-            f"{what}{path} is not a plain state dict: torch.load(weights_only=True) refuses it "
-            f"({str(error).strip().splitlines()[0]:.200}); save the weights with save_pretrained (safetensors)"
+            f"{what}{path} is not a plain state dict: it holds pickled objects ({refused[0] if refused else 'not tensors'}"
+            "), and unpickling them could run code, so torch.load(weights_only=True) refused it; if you trust it, "
+            "load it yourself and save the weights with save_pretrained (safetensors)"
+        ) from error
+    except RuntimeError as error:  # a corrupt or truncated archive
+        raise CheckpointError(
+            f"{what}{path} is not a readable .bin file ({error}); save or download it again"
         ) from error
     if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
         raise CheckpointError(

@@ -128,12 +128,12 @@ def choose_chat_template(tokenizer, chat_template: str | None) -> tuple[str, str
     """`(template, its name, notes)`. `chat_template`: None (ChatML for an LLM whose own template is ChatML, its own
     when that has `{% generation %}` markers, else `vicuna_v1`), `"vicuna_v1"`, `"chatml"`, `"llm"` (the LLM's own,
     which must have the markers) or a Jinja file (with the markers)."""
-    from .training.data import has_generation_markers
+    from .training.data import GENERATION_MARKER
 
     own, name, notes = tokenizer.chat_template, chat_template, []
     if name is None:
         chatml = isinstance(own, str) and "<|im_start|>" in own and "<|im_end|>" in own
-        name = "chatml" if chatml else "llm" if has_generation_markers(own) else "vicuna_v1"
+        name = "chatml" if chatml else "llm" if GENERATION_MARKER.search(str(own or "")) else "vicuna_v1"
         if own and name == "vicuna_v1":
             notes.append("the LLM's own chat template has no {% generation %} markers and is not ChatML")
     missing = [token for token in ("<|im_start|>", "<|im_end|>") if token not in tokenizer.get_vocab()]
@@ -147,7 +147,7 @@ def choose_chat_template(tokenizer, chat_template: str | None) -> tuple[str, str
     if name != "llm" and not Path(name).is_file():
         raise ConversionError(f"--chat-template {name!r}: neither one of vicuna_v1, chatml, llm nor a Jinja file")
     text = own if name == "llm" else Path(name).read_text(encoding="utf-8")
-    if not has_generation_markers(text):
+    if not GENERATION_MARKER.search(text or ""):
         whose = "the language model's own chat template" if name == "llm" else "the template"
         problem = "is missing" if not text else "has no {% generation %} ... {% endgeneration %} markers"
         raise ConversionError(

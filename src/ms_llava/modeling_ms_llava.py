@@ -171,7 +171,7 @@ class MSResampler(PreTrainedModel):
             grid_tokens = self.native_grid[0] * self.native_grid[1]
             self.learned_scope_bias = nn.Parameter(torch.empty(self.num_branches, self.num_queries, grid_tokens))
         self._bias_cache = {}  # Eq. 5's B per (grid, prefix tokens, device, dtype): it depends only on those
-        self.post_init()
+        # No post_init: the enclosing model's initialises it through `_init_weights`; built alone, call reset_parameters()
 
     def _init_weights(self, module):
         if module is self:

@@ -71,6 +71,8 @@ def test_compose_train_evaluate_in_two_processes_push_card(tmp_path, trained_che
     code, _, err = run_cli(["push", trained_checkpoint, repo_id, "--results", results, "--training", "paper"])
     assert code == 0, err
     card = ModelCard.load(repo_id).text
+    header = next(line for line in card.splitlines() if "samples scored" in line)
     (line,) = [line for line in card.splitlines() if "pope_local" in line]
-    assert f"{row['score']:g}" in line and "local" in line and "6 samples" in line
+    cells = dict(zip(header.strip("| ").split(" | "), line.strip("| ").split(" | "), strict=True))
+    assert cells["score"] == f"{row['score']:g}" and "local" in cells["data"] and cells["samples scored"] == "6"
     assert "| POPE |" not in card and "No evaluation results" not in card

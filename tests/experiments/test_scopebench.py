@@ -196,7 +196,11 @@ def test_default_checkpoint_files():
     files = [f for f in DEFAULT.rglob("*") if f.is_file()]
     names = {f.name for f in files}
     assert {"config.json", "model.safetensors", "README.md", "demo_samples.json", "processor_config.json"} <= names
-    assert not [f for f in files if f.suffix == ".py"], "remote-code copies must not be shipped"
+    modules = [f for f in files if f.suffix == ".py"]  # what its auto_map names: links to the package's, no copies
+    assert sorted(f.name for f in modules) == sorted(
+        f"{n}_ms_llava.py" for n in ("configuration", "modeling", "processing", "image_processing")
+    )
+    assert all(f.is_symlink() and f.resolve() == (DEFAULT.parent / f.name).resolve() for f in modules)
     size_mb = sum(f.stat().st_size for f in files) / 1e6
     assert size_mb < MAX_DEFAULT_MB, size_mb
     card = (DEFAULT / "README.md").read_text()

@@ -5,6 +5,7 @@ The data are generated (conftest `shapes`). The tiny random model needs hyper-pa
 in seconds (TINY_RECIPE, docs/training.md). Every run uses one intra-op thread and no data-loader workers.
 """
 
+import collections
 import csv
 import io
 import json
@@ -616,7 +617,7 @@ def test_stage_1_trains_only_the_projector_and_stage_2_also_the_llm(two_stages):
 
 
 @pytest.mark.slow
-def test_both_stages_lower_the_loss_and_the_model_answers_better(two_stages):
+def test_both_stages_lower_the_loss_and_the_model_answers_better(two_stages, shapes):
     runs, accuracies, dirs = two_stages
     for stage in ("pretrain", "finetune"):
         losses = [loss for _, loss in runs[stage].losses]
@@ -626,7 +627,15 @@ def test_both_stages_lower_the_loss_and_the_model_answers_better(two_stages):
     # nats per caption of 6.25 answer tokens on average (" A red circle.</s>" is 6), 0.33 per token. The projector
     # carries what the image shows into the frozen LLM.
     assert sum(loss for _, loss in runs["pretrain"].losses[-10:]) / 10 < 0.25
-    assert accuracies["untrained"] < 0.1 and accuracies["warm-up"] <= 0.4
+    # The warm-up saw no image: at best it answers each question with its most common answer (0.375 on this held-out
+    # set: two shapes, four colours); allow two standard errors of a 64-question sample above that.
+    turns = [record["conversations"] for record in json.loads(shapes["held_out"].read_text())]
+    answers = collections.defaultdict(collections.Counter)
+    for question, answer in ((q["value"], a["value"]) for t in turns for q, a in zip(t[::2], t[1::2], strict=True)):
+        answers[question.replace("<image>", "").strip()][answer] += 1
+    count = sum(sum(counter.values()) for counter in answers.values())
+    blind = sum(counter.most_common(1)[0][1] for counter in answers.values()) / count
+    assert accuracies["untrained"] < 0.1 and accuracies["warm-up"] <= blind + 2 * (blind * (1 - blind) / count) ** 0.5
     assert accuracies["finetune"] >= 0.6 and accuracies["finetune"] >= accuracies["warm-up"] + 0.3, accuracies
 
 
@@ -948,8 +957,8 @@ def test_train_command(tiny_dir, shapes, run_train, tmp_path):
         "ms-llava train: error: global batch size 16 is not a multiple of per-device batch size 5 x 1 process(es) = 5"
         in err
     )
-    with pytest.raises(SystemExit):
-        run_train([*common, "--stage", "sft", "--output-dir", tmp_path])
+    status, _, err = run_train([*common, "--stage", "sft", "--output-dir", tmp_path])
+    assert status == 2 and "argument --stage: invalid choice: 'sft'" in err
 
 
 @pytest.mark.slow
@@ -973,9 +982,10 @@ def test_push_to_hub_after_training(tiny_dir, shapes, tmp_path, hub):
     files = set(api.list_repo_files(repo))
     assert {"config.json", "model.safetensors", "processor_config.json", "modeling_ms_llava.py"} <= files
     card = ModelCard.load(api.hf_hub_download(repo, "README.md"))
-    assert "Untrained weights" not in card.text and "Training as recorded" in card.text
+    assert "Untrained weights" not in card.text and "From this folder's training record" in card.text
     # the card states the recipe that ran, from the run's own record
-    assert "ms-llava train" in card.text and "| pretrain |" in card.text and "| 0.01 |" in card.text
+    (row,) = [line for line in card.text.splitlines() if line.startswith("| 1. pretrain |")]
+    assert "| 0.01 (cosine" in row and "| 8 (8 x 1 x 1) |" in row and "| 1 of 1 |" in row
 
 
 # --------------------------------------------------------------------------------------------- several processes

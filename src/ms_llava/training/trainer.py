@@ -363,8 +363,9 @@ def train(model_name_or_path, stage: str, data_path, image_folder=None, output_d
         from ..hub import push_to_hub
 
         base_model = None if Path(model_name_or_path).exists() else model_name_or_path
-        training = {"stages": record["stages"], "trained with": "ms-llava train"}  # the card states what ran
-        commit = push_to_hub(merged_dir or output_dir, config.hub_model_id, base_model=base_model, training=training)
+        if merged_dir is not None:  # the card is built from the pushed folder's own training record
+            shutil.copy(output_dir / RUN_RECORD, merged_dir / RUN_RECORD)
+        commit = push_to_hub(merged_dir or output_dir, config.hub_model_id, base_model=base_model)
         logger.info("pushed %s to %s (commit %s)", merged_dir or output_dir, config.hub_model_id, commit.oid)
     state.wait_for_everyone()
     _log_main(state, "done: %d steps in %.1f s; final model in %s", trainer.state.global_step, wall_time, output_dir)
@@ -532,6 +533,12 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
+    from ..checkpoints import resolve_checkpoint
+
+    # a path that does not exist, a bare name that is neither here nor on the Hub, or a broken checkpoint fails now
+    folder = resolve_checkpoint(args.model, "--model", processor=True)
+    if Path(args.model).expanduser().is_dir():
+        args.model = str(folder)  # a Hub id stays as given (the run records it), read from the Hub cache
     options = {item.name for item in dataclasses.fields(MSLlavaTrainingArguments) if item.init} - {"stage"}
     overrides = {name: value for name, value in vars(args).items() if name in options and value is not None}
     result = train(args.model, args.stage, args.data, image_folder=args.image_folder, **overrides)
