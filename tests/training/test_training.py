@@ -5,7 +5,6 @@ The data are generated (conftest `shapes`). The tiny random model needs hyper-pa
 in seconds (TINY_RECIPE, docs/training.md). Every run uses one intra-op thread and no data-loader workers.
 """
 
-import collections
 import csv
 import io
 import json
@@ -617,7 +616,7 @@ def test_stage_1_trains_only_the_projector_and_stage_2_also_the_llm(two_stages):
 
 
 @pytest.mark.slow
-def test_both_stages_lower_the_loss_and_the_model_answers_better(two_stages, shapes):
+def test_both_stages_lower_the_loss_and_the_model_answers_better(two_stages):
     runs, accuracies, dirs = two_stages
     for stage in ("pretrain", "finetune"):
         losses = [loss for _, loss in runs[stage].losses]
@@ -627,15 +626,7 @@ def test_both_stages_lower_the_loss_and_the_model_answers_better(two_stages, sha
     # nats per caption of 6.25 answer tokens on average (" A red circle.</s>" is 6), 0.33 per token. The projector
     # carries what the image shows into the frozen LLM.
     assert sum(loss for _, loss in runs["pretrain"].losses[-10:]) / 10 < 0.25
-    # The warm-up saw no image: at best it answers each question with its most common answer (0.375 on this held-out
-    # set: two shapes, four colours); allow two standard errors of a 64-question sample above that.
-    turns = [record["conversations"] for record in json.loads(shapes["held_out"].read_text())]
-    answers = collections.defaultdict(collections.Counter)
-    for question, answer in ((q["value"], a["value"]) for t in turns for q, a in zip(t[::2], t[1::2], strict=True)):
-        answers[question.replace("<image>", "").strip()][answer] += 1
-    count = sum(sum(counter.values()) for counter in answers.values())
-    blind = sum(counter.most_common(1)[0][1] for counter in answers.values()) / count
-    assert accuracies["untrained"] < 0.1 and accuracies["warm-up"] <= blind + 2 * (blind * (1 - blind) / count) ** 0.5
+    assert accuracies["untrained"] < 0.1 and accuracies["warm-up"] <= 0.4
     assert accuracies["finetune"] >= 0.6 and accuracies["finetune"] >= accuracies["warm-up"] + 0.3, accuracies
 
 
