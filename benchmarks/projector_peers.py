@@ -332,6 +332,7 @@ class MSResamplerProjector(nn.Module):
         config = MSLlavaConfig(vision_config=vision, text_config=text, resampler_config=resampler)
         config._attn_implementation = "sdpa"
         self.resampler = MSResampler(config)
+        self.resampler.reset_parameters()  # a sub-model: its init runs from the enclosing model's post_init otherwise
         self.grid = sizes.grid
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -417,8 +418,8 @@ def hand_count(name: str, sizes: Sizes, num_queries: int) -> int:
 
 
 class GemmRecorder(TorchDispatchMode):
-    """Records the operand shapes of every matrix product a forward runs (mm, addmm, bmm, mv, and the two products
-    inside the CPU SDPA kernel), to replay them as plain `torch.matmul` calls."""
+    """Records the operand shapes of every matrix product a forward runs (mm, addmm, bmm, baddbmm, mv, and the two
+    products inside the CPU SDPA kernel), to replay them as plain `torch.matmul` calls."""
 
     def __init__(self):
         super().__init__()
@@ -428,7 +429,7 @@ class GemmRecorder(TorchDispatchMode):
         packet = func._overloadpacket
         if packet in (aten.mm, aten.bmm, aten.mv):
             self.shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
-        elif packet is aten.addmm:
+        elif packet in (aten.addmm, aten.baddbmm):
             self.shapes.append((tuple(args[1].shape), tuple(args[2].shape)))
         elif packet is aten._scaled_dot_product_flash_attention_for_cpu:
             query, key, value = args[:3]
