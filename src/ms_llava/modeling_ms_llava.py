@@ -264,14 +264,14 @@ class MSResampler(PreTrainedModel):
         bias = None  # beta * B as an additive mask (batch * E, 1, M, N), broadcast over heads
         beta = float(self.config.scope_bias_strength)
         if beta != 0:
-            bias = self._bias_cache.get(cache_key := (grid_size, num_prefix_tokens, key.device, key.dtype))
+            # beta * B with zeros for the prefix tokens, cached as such: no pass over it per call
+            bias = self._bias_cache.get(cache_key := (grid_size, num_prefix_tokens, beta, key.device, key.dtype))
             if bias is None:
-                bias = self.scope_bias(*grid_size).to(key.device, key.dtype)
+                bias = beta * nn.functional.pad(self.scope_bias(*grid_size), (num_prefix_tokens, 0)).to(key)
                 if self.native_grid is None:  # learned: rebuilt every call so that gradients reach it
                     self._bias_cache[cache_key] = bias
-            bias = beta * nn.functional.pad(bias, (num_prefix_tokens, 0))[None, :, None]  # (1, E, 1, M, N)
-            # a view at batch 1, broadcast over the heads by the kernel
-            bias = bias.expand(batch_size, -1, -1, -1, -1).reshape(batch_branches, 1, self.num_queries, num_tokens)
+            bias = bias[None, :, None].expand(batch_size, -1, -1, -1, -1)  # a view at batch 1, a copy above
+            bias = bias.reshape(batch_branches, 1, self.num_queries, num_tokens)  # broadcast over heads by the kernel
 
         implementation = "eager" if output_attentions else self.config._attn_implementation
         if implementation not in ("eager", "sdpa", "flex_attention"):
