@@ -73,14 +73,23 @@ DIMS = {
         ),
         "resampler": dict(hidden_size=256, num_attention_heads=4),
     },
+    # the tests' (end_to_end_7b.py): the same grid and token counts, every width tiny
+    "tiny": {
+        "vision": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2),
+        "text": dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+        ),
+        "resampler": dict(hidden_size=32, num_attention_heads=2),
+    },
 }
 REDUCED = DIMS["reduced"]
 
 
-def configs(dims):
+def configs(dims, text_layers=None):
+    """CLIP tower and Llama configs of `dims`; `text_layers` overrides the language model's depth."""
     vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **DIMS[dims]["vision"])
-    text = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **DIMS[dims]["text"])
-    return vision, text
+    text = {**DIMS[dims]["text"], **({"num_hidden_layers": text_layers} if text_layers else {})}
+    return vision, LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **text)
 
 
 def build_variants(dims, device, dtype):
@@ -113,6 +122,7 @@ def build_variants(dims, device, dtype):
             model.lm_head = baseline.lm_head
             with torch.device(device):
                 model.model.multi_modal_projector = MSResampler(config)
+            model.model.multi_modal_projector.reset_parameters()  # run by an enclosing model's post_init otherwise
             model.eval()
             variants.append((f"MS-LLaVA M={queries}", queries, model))
     finally:
@@ -124,9 +134,9 @@ def build_variants(dims, device, dtype):
     return variants
 
 
-def prompt_ids(image_tokens, device, generator):
+def prompt_ids(image_tokens, device, generator, text_after=PROMPT_AFTER):
     before = torch.randint(3, IMAGE_TOKEN_ID, (PROMPT_BEFORE,), generator=generator)
-    after = torch.randint(3, IMAGE_TOKEN_ID, (PROMPT_AFTER,), generator=generator)
+    after = torch.randint(3, IMAGE_TOKEN_ID, (text_after,), generator=generator)
     before[0] = 1  # <s>
     ids = torch.cat([before, torch.full((image_tokens,), IMAGE_TOKEN_ID), after])
     return ids[None].to(device)
