@@ -11,7 +11,8 @@ model and the LM head, so only the projector and the number of image tokens diff
 image's tokens, 35 text tokens (40 text tokens, LLaVA-1.5's chat layout).
 
 Measured in one run, interleaved: every round runs every variant at both depths once, in a rotating order, so that
-slow spells of a shared machine hit all alike:
+slow spells of a shared machine hit all alike. On the CPU with one thread (the default) the times are the process's
+CPU time, which leaves out the preemption by other jobs that a shared machine's wall clock counts (`--clock wall`):
 
 * prefill: one forward of the prompt with its image (tower + projector + LLM prefill, KV cache filled, logits of the
   last position), as `generate` does before its first token;
@@ -147,12 +148,15 @@ def count_prefill_flops(model, inputs):
     return counter.get_total_flops()
 
 
-def measure(rows, device, dtype, rounds, warmup, new_tokens):
+def measure(rows, device, dtype, rounds, warmup, new_tokens, clock="wall"):
+    """Times every row in interleaved rounds; `clock` "cpu" takes the process CPU time (one thread), "wall" the wall
+    time, for the figures (the wall-clock prefill median is kept beside them)."""
+    which = 1 if clock == "cpu" else 0
     pixel_values = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     for row in rows:
         ids = prompt_ids(row["image_tokens"], device, torch.Generator().manual_seed(1), TEXT_AFTER)
         row.update(inputs=dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values))
-        row.update(seq_len=ids.shape[1], prefill=[], decode=[])
+        row.update(seq_len=ids.shape[1], prefill=[], decode=[], prefill_wall=[])
     for step in range(warmup + rounds):
         for row in rows[step % len(rows) :] + rows[: step % len(rows)]:  # rotate who goes first
             if step == 0:
@@ -165,11 +169,13 @@ def measure(rows, device, dtype, rounds, warmup, new_tokens):
                 if kv != expected:
                     raise RuntimeError(f"{row['name']}: KV cache {kv} bytes, the formula gives {expected}")
             if step >= warmup:
-                row["prefill"].append(prefill * 1e3)
-                row["decode"].append(decode * 1e3 / new_tokens)  # ms per token
+                row["prefill"].append(prefill[which] * 1e3)
+                row["decode"].append(decode[which] * 1e3 / new_tokens)  # ms per token
+                row["prefill_wall"].append(prefill[0] * 1e3)
         print(f"  round {step + 1}/{warmup + rounds}{' (warm-up)' if step < warmup else ''} done", flush=True)
     for row in rows:
         row["prefill_median"], row["prefill_min"] = statistics.median(row["prefill"]), min(row["prefill"])
+        row["prefill_wall_median"] = statistics.median(row["prefill_wall"])
         row["token_median"], row["token_min"] = statistics.median(row["decode"]), min(row["decode"])
 
 
@@ -229,17 +235,25 @@ def render(rows, estimates, args, device, dtype, load, command):
         " `FlopCounterMode` on one prefill (matrix products; the causal attention counted as full).",
         f"- {args.rounds} timed rounds after {args.warmup} warm-up round(s); every round runs every variant at both"
         " depths once, in a rotating order; medians (minima in brackets); 'x MLP' compares with the MLP baseline at"
-        " the same depth.",
+        " the same depth. "
+        + (
+            "Times are the process's CPU time (one thread): other jobs on a shared machine preempt the run, which the"
+            " wall clock counts and the CPU time does not (it still counts their contention for caches and memory);"
+            " the wall-clock prefill median is beside them."
+            if args.clock == "cpu"
+            else "Times are wall-clock times."
+        ),
         "",
-        "| Model | Layers | Seq. length | Prefill median (min) ms | x MLP | Decode tokens/s median (max) | x MLP"
-        " | KV cache (MiB) | x MLP | Prefill GFLOPs | x MLP |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| Model | Layers | Seq. length | Prefill median (min) ms | x MLP | wall median (ms) | Decode tokens/s"
+        " median (max) | x MLP | KV cache (MiB) | x MLP | Prefill GFLOPs | x MLP |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         mlp = next(r for r in rows if r["layers"] == row["layers"] and r["image_tokens"] == 576)
         lines.append(
             f"| {row['name']} | {row['layers']} | {row['seq_len']} | {row['prefill_median']:.0f}"
             f" ({row['prefill_min']:.0f}) | {row['prefill_median'] / mlp['prefill_median']:.3f}"
+            f" | {row['prefill_wall_median']:.0f}"
             f" | {1e3 / row['token_median']:.2f} ({1e3 / row['token_min']:.2f})"
             f" | {mlp['token_median'] / row['token_median']:.3f} | {row['kv'] / 2**20:.1f} | {row['kv'] / mlp['kv']:.3f}"
             f" | {row['flops'] / 1e9:.0f} | {row['flops'] / mlp['flops']:.3f} |"
@@ -307,6 +321,12 @@ def main(argv=None):
         " other core is busy, and the prefill times scatter several fold)",
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        help="cpu: the process's CPU time (one thread only); wall: wall-clock time (default: cpu on the CPU with one"
+        " thread, else wall)",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--dims", choices=sorted(DIMS), default="7b", help="'tiny' for the tests")
     parser.add_argument("--write", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file to update")
@@ -317,20 +337,24 @@ def main(argv=None):
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    one_thread_cpu = device.type == "cpu" and args.threads == 1
+    if args.clock == "cpu" and not one_thread_cpu:
+        parser.error("--clock cpu needs --device cpu and --threads 1 (CPU time adds up every thread's)")
+    args.clock = args.clock or ("cpu" if one_thread_cpu else "wall")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     command = "python benchmarks/end_to_end_7b.py" + "".join(
         f" --{name.replace('_', '-')} {' '.join(map(str, value)) if isinstance(value, list) else value}"
         for name, value in vars(args).items()
-        if name not in ("write", "no_write") and value != parser.get_default(name)
+        if name not in ("write", "no_write", "clock") and value != parser.get_default(name)
     )
 
     print(f"building the variants ({args.dims}, layers {args.layers}, {dtype}, {device})", flush=True)
     rows = build(args.layers, args.dims, device, dtype)
     print(f"timing {len(rows)} rows in turns: {args.warmup} warm-up + {args.rounds} rounds", flush=True)
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    measure(rows, device, dtype, args.rounds, args.warmup, args.new_tokens)
+    measure(rows, device, dtype, args.rounds, args.warmup, args.new_tokens, args.clock)
     load += ", then " + " / ".join(f"{x:.1f}" for x in os.getloadavg())
     estimates = at_target(rows)
     section = "\n".join(render(rows, estimates, args, device, dtype, load, command))

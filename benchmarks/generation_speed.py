@@ -162,25 +162,31 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def clocks():
+    """(wall, process CPU) seconds: on a shared machine the CPU time of a one-thread run leaves out preemption."""
+    return time.perf_counter(), time.process_time()
+
+
 @torch.inference_mode()
 def run_once(model, inputs, new_tokens, device):
-    """One prefill + `new_tokens` greedy decode steps; returns (prefill s, decode s, cache bytes, tokens)."""
+    """One prefill + `new_tokens` greedy decode steps; returns the prefill's and the decode's (wall s, CPU s), the
+    cache bytes and the tokens."""
     sync(device)
-    start = time.perf_counter()
+    start = clocks()
     out = model(**inputs, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     sync(device)
-    prefill = time.perf_counter() - start
+    prefill = tuple(end - begin for end, begin in zip(clocks(), start, strict=True))
     cache = out.past_key_values
     kv = cache_bytes(cache)
     tokens = [token]
-    start = time.perf_counter()
+    start = clocks()
     for _ in range(new_tokens):
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
     sync(device)
-    decode = time.perf_counter() - start
+    decode = tuple(end - begin for end, begin in zip(clocks(), start, strict=True))
     return prefill, decode, kv, torch.cat(tokens, dim=-1)
 
 
@@ -209,7 +215,7 @@ def measure(variants, device, dtype, rounds, warmup, new_tokens):
     for step in range(warmup + rounds):
         order = rows[step % len(rows) :] + rows[: step % len(rows)]  # rotate who goes first
         for row in order:
-            prefill, decode, kv, tokens = run_once(row["model"], row["inputs"], new_tokens, device)
+            (prefill, _), (decode, _), kv, tokens = run_once(row["model"], row["inputs"], new_tokens, device)
             if step >= warmup:
                 row["prefill"].append(prefill * 1e3)
                 row["decode"].append(new_tokens / decode)

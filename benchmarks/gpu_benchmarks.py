@@ -199,7 +199,9 @@ def end_to_end(device, dtype, layers, dims, rounds, new_tokens, command, emit):
         print(f"end to end, language model on {implementation}: {rounds} rounds", flush=True)
         load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
         end_to_end_7b.measure(rows, device, dtype, rounds, 1, new_tokens)
-        args = argparse.Namespace(layers=layers, rounds=rounds, warmup=1, new_tokens=new_tokens, dims=dims)
+        args = argparse.Namespace(
+            layers=layers, rounds=rounds, warmup=1, new_tokens=new_tokens, dims=dims, clock="wall"
+        )
         section = end_to_end_7b.render(rows, end_to_end_7b.at_target(rows), args, device, dtype, load, command)
         emit([f"### End to end, language model on `{implementation}`", "", *section[2:]])
     if len(implementations) == 1:

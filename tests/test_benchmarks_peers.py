@@ -211,7 +211,7 @@ def test_end_to_end_figures_are_linear_in_the_depth(bench):
     assert e2e.extrapolate((2, 6), (10.0, 30.0)) == (0.0, 5.0, 160.0)  # fixed, per layer, at 32 layers
     rows = e2e.build((1, 3, 5), "tiny", torch.device("cpu"), torch.float32)
     assert len(rows) == 12 and all(r["model"].model.vision_tower is rows[0]["model"].model.vision_tower for r in rows)
-    e2e.measure(rows, torch.device("cpu"), torch.float32, rounds=1, warmup=1, new_tokens=2)
+    e2e.measure(rows, torch.device("cpu"), torch.float32, rounds=1, warmup=1, new_tokens=2, clock="cpu")
     for name in {r["name"] for r in rows}:
         low, mid, high = (r for r in rows if r["name"] == name)
         for key in ("flops", "kv"):
@@ -222,7 +222,7 @@ def test_end_to_end_figures_are_linear_in_the_depth(bench):
     estimates = e2e.at_target(two_depths)
     mlp = estimates[0]
     assert mlp["kv"][2] == 32 * two_depths[0]["kv"]  # one layer's cache, 32 times
-    args = type("Args", (), dict(layers=(1, 5), rounds=1, warmup=1, new_tokens=2, dims="tiny"))
+    args = type("Args", (), dict(layers=(1, 5), rounds=1, warmup=1, new_tokens=2, dims="tiny", clock="cpu"))
     text = "\n".join(e2e.render(two_depths, estimates, args, torch.device("cpu"), torch.float32, "-", "cmd"))
     assert "Prefill at 32 (s)" in text and "yes, for every row" in text
 
