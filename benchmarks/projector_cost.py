@@ -237,7 +237,8 @@ def measure(name, module):
 
 
 def add_ceiling(result, shapes):
-    """The matmul ceiling of one projector from the shapes' times: per round, sum of count x that round's time."""
+    """The matmul ceiling of one projector from the shapes' times: per round, sum of count x that round's time.
+    `result` holds the projector's `gemms` (shape: count) and times; `shapes` each shape's times."""
     rounds = range(len(result["times"]))
     ceiling = [sum(n * shapes[s]["times"][i] for s, n in result["gemms"].items()) for i in rounds]
     result["ceiling_median"] = sum(n * shapes[s]["median"] for s, n in result["gemms"].items())
@@ -251,23 +252,38 @@ def load_average():
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def render(results, shapes, threads, args, load, command):
+def timed_at(threads, entries, args):
+    """Times every entry in interleaved rounds on `threads` threads; returns each entry's timing, by position."""
+    torch.set_num_threads(threads)
+    print(f"torch.set_num_threads({threads}): {args.warmup} warm-up + {args.runs} timed rounds", flush=True)
+    load = load_average()
+    time_in_turns(entries, args.warmup, args.runs, progress=True)
+    load = f"{load}, then {load_average()}"
+    return load, [{key: entry[key] for key in ("median", "iqr", "min", "times")} for entry in entries]
+
+
+def render(results, shapes, runs, args, command):
+    """`runs`: per thread count, (load, {projector name: timing with its ceiling}, {shape: timing})."""
     mlp = results[0]
+    ms144 = next(r for r in results if r["name"].startswith("MS-Resampler") and r["tokens"] == 144)
     lines = [
         "## Projector cost and the matmul ceiling (LLaVA-1.5-7B dimensions, per image)",
         "",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, torch.set_num_threads({threads}); torch {torch.__version__},"
-        f" transformers {transformers.__version__}, Python {platform.python_version()};"
-        f" {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; 1/5/15-min load average {load}"
-        " (before and after the timed rounds).",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, transformers"
+        f" {transformers.__version__}, Python {platform.python_version()};"
+        f" {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; 1/5/15-min load average before and"
+        " after the timed rounds: "
+        + "; ".join(f"{load} ({threads} thread{'s' * (threads > 1)})" for threads, (load, _, _) in runs.items())
+        + ".",
         f"- Reproduce: `{command}`",
         f"- Input: 1 x {NUM_TOKENS} x {VISION_WIDTH} (CLIP ViT-L/14-336, {GRID[0]}x{GRID[1]} grid), output width"
         f" {TEXT_WIDTH}; fp32, batch 1, CPU, `torch.inference_mode()`.",
-        f"- Latency: {args.runs} timed rounds after {args.warmup} warm-up rounds; each round runs every projector and"
-        " every distinct matrix-product shape below once, in turns, so that slow spells of a shared machine hit all"
-        " rows alike; 'x MLP' divides medians (and, in brackets, minima).",
+        f"- Latency: per thread count, {args.runs} timed rounds after {args.warmup} warm-up rounds; each round runs"
+        " every projector and every distinct matrix-product shape below once, in turns, so that slow spells of a"
+        " shared machine hit all rows alike; 'x MLP' divides medians (and, in brackets, minima).",
         "- GMACs: `FlopCounterMode` FLOPs / 2 (matmul-like ops only, plus formulas for the CPU SDPA kernel and"
-        " `aten.mv` which it does not count); 'hand' is the analytic count of the same matmuls.",
+        " `aten.mv` which it does not count); 'hand' is the analytic count of the same matmuls; the products recorded"
+        " for the ceiling hold exactly these MACs.",
         "- Peak act.: peak of bytes allocated minus freed by PyTorch's CPU allocator during one forward (torch.profiler"
         " allocation events), output included; weights, input and the cached scope bias ('bias cache',"
         " persistent after the first call) are not included.",
@@ -278,73 +294,76 @@ def render(results, shapes, threads, args, load, command):
         " per-round share.",
         "",
         "| Projector | Attn | Tokens to LLM | GMACs | hand GMACs | x MLP MACs | Params (M) | Peak act. (MiB)"
-        " | Bias cache (MiB) | Latency median (ms) | IQR (ms) | min (ms) | x MLP latency (min) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        " | Bias cache (MiB) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         lines.append(
             f"| {r['name']} | {r['attn']} | {r['tokens']} | {r['macs'] / 1e9:.3f} | {r['hand'] / 1e9:.3f}"
             f" | {r['macs'] / mlp['macs']:.3f} | {r['params'] / 1e6:.2f} | {r['peak'] / 2**20:.1f}"
-            f" | {r['cache'] / 2**20:.1f} | {r['median']:.1f} | {r['iqr']:.1f} | {r['min']:.1f}"
-            f" | {r['median'] / mlp['median']:.3f} ({r['min'] / mlp['min']:.3f}) |"
+            f" | {r['cache'] / 2**20:.1f} |"
         )
-    lines += [
-        "",
-        "Against the matmul ceiling:",
-        "",
-        "| Projector | Attn | M | GFLOP/s median (min) | ceiling median (ms) | ceiling min (ms) | ceiling GFLOP/s"
-        " median (min) | share median | share min | share per round | x MLP latency (min) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for r in results:
-        gflop = 2 * r["macs"] / 1e6  # per ms
-        lines.append(
-            f"| {r['name']} | {r['attn']} | {r['tokens']} | {gflop / r['median']:.1f} ({gflop / r['min']:.1f})"
-            f" | {r['ceiling_median']:.1f} | {r['ceiling_min']:.1f} | {gflop / r['ceiling_median']:.1f}"
-            f" ({gflop / r['ceiling_min']:.1f}) | {r['share_median']:.2f} | {r['share_min']:.2f}"
-            f" | {r['share_paired']:.2f} | {r['median'] / mlp['median']:.3f} ({r['min'] / mlp['min']:.3f}) |"
-        )
-    ms144 = next(r for r in results if r["name"].startswith("MS-Resampler") and r["tokens"] == 144)
+    goals = []
+    for threads, (_, timing, _) in runs.items():
+        lines += [
+            "",
+            f"Latency and the matmul ceiling, torch.set_num_threads({threads}):",
+            "",
+            "| Projector | Attn | M | Latency median (ms) | IQR (ms) | min (ms) | x MLP latency (min) | GFLOP/s median"
+            " (min) | ceiling median (min) (ms) | share median | share min | share per round |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        base = timing[mlp["name"], mlp["attn"]]
+        for r in results:
+            t = timing[r["name"], r["attn"]]
+            gflop = 2 * r["macs"] / 1e6  # per ms
+            lines.append(
+                f"| {r['name']} | {r['attn']} | {r['tokens']} | {t['median']:.1f} | {t['iqr']:.1f} | {t['min']:.1f}"
+                f" | {t['median'] / base['median']:.3f} ({t['min'] / base['min']:.3f})"
+                f" | {gflop / t['median']:.1f} ({gflop / t['min']:.1f}) | {t['ceiling_median']:.1f}"
+                f" ({t['ceiling_min']:.1f}) | {t['share_median']:.2f} | {t['share_min']:.2f}"
+                f" | {t['share_paired']:.2f} |"
+            )
+        if any(timing[r["name"], r["attn"]]["median"] > 1.5 * timing[r["name"], r["attn"]]["min"] for r in results):
+            lines += ["", "Some medians are over 1.5x the fastest round: the CPU was contended during these rounds."]
+        t = timing[ms144["name"], ms144["attn"]]
+        latency = (t["median"] / base["median"], t["min"] / base["min"])
+        goals += [
+            f"- Goal (issue 26), {threads} thread{'s' * (threads > 1)}: MS-Resampler M=144 latency <="
+            f" {GOAL_LATENCY}x the MLP's: {latency[0]:.3f} (medians), {latency[1]:.3f} (minima):"
+            f" **{'PASS' if max(latency) <= GOAL_LATENCY else 'FAIL'}**; its matmul ceiling alone is"
+            f" {t['ceiling_median'] / base['median']:.3f} ({t['ceiling_min'] / base['min']:.3f}) x the MLP's latency."
+            f" At >= {GOAL_SHARE:.0%} of the matmul rate at its own shapes: {t['share_median']:.0%} (medians),"
+            f" {t['share_min']:.0%} (minima), {t['share_paired']:.0%} (per round):"
+            f" **{'PASS' if min(t['share_median'], t['share_min']) >= GOAL_SHARE else 'FAIL'}**.",
+        ]
     lines += [
         "",
         f"`torch.matmul` at {ms144['name']}'s own shapes (batch x m x k x n; the SDPA rows are the kernel's two"
-        " products, the fusion's are its baddbmm layers), timed in the same rounds:",
+        " products, the fusion's are its baddbmm layers), timed in the same rounds; median (min) ms and GFLOP/s:",
         "",
-        "| Shape | Count | GMACs | median (ms) | min (ms) | GFLOP/s median (min) |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| Shape | Count | GMACs | " + " | ".join(f"{t} thread(s): ms | GFLOP/s" for t in runs) + " |",
+        "|---|--:|--:|" + "--:|--:|" * len(runs),
     ]
     for shape, count in sorted(ms144["gemms"].items(), key=lambda item: -shapes[item[0]]["macs"]):
-        entry = shapes[shape]
-        gflop = 2 * entry["macs"] / 1e6
-        lines.append(
-            f"| {shape_name(shape)} | {count} | {entry['macs'] / 1e9:.3f} | {entry['median']:.2f}"
-            f" | {entry['min']:.2f} | {gflop / entry['median']:.1f} ({gflop / entry['min']:.1f}) |"
-        )
-    if any(r["median"] > 1.5 * r["min"] for r in results):
-        lines += [
-            "",
-            "Note: some medians are over 1.5x the fastest run, so the CPU was contended during the run (on a"
-            " shared VM, `--threads 1` is steadier); the MAC counts do not depend on the machine.",
-        ]
+        gflop = 2 * shapes[shape]["macs"] / 1e6
+        cells = []
+        for _, _, shape_timing in runs.values():
+            t = shape_timing[shape]
+            cells.append(f"{t['median']:.2f} ({t['min']:.2f}) | {gflop / t['median']:.1f} ({gflop / t['min']:.1f})")
+        lines.append(f"| {shape_name(shape)} | {count} | {shapes[shape]['macs'] / 1e9:.3f} | {' | '.join(cells)} |")
     ops = sorted({op for r in results for op in r["by_op"]})
     lines += ["", "GMACs by op:", "", f"| Projector | Attn | {' | '.join(ops)} |", "|---|---|" + "--:|" * len(ops)]
     for r in results:
         cells = " | ".join(f"{r['by_op'].get(op, 0) / 1e9:.3f}" for op in ops)
         lines.append(f"| {r['name']} | {r['attn']} | {cells} |")
-    latency = (ms144["median"] / mlp["median"], ms144["min"] / mlp["min"])
     gmacs = ms144["macs"] / 1e9
     lines += [
         "",
         f"- Budget (paper Table 7): MS-Resampler M=144 {gmacs:.3f} GMACs <= {BUDGET_GMACS}:"
         f" **{'PASS' if gmacs <= BUDGET_GMACS else 'FAIL'}**",
         f"- Aim: MS-Resampler M=144 {gmacs:.3f} GMACs <= {AIM_GMACS}: **{'PASS' if gmacs <= AIM_GMACS else 'FAIL'}**",
-        f"- Goal (issue 26): MS-Resampler M=144 latency <= {GOAL_LATENCY}x the MLP's: {latency[0]:.3f} (medians),"
-        f" {latency[1]:.3f} (minima): **{'PASS' if max(latency) <= GOAL_LATENCY else 'FAIL'}**. Its ceiling alone is"
-        f" {ms144['ceiling_median'] / mlp['median']:.3f}x the MLP's latency (medians): the resampler's products run at"
-        " a lower matmul rate than the MLP's two large ones.",
-        f"- Goal (issue 26): MS-Resampler M=144 at >= {GOAL_SHARE:.0%} of the matmul rate at its own shapes:"
-        f" {ms144['share_median']:.0%} (medians), {ms144['share_min']:.0%} (minima),"
-        f" {ms144['share_paired']:.0%} (per round): **{'PASS' if min(ms144['share_median'], ms144['share_min']) >= GOAL_SHARE else 'FAIL'}**",
+        *goals,
     ]
     return lines
 
@@ -356,18 +375,25 @@ def main():
     parser.add_argument("--no-write", action="store_true", help="only print the section")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: the usable CPU cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        help="torch thread counts, each timed in rounds of its own (default: 1 and the usable CPU cores)",
+    )
     args = parser.parse_args()
 
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    torch.set_num_threads(threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    thread_counts = list(dict.fromkeys(args.threads or [1, cores]))
+    torch.set_num_threads(thread_counts[-1])
     torch.manual_seed(0)
-    print(f"torch.set_num_threads({threads}); torch.get_num_threads() = {torch.get_num_threads()}")
     command = "python benchmarks/projector_cost.py" + "".join(
         f" --{name} {getattr(args, name)}"
-        for name in ("runs", "warmup", "threads")
+        for name in ("runs", "warmup")
         if getattr(args, name) != parser.get_default(name)
     )
+    if args.threads:
+        command += " --threads " + " ".join(map(str, args.threads))
 
     builders = [("LLaVA MLP projector", build_mlp)]
     for q in (144, 64, 36):
@@ -386,20 +412,19 @@ def main():
     for shape, entry in shapes.items():
         replay = MatmulReplay([shape])
         entry.update(call=replay, macs=replay.macs)
-    entries = results + list(shapes.values())
-    print(
-        f"timing {len(results)} projectors and {len(shapes)} product shapes in turns: {args.warmup} warm-up +"
-        f" {args.runs} timed rounds",
-        flush=True,
-    )
-    load = load_average()
-    time_in_turns(entries, args.warmup, args.runs, progress=True)
-    load = f"{load}, then {load_average()}"
-    for r in results:
-        add_ceiling(r, shapes)
+    print(f"{len(results)} projectors and {len(shapes)} product shapes, timed in turns", flush=True)
+    runs = {}
+    for threads in thread_counts:
+        load, timings = timed_at(threads, results + list(shapes.values()), args)
+        timing = {(r["name"], r["attn"]): t for r, t in zip(results, timings, strict=False)}
+        shape_timing = dict(zip(shapes, timings[len(results) :], strict=True))
+        for r in results:
+            timing[r["name"], r["attn"]]["gemms"] = r["gemms"]
+            add_ceiling(timing[r["name"], r["attn"]], shape_timing)
+        runs[threads] = (load, timing, shape_timing)
 
     gmacs = next(r for r in results if r["name"].startswith("MS-Resampler") and r["tokens"] == 144)["macs"] / 1e9
-    section = "\n".join(render(results, shapes, threads, args, load, command))
+    section = "\n".join(render(results, shapes, runs, args, command))
     print("\n" + section)
     if not args.no_write:
         write_section(args.write, section, START, END)

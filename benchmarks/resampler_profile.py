@@ -86,7 +86,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    resampler = build_resampler(144, [2, 6, 24], 5.0).requires_grad_(False)
+    resampler = build_resampler(144, [2, 6, 24], 5.0)  # parameters requiring grad, as a loaded model's
     features = torch.randn(1, NUM_TOKENS, VISION_WIDTH)
     print(f"torch {torch.__version__}, torch.set_num_threads({args.threads})")
     profile_forward(resampler, features, args.calls)
