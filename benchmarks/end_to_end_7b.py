@@ -5,10 +5,10 @@ Models (random weights, batch 1, `torch.inference_mode()`): the full CLIP ViT-L/
 16 heads, MLP 4096; 336 px, patch 14: 576 patch tokens + CLS, LLaVA's layer -2 without CLS) and a language model of
 Llama-2-7B's widths (hidden 4096, 32 heads, MLP 11008, vocabulary 32064 as llava-hf/llava-1.5-7b-hf) with only
 `--layers` decoder layers: two depths, the shallower model's layers being the first layers of the deeper one (the very
-same modules). The baseline is transformers' `LlavaForConditionalGeneration` (MLP projector, 576 image tokens); MS-LLaVA
-uses k = 2/6/24, beta = 5, channel-MLP fusion, D = 1024 over 16 heads. All variants share the tower, the language
-model and the LM head, so only the projector and the number of image tokens differ. Prompt: <s>, 4 text tokens, the
-image's tokens, 35 text tokens (40 text tokens, LLaVA-1.5's chat layout).
+same modules). The baseline is transformers' `LlavaForConditionalGeneration` (MLP projector, 576 image tokens);
+MS-LLaVA uses k = 2/6/24, beta = 5, channel-MLP fusion, D = 1024 over 16 heads. All variants share the tower, the
+language model and the LM head, so only the projector and the number of image tokens differ. Prompt: <s>, 4 text
+tokens, the image's tokens, 35 text tokens (40 text tokens, LLaVA-1.5's chat layout).
 
 Measured in one run, interleaved: every round runs every variant at both depths once, in a rotating order, so that
 slow spells of a shared machine hit all alike. On the CPU with one thread (the default) the times are the process's
@@ -21,7 +21,7 @@ CPU time, which leaves out the preemption by other jobs that a shared machine's 
   sequence length x bytes;
 * prefill FLOPs, counted once per variant and depth with `FlopCounterMode` (matrix products, with projector_cost.py's
   formula for the CPU SDPA kernel; the language model's causal attention counts as full);
-* a check, once per variant and depth, that `model.generate` (greedy) gives exactly the timed loop's tokens.
+* a check, once per variant and depth, that `model.generate` (greedy) gives the timed loop's tokens (reported).
 
 The 32-layer figures: every decoder layer costs the same, so each figure is fixed + layers x per-layer. The two depths
 L1 < L2 give per-layer = (f(L2) - f(L1)) / (L2 - L1) and fixed = f(L1) - L1 x per-layer, and the estimate is fixed +
@@ -29,7 +29,8 @@ L1 < L2 give per-layer = (f(L2) - f(L1)) / (L2 - L1) and fixed = f(L1) - L1 x pe
 over rounds of each round's own extrapolated ratio), for FLOPs and KV bytes exactly.
 
 Run `python benchmarks/end_to_end_7b.py` from the repository root (CPU, fp32, one thread, depths 2 and 6: about 7.5 GB
-of weights, 8 GiB peak RSS); it rewrites its section of BENCHMARKS.md. benchmarks/gpu_benchmarks.py runs the same measurement on a GPU at 32 layers.
+of weights, 8 GiB peak RSS); it rewrites its section of BENCHMARKS.md. benchmarks/gpu_benchmarks.py runs the same
+measurement on a GPU at 32 layers.
 """
 
 import argparse
@@ -72,7 +73,8 @@ GOAL_PREFILL, GOAL_KV = 0.30, 0.25  # issue 26, at M = 144 and 32 layers
 
 
 def shared_language_model(deepest: nn.Module, text_config, attn: str) -> nn.Module:
-    """A language model of `text_config`'s depth made of `deepest`'s embeddings, first layers, norm and rotary tables."""
+    """A language model of `text_config`'s depth made of `deepest`'s embeddings, first layers, norm and rotary
+    tables."""
     if text_config.num_hidden_layers == deepest.config.num_hidden_layers:
         return deepest
     text_config._attn_implementation = attn
@@ -136,7 +138,8 @@ def build(layer_counts, dims, device, dtype, attn="sdpa"):
 
 
 def extrapolate(depths, values, target=TARGET_LAYERS):
-    """(fixed, per layer, value at `target` layers) of the line through (depths[0], values[0]), (depths[1], values[1])."""
+    """(fixed, per layer, value at `target` layers) of the line through (depths[0], values[0]) and
+    (depths[1], values[1])."""
     per_layer = (values[1] - values[0]) / (depths[1] - depths[0])
     fixed = values[0] - depths[0] * per_layer
     return fixed, per_layer, fixed + target * per_layer
@@ -255,7 +258,8 @@ def render(rows, estimates, args, device, dtype, load, command):
             f" ({row['prefill_min']:.0f}) | {row['prefill_median'] / mlp['prefill_median']:.3f}"
             f" | {row['prefill_wall_median']:.0f}"
             f" | {1e3 / row['token_median']:.2f} ({1e3 / row['token_min']:.2f})"
-            f" | {mlp['token_median'] / row['token_median']:.3f} | {row['kv'] / 2**20:.1f} | {row['kv'] / mlp['kv']:.3f}"
+            f" | {mlp['token_median'] / row['token_median']:.3f} | {row['kv'] / 2**20:.1f}"
+            f" | {row['kv'] / mlp['kv']:.3f}"
             f" | {row['flops'] / 1e9:.0f} | {row['flops'] / mlp['flops']:.3f} |"
         )
     low, high = args.layers

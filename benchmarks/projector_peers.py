@@ -33,7 +33,7 @@ batch 1, fp32, `torch.inference_mode()`, for M = 144, 64, 36:
   MS-Resampler is the median over rounds of the ratio within each round (the two ran seconds apart, under the same
   load), which a shared machine disturbs far less than a ratio of medians;
 * MS-Resampler's achieved GEMM throughput as a fraction of this machine's `torch.matmul` throughput at the same
-  shapes: every matmul MS-Resampler runs (mm, addmm, bmm, and the two products inside SDPA) is recorded and replayed
+  shapes: every matmul MS-Resampler runs (mm, addmm, bmm, baddbmm, and SDPA's two products) is recorded and replayed
   as plain `torch.matmul` calls right after it, in rounds of their own (`--gemm-rounds`); fraction = replay time /
   MS-Resampler time (median of the per-round ratios).
 
@@ -505,8 +505,8 @@ def render(results, replays, sizes, threads, args, load):
             )
     lines += [
         "",
-        "MS-Resampler's GEMM efficiency: every matrix product it runs (mm / addmm / bmm / mv and the two products in"
-        " the SDPA kernel), replayed as plain fp32 `torch.matmul` calls at the same shapes, right after it, in"
+        "MS-Resampler's GEMM efficiency: every matrix product it runs (mm / addmm / bmm / baddbmm / mv and the two"
+        " products in the SDPA kernel), replayed as plain fp32 `torch.matmul` calls at the same shapes, right after it, in"
         f" {args.gemm_rounds} rounds of their own (after {warmup} warm-up)."
         " 'Fraction' = replay time / MS-Resampler time in the same round (median over rounds, and its quartiles) ="
         " achieved GEMM throughput / this machine's matmul throughput at those shapes; the rest of MS-Resampler's"

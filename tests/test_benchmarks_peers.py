@@ -1,5 +1,5 @@
-"""The benchmark scripts' logic at tiny sizes. benchmarks/projector_peers.py: the peer projectors (shapes, MAC counts, one
-paper equation each for pixel-shuffle and TokenPacker's region-to-point attention) and the matmul replay behind the
+"""The benchmark scripts' logic at tiny sizes. benchmarks/projector_peers.py: the peer projectors (shapes, MAC counts,
+one paper equation each for pixel-shuffle and TokenPacker's region-to-point attention) and the matmul replay behind the
 GEMM-efficiency figure; projector_cost.py's matmul ceiling; end_to_end_7b.py's 32-layer extrapolation; the GPU
 script's refusal without CUDA and its dry run on the CPU."""
 
