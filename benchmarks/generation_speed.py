@@ -73,14 +73,23 @@ DIMS = {
         ),
         "resampler": dict(hidden_size=256, num_attention_heads=4),
     },
+    # the tests' (end_to_end_7b.py): the same grid and token counts, every width tiny
+    "tiny": {
+        "vision": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2),
+        "text": dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+        ),
+        "resampler": dict(hidden_size=32, num_attention_heads=2),
+    },
 }
 REDUCED = DIMS["reduced"]
 
 
-def configs(dims):
+def configs(dims, text_layers=None):
+    """CLIP tower and Llama configs of `dims`; `text_layers` overrides the language model's depth."""
     vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **DIMS[dims]["vision"])
-    text = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **DIMS[dims]["text"])
-    return vision, text
+    text = {**DIMS[dims]["text"], **({"num_hidden_layers": text_layers} if text_layers else {})}
+    return vision, LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **text)
 
 
 def build_variants(dims, device, dtype):
@@ -113,6 +122,7 @@ def build_variants(dims, device, dtype):
             model.lm_head = baseline.lm_head
             with torch.device(device):
                 model.model.multi_modal_projector = MSResampler(config)
+            model.model.multi_modal_projector.reset_parameters()  # run by an enclosing model's post_init otherwise
             model.eval()
             variants.append((f"MS-LLaVA M={queries}", queries, model))
     finally:
@@ -124,9 +134,9 @@ def build_variants(dims, device, dtype):
     return variants
 
 
-def prompt_ids(image_tokens, device, generator):
+def prompt_ids(image_tokens, device, generator, text_after=PROMPT_AFTER):
     before = torch.randint(3, IMAGE_TOKEN_ID, (PROMPT_BEFORE,), generator=generator)
-    after = torch.randint(3, IMAGE_TOKEN_ID, (PROMPT_AFTER,), generator=generator)
+    after = torch.randint(3, IMAGE_TOKEN_ID, (text_after,), generator=generator)
     before[0] = 1  # <s>
     ids = torch.cat([before, torch.full((image_tokens,), IMAGE_TOKEN_ID), after])
     return ids[None].to(device)
@@ -152,25 +162,31 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def clocks():
+    """(wall, process CPU) seconds: on a shared machine the CPU time of a one-thread run leaves out preemption."""
+    return time.perf_counter(), time.process_time()
+
+
 @torch.inference_mode()
 def run_once(model, inputs, new_tokens, device):
-    """One prefill + `new_tokens` greedy decode steps; returns (prefill s, decode s, cache bytes, tokens)."""
+    """One prefill + `new_tokens` greedy decode steps; returns the prefill's and the decode's (wall s, CPU s), the
+    cache bytes and the tokens."""
     sync(device)
-    start = time.perf_counter()
+    start = clocks()
     out = model(**inputs, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     sync(device)
-    prefill = time.perf_counter() - start
+    prefill = tuple(end - begin for end, begin in zip(clocks(), start, strict=True))
     cache = out.past_key_values
     kv = cache_bytes(cache)
     tokens = [token]
-    start = time.perf_counter()
+    start = clocks()
     for _ in range(new_tokens):
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
     sync(device)
-    decode = time.perf_counter() - start
+    decode = tuple(end - begin for end, begin in zip(clocks(), start, strict=True))
     return prefill, decode, kv, torch.cat(tokens, dim=-1)
 
 
@@ -199,7 +215,7 @@ def measure(variants, device, dtype, rounds, warmup, new_tokens):
     for step in range(warmup + rounds):
         order = rows[step % len(rows) :] + rows[: step % len(rows)]  # rotate who goes first
         for row in order:
-            prefill, decode, kv, tokens = run_once(row["model"], row["inputs"], new_tokens, device)
+            (prefill, _), (decode, _), kv, tokens = run_once(row["model"], row["inputs"], new_tokens, device)
             if step >= warmup:
                 row["prefill"].append(prefill * 1e3)
                 row["decode"].append(new_tokens / decode)

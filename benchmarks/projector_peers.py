@@ -33,7 +33,7 @@ batch 1, fp32, `torch.inference_mode()`, for M = 144, 64, 36:
   MS-Resampler is the median over rounds of the ratio within each round (the two ran seconds apart, under the same
   load), which a shared machine disturbs far less than a ratio of medians;
 * MS-Resampler's achieved GEMM throughput as a fraction of this machine's `torch.matmul` throughput at the same
-  shapes: every matmul MS-Resampler runs (mm, addmm, bmm, and the two products inside SDPA) is recorded and replayed
+  shapes: every matmul MS-Resampler runs (mm, addmm, bmm, baddbmm, and SDPA's two products) is recorded and replayed
   as plain `torch.matmul` calls right after it, in rounds of their own (`--gemm-rounds`); fraction = replay time /
   MS-Resampler time (median of the per-round ratios).
 
@@ -51,15 +51,12 @@ import itertools
 import math
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
 from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPVisionConfig, Idefics2Config, LlamaConfig
 from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
@@ -67,7 +64,16 @@ from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
 from markdown_section import write_section
 from ms_llava.configuration_ms_llava import MSLlavaConfig
 from ms_llava.modeling_ms_llava import MSResampler
-from projector_cost import count_macs, cpu_model, init_weights, peak_activation_bytes
+from projector_cost import (
+    MatmulReplay,
+    count_macs,
+    cpu_model,
+    init_weights,
+    paired_ratio,
+    peak_activation_bytes,
+    record_gemms,
+    time_in_turns,
+)
 
 START, END = "<!-- projector_peers:start -->", "<!-- projector_peers:end -->"
 PAPER_TABLE7 = {
@@ -76,7 +82,6 @@ PAPER_TABLE7 = {
     "LDP-v2": 12.10,
     "MS-Resampler": 10.43,
 }  # "Projector FLOPs"
-aten = torch.ops.aten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +337,7 @@ class MSResamplerProjector(nn.Module):
         config = MSLlavaConfig(vision_config=vision, text_config=text, resampler_config=resampler)
         config._attn_implementation = "sdpa"
         self.resampler = MSResampler(config)
+        self.resampler.reset_parameters()  # a sub-model: its init runs from the enclosing model's post_init otherwise
         self.grid = sizes.grid
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -416,50 +422,6 @@ def hand_count(name: str, sizes: Sizes, num_queries: int) -> int:
     raise ValueError(f"unknown projector {name!r}; known: {sorted(PEERS)}")
 
 
-class GemmRecorder(TorchDispatchMode):
-    """Records the operand shapes of every matrix product a forward runs (mm, addmm, bmm, mv, and the two products
-    inside the CPU SDPA kernel), to replay them as plain `torch.matmul` calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        packet = func._overloadpacket
-        if packet in (aten.mm, aten.bmm, aten.mv):
-            self.shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
-        elif packet is aten.addmm:
-            self.shapes.append((tuple(args[1].shape), tuple(args[2].shape)))
-        elif packet is aten._scaled_dot_product_flash_attention_for_cpu:
-            query, key, value = args[:3]
-            *lead, queries, dim = query.shape
-            batch = math.prod(lead)
-            self.shapes.append(((batch, queries, dim), (batch, dim, key.shape[-2])))
-            self.shapes.append(((batch, queries, key.shape[-2]), (batch, value.shape[-2], value.shape[-1])))
-        elif packet in (aten.convolution, aten._scaled_dot_product_attention_math):
-            raise NotImplementedError(f"GemmRecorder does not replay {packet}")
-        else:
-            # Composite ops (linear, matmul, scaled_dot_product_attention) reach the mode whole under inference mode:
-            # run their decomposition so that the products above come through (as FlopCounterMode does).
-            with self:
-                out = func.decompose(*args, **(kwargs or {}))
-            if out is not NotImplemented:
-                return out
-        return func(*args, **(kwargs or {}))
-
-
-class MatmulReplay:
-    """Runs the recorded products with `torch.matmul` on random fp32 operands (allocated once)."""
-
-    def __init__(self, shapes):
-        self.operands = [(torch.randn(a), torch.randn(b)) for a, b in shapes]
-        self.macs = sum(math.prod(a) * (b[-1] if len(b) > 1 else 1) for a, b in shapes)
-
-    def __call__(self):
-        for a, b in self.operands:
-            torch.matmul(a, b)
-
-
 def share_weights(module: nn.Module, donor: nn.Module) -> nn.Module:
     """Points every tensor of `module` at `donor`'s tensor of the same name and shape (all but the M-sized ones), so
     that the three Idefics2 rows hold one copy of its ~2.6 GB of weights instead of three on a shared 24 GiB machine.
@@ -468,12 +430,6 @@ def share_weights(module: nn.Module, donor: nn.Module) -> nn.Module:
     shared = {name: tensor for name, tensor in donor.state_dict().items() if shapes.get(name) == tensor.shape}
     module.load_state_dict(shared, strict=False, assign=True)
     return module
-
-
-def record_gemms(module, inputs):
-    with torch.inference_mode(), GemmRecorder() as recorder:
-        module(*inputs)
-    return recorder.shapes
 
 
 def measure(name: str, sizes: Sizes, num_queries: int, donor: nn.Module | None = None) -> dict:
@@ -499,31 +455,6 @@ def measure(name: str, sizes: Sizes, num_queries: int, donor: nn.Module | None =
         params=sum(p.numel() for p in module.parameters()),
         peak=peak_activation_bytes(module, inputs),
     )
-
-
-def time_in_turns(entries, warmup, runs, progress=False):
-    """Latency in ms of each entry's `call`: every round runs every entry once, in turns (a shared machine's slow
-    spells hit all alike). Sets median, IQR and min on each entry."""
-    samples = [[] for _ in entries]
-    with torch.inference_mode():
-        for step in range(warmup + runs):
-            for entry, times in zip(entries, samples, strict=True):
-                start = time.perf_counter()
-                entry["call"]()
-                if step >= warmup:
-                    times.append((time.perf_counter() - start) * 1e3)
-            if progress:
-                print(f"  round {step + 1}/{warmup + runs} done", flush=True)
-    for entry, times in zip(entries, samples, strict=True):
-        q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
-        entry.update(median=median, iqr=q3 - q1, min=min(times), times=times)
-
-
-def paired_ratio(entry: dict, reference: dict, quartiles: bool = False):
-    """Median over rounds of entry's time / reference's time in the same round (with the quartiles if asked)."""
-    ratios = [a / b for a, b in zip(entry["times"], reference["times"], strict=True)]
-    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    return (median, q1, q3) if quartiles else median
 
 
 def render(results, replays, sizes, threads, args, load):
@@ -574,8 +505,8 @@ def render(results, replays, sizes, threads, args, load):
             )
     lines += [
         "",
-        "MS-Resampler's GEMM efficiency: every matrix product it runs (mm / addmm / bmm / mv and the two products in"
-        " the SDPA kernel), replayed as plain fp32 `torch.matmul` calls at the same shapes, right after it, in"
+        "MS-Resampler's GEMM efficiency: every matrix product it runs (mm / addmm / bmm / baddbmm / mv and the two"
+        " products in the SDPA kernel), replayed as plain fp32 `torch.matmul` calls at the same shapes, right after it, in"
         f" {args.gemm_rounds} rounds of their own (after {warmup} warm-up)."
         " 'Fraction' = replay time / MS-Resampler time in the same round (median over rounds, and its quartiles) ="
         " achieved GEMM throughput / this machine's matmul throughput at those shapes; the rest of MS-Resampler's"

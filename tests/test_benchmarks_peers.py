@@ -1,8 +1,11 @@
-"""benchmarks/projector_peers.py: the peer projectors at tiny, odd sizes (shapes, MAC counts, one paper equation each for
-pixel-shuffle and TokenPacker's region-to-point attention) and the matmul replay behind the GEMM-efficiency figure."""
+"""The benchmark scripts' logic at tiny sizes. benchmarks/projector_peers.py: the peer projectors (shapes, MAC counts,
+one paper equation each for pixel-shuffle and TokenPacker's region-to-point attention) and the matmul replay behind the
+GEMM-efficiency figure; projector_cost.py's matmul ceiling; end_to_end_7b.py's 32-layer extrapolation; the GPU
+script's refusal without CUDA and its dry run on the CPU."""
 
 import importlib
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,13 @@ def peers():
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(BENCHMARKS))
         yield importlib.import_module("projector_peers")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        yield {name: importlib.import_module(name) for name in ("projector_cost", "end_to_end_7b", "gpu_benchmarks")}
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +185,64 @@ def test_budgets_that_the_grid_cannot_give_are_refused(peers, tiny):
         peers.PEERS["Pixel-shuffle + MLP"](tiny, 16)  # 6 is not divisible by 4
     with pytest.raises(ValueError, match="unknown projector 'MLP'"):
         peers.hand_count("MLP", tiny, 9)
+
+
+def test_matmul_ceiling_is_each_products_time_times_its_count(bench):
+    a, b = ((2, 3), (3, 4)), ((1, 5, 6), (1, 6, 7))
+    shapes = {
+        a: {"times": [1.0, 2.0, 3.0], "median": 2.0, "min": 1.0},
+        b: {"times": [0.5, 0.1, 0.3], "median": 0.3, "min": 0.1},
+    }
+    result = {"gemms": {a: 2, b: 1}, "times": [4.0, 5.0, 10.0], "median": 5.0, "min": 4.0}
+    bench["projector_cost"].add_ceiling(result, shapes)
+    assert result["ceiling_median"] == pytest.approx(2 * 2.0 + 0.3)
+    assert result["ceiling_min"] == pytest.approx(2 * 1.0 + 0.1)
+    assert result["share_median"] == pytest.approx(4.3 / 5.0)
+    assert result["share_min"] == pytest.approx(2.1 / 4.0)
+    assert result["share_paired"] == pytest.approx(statistics.median([2.5 / 4.0, 4.1 / 5.0, 6.3 / 10.0]))
+    assert bench["projector_cost"].shape_name(b) == "1 x 5 x 6 x 7"
+
+
+def test_end_to_end_figures_are_linear_in_the_depth(bench):
+    """The 32-layer figures rest on every decoder layer costing the same: at tiny sizes, the prefill FLOPs and KV bytes
+    counted at 3 layers lie on the line through 1 and 5 layers, the KV bytes match the formula (checked by measure),
+    the timed decode loop gives generate()'s tokens, and the tables render."""
+    e2e = bench["end_to_end_7b"]
+    assert e2e.extrapolate((2, 6), (10.0, 30.0)) == (0.0, 5.0, 160.0)  # fixed, per layer, at 32 layers
+    rows = e2e.build((1, 3, 5), "tiny", torch.device("cpu"), torch.float32)
+    assert len(rows) == 12 and all(r["model"].model.vision_tower is rows[0]["model"].model.vision_tower for r in rows)
+    e2e.measure(rows, torch.device("cpu"), torch.float32, rounds=1, warmup=1, new_tokens=2, clock="cpu")
+    for name in {r["name"] for r in rows}:
+        low, mid, high = (r for r in rows if r["name"] == name)
+        for key in ("flops", "kv"):
+            assert mid[key] == e2e.extrapolate((1, 5), (low[key], high[key]), target=3)[2], (name, key)
+        assert low["flops"] < mid["flops"] < high["flops"]
+    assert all(r["agrees"] for r in rows)
+    two_depths = [r for r in rows if r["layers"] != 3]
+    estimates = e2e.at_target(two_depths)
+    mlp = estimates[0]
+    assert mlp["kv"][2] == 32 * two_depths[0]["kv"]  # one layer's cache, 32 times
+    args = type("Args", (), dict(layers=(1, 5), rounds=1, warmup=1, new_tokens=2, dims="tiny", clock="cpu"))
+    text = "\n".join(e2e.render(two_depths, estimates, args, torch.device("cpu"), torch.float32, "-", "cmd"))
+    assert "Prefill at 32 (s)" in text and "yes, for every row" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal without a CUDA device")
+def test_gpu_script_stops_at_once_without_cuda(bench):
+    with pytest.raises(SystemExit, match="no CUDA device: torch.cuda.is_available"):
+        bench["gpu_benchmarks"].main(["--device", "cuda"])
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_the_cpu(bench, tmp_path):
+    output = tmp_path / "gpu_benchmarks.md"
+    bench["gpu_benchmarks"].main(["--device", "cpu", "--dry-run", "--no-compile", "--output", str(output)])
+    text = output.read_text()
+    for heading in (
+        "### Projectors",
+        "### MS-Resampler's biased attention",
+        "### End to end, language model on `sdpa`",
+    ):
+        assert heading in text
+    assert "| MATH | accepted |" in text  # the math backend takes any float mask
+    assert "Wall time of the whole run" in text

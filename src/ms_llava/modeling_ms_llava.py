@@ -73,8 +73,9 @@ class ChannelMLPFusion(nn.Module):
     def forward(self, branch_outputs: torch.Tensor) -> torch.Tensor:
         batch_size, num_branches, num_queries, width = branch_outputs.shape  # (batch, E, M, D)
         experts = branch_outputs.view(batch_size, num_branches, num_queries * width)  # z_ij along dim 1
-        hidden = self.act(torch.matmul(self.weight1, experts) + self.bias1[:, None])  # (batch, h, M*D)
-        fused = torch.matmul(self.weight2, hidden) + self.bias2  # (batch, M*D)
+        # one batched product per layer with its bias added in the GEMM, each result row-major: no copy, no add pass
+        hidden = self.act(torch.baddbmm(self.bias1[:, None], self.weight1.expand(batch_size, -1, -1), experts))
+        fused = torch.baddbmm(self.bias2, self.weight2.expand(batch_size, 1, -1), hidden)  # (batch, 1, M*D)
         return fused.view(batch_size, num_queries, width)
 
 
@@ -253,6 +254,7 @@ class MSResampler(PreTrainedModel):
 
         hidden = self.input_layernorm(image_features.to(self.queries.dtype))
         kv = self.kv_proj(hidden).view(batch_size, num_tokens, 2, self.num_branches, heads, head_dim)
+        # (2, batch * E, heads, N, head_dim): at batch 1 views of the product, which SDPA's CPU kernel reads strided
         key, value = kv.permute(2, 0, 3, 4, 1, 5).reshape(2, batch_branches, heads, num_tokens, head_dim)
         query = self.queries.view(1, self.num_branches, self.num_queries, heads, head_dim).transpose(2, 3)
         query = query.expand(batch_size, -1, -1, -1, -1).reshape(batch_branches, heads, self.num_queries, head_dim)
@@ -262,19 +264,14 @@ class MSResampler(PreTrainedModel):
         bias = None  # beta * B as an additive mask (batch * E, 1, M, N), broadcast over heads
         beta = float(self.config.scope_bias_strength)
         if beta != 0:
-            key_ = (grid_size, num_prefix_tokens, key.device, key.dtype)
-            if self.native_grid is not None:  # learned: rebuilt every call so that gradients reach it
-                bias = self.scope_bias(*grid_size).to(key.device, key.dtype)
-            elif key_ not in self._bias_cache:
-                self._bias_cache[key_] = self.scope_bias(*grid_size).to(key.device, key.dtype)
-            bias = beta * nn.functional.pad(
-                bias if bias is not None else self._bias_cache[key_], (num_prefix_tokens, 0)
-            )
-            bias = (
-                bias[None, :, None]
-                .expand(batch_size, -1, -1, -1, -1)
-                .reshape(batch_branches, 1, self.num_queries, num_tokens)
-            )
+            # beta * B with zeros for the prefix tokens, cached as such: no pass over it per call
+            bias = self._bias_cache.get(cache_key := (grid_size, num_prefix_tokens, beta, key.device, key.dtype))
+            if bias is None:
+                bias = beta * nn.functional.pad(self.scope_bias(*grid_size), (num_prefix_tokens, 0)).to(key)
+                if self.native_grid is None:  # learned: rebuilt every call so that gradients reach it
+                    self._bias_cache[cache_key] = bias
+            bias = bias[None, :, None].expand(batch_size, -1, -1, -1, -1)  # a view at batch 1, a copy above
+            bias = bias.reshape(batch_branches, 1, self.num_queries, num_tokens)  # broadcast over heads by the kernel
 
         implementation = "eager" if output_attentions else self.config._attn_implementation
         if implementation not in ("eager", "sdpa", "flex_attention"):

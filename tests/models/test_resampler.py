@@ -125,6 +125,25 @@ def test_batched_resampler_matches_per_branch_reference(attn, grid, num_queries,
         torch.testing.assert_close(fast[b].double(), reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("batch_size", [1, 2])  # batch 1 attends on views of the K/V product, batch 2 on a copy
+def test_prefix_token_matches_the_reference_with_a_zero_bias_column(attn, batch_size):
+    resampler = make_resampler(attn=attn)
+    features = torch.randn(batch_size, 1 + 64, 24)
+    with torch.no_grad():
+        with_cls = resampler(features, grid_size=(8, 8), num_prefix_tokens=1)
+        without = resampler(features[:, 1:], grid_size=(8, 8))  # a second cached bias: one per prefix count
+        torch.testing.assert_close(resampler(features, grid_size=(8, 8), num_prefix_tokens=1), with_cls)
+    for b in range(batch_size):
+        reference = naive_ms_resampler(resampler, features[b, 1:], 8, 8)
+        torch.testing.assert_close(without[b].double(), reference, rtol=1e-4, atol=1e-4)
+    grid_bias = resampler.scope_bias
+    resampler.scope_bias = lambda h, w: torch.nn.functional.pad(grid_bias(h, w), (1, 0))  # CLS: 0 in every branch
+    for b in range(batch_size):
+        reference = naive_ms_resampler(resampler, features[b], 8, 8)
+        torch.testing.assert_close(with_cls[b].double(), reference, rtol=1e-4, atol=1e-4)
+
+
 def test_beta_zero_is_the_vanilla_global_resampler():
     resampler = make_resampler(scope_bias_strength=0.0, scope_windows=[2, 3, 5])
     features = torch.randn(2, 64, 24)
