@@ -8,7 +8,7 @@ with every checkpoint as remote code.
 import numpy as np
 from PIL import Image
 from transformers.image_transforms import get_resize_output_image_size
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling
+from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 # PIL's two-pass (horizontal, then vertical) filters; NEAREST takes another path (an affine transform) and keeps the
@@ -43,20 +43,12 @@ def _resample(pixels: np.ndarray, size: tuple[int, int], resample) -> np.ndarray
 
 
 class MSLlavaImageProcessor(LlavaImageProcessorPil):
-    """LLaVA-1.5's preprocessing (336 px, pad to square with the mean colour) on the PIL backend."""
+    """LLaVA-1.5's preprocessing on the PIL backend: LlavaImageProcessorPil's (CLIP's bicubic resize, centre crop, mean
+    and std) at 336 px, padded to square with the mean colour."""
 
-    resample = PILImageResampling.BICUBIC
-    image_mean = OPENAI_CLIP_MEAN
-    image_std = OPENAI_CLIP_STD
     size = {"shortest_edge": 336}
     crop_size = {"height": 336, "width": 336}
-    default_to_square = False
     do_pad = True
-    do_resize = True
-    do_center_crop = True
-    do_rescale = True
-    do_normalize = True
-    do_convert_rgb = True
 
     def process_image(self, image, *args, **kwargs):
         if isinstance(image, Image.Image):
@@ -66,10 +58,8 @@ class MSLlavaImageProcessor(LlavaImageProcessorPil):
                 image = _high_depth_to_8bit(image)
             if kwargs.get("do_convert_rgb") and ("A" in image.getbands() or "transparency" in image.info):
                 # alpha on white, as transformers >= 5.21 composites it in convert_to_rgb (older ones drop it)
-                image = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert(
-                    "RGB"
-                )
+                white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
         return super().process_image(image, *args, **kwargs)
 
     def _preprocess(self, images, do_resize, size, resample, do_pad, image_mean, **kwargs):

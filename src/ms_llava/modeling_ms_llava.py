@@ -1,9 +1,6 @@
-"""MS-LLaVA: transformers' LLaVA with its MLP projector replaced by MS-Resampler (Sec. 3 of the paper).
-
-Only the projector is new: the model classes subclass transformers' LLaVA classes and keep its submodule names
-(`vision_tower`, `multi_modal_projector`, `language_model`), forward pass, generation and loss. Imports from the package
-only relatively, so that it ships with every checkpoint as remote code.
-"""
+"""MS-LLaVA: transformers' LLaVA (its classes subclassed, its submodule names, forward, generation and loss kept) with
+the MLP projector replaced by MS-Resampler (Sec. 3 of the paper). Imports from the package only relatively, so that it
+ships with every checkpoint as remote code."""
 
 import torch
 from torch import nn
@@ -126,17 +123,12 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class MSResampler(PreTrainedModel):
-    """MS-Resampler: `(batch, N, vision_hidden)` visual tokens -> `(batch, M, text_hidden)`.
-
-    E branches, each with its own M queries Q^(e) and projections W_K^(e), W_V^(e), attend to the tokens under the
-    additive prior beta * B^(e) (Eq. 3); their outputs are fused per token (Eq. 7-8). All keys and values come from one
-    matrix product, and all branches attend in one call with the branches folded into the batch. Where the paper is
-    silent: a LayerNorm on the visual tokens first, attention width D over `num_attention_heads` heads, and one linear
-    map from D to the language model's width after the fusion.
-
-    A sub-model with its own config, as Idefics2's perceiver: transformers sets its attention implementation from
-    `attn_implementation` (key `resampler_config`) and `set_attn_implementation` like the other sub-models'.
-    """
+    """MS-Resampler: `(batch, N, vision_hidden)` visual tokens -> `(batch, M, text_hidden)`. E branches, each with its
+    own M queries Q^(e) and projections W_K^(e), W_V^(e), attend to the tokens under the additive prior beta * B^(e)
+    (Eq. 3), in one attention call with the branches folded into the batch; their outputs are fused per token (Eq.
+    7-8). Where the paper is silent: a LayerNorm on the visual tokens first, attention width D over
+    `num_attention_heads` heads, one linear map from D to the language model's width after the fusion. A sub-model
+    with its own config, as Idefics2's perceiver, so that transformers sets its attention implementation."""
 
     config: MSResamplerConfig
     input_modalities = ("image",)
@@ -171,8 +163,8 @@ class MSResampler(PreTrainedModel):
         if self.native_grid is not None:
             grid_tokens = self.native_grid[0] * self.native_grid[1]
             self.learned_scope_bias = nn.Parameter(torch.empty(self.num_branches, self.num_queries, grid_tokens))
-        self._bias_cache = {}  # Eq. 5's B per (grid, prefix tokens, device, dtype): it depends only on those
-        # No post_init: the enclosing model's initialises it through `_init_weights`; built alone, call reset_parameters()
+        self._bias_cache = {}  # beta * B padded for the prefix tokens, per (grid, prefix tokens, beta, device, dtype)
+        # no post_init: the enclosing model's initialises it (`_init_weights`); built alone, call reset_parameters()
 
     def _init_weights(self, module):
         if module is self:
@@ -217,20 +209,9 @@ class MSResampler(PreTrainedModel):
         num_prefix_tokens: int = 0,
         output_attentions: bool = False,
     ):
-        """
-        Args:
-            image_features (`torch.Tensor` of shape `(batch, N, vision_hidden)`):
-                `num_prefix_tokens` tokens without a grid position (CLS), then the H x W patch tokens, row-major.
-            grid_size (`tuple[int, int]`, *optional*):
-                `(H, W)`; a square grid when not given.
-            num_prefix_tokens (`int`, defaults to 0):
-                Leading tokens outside the grid; their scope bias is 0 in every branch.
-            output_attentions (`bool`, defaults to `False`):
-                Also return the attention probabilities `(batch, E, heads, M, N)` (computed by the eager path).
-
-        Returns:
-            `torch.Tensor` of shape `(batch, M, text_hidden)`, and the probabilities with `output_attentions`.
-        """
+        """`image_features` `(batch, N, vision_hidden)`: `num_prefix_tokens` tokens without a grid position (CLS; scope
+        bias 0 in every branch), then the `grid_size` (H, W; square if not given) patch tokens, row-major. Returns
+        `(batch, M, text_hidden)`, and with `output_attentions` the probabilities `(batch, E, heads, M, N)` (eager)."""
         if image_features.dim() != 3 or image_features.shape[-1] != self.vision_hidden_size:
             raise ValueError(
                 f"MSResampler expects image_features of shape (batch, N, {self.vision_hidden_size}), "

@@ -80,13 +80,10 @@ class MSLlavaProcessor(ProcessorMixin):
         if text is not None:
             found = sum(sample.count(self.image_token) for sample in ([text] if isinstance(text, str) else text))
             count = 0 if images is None else len(make_flat_list_of_images(images))
-            if found != count:  # the messages of transformers >= 5.23
-                token = self.image_token
-                if images is None:
-                    raise ValueError(f"Found {found} {token} tokens in the text but no images were passed.")
+            if found != count:  # as transformers >= 5.23 words it
                 raise ValueError(
-                    f"The total number of {token} tokens in the prompts should be the same as the number of images "
-                    f"passed. Found total {found} {token} tokens and {count} images."
+                    f"The total number of {self.image_token} tokens in the prompts should be the same as the number of "
+                    f"images passed. Found total {found} {self.image_token} tokens and {count} images."
                 )
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
