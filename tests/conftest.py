@@ -160,12 +160,3 @@ def _no_network():
     yield
     uninstall()
     assert attempts == [], f"tests tried to reach the network: {attempts}"
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    no_cuda = pytest.mark.skip(reason="needs a CUDA device; none is present")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(no_cuda)
