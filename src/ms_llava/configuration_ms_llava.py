@@ -4,9 +4,16 @@ their own sub-config. Imports nothing from the package, so that it ships with ev
 import math
 from typing import Literal
 
+import transformers
 from huggingface_hub.dataclasses import strict
+from packaging.version import Version
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
+
+if Version(transformers.__version__) < Version("5.18"):  # the package and every checkpoint's code load this first
+    raise ImportError(
+        f"MS-LLaVA needs transformers >= 5.18, found {transformers.__version__}: pip install -U transformers"
+    )
 
 # LLaVA-1.5's vision tower, CLIP ViT-L/14 at 336 px (LlavaConfig's default)
 CLIP_VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)

@@ -11,8 +11,7 @@ from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-# PIL's two-pass (horizontal, then vertical) filters; NEAREST takes another path (an affine transform) and keeps the
-# parent's pad then resize.
+# PIL's two-pass (horizontal, then vertical) filters; NEAREST (an affine transform) keeps the parent's pad, resize
 _SEPARABLE_FILTERS = {
     getattr(PILImageResampling, name) for name in ("BOX", "BILINEAR", "HAMMING", "BICUBIC", "LANCZOS")
 }

@@ -255,10 +255,8 @@ class MSResampler(PreTrainedModel):
             bias = bias.reshape(batch_branches, 1, self.num_queries, num_tokens)  # broadcast over heads by the kernel
 
         implementation = "eager" if output_attentions else self.config._attn_implementation
-        if implementation not in ("eager", "sdpa", "flex_attention"):
-            # FlashAttention takes no additive bias, and an engine's registered function (vLLM's) attends through its
-            # KV cache by layer: the language model keeps those, the resampler runs SDPA.
-            implementation = "sdpa"
+        if implementation not in ("eager", "sdpa", "flex_attention"):  # FlashAttention takes no additive bias, and
+            implementation = "sdpa"  # an engine's function (vLLM's) attends through its KV cache: the LM keeps those
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         extra = {}
         if implementation == "flex_attention" and bias is not None:

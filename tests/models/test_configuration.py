@@ -122,3 +122,17 @@ def test_image_seq_length_round_trips_through_config_json(tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"image_seq_length=576.*M = 36"):
         AutoConfig.from_pretrained(tmp_path)
+
+
+def test_below_the_supported_transformers_the_model_files_say_so_in_one_line(monkeypatch):
+    """The package and every checkpoint's remote code load configuration_ms_llava.py first: below transformers 5.18
+    it raises one ImportError naming the version needed and the one found (seen on 5.16.1: docs/serving.md)."""
+    import runpy
+
+    import transformers
+
+    import ms_llava.configuration_ms_llava as configuration
+
+    monkeypatch.setattr(transformers, "__version__", "5.16.1")
+    with pytest.raises(ImportError, match=r"^MS-LLaVA needs transformers >= 5\.18, found 5\.16\.1: pip install -U"):
+        runpy.run_path(configuration.__file__)
