@@ -177,8 +177,10 @@ def _name_the_checkpoint(error: BaseException, message: str, args) -> str:
     """What a library's loading error (which names no file) means, with the checkpoint argument it came from."""
     from pathlib import Path
 
-    given = next((value for name in ("checkpoint", "model", "source", "directory") if (value := getattr(args, name,
-                  None))), None)  # fmt: skip
+    given = next(
+        (value for name in ("checkpoint", "model", "source", "directory") if (value := getattr(args, name, None))),
+        None,
+    )
     where = f" in {given}" if given else ""
     if type(error).__name__ == "SafetensorError":
         from ms_llava.checkpoints import CheckpointError, check_safetensors

@@ -128,8 +128,13 @@ def run(args) -> int:
         elif question:
             if not interactive:
                 print(f"USER: {question}")
-            turn = {"role": "user", "content": [*({"type": "image", "image": image} for image in images),
-                                                 {"type": "text", "text": question}]}  # fmt: skip
+            turn = {
+                "role": "user",
+                "content": [
+                    *({"type": "image", "image": image} for image in images),
+                    {"type": "text", "text": question},
+                ],
+            }
             streamer = Streamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
             print("ASSISTANT: ", end="", flush=True)
             try:

@@ -27,12 +27,15 @@ def print_measured_accuracy(checkpoint: str | Path) -> None:
         f"{kind} {100 * value:.1f}% (chance {100 * chance.get(kind, 0):.1f}%)" for kind, value in accuracy.items()
     )
     print(f"held-out ScopeBench test accuracy of this checkpoint: {'; '.join(cells)}")
-    print("  (a toy model; the demo samples below are held-out questions of the types it learned, picked among those "
-          "it answers right: experiments/scopebench/README.md)")  # fmt: skip
+    print(
+        "  (a toy model; the demo samples below are held-out questions of the types it learned, picked among those "
+        "it answers right: experiments/scopebench/README.md)"
+    )
 
 
-def run_demo(checkpoint=None, image_path=None, question=None, max_new_tokens=12, output=DEMO_OUTPUT, query=None,
-             query_at=None) -> list[dict]:  # fmt: skip
+def run_demo(
+    checkpoint=None, image_path=None, question=None, max_new_tokens=12, output=DEMO_OUTPUT, query=None, query_at=None
+) -> list[dict]:
     """`ms-llava demo`: answers the checkpoint's demo samples (or one image/question given instead), prints question,
     expected answer, answer and right or wrong, and draws one query's attention for the first sample. Returns the
     samples with their answers."""

@@ -126,8 +126,9 @@ def query_attention(
     pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
 
     captured = {}  # what get_image_features passes the resampler
-    hook = projector.register_forward_hook(lambda _, args, kwargs, out: captured.update(args=args, kwargs=kwargs),
-                                           with_kwargs=True)  # fmt: skip
+    hook = projector.register_forward_hook(
+        lambda _, args, kwargs, out: captured.update(args=args, kwargs=kwargs), with_kwargs=True
+    )
     try:
         model.get_image_features(pixel_values=pixel_values, **vision_kwargs)
     finally:
@@ -144,8 +145,10 @@ def query_attention(
     if query_at is not None:
         point = map_to_model_input(image_processor, image.size, query_at)
         if point is None:
-            raise ValueError(f"query_at {tuple(query_at)} lies outside the part of the {image.size[0]}x"
-                             f"{image.size[1]} image that the model sees")  # fmt: skip
+            raise ValueError(
+                f"query_at {tuple(query_at)} lies outside the part of the {image.size[0]}x"
+                f"{image.size[1]} image that the model sees"
+            )
         query = nearest_query(anchors, (point[1] / patch[0] - 0.5, point[0] / patch[1] - 0.5))
     elif query is None:
         query = nearest_query(anchors, ((grid_height - 1) / 2, (grid_width - 1) / 2))
@@ -163,9 +166,20 @@ def query_attention(
         box = (top, left, bottom, right)
         branches.append(BranchAttention(int(window), grid_attention.astype(np.float32), mask, box, pixels, *masses))
     anchor, learned = (float(anchors[query, 0]), float(anchors[query, 1])), projector.native_grid is not None
-    return QueryAttention(query, num_queries, (rows, cols), anchor, (grid_height, grid_width), patch,
-                          projector.config.scope_bias_strength, learned, num_prefix,
-                          _de_normalise(pixel_values[0], image_processor), branches, point)  # fmt: skip
+    return QueryAttention(
+        query,
+        num_queries,
+        (rows, cols),
+        anchor,
+        (grid_height, grid_width),
+        patch,
+        projector.config.scope_bias_strength,
+        learned,
+        num_prefix,
+        _de_normalise(pixel_values[0], image_processor),
+        branches,
+        point,
+    )
 
 
 MARGIN, HEADER, CAPTION_LINE = 8, 22, 15
@@ -249,18 +263,25 @@ def render(result: QueryAttention, image: Image.Image, panel_size: int = 320, no
     canvas.paste(shown, offset)
     (model_w, model_h), learned = result.model_image.size, " (learned B; Eq.5 windows)" * result.learned_scope_bias
     patch = result.patch_size[1]
-    captions = [[f"input {image.size[0]}x{image.size[1]}", f"model sees {model_w}x{model_h}, patch {patch}",
-                 f"beta={result.scope_bias_strength:g}{learned}"]]  # fmt: skip
+    captions = [
+        [
+            f"input {image.size[0]}x{image.size[1]}",
+            f"model sees {model_w}x{model_h}, patch {patch}",
+            f"beta={result.scope_bias_strength:g}{learned}",
+        ]
+    ]
     for index, branch in enumerate(result.branches):
         canvas.paste(_branch_panel(result, branch, panel_size), (MARGIN + (index + 1) * (panel_size + MARGIN), top))
         top_row, left_col, bottom_row, right_col = branch.window_tokens
         mass = f"in window {100 * branch.mass_inside:.1f}%, peak {100 * float(branch.attention.max()):.1f}%"
-        captions.append([
-            f"branch {index + 1}: k={branch.window}, window {bottom_row - top_row + 1}x{right_col - left_col + 1} "
-            "tokens (Eq. 4)",
-            f"rows {top_row}-{bottom_row}, cols {left_col}-{right_col}",
-            mass + (f", CLS {100 * branch.prefix_mass:.1f}%" if result.num_prefix_tokens else ""),
-        ])  # fmt: skip
+        captions.append(
+            [
+                f"branch {index + 1}: k={branch.window}, window {bottom_row - top_row + 1}x{right_col - left_col + 1} "
+                "tokens (Eq. 4)",
+                f"rows {top_row}-{bottom_row}, cols {left_col}-{right_col}",
+                mass + (f", CLS {100 * branch.prefix_mass:.1f}%" if result.num_prefix_tokens else ""),
+            ]
+        )
     for index, lines in enumerate(captions):
         x = MARGIN + index * (panel_size + MARGIN)
         for line_index, line in enumerate(lines):

@@ -55,8 +55,10 @@ def check_tasks(tasks: list[str], manager) -> None:
         hints = "; ".join(
             f"{task!r}: did you mean {', '.join(names)}?" if names else repr(task) for task, names in close
         )
-        raise ValueError(f"unknown lmms-eval task(s): {hints} (`lmms-eval tasks` lists all {len(manager.all_tasks)}; "
-                         "local task YAMLs need --include-path)")  # fmt: skip
+        raise ValueError(
+            f"unknown lmms-eval task(s): {hints} (`lmms-eval tasks` lists all {len(manager.all_tasks)}; "
+            "local task YAMLs need --include-path)"
+        )
 
 
 def task_sources(tasks: list[str], manager) -> dict[str, dict]:
@@ -131,22 +133,39 @@ def results_record(results: dict, unreadable: dict, sources: dict, limit: int | 
 
     counts = {task: n["effective"] - len(unreadable.get(task, [])) for task, n in results.get("n-samples", {}).items()}
     if empty := [task for task, count in counts.items() if count <= 0]:
-        raise ValueError("nothing was scored for task(s) " + ", ".join(
-            f"{task} (none of its {results['n-samples'][task]['effective']} samples had a readable image)"
-            for task in empty) + "; no results file written")  # fmt: skip
+        raise ValueError(
+            "nothing was scored for task(s) "
+            + ", ".join(
+                f"{task} (none of its {results['n-samples'][task]['effective']} samples had a readable image)"
+                for task in empty
+            )
+            + "; no results file written"
+        )
     rows = []
     for task, metrics in results["results"].items():
         values = {key.split(",")[0]: value for key, value in metrics.items() if "," in key and "_stderr" not in key}
-        values = {key: value for key, value in values.items() if isinstance(value, (int, float))
-                  and not isinstance(value, bool) and math.isfinite(value)}  # fmt: skip
+        values = {
+            key: value
+            for key, value in values.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        }
         column, metric, scale = PAPER_BENCHMARKS.get(task.removesuffix(LOCAL_SUFFIX), (None, None, 1))
         if column is not None:
             values = {metric: values[metric]} if metric in values else {}
         official = task in PAPER_BENCHMARKS and limit is None and "dataset" in sources.get(task, {})
-        rows += [{"task": task, "metric": name, "score": round(float(value) * scale, 4),
-                  "benchmark": column if official else None, "source": sources.get(task, {}),
-                  "num_samples": counts.get(task, 0), "unreadable_samples": len(unreadable.get(task, [])),
-                  "limit": limit} for name, value in values.items()]  # fmt: skip
+        rows += [
+            {
+                "task": task,
+                "metric": name,
+                "score": round(float(value) * scale, 4),
+                "benchmark": column if official else None,
+                "source": sources.get(task, {}),
+                "num_samples": counts.get(task, 0),
+                "unreadable_samples": len(unreadable.get(task, [])),
+                "limit": limit,
+            }
+            for name, value in values.items()
+        ]
     if not rows:
         raise ValueError(
             f"lmms-eval reported no numeric metric for tasks {sorted(results['results'])}: submission-only tasks "
@@ -154,8 +173,13 @@ def results_record(results: dict, unreadable: dict, sources: dict, limit: int | 
             "--lmms-eval-output FILE keeps lmms-eval's whole results"
         )
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return {"format": RESULTS_FORMAT, "model": model, "lmms_eval_version": version("lmms_eval"), "date": date,
-            "rows": rows}  # fmt: skip
+    return {
+        "format": RESULTS_FORMAT,
+        "model": model,
+        "lmms_eval_version": version("lmms_eval"),
+        "date": date,
+        "rows": rows,
+    }
 
 
 def logged_samples(results: dict, unreadable: dict) -> list[dict]:
@@ -164,10 +188,18 @@ def logged_samples(results: dict, unreadable: dict) -> list[dict]:
     lines = []
     for task, samples in results.get("samples", {}).items():
         metrics = [item["metric"] for item in results["configs"].get(task, {}).get("metric_list", [])]
-        lines += [{"task": task, "doc_id": sample["doc_id"], "prompt": (sample["arguments"] or [None])[0],
-                   "answer": sample["filtered_resps"][0], "target": sample["target"],
-                   "scores": {metric: sample[metric] for metric in metrics if metric in sample},
-                   "unreadable": sample["doc_id"] in unreadable.get(task, [])} for sample in samples]  # fmt: skip
+        lines += [
+            {
+                "task": task,
+                "doc_id": sample["doc_id"],
+                "prompt": (sample["arguments"] or [None])[0],
+                "answer": sample["filtered_resps"][0],
+                "target": sample["target"],
+                "scores": {metric: sample[metric] for metric in metrics if metric in sample},
+                "unreadable": sample["doc_id"] in unreadable.get(task, []),
+            }
+            for sample in samples
+        ]
     return lines
 
 

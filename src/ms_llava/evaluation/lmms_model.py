@@ -40,8 +40,9 @@ def load_checkpoint(pretrained: str, trust_remote_code: bool = False, dtype: str
     model_class, processor_class = MSLlavaForConditionalGeneration, MSLlavaProcessor
     if trust_remote_code:
         names = {"config.json": "AutoModelForImageTextToText", "processor_config.json": "AutoProcessor"}
-        references = [json.loads((directory / file).read_text()).get("auto_map", {}).get(name) for file, name in
-                      names.items()]  # fmt: skip
+        references = [
+            json.loads((directory / file).read_text()).get("auto_map", {}).get(name) for file, name in names.items()
+        ]
         if None in references:
             raise ValueError(f"pretrained={pretrained}: trust_remote_code=True needs the auto_map entries {names}")
         model_class, processor_class = (get_class_from_dynamic_module(ref, directory) for ref in references)
@@ -55,8 +56,11 @@ def build_prompt(processor, context: str, num_images: int, chat_template: str | 
     pieces = context.split(token) if token in context else [""] * num_images + [context]
     if len(pieces) - 1 != num_images:
         raise ValueError(f"the prompt has {len(pieces) - 1} {token} tokens but the sample has {num_images} images")
-    content = [part for index, piece in enumerate(pieces) for part in [{"type": "image"}] * (index > 0)
-               + [{"type": "text", "text": piece.strip()}] * bool(piece.strip())]  # fmt: skip
+    content = [
+        part
+        for index, piece in enumerate(pieces)
+        for part in [{"type": "image"}] * (index > 0) + [{"type": "text", "text": piece.strip()}] * bool(piece.strip())
+    ]
     kwargs = {"chat_template": chat_template} if chat_template else {}
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
@@ -70,12 +74,23 @@ class MSLlavaLMMS(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, trust_remote_code=False, dtype="float32", device=None, batch_size=1,
-                 chat_template=None, max_new_tokens=None, **unknown) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pretrained: str,
+        trust_remote_code=False,
+        dtype="float32",
+        device=None,
+        batch_size=1,
+        chat_template=None,
+        max_new_tokens=None,
+        **unknown,
+    ) -> None:
         super().__init__()
         if unknown := sorted(key for key, value in unknown.items() if value is not None):
-            raise ValueError(f"ms_llava: unknown model_args {unknown}; known: pretrained, trust_remote_code, dtype, "
-                             "device, batch_size, chat_template, max_new_tokens")  # fmt: skip
+            raise ValueError(
+                f"ms_llava: unknown model_args {unknown}; known: pretrained, trust_remote_code, dtype, "
+                "device, batch_size, chat_template, max_new_tokens"
+            )
         if str(dtype) not in DTYPES or int(batch_size) < 1:
             raise ValueError(
                 f"ms_llava: dtype must be one of {DTYPES} (got {dtype!r}), batch_size >= 1 (got {batch_size!r})"
