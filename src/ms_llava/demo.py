@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from .chat import add_checkpoint_arguments, ask, default_checkpoint_path, load_checkpoint, load_demo_samples
-from .visualize import add_query_arguments, draw_attention, printable, query_options
+from .visualize import add_query_arguments, draw_attention, query_options
 
 DEFAULT_QUESTION = "What is in the image?"
 DEMO_OUTPUT = "ms-llava-demo.png"
@@ -73,7 +73,7 @@ def run_demo(
     if scored:
         print(f"correct: {sum(r['predicted'] == str(r['answer']).strip() for r in scored)}/{len(scored)}")
     first = results[0]
-    notes = [f"Q: {first['question']}   A: {printable(first['predicted'])}"]
+    notes = [f"Q: {first['question']}   A: {first['predicted']}"]
     draw_attention(model, processor, first["image_object"], output, query=query, query_at=query_at, notes=notes)
     return results
 
