@@ -49,14 +49,13 @@ def check_tasks(tasks: list[str], manager) -> None:
 
     if not tasks:
         raise ValueError("no task given (--tasks pope,gqa,...)")
-    unknown = [task for task in tasks if task not in manager.all_tasks]
-    if unknown:
-        close = [(task, difflib.get_close_matches(task, manager.all_tasks, n=4, cutoff=0.6)) for task in unknown]
-        hints = "; ".join(
-            f"{task!r}: did you mean {', '.join(names)}?" if names else repr(task) for task, names in close
-        )
+    hints = []
+    for task in (task for task in tasks if task not in manager.all_tasks):
+        close = difflib.get_close_matches(task, manager.all_tasks, n=4, cutoff=0.6)
+        hints.append(f"{task!r}: did you mean {', '.join(close)}?" if close else repr(task))
+    if hints:
         raise ValueError(
-            f"unknown lmms-eval task(s): {hints} (`lmms-eval tasks` lists all {len(manager.all_tasks)}; "
+            f"unknown lmms-eval task(s): {'; '.join(hints)} (`lmms-eval tasks` lists all {len(manager.all_tasks)}; "
             "local task YAMLs need --include-path)"
         )
 
@@ -131,16 +130,13 @@ def results_record(results: dict, unreadable: dict, sources: dict, limit: int | 
     Hub data. Refuses (`ValueError`) a run in which a task scored no sample, or no number was reported."""
     from importlib.metadata import version
 
-    counts = {task: n["effective"] - len(unreadable.get(task, [])) for task, n in results.get("n-samples", {}).items()}
-    if empty := [task for task, count in counts.items() if count <= 0]:
-        raise ValueError(
-            "nothing was scored for task(s) "
-            + ", ".join(
-                f"{task} (none of its {results['n-samples'][task]['effective']} samples had a readable image)"
-                for task in empty
-            )
-            + "; no results file written"
-        )
+    samples = {task: n["effective"] for task, n in results.get("n-samples", {}).items()}
+    counts = {task: n - len(unreadable.get(task, [])) for task, n in samples.items()}
+    empty = [
+        f"{task} (none of its {samples[task]} samples had a readable image)" for task in samples if counts[task] <= 0
+    ]
+    if empty:
+        raise ValueError(f"nothing was scored for task(s) {', '.join(empty)}; no results file written")
     rows = []
     for task, metrics in results["results"].items():
         values = {key.split(",")[0]: value for key, value in metrics.items() if "," in key and "_stderr" not in key}
@@ -153,33 +149,23 @@ def results_record(results: dict, unreadable: dict, sources: dict, limit: int | 
         if column is not None:
             values = {metric: values[metric]} if metric in values else {}
         official = task in PAPER_BENCHMARKS and limit is None and "dataset" in sources.get(task, {})
-        rows += [
-            {
-                "task": task,
-                "metric": name,
-                "score": round(float(value) * scale, 4),
-                "benchmark": column if official else None,
-                "source": sources.get(task, {}),
-                "num_samples": counts.get(task, 0),
-                "unreadable_samples": len(unreadable.get(task, [])),
-                "limit": limit,
-            }
-            for name, value in values.items()
-        ]
+        about = {
+            "benchmark": column if official else None,
+            "source": sources.get(task, {}),
+            "num_samples": counts.get(task, 0),
+            "unreadable_samples": len(unreadable.get(task, [])),
+            "limit": limit,
+        }
+        for name, value in values.items():
+            rows.append({"task": task, "metric": name, "score": round(float(value) * scale, 4), **about})
     if not rows:
         raise ValueError(
             f"lmms-eval reported no numeric metric for tasks {sorted(results['results'])}: submission-only tasks "
             "(vqav2_test, mmbench_en_test) are scored by their servers from the file lmms-eval writes; "
             "--lmms-eval-output FILE keeps lmms-eval's whole results"
         )
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return {
-        "format": RESULTS_FORMAT,
-        "model": model,
-        "lmms_eval_version": version("lmms_eval"),
-        "date": date,
-        "rows": rows,
-    }
+    record = {"format": RESULTS_FORMAT, "model": model, "lmms_eval_version": version("lmms_eval")}
+    return {**record, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows}
 
 
 def logged_samples(results: dict, unreadable: dict) -> list[dict]:

@@ -9,7 +9,6 @@ be had is answered with an empty string and its doc id counted in `unreadable`; 
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +31,7 @@ def load_checkpoint(pretrained: str, trust_remote_code: bool = False, dtype: str
     resolve "ms_llava" to the package's classes whenever it is imported)."""
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    from ..checkpoints import check_checkpoint_folder
+    from ..checkpoints import check_checkpoint_folder, read_json
     from ..modeling_ms_llava import MSLlavaForConditionalGeneration
     from ..processing_ms_llava import MSLlavaProcessor
 
@@ -40,9 +39,7 @@ def load_checkpoint(pretrained: str, trust_remote_code: bool = False, dtype: str
     model_class, processor_class = MSLlavaForConditionalGeneration, MSLlavaProcessor
     if trust_remote_code:
         names = {"config.json": "AutoModelForImageTextToText", "processor_config.json": "AutoProcessor"}
-        references = [
-            json.loads((directory / file).read_text()).get("auto_map", {}).get(name) for file, name in names.items()
-        ]
+        references = [read_json(directory / file).get("auto_map", {}).get(name) for file, name in names.items()]
         if None in references:
             raise ValueError(f"pretrained={pretrained}: trust_remote_code=True needs the auto_map entries {names}")
         model_class, processor_class = (get_class_from_dynamic_module(ref, directory) for ref in references)
@@ -97,18 +94,18 @@ class MSLlavaLMMS(lmms):
             )
         from accelerate import Accelerator
 
-        self.accelerator, self.batch_size_per_device = Accelerator(), int(batch_size)
+        self.accelerator, self.batch_size = Accelerator(), int(batch_size)
         # The launcher's view (torchrun / accelerate launch set these), as lmms-eval's evaluator reads it: on CPU
         # accelerate reports one process where torchrun started several. lmms-eval hands each rank its requests.
         self._rank = int(os.environ.get("RANK", self.accelerator.process_index))
         self._world_size = int(os.environ.get("WORLD_SIZE", self.accelerator.num_processes))
         local_rank = int(os.environ.get("LOCAL_RANK", self.accelerator.local_process_index))
-        self._device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
         self.model, self.processor = load_checkpoint(pretrained, bool(trust_remote_code), str(dtype))
-        self.model.to(self._device)
+        self.model.to(self.device)
         self.summary = (
-            f"ms_llava: {type(self.model).__module__}.{type(self.model).__name__} from {pretrained} on {self._device} "
-            f"(rank {self._rank} of {self._world_size}, batch size {self.batch_size_per_device})"
+            f"ms_llava: {type(self.model).__module__}.{type(self.model).__name__} from {pretrained} on {self.device} "
+            f"(rank {self._rank} of {self._world_size}, batch size {self.batch_size})"
         )
         eval_logger.info(self.summary)
         self.tokenizer = self.processor.tokenizer
@@ -120,14 +117,6 @@ class MSLlavaLMMS(lmms):
             raise ValueError(f"pretrained={pretrained}: the processor has no chat template; pass chat_template=...")
         self.max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
         self.unreadable: dict[str, list] = defaultdict(list)
-
-    @property
-    def batch_size(self) -> int:
-        return self.batch_size_per_device
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> list[Image.Image] | None:
         """The sample's images (paths opened by `load_image`, as every command opens files), or None (counted in
@@ -154,7 +143,7 @@ class MSLlavaLMMS(lmms):
         bos = self.tokenizer.bos_token
         add_special_tokens = not (bos is not None and prompts[0].startswith(bos))
         options = {"return_tensors": "pt", "padding": True, "add_special_tokens": add_special_tokens}
-        inputs = self.processor(text=prompts, images=images or None, **options).to(self._device)
+        inputs = self.processor(text=prompts, images=images or None, **options).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         max_new_tokens = min(int(gen_kwargs.get("max_new_tokens") or 128), self.max_new_tokens or 2**31)
@@ -167,8 +156,6 @@ class MSLlavaLMMS(lmms):
         doc_id, task, split)`, in the requests' order. Requests with the same generation arguments are batched,
         longest prompt first (lmms-eval's `Collator`); each answer is cut at the first of the task's `until`
         strings."""
-
-        # longest prompt first (lmms-eval's order), then the prompt itself
         collator = lmms_utils.Collator(
             [r.args for r in requests], lambda args: (-len(args[0]), args[0]), grouping=True
         )
@@ -186,9 +173,8 @@ class MSLlavaLMMS(lmms):
                 prompts.append(build_prompt(self.processor, context, len(visuals), self.chat_template))
                 images += visuals
                 slots.append(position)
-            for position, text in zip(
-                slots, self._generate(prompts, images, gen_kwargs) if prompts else [], strict=True
-            ):
+            generated = self._generate(prompts, images, gen_kwargs) if prompts else []
+            for position, text in zip(slots, generated, strict=True):
                 for stop in filter(None, until):
                     text = text.split(stop)[0]
                 batch_answers[position] = text.strip()
