@@ -128,13 +128,8 @@ def run(args) -> int:
         elif question:
             if not interactive:
                 print(f"USER: {question}")
-            turn = {
-                "role": "user",
-                "content": [
-                    *({"type": "image", "image": image} for image in images),
-                    {"type": "text", "text": question},
-                ],
-            }
+            content = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": question}]
+            turn = {"role": "user", "content": content}
             streamer = Streamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
             print("ASSISTANT: ", end="", flush=True)
             try:
