@@ -27,9 +27,10 @@ COMMANDS = {  # command -> (module with add_arguments / run, help line)
 }
 DEBUG_ENVIRONMENT_VARIABLE = "MS_LLAVA_DEBUG"  # anything but "" or "0": tracebacks, as --debug
 MAX_MESSAGE = 1000  # characters of an error shown; --debug shows all
-# the HTTP clients' errors (besides Python's ConnectionError, TimeoutError, socket and urllib errors)
+# the HTTP clients' errors, and those of Python's name lookup and urllib (besides ConnectionError and TimeoutError)
 NETWORK_ERRORS = """httpx.HTTPError httpx2.HTTPError requests.RequestException urllib3.exceptions.HTTPError
-aiohttp.ClientError huggingface_hub.errors.HfHubHTTPError huggingface_hub.errors.LocalEntryNotFoundError""".split()
+aiohttp.ClientError huggingface_hub.errors.HfHubHTTPError huggingface_hub.errors.LocalEntryNotFoundError
+socket.gaierror urllib.error.URLError""".split()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,15 +94,10 @@ def chain(error: BaseException) -> list[BaseException]:
 
 def kind_of(error: BaseException) -> str | None:
     """ "argument", "network", "file", "content", "dependency", or None for an error no input explains (a bug)."""
-    import socket
-    import urllib.error
-
     safetensors = _classes("safetensors.SafetensorError")
     if isinstance(error, argparse.ArgumentError):
         return "argument"
-    if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError)) or isinstance(
-        error, _classes(*NETWORK_ERRORS)
-    ):
+    if isinstance(error, (ConnectionError, TimeoutError, *_classes(*NETWORK_ERRORS))):
         return "network"
     if isinstance(error, (OSError, *_classes("ms_llava.outputs.FolderInUseError"))) or (
         isinstance(error, safetensors) and "(os error" in str(error)  # a full disk while saving, as Rust words it

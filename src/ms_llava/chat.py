@@ -84,10 +84,10 @@ def ask(generator, messages: list[dict] | str, max_new_tokens: int, image=None, 
 
 def add_checkpoint_arguments(parser) -> None:
     parser.add_argument("--checkpoint", help="a saved MS-LLaVA folder or Hub id (default: the embedded default)")
-    parser.add_argument("--max-new-tokens", type=_positive, default=12)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=12)
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)

@@ -13,6 +13,8 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..chat import positive_int
+
 RESULTS_FORMAT = "ms-llava-eval-results/1"
 LOCAL_DATA_HINT = "without network, evaluate a local copy of the data (docs/evaluation.md, 'Local data')"
 # The paper's ten benchmarks (Table 1) as lmms-eval 0.7.3 names them: task -> (Table 1 column, lmms-eval's metric,
@@ -197,8 +199,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks, e.g. pope,gqa,textvqa_val")
     parser.add_argument("--output", required=True, help="the results record (JSON) to write")
     parser.add_argument("--include-path", action="append", help="a folder of task YAMLs (local data; repeatable)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, help="evaluate only the first N samples of each task (a smoke test)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--limit", type=positive_int, help="only the first N samples of each task (a smoke test)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modules")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", help="e.g. cpu, cuda:0 (default: the accelerator's device)")
@@ -210,8 +212,6 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import resolve_checkpoint
     from ..outputs import check_writable, writing
 
-    if args.limit is not None and args.limit < 1:
-        raise argparse.ArgumentError(None, f"--limit must be >= 1, got {args.limit}")
     names = ("output", "log_samples", "lmms_eval_output")
     outputs = {name: Path(getattr(args, name)) for name in names if getattr(args, name)}
     for path in outputs.values():

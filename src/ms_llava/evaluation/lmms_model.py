@@ -123,13 +123,9 @@ class MSLlavaLMMS(lmms):
         `unreadable`) when one cannot be read."""
         try:
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-            images = []
-            for visual in visuals:
-                if isinstance(visual, (str, Path)):
-                    visual = load_image(visual)
-                if not isinstance(visual, Image.Image):
-                    raise ValueError(f"not an image: {type(visual).__name__}")
-                images.append(visual)
+            images = [load_image(visual) if isinstance(visual, (str, Path)) else visual for visual in visuals]
+            if others := [type(image).__name__ for image in images if not isinstance(image, Image.Image)]:
+                raise ValueError(f"not an image: {', '.join(others)}")
             return images
         except Exception as error:  # a broken sample must not end a run over thousands
             self.unreadable[task].append(doc_id)
