@@ -144,14 +144,11 @@ def _host(error: BaseException) -> str:
     """The host (and port) an HTTP client's error was talking to, or ""."""
     from urllib.parse import urlsplit
 
-    for attribute in ("request", "response"):
-        try:
-            url = getattr(getattr(error, attribute, None), "url", None)
-        except RuntimeError:  # httpx: an error raised outside a request has none
-            url = None
-        if url:
-            return urlsplit(str(url)).netloc
-    return ""
+    try:
+        url = getattr(getattr(error, "request", None), "url", None)
+    except RuntimeError:  # httpx: an error raised outside a request has none
+        return ""
+    return urlsplit(str(url)).netloc if url else ""
 
 
 def _name_the_checkpoint(message: str, args) -> str:

@@ -70,6 +70,3 @@ def display_rgb(image: Image.Image) -> Image.Image:
     values to white and drop the alpha."""
     pixels = MSLlavaImageProcessor().process_image(image, do_convert_rgb=True)  # (3, height, width) uint8
     return Image.fromarray(pixels.transpose(1, 2, 0), mode="RGB")
-
-
-__all__ = ["decode_image", "display_rgb", "load_image"]

@@ -1,10 +1,7 @@
-"""The lmms-eval model `ms_llava`: greedy, batched (left-padded) generation with an MS-LLaVA checkpoint through its
-chat template, several images per sample allowed.
-
-lmms-eval finds it through the entry point group `lmms_eval.models` (pyproject.toml): `lmms-eval --model ms_llava
---model_args pretrained=DIR[,trust_remote_code=True] --tasks pope`. With `trust_remote_code` the checkpoint's own
-modules run. In lmms-eval's multi-process mode each rank gets its share of the requests. A sample whose image cannot
-be had is answered with an empty string and its doc id counted in `unreadable`; the run goes on.
+"""The lmms-eval model `ms_llava` (`lmms-eval --model ms_llava --model_args pretrained=DIR --tasks pope`): greedy,
+batched (left-padded) generation with an MS-LLaVA checkpoint through its chat template, several images per sample
+allowed; in lmms-eval's multi-process mode each rank answers its share of the requests. A sample whose image cannot be
+had is answered with an empty string and its doc id counted in `unreadable`; the run goes on.
 """
 
 from __future__ import annotations
@@ -139,9 +136,7 @@ class MSLlavaLMMS(lmms):
         bos = self.tokenizer.bos_token
         add_special_tokens = not (bos is not None and prompts[0].startswith(bos))
         options = {"return_tensors": "pt", "padding": True, "add_special_tokens": add_special_tokens}
-        inputs = self.processor(text=prompts, images=images or None, **options).to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = self.processor(text=prompts, images=images or None, **options).to(self.device, self.model.dtype)
         max_new_tokens = min(int(gen_kwargs.get("max_new_tokens") or 128), self.max_new_tokens or 2**31)
         options = {"do_sample": False, "num_beams": 1, "pad_token_id": self.tokenizer.pad_token_id}
         output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **options)
@@ -152,9 +147,7 @@ class MSLlavaLMMS(lmms):
         doc_id, task, split)`, in the requests' order. Requests with the same generation arguments are batched,
         longest prompt first (lmms-eval's `Collator`); each answer is cut at the first of the task's `until`
         strings."""
-        collator = lmms_utils.Collator(
-            [r.args for r in requests], lambda args: (-len(args[0]), args[0]), grouping=True
-        )
+        collator = lmms_utils.Collator([r.args for r in requests], lambda a: (-len(a[0]), a[0]), grouping=True)
         answers = []
         progress = tqdm(total=len(requests), disable=self._rank != 0, desc="ms_llava responding")
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
@@ -174,8 +167,6 @@ class MSLlavaLMMS(lmms):
                 for stop in filter(None, until):
                     text = text.split(stop)[0]
                 batch_answers[position] = text.strip()
-            for args, answer in zip(chunk, batch_answers, strict=True):
-                self.cache_hook.add_partial("generate_until", (args[0], args[1]), answer)
             answers += batch_answers
             progress.update(len(chunk))
         progress.close()
