@@ -50,7 +50,6 @@ def load_checkpoint(checkpoint: str | Path | None):
     """`(path, model, processor, pipeline)` for a saved MS-LLaVA (default: the embedded one; a folder or a Hub id,
     `ms_llava.checkpoints.resolve_checkpoint`), loaded with `from_pretrained` (float32) and wrapped in
     `pipeline("image-text-to-text")`; prints which, and its projector."""
-    import torch
     import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
@@ -61,7 +60,7 @@ def load_checkpoint(checkpoint: str | Path | None):
     # A mistyped path, a missing file or a truncated .safetensors is a CheckpointError naming it, before
     # from_pretrained (which would try a typo as a Hub id, with retries).
     path = resolve_checkpoint(checkpoint, processor=True) if checkpoint is not None else default_checkpoint_path()
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype="float32").eval()
     processor = AutoProcessor.from_pretrained(path)
     generator = pipeline("image-text-to-text", model=model, processor=processor)
     resampler = model.config.resampler_config

@@ -65,9 +65,8 @@ def run_demo(
         print(f"  question: {text}")
         if expected is not None:
             print(f"  expected: {expected}")
-            print(f"  answer:   {answer!r}  {'RIGHT' if answer == str(expected).strip() else 'WRONG'}")
-        else:
-            print(f"  answer:   {answer!r}")
+        verdict = "" if expected is None else "  RIGHT" if answer == str(expected).strip() else "  WRONG"
+        print(f"  answer:   {answer!r}{verdict}")
         results.append({**sample, "question": text, "predicted": answer, "image_object": image})
     scored = [r for r in results if r.get("answer") is not None]
     if scored:

@@ -212,8 +212,7 @@ def render(result: QueryAttention, image: Image.Image, panel_size: int = 320, no
     untrained model's bytes, drawn as '?')."""
     if isinstance(panel_size, bool) or not isinstance(panel_size, int) or panel_size < 64:
         raise ValueError(f"panel_size must be an integer >= 64, got {panel_size!r}")
-    width, height = panel_layout(len(result.branches), panel_size, len(notes))
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas = Image.new("RGB", panel_layout(len(result.branches), panel_size, len(notes)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font, small = _font(14), _font(12)
     (grid_h, grid_w), (rows, cols) = result.grid_size, result.query_grid
@@ -228,9 +227,7 @@ def render(result: QueryAttention, image: Image.Image, panel_size: int = 320, no
 
     # Panel 0: the image as given, fitted into the panel.
     fit = panel_size / max(image.size)
-    shown = display_rgb(image).resize(
-        (max(1, round(image.size[0] * fit)), max(1, round(image.size[1] * fit))), Image.Resampling.BICUBIC
-    )
+    shown = display_rgb(image).resize([max(1, round(side * fit)) for side in image.size], Image.Resampling.BICUBIC)
     offset = (MARGIN + (panel_size - shown.size[0]) // 2, top + (panel_size - shown.size[1]) // 2)
     canvas.paste(shown, offset)
     (model_w, model_h), learned = result.model_image.size, " (learned B; Eq.5 windows)" * result.learned_scope_bias

@@ -96,9 +96,7 @@ def task_sources(tasks: list[str], manager) -> dict[str, dict]:
     return sources
 
 
-def evaluate(
-    model: str | Path, tasks: list[str], include_path=None, limit: int | None = None, log_samples=False, **model_args
-) -> tuple[dict, dict[str, list], dict[str, dict]]:
+def evaluate(model, tasks: list[str], include_path=None, limit=None, log_samples=False, **model_args) -> tuple:
     """lmms-eval's `simple_evaluate` with `MSLlavaLMMS(model, **model_args)`: its results (`{}` on a process but the
     first), the doc ids per task of samples without a readable image (from every process), and `task_sources`."""
     import torch.distributed as dist
