@@ -1,20 +1,10 @@
-"""`ms-llava`: one table of commands and one error boundary.
+"""`ms-llava`: one table of commands (`COMMANDS`) and one error boundary.
 
-    ms-llava demo       answer the default checkpoint's demo questions (or yours) and draw one query's attention
-    ms-llava visualize  draw one MS-Resampler query's scope windows and per-branch attention over an image
-    ms-llava chat       talk about images with a checkpoint in the terminal, answers streamed
-    ms-llava tiny       write a tiny untrained checkpoint (for tests and examples)
-    ms-llava convert    convert checkpoints (LLaVA -> MS-LLaVA, original LLaVA <-> transformers)
-    ms-llava compose    a vision encoder + a language model -> a new MS-LLaVA
-    ms-llava push       upload a checkpoint to the Hugging Face Hub with a generated model card
-    ms-llava eval       evaluate a checkpoint with lmms-eval and write the results record
-    ms-llava train      train with the paper's two-stage recipe
-
-A command is a module with `add_arguments(parser)` and `run(args) -> exit status`, named in `COMMANDS`; only the
-chosen one is imported (this module sits beside the package because importing `ms_llava` imports torch). Errors are
-told by kind, found along the exception's chain: network, file system, content, a missing dependency, each as one
-line `ms-llava COMMAND: error: ...` naming the culprit (exit status 1; 2 for an `argparse.ArgumentError`); `--debug`
-or MS_LLAVA_DEBUG=1 shows the traceback; other exceptions (bugs) always show theirs.
+A command is a module with `add_arguments(parser)` and `run(args) -> exit status`; only the chosen one is imported
+(this module sits beside the package because importing `ms_llava` imports torch). Errors are told by kind, found
+along the exception's chain: network, file system, content, a missing dependency, each as one line `ms-llava COMMAND:
+error: ...` naming the culprit (exit status 1; 2 for an `argparse.ArgumentError`); `--debug` or MS_LLAVA_DEBUG=1
+shows the traceback; other exceptions (bugs) always show theirs.
 """
 
 from __future__ import annotations
@@ -37,9 +27,10 @@ COMMANDS = {  # command -> (module with add_arguments / run, help line)
 }
 DEBUG_ENVIRONMENT_VARIABLE = "MS_LLAVA_DEBUG"  # anything but "" or "0": tracebacks, as --debug
 MAX_MESSAGE = 1000  # characters of an error shown; --debug shows all
-# the HTTP clients' errors (besides Python's ConnectionError, TimeoutError, socket and urllib errors)
+# the HTTP clients' errors, and those of Python's name lookup and urllib (besides ConnectionError and TimeoutError)
 NETWORK_ERRORS = """httpx.HTTPError httpx2.HTTPError requests.RequestException urllib3.exceptions.HTTPError
-aiohttp.ClientError huggingface_hub.errors.HfHubHTTPError huggingface_hub.errors.LocalEntryNotFoundError""".split()
+aiohttp.ClientError huggingface_hub.errors.HfHubHTTPError huggingface_hub.errors.LocalEntryNotFoundError
+socket.gaierror urllib.error.URLError""".split()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,26 +94,16 @@ def chain(error: BaseException) -> list[BaseException]:
 
 def kind_of(error: BaseException) -> str | None:
     """ "argument", "network", "file", "content", "dependency", or None for an error no input explains (a bug)."""
-    import pickle
-    import socket
-    import urllib.error
-
     safetensors = _classes("safetensors.SafetensorError")
     if isinstance(error, argparse.ArgumentError):
         return "argument"
-    if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError)) or isinstance(
-        error, _classes(*NETWORK_ERRORS)
-    ):
+    if isinstance(error, (ConnectionError, TimeoutError, *_classes(*NETWORK_ERRORS))):
         return "network"
     if isinstance(error, (OSError, *_classes("ms_llava.outputs.FolderInUseError"))) or (
         isinstance(error, safetensors) and "(os error" in str(error)  # a full disk while saving, as Rust words it
     ):
         return "file"
-    if isinstance(error, (ValueError, pickle.UnpicklingError, *safetensors)) or isinstance(
-        error, _classes("huggingface_hub.errors.StrictDataclassError")
-    ):
-        return "content"
-    if isinstance(error, RuntimeError) and "ignore_mismatched_sizes" in str(error):  # transformers' shape check
+    if isinstance(error, (ValueError, *safetensors)):
         return "content"
     return "dependency" if isinstance(error, ImportError) else None
 
@@ -145,8 +126,8 @@ def describe(error: BaseException, args: argparse.Namespace | None = None) -> tu
             message = f"cannot reach {host}: {type(shown).__name__}: {message}"
         elif host and host not in message:
             message += f" (host {host})"
-    elif kind == "content" and not isinstance(shown, ValueError):
-        message = _name_the_checkpoint(shown, message, args)
+    elif kind == "content" and not isinstance(shown, ValueError):  # a SafetensorError
+        message = _name_the_checkpoint(message, args)
     message = " ".join(message.split())
     return kind, message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " ... (--debug shows all)"
 
@@ -163,42 +144,31 @@ def _host(error: BaseException) -> str:
     """The host (and port) an HTTP client's error was talking to, or ""."""
     from urllib.parse import urlsplit
 
-    for attribute in ("request", "response"):
-        try:
-            url = getattr(getattr(error, attribute, None), "url", None)
-        except RuntimeError:  # httpx: an error raised outside a request has none
-            url = None
-        if url:
-            return urlsplit(str(url)).netloc
-    return ""
+    try:
+        url = getattr(getattr(error, "request", None), "url", None)
+    except RuntimeError:  # httpx: an error raised outside a request has none
+        return ""
+    return urlsplit(str(url)).netloc if url else ""
 
 
-def _name_the_checkpoint(error: BaseException, message: str, args) -> str:
-    """What a library's loading error (which names no file) means, with the checkpoint argument it came from."""
+def _name_the_checkpoint(message: str, args) -> str:
+    """A safetensors error from inside a library, which names no file (the checkpoint checks name the others): the
+    checkpoint argument it came from, and its first broken file."""
     from pathlib import Path
 
-    given = next((value for name in ("checkpoint", "model", "source", "directory") if (value := getattr(args, name,
-                  None))), None)  # fmt: skip
-    where = f" in {given}" if given else ""
-    if type(error).__name__ == "SafetensorError":
-        from ms_llava.checkpoints import CheckpointError, check_safetensors
+    from ms_llava.checkpoints import CheckpointError, check_safetensors
 
-        broken = []
-        for path in sorted(Path(given).expanduser().glob("*.safetensors")) if given else []:
-            try:
-                check_safetensors(path)
-            except CheckpointError:
-                broken.append(f" ({path})")
-        return f"a .safetensors file{where} is truncated or corrupt{''.join(broken[:1])}: {message}; save it again"
-    if type(error).__name__ == "UnpicklingError":
-        reason = message[message.find("WeightsUnpickler error:") :].split(". ")[0]
-        return (
-            f"a pickled weights file (.bin){where} was refused: it holds more than tensors, and unpickling it "
-            f"could run code (torch.load weights_only=True; {reason}); convert it to safetensors if you trust it"
-        )
-    if isinstance(error, RuntimeError):
-        return f"the weights{where} do not have the shapes config.json gives (transformers' report above): {message}"
-    return f"config.json{where}: {message}"  # StrictDataclassError: a config value of the wrong type or range
+    names = ("checkpoint", "model", "source", "directory")
+    given = next((value for name in names if (value := getattr(args, name, None))), None)
+    broken = ""
+    for path in sorted(Path(given).expanduser().glob("*.safetensors")) if given else []:
+        try:
+            check_safetensors(path)
+        except CheckpointError:
+            broken = f" ({path})"
+            break
+    where = f" in {given}" if given else ""
+    return f"a .safetensors file{where} is truncated or corrupt{broken}: {message}; save it again"
 
 
 if __name__ == "__main__":

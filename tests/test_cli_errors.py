@@ -177,9 +177,18 @@ def test_a_truncated_safetensors_file_is_named(command, tmp_path, run_cli, tiny_
         "demo": ["demo", "--checkpoint", broken],
         "visualize": ["visualize", "--checkpoint", broken],
         "push": ["push", broken, "me/model"],
-        "train": ["train", "--stage", "finetune", "--model", broken, "--data",
-                  write_shapes_dataset(tmp_path / "data", "qa", 2), "--output-dir", tmp_path / "out"],
-    }[command]  # fmt: skip
+        "train": [
+            "train",
+            "--stage",
+            "finetune",
+            "--model",
+            broken,
+            "--data",
+            write_shapes_dataset(tmp_path / "data", "qa", 2),
+            "--output-dir",
+            tmp_path / "out",
+        ],
+    }[command]
     code, _, err = run_cli(args)
     assert_clear_error(
         code, err, f"{broken / 'model.safetensors'} is not a readable safetensors file (truncated or corrupt"
@@ -223,16 +232,20 @@ def test_a_safetensors_error_from_inside_transformers_names_the_checkpoint(
 def bad_checkpoints(tiny: Path, root: Path) -> dict[str, Path]:
     """Checkpoints whose files are all there and readable, but whose content does not load."""
     folders = {name: copy_of(tiny, root / name) for name in ("wrong-type", "wrong-shape", "pickle")}
-    for name, edit in (("wrong-type", ("resampler_config", "scope_bias_strength", "high")),
-                       ("wrong-shape", ("text_config", "intermediate_size", 41))):  # fmt: skip
+    for name, edit in (
+        ("wrong-type", ("resampler_config", "scope_bias_strength", "high")),
+        ("wrong-shape", ("text_config", "intermediate_size", 41)),
+    ):
         config = json.loads((folders[name] / "config.json").read_text())
         config[edit[0]][edit[1]] = edit[2]
         (folders[name] / "config.json").write_text(json.dumps(config))
     (folders["pickle"] / "model.safetensors").unlink()
     import torch
 
-    torch.save({"weight": type("Payload", (), {"__reduce__": lambda self: (print, ("ran",))})()},
-               folders["pickle"] / "pytorch_model.bin")  # fmt: skip
+    torch.save(
+        {"weight": type("Payload", (), {"__reduce__": lambda self: (print, ("ran",))})()},
+        folders["pickle"] / "pytorch_model.bin",
+    )
     return folders
 
 
@@ -249,20 +262,35 @@ def test_each_kind_of_failure_is_one_line_naming_the_culprit(
     host = unreachable_hub.removeprefix("http://")
     cases = [
         # network: the Hub refuses the connection (was: a 77-line httpx traceback)
-        (["push", tiny_checkpoint, "me/model"], [f"cannot reach the Hub at {host} (ConnectError", "--dry-run OUT", "HF_HUB_OFFLINE=1"]),
+        (
+            ["push", tiny_checkpoint, "me/model"],
+            [f"cannot reach the Hub at {host} (ConnectError", "--dry-run OUT", "HF_HUB_OFFLINE=1"],
+        ),
         # file system: a full disk while writing, named with the folder being written (was: no folder named)
-        (["visualize", "--checkpoint", tiny_checkpoint, "--image", tmp_path / "photo.png", "--output", full],
-         [f"cannot write {full.parent}: no space left on the device"]),
+        (
+            ["visualize", "--checkpoint", tiny_checkpoint, "--image", tmp_path / "photo.png", "--output", full],
+            [f"cannot write {full.parent}: no space left on the device"],
+        ),
         # content: a config value of the wrong type, the field named (was: a traceback)
-        (["demo", "--checkpoint", bad["wrong-type"]],
-         [f"{bad['wrong-type']}/config.json", "field 'scope_bias_strength'", "'high'"]),
+        (
+            ["demo", "--checkpoint", bad["wrong-type"]],
+            [f"{bad['wrong-type']}/config.json", "field 'scope_bias_strength'", "'high'"],
+        ),
         # content: weights whose shapes config.json does not give (was: transformers' traceback, no file named)
-        (["visualize", "--checkpoint", bad["wrong-shape"]],
-         [f"--checkpoint {bad['wrong-shape']}: model.safetensors holds", "but config.json builds", "disagree"]),
+        (
+            ["visualize", "--checkpoint", bad["wrong-shape"]],
+            [f"--checkpoint {bad['wrong-shape']}: model.safetensors holds", "but config.json builds", "disagree"],
+        ),
         # content: a pickle that is not plain tensors is refused, and said so (was: a traceback)
-        (["demo", "--checkpoint", bad["pickle"]],
-         [f"{bad['pickle']}/pytorch_model.bin is not a plain state dict", "Unsupported global: GLOBAL print", "could run code"]),
-    ]  # fmt: skip
+        (
+            ["demo", "--checkpoint", bad["pickle"]],
+            [
+                f"{bad['pickle']}/pytorch_model.bin is not a plain state dict",
+                "Unsupported global: GLOBAL print",
+                "could run code",
+            ],
+        ),
+    ]
     for args, needles in cases:
         code, out, err = run_cli(args)
         assert_clear_error(code, err, *needles)
@@ -273,10 +301,16 @@ def test_each_kind_of_failure_is_one_line_naming_the_culprit(
     ("error", "kind", "line"),
     [
         # a read-only output folder (check_writable) and a missing file: the OSError's own words and file
-        (OSError(errno.EROFS, "cannot write into /runs: the file system is read-only", "/runs/out"), "file",
-         "cannot write into /runs: the file system is read-only: /runs/out"),
-        (FileNotFoundError(errno.ENOENT, "No such file or directory", "data.json"), "file",
-         "No such file or directory: data.json"),
+        (
+            OSError(errno.EROFS, "cannot write into /runs: the file system is read-only", "/runs/out"),
+            "file",
+            "cannot write into /runs: the file system is read-only: /runs/out",
+        ),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "data.json"),
+            "file",
+            "No such file or directory: data.json",
+        ),
         # safetensors words a full disk while saving as Rust does: not a corrupt input file
         ("SafetensorError", "file", "No space left on device (os error 28)"),
         # lmms-eval's and datasets' retries end in tenacity's RetryError: the last attempt's cause is told
@@ -284,7 +318,7 @@ def test_each_kind_of_failure_is_one_line_naming_the_culprit(
         (ImportError("No module named 'peft'"), "dependency", "No module named 'peft'"),
         (TypeError("a bug"), None, ""),
     ],
-)  # fmt: skip
+)
 def test_the_kind_is_found_along_the_chain(error, kind, line):
     """Failures that a test cannot cause for real (a full or read-only disk for the superuser, exhausted retries)."""
     if error == "SafetensorError":

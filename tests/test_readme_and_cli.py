@@ -196,10 +196,18 @@ def test_help_and_argument_errors_answer_without_importing_the_package():
 
 @pytest.mark.parametrize(
     ("command", "option"),
-    [("demo", "--query-at"), ("visualize", "--query-at"), ("chat", "--image"), ("tiny", "--overwrite"),
-     ("convert", "llava-to-ms-llava"), ("compose", "--vision-tower"), ("push", "repo_id"), ("eval", "--log-samples"),
-     ("train", "--stage")],
-)  # fmt: skip
+    [
+        ("demo", "--query-at"),
+        ("visualize", "--query-at"),
+        ("chat", "--image"),
+        ("tiny", "--overwrite"),
+        ("convert", "llava-to-ms-llava"),
+        ("compose", "--vision-tower"),
+        ("push", "repo_id"),
+        ("eval", "--log-samples"),
+        ("train", "--stage"),
+    ],
+)
 def test_every_command_has_its_options(command, option, run_cli):
     """The table's module of each command builds its options (`add_arguments`), which `--help` lists."""
     code, out, _ = run_cli([command, "--help"])
@@ -229,11 +237,17 @@ def test_chat_streams_keeps_the_conversation_and_goes_on_after_a_refusal(run_cli
     samples = {sample["answer"]: sample["image"] for sample in load_demo_samples(default_checkpoint_path())}
     # the conversation's second turn, as the pipeline answers it: both turns, each with its image where it was given
     question = "How many objects are there?"
-    turns = [{"role": "user", "content": [{"type": "image", "image": load_image(samples["two"])},
-                                          {"type": "text", "text": question}]},
-             {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
-             {"role": "user", "content": [{"type": "image", "image": load_image(samples["five"])},
-                                          {"type": "text", "text": question}]}]  # fmt: skip
+    turns = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": load_image(samples["two"])}, {"type": "text", "text": question}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": load_image(samples["five"])}, {"type": "text", "text": question}],
+        },
+    ]
     reference = pipeline("image-text-to-text", model=str(default_checkpoint_path()))
     second = reference(text=turns, generate_kwargs={"max_new_tokens": 4, "do_sample": False})
     second = second[0]["generated_text"][-1]["content"].strip()
@@ -241,11 +255,19 @@ def test_chat_streams_keeps_the_conversation_and_goes_on_after_a_refusal(run_cli
     calls = []  # what generate gave the streamer: the prompt, then each new token, then the end
     for method in ("put", "end"):
         original = getattr(TextStreamer, method)
-        monkeypatch.setattr(TextStreamer, method, lambda self, *args, _o=original, _m=method: (calls.append(_m),
-                                                                                             _o(self, *args)))  # fmt: skip
-    lines = ["How many objects are there?", f"/image {samples['five']}", "How many objects are there?",
-             "word " * 1200, "/image /no/such/image.png", "/reset", f"/image {samples['four']}",
-             "How many objects are there?"]  # fmt: skip
+        monkeypatch.setattr(
+            TextStreamer, method, lambda self, *args, _o=original, _m=method: (calls.append(_m), _o(self, *args))
+        )
+    lines = [
+        "How many objects are there?",
+        f"/image {samples['five']}",
+        "How many objects are there?",
+        "word " * 1200,
+        "/image /no/such/image.png",
+        "/reset",
+        f"/image {samples['four']}",
+        "How many objects are there?",
+    ]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     code, out, err = run_cli(["chat", "--image", samples["two"], "--max-new-tokens", "4"])
     assert code == 0, err
@@ -273,8 +295,12 @@ def test_chat_scripts_from_a_pipe(tmp_path):
     done = subprocess.run(
         [Path(sys.executable).parent / "ms-llava", "chat", "--image", "x.png"],
         input="How many objects are there?\nWhat colour is the object with the digit?\n",
-        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0 and done.stderr.count("error") == 0, done.stderr
     assert f"checkpoint: {default_checkpoint_path()}" in done.stdout
     answers = re.findall(r"ASSISTANT: (.*)", done.stdout)

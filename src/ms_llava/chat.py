@@ -50,7 +50,6 @@ def load_checkpoint(checkpoint: str | Path | None):
     """`(path, model, processor, pipeline)` for a saved MS-LLaVA (default: the embedded one; a folder or a Hub id,
     `ms_llava.checkpoints.resolve_checkpoint`), loaded with `from_pretrained` (float32) and wrapped in
     `pipeline("image-text-to-text")`; prints which, and its projector."""
-    import torch
     import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
@@ -61,7 +60,7 @@ def load_checkpoint(checkpoint: str | Path | None):
     # A mistyped path, a missing file or a truncated .safetensors is a CheckpointError naming it, before
     # from_pretrained (which would try a typo as a Hub id, with retries).
     path = resolve_checkpoint(checkpoint, processor=True) if checkpoint is not None else default_checkpoint_path()
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype="float32").eval()
     processor = AutoProcessor.from_pretrained(path)
     generator = pipeline("image-text-to-text", model=model, processor=processor)
     resampler = model.config.resampler_config
@@ -84,10 +83,10 @@ def ask(generator, messages: list[dict] | str, max_new_tokens: int, image=None, 
 
 def add_checkpoint_arguments(parser) -> None:
     parser.add_argument("--checkpoint", help="a saved MS-LLaVA folder or Hub id (default: the embedded default)")
-    parser.add_argument("--max-new-tokens", type=_positive, default=12)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=12)
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
@@ -128,8 +127,8 @@ def run(args) -> int:
         elif question:
             if not interactive:
                 print(f"USER: {question}")
-            turn = {"role": "user", "content": [*({"type": "image", "image": image} for image in images),
-                                                 {"type": "text", "text": question}]}  # fmt: skip
+            content = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": question}]
+            turn = {"role": "user", "content": content}
             streamer = Streamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
             print("ASSISTANT: ", end="", flush=True)
             try:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from .chat import add_checkpoint_arguments, ask, default_checkpoint_path, load_checkpoint, load_demo_samples
-from .visualize import add_query_arguments, draw_attention, printable, query_options
+from .visualize import add_query_arguments, draw_attention, query_options
 
 DEFAULT_QUESTION = "What is in the image?"
 DEMO_OUTPUT = "ms-llava-demo.png"
@@ -27,12 +27,15 @@ def print_measured_accuracy(checkpoint: str | Path) -> None:
         f"{kind} {100 * value:.1f}% (chance {100 * chance.get(kind, 0):.1f}%)" for kind, value in accuracy.items()
     )
     print(f"held-out ScopeBench test accuracy of this checkpoint: {'; '.join(cells)}")
-    print("  (a toy model; the demo samples below are held-out questions of the types it learned, picked among those "
-          "it answers right: experiments/scopebench/README.md)")  # fmt: skip
+    print(
+        "  (a toy model; the demo samples below are held-out questions of the types it learned, picked among those "
+        "it answers right: experiments/scopebench/README.md)"
+    )
 
 
-def run_demo(checkpoint=None, image_path=None, question=None, max_new_tokens=12, output=DEMO_OUTPUT, query=None,
-             query_at=None) -> list[dict]:  # fmt: skip
+def run_demo(
+    checkpoint=None, image_path=None, question=None, max_new_tokens=12, output=DEMO_OUTPUT, query=None, query_at=None
+) -> list[dict]:
     """`ms-llava demo`: answers the checkpoint's demo samples (or one image/question given instead), prints question,
     expected answer, answer and right or wrong, and draws one query's attention for the first sample. Returns the
     samples with their answers."""
@@ -62,15 +65,14 @@ def run_demo(checkpoint=None, image_path=None, question=None, max_new_tokens=12,
         print(f"  question: {text}")
         if expected is not None:
             print(f"  expected: {expected}")
-            print(f"  answer:   {answer!r}  {'RIGHT' if answer == str(expected).strip() else 'WRONG'}")
-        else:
-            print(f"  answer:   {answer!r}")
+        verdict = "" if expected is None else "  RIGHT" if answer == str(expected).strip() else "  WRONG"
+        print(f"  answer:   {answer!r}{verdict}")
         results.append({**sample, "question": text, "predicted": answer, "image_object": image})
     scored = [r for r in results if r.get("answer") is not None]
     if scored:
         print(f"correct: {sum(r['predicted'] == str(r['answer']).strip() for r in scored)}/{len(scored)}")
     first = results[0]
-    notes = [f"Q: {first['question']}   A: {printable(first['predicted'])}"]
+    notes = [f"Q: {first['question']}   A: {first['predicted']}"]
     draw_attention(model, processor, first["image_object"], output, query=query, query_at=query_at, notes=notes)
     return results
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,29 +15,20 @@ from PIL import Image, ImageFile, ImageOps
 
 from .image_processing_ms_llava import MSLlavaImageProcessor
 
-_DECODING = threading.Lock()
-
-
-@contextmanager
-def _strict_decoding():
-    """PIL refuses truncated data while this holds, whatever `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says elsewhere:
-    lmms-eval sets it to True when it is imported (for its own datasets), which would let a cut-off file through as
-    an image with a grey band. The flag is module-wide, so it is set and restored under a lock."""
-    with _DECODING:
-        tolerant = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        try:
-            yield
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
+_DECODING = threading.Lock()  # held while PIL's module-wide LOAD_TRUNCATED_IMAGES is switched off
 
 
 def decode_image(source: str | os.PathLike | BinaryIO) -> Image.Image:
     """The image in `source` (a path or a binary file), decoded and upright; PIL's own exceptions for callers that name
     the file themselves (the training set's loader names the record too)."""
-    with Image.open(source) as opened:
-        with _strict_decoding():
+    with Image.open(source) as opened, _DECODING:
+        # lmms-eval sets LOAD_TRUNCATED_IMAGES when it is imported, which would let a cut-off file through as an
+        # image with a grey band: decoded strictly here, the flag restored after
+        tolerant, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
             opened.load()  # decodes everything now: a truncated file fails here
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
         ImageOps.exif_transpose(opened, in_place=True)  # upright; the mode is kept
         return opened  # loaded, so usable after the file is closed
 
@@ -80,6 +70,3 @@ def display_rgb(image: Image.Image) -> Image.Image:
     values to white and drop the alpha."""
     pixels = MSLlavaImageProcessor().process_image(image, do_convert_rgb=True)  # (3, height, width) uint8
     return Image.fromarray(pixels.transpose(1, 2, 0), mode="RGB")
-
-
-__all__ = ["decode_image", "display_rgb", "load_image"]

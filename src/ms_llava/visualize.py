@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,7 @@ from .modeling_ms_llava import build_scope_bias, query_anchors
 from .outputs import check_writable, writing
 
 # Heat colours (magma-like), from no attention to the panel's maximum.
-_HEAT_STOPS = np.array(
-    [[0, 0, 4], [59, 15, 112], [140, 41, 129], [222, 73, 104], [254, 159, 109], [252, 253, 191]], dtype=np.float64
-)
+_HEAT_STOPS = np.array([[0, 0, 4], [59, 15, 112], [140, 41, 129], [222, 73, 104], [254, 159, 109], [252, 253, 191]])
 
 
 @dataclass
@@ -54,12 +52,8 @@ class QueryAttention:
     learned_scope_bias: bool  # B is learned (the windows drawn are Eq. 5's, where it started)
     num_prefix_tokens: int
     model_image: Image.Image  # the pre-processed image the model saw (padded, resized, cropped), de-normalised
-    branches: list[BranchAttention] = field(default_factory=list)
-    point: tuple[float, float] | None = None  # `query_at` mapped into the model's input pixels, (x, y)
-
-
-def _size_pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
+    branches: list[BranchAttention]
+    point: tuple[float, float] | None  # `query_at` mapped into the model's input pixels, (x, y)
 
 
 def map_to_model_input(image_processor, image_size: tuple[int, int], point: tuple[float, float]):
@@ -101,9 +95,7 @@ def _de_normalise(pixel_values: torch.Tensor, image_processor) -> Image.Image:
 
 
 @torch.no_grad()
-def query_attention(
-    model, processor, image: Image.Image, query=None, query_at=None, **vision_kwargs
-) -> QueryAttention:
+def query_attention(model, processor, image, query=None, query_at=None, **vision_kwargs) -> QueryAttention:
     """Per-branch attention of one MS-Resampler query of `model` (an MS-LLaVA, also one loaded as remote code) on the
     PIL `image`: the query `query` (0 <= query < M, row-major), or the one whose anchor is nearest the point
     `query_at` (x, y) of `image`, or the one nearest the grid's centre. `vision_kwargs` go to the vision tower. The
@@ -121,55 +113,57 @@ def query_attention(
         raise ValueError(f"query must be an integer in [0, {num_queries}) (M = {num_queries}), got {query!r}")
 
     image_processor = getattr(processor, "image_processor", processor)
-    pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"]
-    parameter = next(model.parameters())
-    pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+    pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
 
     captured = {}  # what get_image_features passes the resampler
-    hook = projector.register_forward_hook(lambda _, args, kwargs, out: captured.update(args=args, kwargs=kwargs),
-                                           with_kwargs=True)  # fmt: skip
+    hook = projector.register_forward_hook(
+        lambda _, args, kwargs, out: captured.update(args=args, kwargs=kwargs), with_kwargs=True
+    )
     try:
         model.get_image_features(pixel_values=pixel_values, **vision_kwargs)
     finally:
         hook.remove()
     _, probs = projector(*captured["args"], **{**captured["kwargs"], "output_attentions": True})  # (1, E, h, M, N)
 
-    patch = _size_pair(model.config.vision_config.patch_size)
-    grid_height, grid_width = pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1]
-    num_prefix = probs.shape[-1] - grid_height * grid_width
+    patch = model.config.vision_config.patch_size
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    grid = (pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1])  # (H, W) visual tokens
+    num_prefix = probs.shape[-1] - math.prod(grid)
     rows, cols = projector.config.query_grid_shape
-    anchors = query_anchors(rows, cols, grid_height, grid_width)  # (M, 2)
+    anchors = query_anchors(rows, cols, *grid)  # (M, 2)
 
     point = None
     if query_at is not None:
         point = map_to_model_input(image_processor, image.size, query_at)
         if point is None:
-            raise ValueError(f"query_at {tuple(query_at)} lies outside the part of the {image.size[0]}x"
-                             f"{image.size[1]} image that the model sees")  # fmt: skip
+            raise ValueError(
+                f"query_at {tuple(query_at)} lies outside the part of the {image.size[0]}x"
+                f"{image.size[1]} image that the model sees"
+            )
         query = nearest_query(anchors, (point[1] / patch[0] - 0.5, point[0] / patch[1] - 0.5))
     elif query is None:
-        query = nearest_query(anchors, ((grid_height - 1) / 2, (grid_width - 1) / 2))
+        query = nearest_query(anchors, tuple((side - 1) / 2 for side in grid))
 
     windows = projector.config.scope_windows
-    bias = build_scope_bias(windows, rows, cols, grid_height, grid_width)  # (E, M, H*W), 0 / -1
+    bias = build_scope_bias(windows, rows, cols, *grid)  # (E, M, H*W), 0 / -1
     attention = probs[0].float().mean(dim=1)[:, query]  # (E, prefix + H*W), heads averaged
     branches = []
     for branch, window in enumerate(windows):
-        mask = (bias[branch, query] == 0).view(grid_height, grid_width).numpy()
-        grid_attention = attention[branch, num_prefix:].view(grid_height, grid_width).cpu().numpy()
+        mask = (bias[branch, query] == 0).view(*grid).numpy()
+        grid_attention = attention[branch, num_prefix:].view(*grid).cpu().numpy()
         (top, bottom), (left, right) = ((int(i.min()), int(i.max())) for i in np.nonzero(mask))
         pixels = (left * patch[1], top * patch[0], (right + 1) * patch[1], (bottom + 1) * patch[0])
         masses = float(grid_attention[mask].sum()), float(attention[branch, :num_prefix].sum())
         box = (top, left, bottom, right)
         branches.append(BranchAttention(int(window), grid_attention.astype(np.float32), mask, box, pixels, *masses))
     anchor, learned = (float(anchors[query, 0]), float(anchors[query, 1])), projector.native_grid is not None
-    return QueryAttention(query, num_queries, (rows, cols), anchor, (grid_height, grid_width), patch,
-                          projector.config.scope_bias_strength, learned, num_prefix,
-                          _de_normalise(pixel_values[0], image_processor), branches, point)  # fmt: skip
+    beta, model_image = projector.config.scope_bias_strength, _de_normalise(pixel_values[0], image_processor)
+    return QueryAttention(
+        query, num_queries, (rows, cols), anchor, grid, patch, beta, learned, num_prefix, model_image, branches, point
+    )
 
 
-MARGIN, HEADER, CAPTION_LINE = 8, 22, 15
-CAPTION_LINES = 3
+MARGIN, HEADER, CAPTION_LINE, CAPTION_LINES = 8, 22, 15, 3
 
 
 def _font(size: int):
@@ -177,12 +171,6 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType sizes
         return ImageFont.load_default()
-
-
-def heat_colours(values: np.ndarray) -> np.ndarray:
-    """`values` in [0, 1] to RGB uint8 along a magma-like scale."""
-    stops = np.linspace(0, 1, len(_HEAT_STOPS))
-    return np.rint(np.stack([np.interp(values, stops, _HEAT_STOPS[:, c]) for c in range(3)], axis=-1)).astype(np.uint8)
 
 
 def panel_layout(num_branches: int, panel_size: int, num_notes: int = 0) -> tuple[int, int]:
@@ -193,27 +181,23 @@ def panel_layout(num_branches: int, panel_size: int, num_notes: int = 0) -> tupl
 
 
 def _branch_panel(result: QueryAttention, branch: BranchAttention, panel_size: int) -> Image.Image:
-    base = result.model_image.resize((panel_size, panel_size), Image.Resampling.BICUBIC)
+    panel = result.model_image.resize((panel_size, panel_size), Image.Resampling.BICUBIC)
     peak = float(branch.attention.max())
     normalised = branch.attention / peak if peak > 0 else branch.attention
-    heat = Image.fromarray(heat_colours(normalised), mode="RGB").resize((panel_size, panel_size), Image.NEAREST)
-    alpha = Image.fromarray(np.rint(255 * (0.15 + 0.6 * normalised)).astype(np.uint8), mode="L").resize(
-        (panel_size, panel_size), Image.NEAREST
-    )
-    panel = Image.composite(heat, base, alpha)
+    stops = np.linspace(0, 1, len(_HEAT_STOPS))  # the heat over the image, 15% (no attention) to 75% opaque
+    rgba = [np.interp(normalised, stops, _HEAT_STOPS[:, c]) for c in range(3)] + [255 * (0.15 + 0.6 * normalised)]
+    heat = Image.fromarray(np.rint(np.stack(rgba, axis=-1)).astype(np.uint8)).resize(panel.size, Image.NEAREST)
+    panel.paste(heat, mask=heat)
     draw = ImageDraw.Draw(panel)
-    input_height, input_width = result.model_image.size[1], result.model_image.size[0]
-    scale_x, scale_y = panel_size / input_width, panel_size / input_height
+    scale_x, scale_y = (panel_size / side for side in result.model_image.size)
     left, top, right, bottom = branch.window_pixels
     draw.rectangle(
         (left * scale_x, top * scale_y, right * scale_x - 1, bottom * scale_y - 1), outline=(0, 230, 255), width=2
     )
     # the anchor in the model's input pixels: token (y, x) is centred at ((x + 0.5) * patch, (y + 0.5) * patch)
-    anchor_x, anchor_y = (
-        (result.anchor[1] + 0.5) * result.patch_size[1],
-        (result.anchor[0] + 0.5) * result.patch_size[0],
-    )
-    cx, cy, r = anchor_x * scale_x, anchor_y * scale_y, max(3, panel_size // 60)
+    cx = (result.anchor[1] + 0.5) * result.patch_size[1] * scale_x
+    cy = (result.anchor[0] + 0.5) * result.patch_size[0] * scale_y
+    r = max(3, panel_size // 60)
     draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(255, 255, 255), outline=(0, 0, 0), width=1)
     if result.point is not None:  # the point asked for with query_at
         px, py = result.point[0] * scale_x, result.point[1] * scale_y
@@ -224,11 +208,11 @@ def _branch_panel(result: QueryAttention, branch: BranchAttention, panel_size: i
 
 def render(result: QueryAttention, image: Image.Image, panel_size: int = 320, notes=()) -> Image.Image:
     """Draws `result` (from `query_attention` on `image`): the input image, then a panel per branch; `notes` are
-    header lines under the one naming the query (a question and answer)."""
+    header lines under the one naming the query (a question and answer; characters the font cannot show, such as an
+    untrained model's bytes, drawn as '?')."""
     if isinstance(panel_size, bool) or not isinstance(panel_size, int) or panel_size < 64:
         raise ValueError(f"panel_size must be an integer >= 64, got {panel_size!r}")
-    width, height = panel_layout(len(result.branches), panel_size, len(notes))
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas = Image.new("RGB", panel_layout(len(result.branches), panel_size, len(notes)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font, small = _font(14), _font(12)
     (grid_h, grid_w), (rows, cols) = result.grid_size, result.query_grid
@@ -237,30 +221,34 @@ def render(result: QueryAttention, image: Image.Image, panel_size: int = 320, no
         f"(row {result.anchor[0]:g}, col {result.anchor[1]:g}) on the {grid_h}x{grid_w} token grid"
     )
     for line, text in enumerate([heading, *notes]):
+        text = "".join(c if c.isprintable() else "?" for c in text)
         draw.text((MARGIN, 4 + line * HEADER), text, fill=(0, 0, 0), font=font)
     top = HEADER * (1 + len(notes)) + MARGIN
 
     # Panel 0: the image as given, fitted into the panel.
     fit = panel_size / max(image.size)
-    shown = display_rgb(image).resize(
-        (max(1, round(image.size[0] * fit)), max(1, round(image.size[1] * fit))), Image.Resampling.BICUBIC
-    )
+    shown = display_rgb(image).resize([max(1, round(side * fit)) for side in image.size], Image.Resampling.BICUBIC)
     offset = (MARGIN + (panel_size - shown.size[0]) // 2, top + (panel_size - shown.size[1]) // 2)
     canvas.paste(shown, offset)
     (model_w, model_h), learned = result.model_image.size, " (learned B; Eq.5 windows)" * result.learned_scope_bias
-    patch = result.patch_size[1]
-    captions = [[f"input {image.size[0]}x{image.size[1]}", f"model sees {model_w}x{model_h}, patch {patch}",
-                 f"beta={result.scope_bias_strength:g}{learned}"]]  # fmt: skip
+    captions = [
+        [
+            f"input {image.size[0]}x{image.size[1]}",
+            f"model sees {model_w}x{model_h}, patch {result.patch_size[1]}",
+            f"beta={result.scope_bias_strength:g}{learned}",
+        ]
+    ]
     for index, branch in enumerate(result.branches):
         canvas.paste(_branch_panel(result, branch, panel_size), (MARGIN + (index + 1) * (panel_size + MARGIN), top))
         top_row, left_col, bottom_row, right_col = branch.window_tokens
         mass = f"in window {100 * branch.mass_inside:.1f}%, peak {100 * float(branch.attention.max()):.1f}%"
-        captions.append([
+        lines = [
             f"branch {index + 1}: k={branch.window}, window {bottom_row - top_row + 1}x{right_col - left_col + 1} "
             "tokens (Eq. 4)",
             f"rows {top_row}-{bottom_row}, cols {left_col}-{right_col}",
             mass + (f", CLS {100 * branch.prefix_mass:.1f}%" if result.num_prefix_tokens else ""),
-        ])  # fmt: skip
+        ]
+        captions.append(lines)
     for index, lines in enumerate(captions):
         x = MARGIN + index * (panel_size + MARGIN)
         for line_index, line in enumerate(lines):
@@ -290,18 +278,6 @@ def parse_point(text: str) -> tuple[float, float]:
     if not (math.isfinite(x) and math.isfinite(y)):
         raise ValueError(f"expected a finite point x,y, got {text!r}")
     return x, y
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# `ms-llava visualize` (and the drawing step of `ms-llava demo`)
-# --------------------------------------------------------------------------------------------------------------------
-
-VISUALIZE_OUTPUT = "ms-llava-attention.png"
-
-
-def printable(text: str) -> str:
-    """`text` for the PNG's header: characters the font cannot show (an untrained model's bytes) become '?'."""
-    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def draw_attention(model, processor, image, output, query=None, query_at=None, notes=()) -> QueryAttention:
@@ -349,7 +325,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(parser)
     parser.add_argument("--image", help="an image file (default: the checkpoint's first demo sample)")
     parser.add_argument("--question", help="also answer this question about the image")
-    add_query_arguments(parser, VISUALIZE_OUTPUT)
+    add_query_arguments(parser, "ms-llava-attention.png")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -363,17 +339,14 @@ def run(args: argparse.Namespace) -> int:
     if image_path is None:
         samples = load_demo_samples(path)
         if not samples:
-            raise argparse.ArgumentError(
-                None, f"--image is required: {path} has no demo_samples.json to take one from"
-            )
+            raise argparse.ArgumentError(None, f"--image is required: {path} has no demo_samples.json")
         image_path = samples[0]["image"]
     image = load_image(image_path)
     print(f"image: {image_path} ({image.size[0]}x{image.size[1]})")
     notes = []
     if args.question is not None:
         answer = ask(generator, args.question, args.max_new_tokens, image=image)
-        print(f"question: {args.question}")
-        print(f"answer: {answer!r}")
-        notes.append(f"Q: {args.question}   A: {printable(answer)}")
+        print(f"question: {args.question}\nanswer: {answer!r}")
+        notes.append(f"Q: {args.question}   A: {answer}")
     draw_attention(model, processor, image, notes=notes, **options)
     return 0

@@ -171,24 +171,58 @@ def trained_checkpoint(tmp_path_factory):
     LlamaForCausalLM(tiny_text_config(tokenizer, pad_token_id=None)).save_pretrained(llm)
     tokenizer.save_pretrained(llm)
     resampler = {"hidden_size": 20, "num_attention_heads": 2, "fusion_hidden_size": 5}
-    compose(tower, llm, root / "composed", num_queries=16, scope_windows=[2, 4, 8], resampler_kwargs=resampler,
-            log=lambda line: None)  # fmt: skip
+    compose(
+        tower,
+        llm,
+        root / "composed",
+        num_queries=16,
+        scope_windows=[2, 4, 8],
+        resampler_kwargs=resampler,
+        log=lambda line: None,
+    )
     columns = pope_columns(64, seed=0)
     # two "yes" to one "no" (pope_columns asks about another colour every third question): a model this small first
     # learns the majority answer, and POPE's precision, recall and F1 count the "yes" answers
     records = [
-        ({"id": f"yn-{index}", "image": f"yn-{index}.png", "conversations": [
-            {"from": "human", "value": f"<image>\n{question}{POST_PROMPT}"}, {"from": "gpt", "value": answer}]}, image)
-        for index, (question, answer, image) in enumerate(zip(columns["question"], columns["answer"], columns["image"], strict=True))
-    ]  # fmt: skip
+        (
+            {
+                "id": f"yn-{index}",
+                "image": f"yn-{index}.png",
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}{POST_PROMPT}"},
+                    {"from": "gpt", "value": answer},
+                ],
+            },
+            image,
+        )
+        for index, (question, answer, image) in enumerate(
+            zip(columns["question"], columns["answer"], columns["image"], strict=True)
+        )
+    ]
     data = root / "data"
     captions, questions = write_shapes_dataset(data, "caption", 16), write_records(data, "yes-no", records)
     run = {"global_batch_size": 8, "dataloader_num_workers": 0, "save_steps": 1000, "warmup_ratio": 0.1}
     # the paper's learning rates (1e-3, 2e-5) would not move a random tiny model in a few steps
-    train(root / "composed", "pretrain", captions, data / "images", root / "stage1", learning_rate=1e-2, max_steps=2,
-          **run)  # fmt: skip
-    train(root / "stage1", "finetune", questions, data / "images", root / "stage2", learning_rate=1e-2, max_steps=8,
-          **run)  # fmt: skip
+    train(
+        root / "composed",
+        "pretrain",
+        captions,
+        data / "images",
+        root / "stage1",
+        learning_rate=1e-2,
+        max_steps=2,
+        **run,
+    )
+    train(
+        root / "stage1",
+        "finetune",
+        questions,
+        data / "images",
+        root / "stage2",
+        learning_rate=1e-2,
+        max_steps=8,
+        **run,
+    )
     torch.set_num_threads(threads)
     return root / "stage2"
 

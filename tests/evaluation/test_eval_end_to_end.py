@@ -31,13 +31,34 @@ def test_compose_train_evaluate_in_two_processes_push_card(tmp_path, trained_che
     }
 
     results, samples, metrics = tmp_path / "results.json", tmp_path / "samples.jsonl", tmp_path / "lmms.json"
-    command = [BIN / "torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
-               "ms_llava.evaluation", "--model", trained_checkpoint, "--trust-remote-code", "--tasks", "pope_local",
-               "--include-path", tasks, "--batch-size", "3", "--output", results, "--log-samples", samples,
-               "--lmms-eval-output", metrics]  # fmt: skip
+    command = [
+        BIN / "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "ms_llava.evaluation",
+        "--model",
+        trained_checkpoint,
+        "--trust-remote-code",
+        "--tasks",
+        "pope_local",
+        "--include-path",
+        tasks,
+        "--batch-size",
+        "3",
+        "--output",
+        results,
+        "--log-samples",
+        samples,
+        "--lmms-eval-output",
+        metrics,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([str(part) for part in command], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [str(part) for part in command], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
     log = run.stderr + run.stdout
     assert run.returncode == 0 and "Traceback" not in log, log[-4000:]
     assert "rank 0 of 2" in log and "rank 1 of 2" in log  # two processes, each its share
@@ -63,9 +84,16 @@ def test_compose_train_evaluate_in_two_processes_push_card(tmp_path, trained_che
     assert pope["pope_recall,none"] == pytest.approx(recall)
     assert pope["pope_f1_score,none"] == pytest.approx(f1)
     (row,) = json.loads(results.read_text())["rows"]
-    assert row == {"task": "pope_local", "metric": "pope_f1_score", "score": round(100 * f1, 4), "benchmark": None,
-                   "source": {"local": str(tmp_path / "data" / "pope_local")}, "num_samples": 6,
-                   "unreadable_samples": 0, "limit": None}  # fmt: skip
+    assert row == {
+        "task": "pope_local",
+        "metric": "pope_f1_score",
+        "score": round(100 * f1, 4),
+        "benchmark": None,
+        "source": {"local": str(tmp_path / "data" / "pope_local")},
+        "num_samples": 6,
+        "unreadable_samples": 0,
+        "limit": None,
+    }
 
     repo_id = "ms-llava-test/composed-evaluated"
     code, _, err = run_cli(["push", trained_checkpoint, repo_id, "--results", results, "--training", "paper"])

@@ -86,8 +86,9 @@ def evaluated(tmp_path_factory, default_checkpoint):
         "image": [Image.open(gqa_path.parent / "images" / record["image"]).convert("RGB") for record in records],
     }
     # GQA's `process_docs` fetches the images from the Hub: switched off for local data
-    write_local_task(root, "gqa_local", {"testdev": gqa}, builtin="gqa/gqa.yaml", dataset_name="null",
-                     process_docs="null")  # fmt: skip
+    write_local_task(
+        root, "gqa_local", {"testdev": gqa}, builtin="gqa/gqa.yaml", dataset_name="null", process_docs="null"
+    )
     seed = seedbench_columns()
     write_local_task(root, "seedbench_local", {"test": seed}, builtin="seedbench/seedbench.yaml")
     qa_path = gqa_path  # the same questions, the images read from their files
@@ -97,15 +98,33 @@ def evaluated(tmp_path_factory, default_checkpoint):
         "image": [str(qa_path.parent / "images" / record["image"]) for record in records],
     }
     write_question_task(root, "scopebench", scopebench, "{max_new_tokens: 3, do_sample: false}")
-    paths = {"question": ["What colour is the object with the digit?"] * 5, "answer": ["red"] * 5,
-             "image": image_paths(root / "paths", 5, {1: "missing", 3: "unreadable"})}  # fmt: skip
+    paths = {
+        "question": ["What colour is the object with the digit?"] * 5,
+        "answer": ["red"] * 5,
+        "image": image_paths(root / "paths", 5, {1: "missing", 3: "unreadable"}),
+    }
     tasks = write_question_task(root, "paths_task", paths, "{max_new_tokens: 3}")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["eval", "--model", str(default_checkpoint), "--tasks", "gqa_local,seedbench_local,scopebench,"
-                     "paths_task", "--include-path", str(tasks), "--batch-size", "4", "--log-samples",
-                     str(root / "samples.jsonl"), "--lmms-eval-output", str(root / "lmms.json"), "--output",
-                     str(root / "results.json")])  # fmt: skip
+        code = main(
+            [
+                "eval",
+                "--model",
+                str(default_checkpoint),
+                "--tasks",
+                "gqa_local,seedbench_local,scopebench,paths_task",
+                "--include-path",
+                str(tasks),
+                "--batch-size",
+                "4",
+                "--log-samples",
+                str(root / "samples.jsonl"),
+                "--lmms-eval-output",
+                str(root / "lmms.json"),
+                "--output",
+                str(root / "results.json"),
+            ]
+        )
     assert code == 0, out.getvalue()
     record = json.loads((root / "results.json").read_text())
     return SimpleNamespace(
@@ -151,8 +170,12 @@ def test_results_record_rows_in_the_papers_units_and_only_official_runs_named_as
         {"pope_local": 12, "gqa": 100, "mme": 50, "my_task": 4},
     )
     hub = {"dataset": "lmms-lab-encoder/GQA", "revision": "abc123"}
-    sources = {"pope_local": {"local": "/data/pope"}, "gqa": hub, "mme": {"dataset": "lmms-lab-encoder/MME",
-               "revision": None}, "my_task": {"local": "/data/mine"}}  # fmt: skip
+    sources = {
+        "pope_local": {"local": "/data/pope"},
+        "gqa": hub,
+        "mme": {"dataset": "lmms-lab-encoder/MME", "revision": None},
+        "my_task": {"local": "/data/mine"},
+    }
     record = results_record(results, {"gqa": [3, 7]}, sources, None, "runs/stage2")
     assert record["format"] == RESULTS_FORMAT and record["model"] == "runs/stage2" and record["lmms_eval_version"]
     rows = {row["task"]: row for row in record["rows"]}
@@ -162,16 +185,25 @@ def test_results_record_rows_in_the_papers_units_and_only_official_runs_named_as
         ("mme", "mme_perception_score", 1510.7, "MME^P"),
         ("my_task", "exact_match", 0.5, None),
     ]
-    assert rows["gqa"] | {"score": None} == {"task": "gqa", "metric": "exact_match", "score": None, "benchmark": "GQA",
-        "source": hub, "num_samples": 98, "unreadable_samples": 2, "limit": None}  # fmt: skip
+    assert rows["gqa"] | {"score": None} == {
+        "task": "gqa",
+        "metric": "exact_match",
+        "score": None,
+        "benchmark": "GQA",
+        "source": hub,
+        "num_samples": 98,
+        "unreadable_samples": 2,
+        "limit": None,
+    }
     limited = results_record(results, {}, sources, 4, "m")["rows"]
     assert [row["benchmark"] for row in limited] == [None] * 4 and {row["limit"] for row in limited} == {4}
     with pytest.raises(ValueError, match="no numeric metric"):
         results_record(lmms_results({"t": {"alias": "t"}}, {"t": 3}), {}, {}, None, "m")
     # VQAv2 test-dev is scored by its server: lmms-eval's vqav2_test aggregates `submission` to None (no row)
     submission_only = {"vqav2_test_local": {"alias": "vqav2_test_local", "submission,none": None}}
-    both = results_record(lmms_results({**submission_only, "gqa": results["results"]["gqa"]}, {"gqa": 3}), {},
-                          sources, None, "m")  # fmt: skip
+    both = results_record(
+        lmms_results({**submission_only, "gqa": results["results"]["gqa"]}, {"gqa": 3}), {}, sources, None, "m"
+    )
     assert [row["task"] for row in both["rows"]] == ["gqa"]
     with pytest.raises(ValueError, match="submission-only tasks .vqav2_test, mmbench_en_test. are scored by"):
         results_record(lmms_results(submission_only, {"vqav2_test_local": 3}), {}, {}, None, "m")
@@ -261,16 +293,18 @@ def test_log_samples_holds_each_samples_prompt_answer_and_score(evaluated):
 
 @pytest.mark.slow  # lmms-eval indexes its ~2000 task YAMLs (once per session)
 def test_an_unknown_task_gets_the_closest_names(run_cli, default_checkpoint, tmp_path):
-    code, _, err = run_cli(["eval", "--model", default_checkpoint, "--tasks", "gqa,popee", "--output",
-                            tmp_path / "results.json"])  # fmt: skip
+    code, _, err = run_cli(
+        ["eval", "--model", default_checkpoint, "--tasks", "gqa,popee", "--output", tmp_path / "results.json"]
+    )
     assert code == 1 and "Traceback" not in err
     assert "unknown lmms-eval task(s): 'popee': did you mean pope" in err
     assert len(err) < 600 and not (tmp_path / "results.json").exists()  # not all ~2000 names
 
 
 @pytest.mark.slow  # lmms-eval indexes its ~2000 task YAMLs (once per session)
-def test_hub_tasks_without_network_fail_within_seconds_pointing_to_local_data(run_cli, default_checkpoint, tmp_path,
-                                                                              free_port):  # fmt: skip
+def test_hub_tasks_without_network_fail_within_seconds_pointing_to_local_data(
+    run_cli, default_checkpoint, tmp_path, free_port
+):
     """lmms-eval would retry the download for 30-50 s and end in a `tenacity.RetryError`: the task's Hub dataset is
     asked for once, before the model loads."""
     from isolation import local_hub_clients
@@ -278,8 +312,9 @@ def test_hub_tasks_without_network_fail_within_seconds_pointing_to_local_data(ru
     host = f"127.0.0.1:{free_port()}"
     with local_hub_clients(f"http://{host}", tmp_path / "hf_cache"):
         started = time.perf_counter()
-        code, _, err = run_cli(["eval", "--model", default_checkpoint, "--tasks", "gqa", "--output",
-                                tmp_path / "results.json"])  # fmt: skip
+        code, _, err = run_cli(
+            ["eval", "--model", default_checkpoint, "--tasks", "gqa", "--output", tmp_path / "results.json"]
+        )
         elapsed = time.perf_counter() - started
     assert code == 1 and "Traceback" not in err and elapsed < 20, (elapsed, err)
     assert "error: task gqa: the Hub dataset lmms-lab-encoder/GQA cannot be reached" in err and f"host {host}" in err
@@ -290,11 +325,27 @@ def test_hub_tasks_without_network_fail_within_seconds_pointing_to_local_data(ru
 @pytest.mark.slow
 def test_an_evaluation_that_scored_nothing_is_not_a_score(run_cli, default_checkpoint, tmp_path):
     """No sample had a readable image: no results file (which `push --results` would publish), exit status 1."""
-    paths = {"question": ["What colour?"] * 3, "answer": ["red"] * 3,
-             "image": image_paths(tmp_path / "images", 3, dict.fromkeys(range(3), "missing"))}  # fmt: skip
+    paths = {
+        "question": ["What colour?"] * 3,
+        "answer": ["red"] * 3,
+        "image": image_paths(tmp_path / "images", 3, dict.fromkeys(range(3), "missing")),
+    }
     tasks = write_question_task(tmp_path, "no_images", paths, "{max_new_tokens: 3}")
-    code, out, err = run_cli(["eval", "--model", default_checkpoint, "--tasks", "no_images", "--include-path", tasks,
-                              "--output", tmp_path / "results.json", "--log-samples", tmp_path / "s.jsonl"])  # fmt: skip
+    code, out, err = run_cli(
+        [
+            "eval",
+            "--model",
+            default_checkpoint,
+            "--tasks",
+            "no_images",
+            "--include-path",
+            tasks,
+            "--output",
+            tmp_path / "results.json",
+            "--log-samples",
+            tmp_path / "s.jsonl",
+        ]
+    )
     assert code == 1 and "Traceback" not in err, err
     assert "error: nothing was scored for task(s) no_images (none of its 3 samples had a readable image)" in err
     assert not (tmp_path / "results.json").exists() and "wrote" not in out

@@ -13,6 +13,8 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..chat import positive_int
+
 RESULTS_FORMAT = "ms-llava-eval-results/1"
 LOCAL_DATA_HINT = "without network, evaluate a local copy of the data (docs/evaluation.md, 'Local data')"
 # The paper's ten benchmarks (Table 1) as lmms-eval 0.7.3 names them: task -> (Table 1 column, lmms-eval's metric,
@@ -49,14 +51,15 @@ def check_tasks(tasks: list[str], manager) -> None:
 
     if not tasks:
         raise ValueError("no task given (--tasks pope,gqa,...)")
-    unknown = [task for task in tasks if task not in manager.all_tasks]
-    if unknown:
-        close = [(task, difflib.get_close_matches(task, manager.all_tasks, n=4, cutoff=0.6)) for task in unknown]
-        hints = "; ".join(
-            f"{task!r}: did you mean {', '.join(names)}?" if names else repr(task) for task, names in close
+    hints = []
+    for task in (task for task in tasks if task not in manager.all_tasks):
+        close = difflib.get_close_matches(task, manager.all_tasks, n=4, cutoff=0.6)
+        hints.append(f"{task!r}: did you mean {', '.join(close)}?" if close else repr(task))
+    if hints:
+        raise ValueError(
+            f"unknown lmms-eval task(s): {'; '.join(hints)} (`lmms-eval tasks` lists all {len(manager.all_tasks)}; "
+            "local task YAMLs need --include-path)"
         )
-        raise ValueError(f"unknown lmms-eval task(s): {hints} (`lmms-eval tasks` lists all {len(manager.all_tasks)}; "
-                         "local task YAMLs need --include-path)")  # fmt: skip
 
 
 def task_sources(tasks: list[str], manager) -> dict[str, dict]:
@@ -93,9 +96,7 @@ def task_sources(tasks: list[str], manager) -> dict[str, dict]:
     return sources
 
 
-def evaluate(
-    model: str | Path, tasks: list[str], include_path=None, limit: int | None = None, log_samples=False, **model_args
-) -> tuple[dict, dict[str, list], dict[str, dict]]:
+def evaluate(model, tasks: list[str], include_path=None, limit=None, log_samples=False, **model_args) -> tuple:
     """lmms-eval's `simple_evaluate` with `MSLlavaLMMS(model, **model_args)`: its results (`{}` on a process but the
     first), the doc ids per task of samples without a readable image (from every process), and `task_sources`."""
     import torch.distributed as dist
@@ -129,33 +130,42 @@ def results_record(results: dict, unreadable: dict, sources: dict, limit: int | 
     Hub data. Refuses (`ValueError`) a run in which a task scored no sample, or no number was reported."""
     from importlib.metadata import version
 
-    counts = {task: n["effective"] - len(unreadable.get(task, [])) for task, n in results.get("n-samples", {}).items()}
-    if empty := [task for task, count in counts.items() if count <= 0]:
-        raise ValueError("nothing was scored for task(s) " + ", ".join(
-            f"{task} (none of its {results['n-samples'][task]['effective']} samples had a readable image)"
-            for task in empty) + "; no results file written")  # fmt: skip
+    samples = {task: n["effective"] for task, n in results.get("n-samples", {}).items()}
+    counts = {task: n - len(unreadable.get(task, [])) for task, n in samples.items()}
+    empty = [
+        f"{task} (none of its {samples[task]} samples had a readable image)" for task in samples if counts[task] <= 0
+    ]
+    if empty:
+        raise ValueError(f"nothing was scored for task(s) {', '.join(empty)}; no results file written")
     rows = []
     for task, metrics in results["results"].items():
         values = {key.split(",")[0]: value for key, value in metrics.items() if "," in key and "_stderr" not in key}
-        values = {key: value for key, value in values.items() if isinstance(value, (int, float))
-                  and not isinstance(value, bool) and math.isfinite(value)}  # fmt: skip
+        values = {
+            key: value
+            for key, value in values.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        }
         column, metric, scale = PAPER_BENCHMARKS.get(task.removesuffix(LOCAL_SUFFIX), (None, None, 1))
         if column is not None:
             values = {metric: values[metric]} if metric in values else {}
         official = task in PAPER_BENCHMARKS and limit is None and "dataset" in sources.get(task, {})
-        rows += [{"task": task, "metric": name, "score": round(float(value) * scale, 4),
-                  "benchmark": column if official else None, "source": sources.get(task, {}),
-                  "num_samples": counts.get(task, 0), "unreadable_samples": len(unreadable.get(task, [])),
-                  "limit": limit} for name, value in values.items()]  # fmt: skip
+        about = {
+            "benchmark": column if official else None,
+            "source": sources.get(task, {}),
+            "num_samples": counts.get(task, 0),
+            "unreadable_samples": len(unreadable.get(task, [])),
+            "limit": limit,
+        }
+        for name, value in values.items():
+            rows.append({"task": task, "metric": name, "score": round(float(value) * scale, 4), **about})
     if not rows:
         raise ValueError(
             f"lmms-eval reported no numeric metric for tasks {sorted(results['results'])}: submission-only tasks "
             "(vqav2_test, mmbench_en_test) are scored by their servers from the file lmms-eval writes; "
             "--lmms-eval-output FILE keeps lmms-eval's whole results"
         )
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return {"format": RESULTS_FORMAT, "model": model, "lmms_eval_version": version("lmms_eval"), "date": date,
-            "rows": rows}  # fmt: skip
+    record = {"format": RESULTS_FORMAT, "model": model, "lmms_eval_version": version("lmms_eval")}
+    return {**record, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows}
 
 
 def logged_samples(results: dict, unreadable: dict) -> list[dict]:
@@ -164,10 +174,18 @@ def logged_samples(results: dict, unreadable: dict) -> list[dict]:
     lines = []
     for task, samples in results.get("samples", {}).items():
         metrics = [item["metric"] for item in results["configs"].get(task, {}).get("metric_list", [])]
-        lines += [{"task": task, "doc_id": sample["doc_id"], "prompt": (sample["arguments"] or [None])[0],
-                   "answer": sample["filtered_resps"][0], "target": sample["target"],
-                   "scores": {metric: sample[metric] for metric in metrics if metric in sample},
-                   "unreadable": sample["doc_id"] in unreadable.get(task, [])} for sample in samples]  # fmt: skip
+        lines += [
+            {
+                "task": task,
+                "doc_id": sample["doc_id"],
+                "prompt": (sample["arguments"] or [None])[0],
+                "answer": sample["filtered_resps"][0],
+                "target": sample["target"],
+                "scores": {metric: sample[metric] for metric in metrics if metric in sample},
+                "unreadable": sample["doc_id"] in unreadable.get(task, []),
+            }
+            for sample in samples
+        ]
     return lines
 
 
@@ -179,8 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks, e.g. pope,gqa,textvqa_val")
     parser.add_argument("--output", required=True, help="the results record (JSON) to write")
     parser.add_argument("--include-path", action="append", help="a folder of task YAMLs (local data; repeatable)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, help="evaluate only the first N samples of each task (a smoke test)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--limit", type=positive_int, help="only the first N samples of each task (a smoke test)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modules")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", help="e.g. cpu, cuda:0 (default: the accelerator's device)")
@@ -192,8 +210,6 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import resolve_checkpoint
     from ..outputs import check_writable, writing
 
-    if args.limit is not None and args.limit < 1:
-        raise argparse.ArgumentError(None, f"--limit must be >= 1, got {args.limit}")
     names = ("output", "log_samples", "lmms_eval_output")
     outputs = {name: Path(getattr(args, name)) for name in names if getattr(args, name)}
     for path in outputs.values():

@@ -1,15 +1,11 @@
-"""The lmms-eval model `ms_llava`: greedy, batched (left-padded) generation with an MS-LLaVA checkpoint through its
-chat template, several images per sample allowed.
-
-lmms-eval finds it through the entry point group `lmms_eval.models` (pyproject.toml): `lmms-eval --model ms_llava
---model_args pretrained=DIR[,trust_remote_code=True] --tasks pope`. With `trust_remote_code` the checkpoint's own
-modules run. In lmms-eval's multi-process mode each rank gets its share of the requests. A sample whose image cannot
-be had is answered with an empty string and its doc id counted in `unreadable`; the run goes on.
+"""The lmms-eval model `ms_llava` (`lmms-eval --model ms_llava --model_args pretrained=DIR --tasks pope`): greedy,
+batched (left-padded) generation with an MS-LLaVA checkpoint through its chat template, several images per sample
+allowed; in lmms-eval's multi-process mode each rank answers its share of the requests. A sample whose image cannot be
+had is answered with an empty string and its doc id counted in `unreadable`; the run goes on.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +28,7 @@ def load_checkpoint(pretrained: str, trust_remote_code: bool = False, dtype: str
     resolve "ms_llava" to the package's classes whenever it is imported)."""
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    from ..checkpoints import check_checkpoint_folder
+    from ..checkpoints import check_checkpoint_folder, read_json
     from ..modeling_ms_llava import MSLlavaForConditionalGeneration
     from ..processing_ms_llava import MSLlavaProcessor
 
@@ -40,8 +36,7 @@ def load_checkpoint(pretrained: str, trust_remote_code: bool = False, dtype: str
     model_class, processor_class = MSLlavaForConditionalGeneration, MSLlavaProcessor
     if trust_remote_code:
         names = {"config.json": "AutoModelForImageTextToText", "processor_config.json": "AutoProcessor"}
-        references = [json.loads((directory / file).read_text()).get("auto_map", {}).get(name) for file, name in
-                      names.items()]  # fmt: skip
+        references = [read_json(directory / file).get("auto_map", {}).get(name) for file, name in names.items()]
         if None in references:
             raise ValueError(f"pretrained={pretrained}: trust_remote_code=True needs the auto_map entries {names}")
         model_class, processor_class = (get_class_from_dynamic_module(ref, directory) for ref in references)
@@ -55,8 +50,11 @@ def build_prompt(processor, context: str, num_images: int, chat_template: str | 
     pieces = context.split(token) if token in context else [""] * num_images + [context]
     if len(pieces) - 1 != num_images:
         raise ValueError(f"the prompt has {len(pieces) - 1} {token} tokens but the sample has {num_images} images")
-    content = [part for index, piece in enumerate(pieces) for part in [{"type": "image"}] * (index > 0)
-               + [{"type": "text", "text": piece.strip()}] * bool(piece.strip())]  # fmt: skip
+    content = [
+        part
+        for index, piece in enumerate(pieces)
+        for part in [{"type": "image"}] * (index > 0) + [{"type": "text", "text": piece.strip()}] * bool(piece.strip())
+    ]
     kwargs = {"chat_template": chat_template} if chat_template else {}
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
@@ -70,30 +68,41 @@ class MSLlavaLMMS(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, trust_remote_code=False, dtype="float32", device=None, batch_size=1,
-                 chat_template=None, max_new_tokens=None, **unknown) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pretrained: str,
+        trust_remote_code=False,
+        dtype="float32",
+        device=None,
+        batch_size=1,
+        chat_template=None,
+        max_new_tokens=None,
+        **unknown,
+    ) -> None:
         super().__init__()
         if unknown := sorted(key for key, value in unknown.items() if value is not None):
-            raise ValueError(f"ms_llava: unknown model_args {unknown}; known: pretrained, trust_remote_code, dtype, "
-                             "device, batch_size, chat_template, max_new_tokens")  # fmt: skip
+            raise ValueError(
+                f"ms_llava: unknown model_args {unknown}; known: pretrained, trust_remote_code, dtype, "
+                "device, batch_size, chat_template, max_new_tokens"
+            )
         if str(dtype) not in DTYPES or int(batch_size) < 1:
             raise ValueError(
                 f"ms_llava: dtype must be one of {DTYPES} (got {dtype!r}), batch_size >= 1 (got {batch_size!r})"
             )
         from accelerate import Accelerator
 
-        self.accelerator, self.batch_size_per_device = Accelerator(), int(batch_size)
+        self.accelerator, self.batch_size = Accelerator(), int(batch_size)
         # The launcher's view (torchrun / accelerate launch set these), as lmms-eval's evaluator reads it: on CPU
         # accelerate reports one process where torchrun started several. lmms-eval hands each rank its requests.
         self._rank = int(os.environ.get("RANK", self.accelerator.process_index))
         self._world_size = int(os.environ.get("WORLD_SIZE", self.accelerator.num_processes))
         local_rank = int(os.environ.get("LOCAL_RANK", self.accelerator.local_process_index))
-        self._device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
         self.model, self.processor = load_checkpoint(pretrained, bool(trust_remote_code), str(dtype))
-        self.model.to(self._device)
+        self.model.to(self.device)
         self.summary = (
-            f"ms_llava: {type(self.model).__module__}.{type(self.model).__name__} from {pretrained} on {self._device} "
-            f"(rank {self._rank} of {self._world_size}, batch size {self.batch_size_per_device})"
+            f"ms_llava: {type(self.model).__module__}.{type(self.model).__name__} from {pretrained} on {self.device} "
+            f"(rank {self._rank} of {self._world_size}, batch size {self.batch_size})"
         )
         eval_logger.info(self.summary)
         self.tokenizer = self.processor.tokenizer
@@ -106,26 +115,14 @@ class MSLlavaLMMS(lmms):
         self.max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
         self.unreadable: dict[str, list] = defaultdict(list)
 
-    @property
-    def batch_size(self) -> int:
-        return self.batch_size_per_device
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> list[Image.Image] | None:
         """The sample's images (paths opened by `load_image`, as every command opens files), or None (counted in
         `unreadable`) when one cannot be read."""
         try:
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-            images = []
-            for visual in visuals:
-                if isinstance(visual, (str, Path)):
-                    visual = load_image(visual)
-                if not isinstance(visual, Image.Image):
-                    raise ValueError(f"not an image: {type(visual).__name__}")
-                images.append(visual)
+            images = [load_image(visual) if isinstance(visual, (str, Path)) else visual for visual in visuals]
+            if others := [type(image).__name__ for image in images if not isinstance(image, Image.Image)]:
+                raise ValueError(f"not an image: {', '.join(others)}")
             return images
         except Exception as error:  # a broken sample must not end a run over thousands
             self.unreadable[task].append(doc_id)
@@ -139,9 +136,7 @@ class MSLlavaLMMS(lmms):
         bos = self.tokenizer.bos_token
         add_special_tokens = not (bos is not None and prompts[0].startswith(bos))
         options = {"return_tensors": "pt", "padding": True, "add_special_tokens": add_special_tokens}
-        inputs = self.processor(text=prompts, images=images or None, **options).to(self._device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = self.processor(text=prompts, images=images or None, **options).to(self.device, self.model.dtype)
         max_new_tokens = min(int(gen_kwargs.get("max_new_tokens") or 128), self.max_new_tokens or 2**31)
         options = {"do_sample": False, "num_beams": 1, "pad_token_id": self.tokenizer.pad_token_id}
         output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **options)
@@ -152,11 +147,7 @@ class MSLlavaLMMS(lmms):
         doc_id, task, split)`, in the requests' order. Requests with the same generation arguments are batched,
         longest prompt first (lmms-eval's `Collator`); each answer is cut at the first of the task's `until`
         strings."""
-
-        # longest prompt first (lmms-eval's order), then the prompt itself
-        collator = lmms_utils.Collator(
-            [r.args for r in requests], lambda args: (-len(args[0]), args[0]), grouping=True
-        )
+        collator = lmms_utils.Collator([r.args for r in requests], lambda a: (-len(a[0]), a[0]), grouping=True)
         answers = []
         progress = tqdm(total=len(requests), disable=self._rank != 0, desc="ms_llava responding")
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
@@ -171,14 +162,11 @@ class MSLlavaLMMS(lmms):
                 prompts.append(build_prompt(self.processor, context, len(visuals), self.chat_template))
                 images += visuals
                 slots.append(position)
-            for position, text in zip(
-                slots, self._generate(prompts, images, gen_kwargs) if prompts else [], strict=True
-            ):
+            generated = self._generate(prompts, images, gen_kwargs) if prompts else []
+            for position, text in zip(slots, generated, strict=True):
                 for stop in filter(None, until):
                     text = text.split(stop)[0]
                 batch_answers[position] = text.strip()
-            for args, answer in zip(chunk, batch_answers, strict=True):
-                self.cache_hook.add_partial("generate_until", (args[0], args[1]), answer)
             answers += batch_answers
             progress.update(len(chunk))
         progress.close()
