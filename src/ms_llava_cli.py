@@ -103,7 +103,11 @@ def kind_of(error: BaseException) -> str | None:
         isinstance(error, safetensors) and "(os error" in str(error)  # a full disk while saving, as Rust words it
     ):
         return "file"
-    if isinstance(error, (ValueError, *safetensors)):
+    content = (
+        "pickle.UnpicklingError",
+        "huggingface_hub.errors.StrictDataclassError",
+    )  # refused pickles, config values
+    if isinstance(error, (ValueError, *safetensors, *_classes(*content))):
         return "content"
     return "dependency" if isinstance(error, ImportError) else None
 

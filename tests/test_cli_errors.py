@@ -316,6 +316,8 @@ def test_each_kind_of_failure_is_one_line_naming_the_culprit(
         # lmms-eval's and datasets' retries end in tenacity's RetryError: the last attempt's cause is told
         ("RetryError", "network", "Couldn't reach 'lmms-lab/GQA' on the Hub"),
         (ImportError("No module named 'peft'"), "dependency", "No module named 'peft'"),
+        # a config value out of range, as transformers' @strict configs refuse it (MSLlavaConfig built from flags)
+        ("StrictDataclassError", "content", "num_queries (M) must be a positive perfect square"),
         (TypeError("a bug"), None, ""),
     ],
 )
@@ -329,6 +331,12 @@ def test_the_kind_is_found_along_the_chain(error, kind, line):
         except SafetensorError as inner:
             error = RuntimeError("saving failed")
             error.__context__ = inner
+    elif error == "StrictDataclassError":
+        from ms_llava import MSResamplerConfig
+
+        with pytest.raises(Exception) as caught:
+            MSResamplerConfig(num_queries=10)
+        error = caught.value
     elif error == "RetryError":
         from tenacity import RetryError, Retrying, stop_after_attempt
 
