@@ -17,12 +17,28 @@ from pathlib import Path
 # remote-code modules. `--overwrite` replaces these and nothing else; push uploads them and Hub downloads fetch them,
 # less pickled weights.
 CHECKPOINT_FILES = (
-    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
-    "pytorch_model.bin.index.json", "adapter_config.json", "processor_config.json", "preprocessor_config.json",
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "*.tiktoken", "chat_template.jinja", "chat_template.json",
-    "additional_chat_templates/*.jinja", "*_ms_llava.py",
-)  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates/*.jinja",
+    "*_ms_llava.py",
+)
 PICKLED_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 DOWNLOAD_PATTERNS = [pattern for pattern in CHECKPOINT_FILES if pattern not in PICKLED_WEIGHTS]
 SAFE, PICKLE = "model.safetensors", "pytorch_model.bin"

@@ -292,19 +292,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="the MS-LLaVA checkpoint folder to write")
     add_resampler_arguments(parser)
     parser.add_argument(
-        "--vision-feature-layer", type=int, nargs="+", default=[-2], metavar="LAYER",
+        "--vision-feature-layer",
+        type=int,
+        nargs="+",
+        default=[-2],
+        metavar="LAYER",
         help="the tower layer(s) the resampler reads (-2, LLaVA-1.5's penultimate layer)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--vision-feature-select-strategy", choices=("default", "full"),
+        "--vision-feature-select-strategy",
+        choices=("default", "full"),
         help="'default' drops the CLS token, 'full' keeps every token (default: 'default' for a tower with a CLS "
         "token such as CLIP, 'full' for one without such as SigLIP)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--chat-template", metavar="NAME_OR_FILE",
+        "--chat-template",
+        metavar="NAME_OR_FILE",
         help="vicuna_v1 (LLaVA-1.5), chatml (Qwen2), llm (the LLM's own, with {%% generation %%} markers) or a "
         "Jinja file (default: chatml for an LLM whose template is ChatML, else vicuna_v1)",
-    )  # fmt: skip
+    )
     add_output_arguments(parser)
 
 
@@ -315,8 +321,13 @@ def run(args: argparse.Namespace) -> int:
     )
     layer = layers[0] if len(layers) == 1 else layers
     report = compose(
-        args.vision_tower, args.language_model, args.output, vision_feature_layer=layer, **options,
-        **resampler_options(args), **output_options(args),
-    )  # fmt: skip
+        args.vision_tower,
+        args.language_model,
+        args.output,
+        vision_feature_layer=layer,
+        **options,
+        **resampler_options(args),
+        **output_options(args),
+    )
     print("\n".join(report.lines()))
     return 0

@@ -134,11 +134,17 @@ def _paper_stages() -> list[dict]:
         ("2. instruction tuning", "MS-Resampler + LLM", "vision encoder", "LLaVA-1.5 665K instruction data"),
     ]
     return [
-        {"stage": stage, "trained": trained, "frozen": frozen, "data": data,
-         "learning rate": _number(recipe.learning_rate), "batch size": recipe.global_batch_size,
-         "epochs": _number(recipe.num_train_epochs)}
+        {
+            "stage": stage,
+            "trained": trained,
+            "frozen": frozen,
+            "data": data,
+            "learning rate": _number(recipe.learning_rate),
+            "batch size": recipe.global_batch_size,
+            "epochs": _number(recipe.num_train_epochs),
+        }
         for (stage, trained, frozen, data), recipe in zip(stages, PAPER_RECIPES.values(), strict=True)
-    ]  # fmt: skip
+    ]
 
 
 def _stated_table(stages: list[dict]) -> str:
@@ -227,17 +233,27 @@ def build_model_card(
         config_folder = base if local and (base / "config.json").is_file() else None
     fields = _built(folder, config_folder, adapter)
     card_data = ModelCardData(
-        library_name="peft" if adapter else "transformers", pipeline_tag="image-text-to-text",
-        base_model=base_model, license=license, tags=CARD_TAGS + (["lora"] if adapter else []),
-    )  # fmt: skip
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag="image-text-to-text",
+        base_model=base_model,
+        license=license,
+        tags=CARD_TAGS + (["lora"] if adapter else []),
+    )
     card = ModelCard.from_template(
-        card_data, template_str=model_card_template(), model_name=(repo_id or folder.name).split("/")[-1],
-        repo_id=repo_id or folder.name, license=license, untrained=record is None and training is None,
+        card_data,
+        template_str=model_card_template(),
+        model_name=(repo_id or folder.name).split("/")[-1],
+        repo_id=repo_id or folder.name,
+        license=license,
+        untrained=record is None and training is None,
         base_model=", ".join([base_model] if isinstance(base_model, str) else base_model or []),
-        adapter=adapter and adapter.get("peft_type", "PEFT"), evaluation=_evaluation_section(results),
-        record=record, paper_matches=_paper_matches(record, str(folder / TRAINING_RECORD)) if record else [],
-        training=_training_section(training, record is not None), **fields,
-    )  # fmt: skip
+        adapter=adapter and adapter.get("peft_type", "PEFT"),
+        evaluation=_evaluation_section(results),
+        record=record,
+        paper_matches=_paper_matches(record, str(folder / TRAINING_RECORD)) if record else [],
+        training=_training_section(training, record is not None),
+        **fields,
+    )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))  # the template's optional parts leave blank runs
 
 
@@ -253,10 +269,13 @@ def _built(folder: Path, config_folder: Path | None, adapter: dict | None) -> di
     names = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
     fields = {
         "adapter_settings": ", ".join(f"{name} {adapter[name]}" for name in names if adapter.get(name) is not None)
-        if adapter else None,
-        "parameters": _human(total), "projector_parameters": _human(projector), "config": None,
+        if adapter
+        else None,
+        "parameters": _human(total),
+        "projector_parameters": _human(projector),
+        "config": None,
         "settings_of": None if config_folder in (None, folder) else config_folder.name,
-    }  # fmt: skip
+    }
     if config_folder is not None:
         config = fields["config"] = load_config(config_folder)
         (grid_h, grid_w), rows_cols = config.vision_grid_size, config.resampler_config.query_grid_shape
@@ -350,9 +369,13 @@ def _upload(folder, repo_id, card, private, revision, commit_message, token, end
         resampler = read_json(folder / "config.json").get("resampler_config") or {}
         message = f"Upload MS-LLaVA (M={resampler.get('num_queries', 144)}, windows {resampler.get('scope_windows')})"
         commit = api.upload_folder(
-            repo_id=created, folder_path=folder, allow_patterns=[*UPLOADED, "README.md"], revision=revision,
-            delete_patterns=[*CHECKPOINT_FILES, "README.md"], commit_message=commit_message or message,
-        )  # fmt: skip
+            repo_id=created,
+            folder_path=folder,
+            allow_patterns=[*UPLOADED, "README.md"],
+            revision=revision,
+            delete_patterns=[*CHECKPOINT_FILES, "README.md"],
+            commit_message=commit_message or message,
+        )
     except Exception as error:
         if (failure := _network_error(error, urlsplit(endpoint or constants.ENDPOINT).netloc)) is error:
             raise
@@ -448,10 +471,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     base_model = args.base_model[0] if args.base_model and len(args.base_model) == 1 else args.base_model
     pushed = push_to_hub(
-        args.directory, args.repo_id, base_model=base_model, license=args.license, results=args.results,
-        training=args.training, private=args.private, revision=args.revision, commit_message=args.commit_message,
+        args.directory,
+        args.repo_id,
+        base_model=base_model,
+        license=args.license,
+        results=args.results,
+        training=args.training,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
         dry_run=args.dry_run,
-    )  # fmt: skip
+    )
     if args.dry_run:
         print(f"dry run: wrote what would be uploaded to {args.repo_id} into {pushed} (card: {pushed / 'README.md'})")
     else:

@@ -34,14 +34,16 @@ def add_resampler_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
         help=f"largest output shard, e.g. 2GB or 200MB (default {DEFAULT_MAX_SHARD_SIZE}; one is in memory at a time)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="replace a non-empty --output that holds a checkpoint a conversion wrote (its checkpoint files only; "
         "other files are kept); never the current directory, the home directory or a filesystem root",
-    )  # fmt: skip
+    )
     parser.add_argument("--no-parity", action="store_true", help="skip the parity check of the output")
 
 

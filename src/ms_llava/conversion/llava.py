@@ -55,12 +55,14 @@ def convert_llava_to_ms_llava(
         )
     llava = LlavaConfig.from_pretrained(source_dir)
     config = streaming.ms_llava_config(
-        llava.vision_config, llava.text_config,
+        llava.vision_config,
+        llava.text_config,
         streaming.resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs),
-        image_token_id=llava.image_token_id, vision_feature_layer=llava.vision_feature_layer,
+        image_token_id=llava.image_token_id,
+        vision_feature_layer=llava.vision_feature_layer,
         vision_feature_select_strategy=llava.vision_feature_select_strategy,
         tie_word_embeddings=llava.tie_word_embeddings,
-    )  # fmt: skip
+    )
     meta_model = streaming.build_on_meta(MSLlavaForConditionalGeneration, config)
     log(f"reading {source_dir}")
     key_map = streaming.KeyMap(meta_model)
@@ -111,9 +113,12 @@ def ms_llava_processor(source_dir: Path, config, notes: list[str]) -> MSLlavaPro
     if not source.chat_template:
         notes.append("the source has no chat template: the processor uses LLaVA-1.5's")
     processor = MSLlavaProcessor(
-        MSLlavaImageProcessor(**settings), source.tokenizer, chat_template=source.chat_template,
-        num_image_tokens=config.resampler_config.num_queries, image_token=source.image_token,
-    )  # fmt: skip
+        MSLlavaImageProcessor(**settings),
+        source.tokenizer,
+        chat_template=source.chat_template,
+        num_image_tokens=config.resampler_config.num_queries,
+        image_token=source.image_token,
+    )
     if processor.image_token_id != config.image_token_id:
         raise streaming.ConversionError(
             f"{source_dir}: the tokenizer's image token {source.image_token!r} has id {processor.image_token_id}, but "
