@@ -221,14 +221,13 @@ def compose(
     log(f"reading {tower_dir} and {llm_dir}")
     key_map = streaming.KeyMap(streaming.build_on_meta(MSLlavaForConditionalGeneration, config))
     rename_tower, rename_llm = streaming.loader_renames(tower), streaming.loader_renames(causal)
-    tower_keys = set(tower.state_dict())
+    tower_keys = set(tower.state_dict())  # a whole dual encoder's other keys are its text half's
     text_half = f"not part of the vision model ({vision_config.model_type}'s text half and projections)"
-
-    def drop(key: str) -> str | None:  # a whole dual encoder's keys that are not its vision model's
-        return None if rename_tower(key) in tower_keys or key.endswith(streaming.RECOMPUTED_BUFFERS) else text_half
-
-    tower_sources = streaming.read_sources(tower_dir, "--vision-tower")
-    key_map.map(tower_sources, lambda key: "model.vision_tower." + rename_tower(key), drop if whole else None)
+    key_map.map(
+        streaming.read_sources(tower_dir, "--vision-tower"),
+        lambda key: "model.vision_tower." + rename_tower(key),
+        (lambda key: None if rename_tower(key) in tower_keys else text_half) if whole else None,
+    )
     llm_sources = streaming.read_sources(llm_dir, "--language-model")
     key_map.map(llm_sources, lambda key: re.sub(r"^model\.", "model.language_model.", rename_llm(key)))
     if new_vocab > old_vocab:
@@ -271,26 +270,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--language-model", required=True, help="a causal LM checkpoint folder or Hub id")
     parser.add_argument("--output", required=True, help="the MS-LLaVA checkpoint folder to write")
     add_resampler_arguments(parser)
-    parser.add_argument(
-        "--vision-feature-layer",
-        type=int,
-        nargs="+",
-        default=[-2],
-        metavar="LAYER",
-        help="the tower layer(s) the resampler reads (-2, LLaVA-1.5's penultimate layer)",
-    )
-    parser.add_argument(
-        "--vision-feature-select-strategy",
-        choices=("default", "full"),
-        help="'default' drops the CLS token, 'full' keeps every token (default: 'default' for a tower with a CLS "
-        "token such as CLIP, 'full' for one without such as SigLIP)",
-    )
-    parser.add_argument(
-        "--chat-template",
-        metavar="NAME_OR_FILE",
-        help="vicuna_v1 (LLaVA-1.5), chatml (Qwen2), llm (the LLM's own, with {%% generation %%} markers) or a "
-        "Jinja file (default: chatml for an LLM whose template is ChatML, else vicuna_v1)",
-    )
+    layer = "the tower layer(s) the resampler reads (-2, LLaVA-1.5's penultimate layer)"
+    parser.add_argument("--vision-feature-layer", type=int, nargs="+", default=[-2], metavar="LAYER", help=layer)
+    strategy = "'default' drops the CLS token, 'full' keeps every token (default: 'default' for a tower with a CLS "
+    strategy += "token such as CLIP, 'full' for one without such as SigLIP)"
+    parser.add_argument("--vision-feature-select-strategy", choices=("default", "full"), help=strategy)
+    template = "vicuna_v1 (LLaVA-1.5), chatml (Qwen2), llm (the LLM's own, with {%% generation %%} markers) or a "
+    template += "Jinja file (default: chatml for an LLM whose template is ChatML, else vicuna_v1)"
+    parser.add_argument("--chat-template", metavar="NAME_OR_FILE", help=template)
     add_output_arguments(parser)
 
 
@@ -298,13 +285,7 @@ def run(args: argparse.Namespace) -> int:
     layers = args.vision_feature_layer
     options = {"vision_feature_layer": layers[0] if len(layers) == 1 else layers, "chat_template": args.chat_template}
     options["vision_feature_select_strategy"] = args.vision_feature_select_strategy
-    report = compose(
-        args.vision_tower,
-        args.language_model,
-        args.output,
-        **options,
-        **resampler_options(args),
-        **output_options(args),
-    )
+    options |= resampler_options(args) | output_options(args)
+    report = compose(args.vision_tower, args.language_model, args.output, **options)
     print("\n".join(report.lines()))
     return 0

@@ -33,17 +33,11 @@ def add_resampler_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--max-shard-size",
-        default=DEFAULT_MAX_SHARD_SIZE,
-        help=f"largest output shard, e.g. 2GB or 200MB (default {DEFAULT_MAX_SHARD_SIZE}; one is in memory at a time)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a non-empty --output that holds a checkpoint a conversion wrote (its checkpoint files only; "
-        "other files are kept); never the current directory, the home directory or a filesystem root",
-    )
+    size = f"largest output shard, e.g. 2GB or 200MB (default {DEFAULT_MAX_SHARD_SIZE}; one is in memory at a time)"
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help=size)
+    overwrite = "replace a non-empty --output that holds a checkpoint a conversion wrote (its checkpoint files only; "
+    overwrite += "other files are kept); never the current directory, the home directory or a filesystem root"
+    parser.add_argument("--overwrite", action="store_true", help=overwrite)
     parser.add_argument("--no-parity", action="store_true", help="skip the parity check of the output")
 
 
@@ -59,11 +53,8 @@ def output_options(args: argparse.Namespace) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     conversions = parser.add_subparsers(dest="conversion", required=True, metavar="CONVERSION")
-    to_ms_llava = conversions.add_parser(
-        "llava-to-ms-llava",
-        help="a transformers LLaVA -> an MS-LLaVA (fresh MS-Resampler, the rest bit for bit)",
-        description=llava.__doc__,
-    )
+    what = "a transformers LLaVA -> an MS-LLaVA (fresh MS-Resampler, the rest bit for bit)"
+    to_ms_llava = conversions.add_parser("llava-to-ms-llava", help=what, description=llava.__doc__)
     to_ms_llava.add_argument("--source", required=True, help="a transformers LLaVA checkpoint folder, or a Hub id")
     to_ms_llava.add_argument("--output", required=True, help="the MS-LLaVA checkpoint folder to write")
     add_resampler_arguments(to_ms_llava)

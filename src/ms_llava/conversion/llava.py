@@ -92,13 +92,8 @@ def ms_llava_processor(source_dir: Path, config, notes: list[str]) -> MSLlavaPro
     settings = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items() if v is not None}
     if not source.chat_template:
         notes.append("the source has no chat template: the processor uses LLaVA-1.5's")
-    processor = MSLlavaProcessor(
-        MSLlavaImageProcessor(**settings),
-        source.tokenizer,
-        chat_template=source.chat_template,
-        num_image_tokens=config.resampler_config.num_queries,
-        image_token=source.image_token,
-    )
+    image_processor, m = MSLlavaImageProcessor(**settings), config.resampler_config.num_queries
+    processor = MSLlavaProcessor(image_processor, source.tokenizer, source.chat_template, m, source.image_token)
     if processor.image_token_id != config.image_token_id:
         raise streaming.ConversionError(
             f"{source_dir}: the tokenizer's image token {source.image_token!r} has id {processor.image_token_id}, but "

@@ -37,7 +37,6 @@ PARITY_MAX_PARAMETERS = 1_500_000_000  # parity loads source and output in float
 IMAGE_TOKEN = "<image>"
 RECOMPUTED_BUFFERS = (".rotary_emb.inv_freq", "embeddings.position_ids")  # saved by old checkpoints, recomputed now
 EMBED, HEAD = "model.language_model.embed_tokens.weight", "lm_head.weight"
-PARITY_FAILURE = "parity check failed, the carried-over parts differ"
 
 
 class ConversionError(ValueError):
@@ -54,9 +53,8 @@ class Source:
     shape: tuple[int, ...]
 
     def load(self) -> torch.Tensor:
-        if (
-            self.file.suffix == ".safetensors"
-        ):  # a handle per tensor: what one handle reads stays resident while it lives
+        # a handle per tensor: what one handle reads stays resident while it lives
+        if self.file.suffix == ".safetensors":
             with safe_open(str(self.file), framework="pt") as handle:
                 return handle.get_tensor(self.key)
         return _bin_shard(self.file)[self.key]
@@ -114,7 +112,7 @@ class KeyMap:
         """Adds every source tensor as `rename(key)`; `drop(key)` may give a reason to leave it out instead."""
         for source in sources:
             target, reason = rename(source.key), drop(source.key) if drop else None
-            if not reason and target not in self.expected and target.endswith(RECOMPUTED_BUFFERS):
+            if target not in self.expected and target.endswith(RECOMPUTED_BUFFERS):
                 reason = "buffer recomputed by transformers"
             if reason:
                 self.dropped.setdefault(reason, []).append(source.key)
@@ -247,9 +245,6 @@ def _written_as(file: Path, key: str, entry) -> bool:
     return same and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-# ------------------------------------------------------------------------------------------------ output folders
-
-
 def _protected(output: Path) -> str | None:
     """Why `output` is never written: a root, the working directory, the home, or one holding them (links resolved)."""
     resolved = output.resolve()
@@ -292,13 +287,10 @@ def _link_or_copy(source, target) -> None:
 
 @contextmanager
 def replace_folder(output: str | Path, log: Callable[[str], None] | None = None, keep_existing: bool = False):
-    """Yields an empty temporary folder next to `output` to write a checkpoint into; on success it becomes `output` in
-    one rename (an interruption leaves the old folder or the new one), on any error it is removed, `output` untouched.
-
-    Of an existing `output`, only the checkpoint's files are replaced (`checkpoints.CHECKPOINT_FILES`): those the new
-    write does not rewrite are removed and listed to `log`, everything else (notes, results, subfolders) is carried
-    into the new folder by hard link. `keep_existing` (nobody asked to overwrite) refuses, naming them, to replace
-    files `output` already has. Call `check_output` first."""
+    """Yields an empty folder next to `output` to write a checkpoint into, renamed into `output` on success and removed
+    on any error. Of an existing `output` only the checkpoint's files (`checkpoints.CHECKPOINT_FILES`) are replaced;
+    those not rewritten are removed and listed to `log`, the rest is carried over by hard link. `keep_existing` (no
+    --overwrite) refuses, naming them, to replace files `output` has. Call `check_output` first."""
     output = Path(output).absolute()
     unique = f"{os.getpid()}-{time.time_ns()}"
     staging, previous = (output.with_name(f".{output.name}.{what}-{unique}") for what in ("partial", "previous"))
@@ -336,9 +328,6 @@ def replace_folder(output: str | Path, log: Callable[[str], None] | None = None,
         shutil.rmtree(previous)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------------ a run
 
 
 @dataclass
@@ -411,14 +400,11 @@ def write_checkpoint(
             vocab = options.get("vocab", model.config.text_config.vocab_size)
             report.parity = parity(staging, model.config, vocab, sources)
             if failed := {what: value for what, value in report.parity.items() if value != 0}:
-                raise ConversionError(f"{PARITY_FAILURE}: {failed}")
+                raise ConversionError(f"parity check failed, the carried-over parts differ: {failed}")
     report.tensors_written, report.dropped, report.created = len(key_map.entries), key_map.dropped, key_map.created
     report.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report.seconds = time.perf_counter() - report.started
     return report
-
-
-# ------------------------------------------------------------------------------------------------ the MS-LLaVA side
 
 
 def ms_llava_config(vision_config, text_config, resampler: dict, **fields):
