@@ -44,14 +44,6 @@ def checkpoint_files_in(directory: str | Path) -> list[str]:
     return sorted(path.name for path in paths if path.is_file() and is_checkpoint_file(path.name))
 
 
-def holds_checkpoint(directory: str | Path) -> bool:
-    """Whether `directory` holds a checkpoint: a `config.json`, an `adapter_config.json` or weights."""
-    return any(
-        name in ("config.json", "adapter_config.json") or name.endswith((".safetensors", ".bin", ".index.json"))
-        for name in checkpoint_files_in(directory)
-    )
-
-
 def looks_like_path(value: str) -> bool:
     """Whether `value` can only mean a local path, never a Hub repo id: it starts with `.`, `/` or `~` (or is absolute
     here), huggingface_hub's `validate_repo_id` refuses it, or its parent folder exists (`runs/stage2`, `runs/`)."""

@@ -207,7 +207,21 @@ def build_model_card(
         local = base.is_absolute() or base.exists()  # a local path is never the card's base_model
         base_model = base_model or (None if local or not base_name else base_name)
         config_folder = base if local and (base / "config.json").is_file() else None
-    fields = _built(folder, config_folder, adapter)
+    counts = [  # the parameters, from the safetensors headers (no tensor read)
+        (math.prod(shape), "multi_modal_projector" in key)
+        for path in sorted(folder.glob("*.safetensors"))
+        for key, (_, shape) in tensor_headers(path, str(folder)).items()
+    ]
+    total, projector = sum(n for n, _ in counts), sum(n for n, in_projector in counts if in_projector)
+    names = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
+    settings = ", ".join(f"{name} {adapter[name]}" for name in names if (adapter or {}).get(name) is not None)
+    fields = {"adapter_settings": settings, "parameters": _human(total), "projector_parameters": _human(projector)}
+    fields["settings_of"] = None if config_folder in (None, folder) else config_folder.name
+    fields["config"] = config = None if config_folder is None else load_config(config_folder)
+    if config is not None:  # the MS-Resampler, the tower and the LLM
+        (grid_h, grid_w), rows_cols = config.vision_grid_size, config.resampler_config.query_grid_shape
+        fields.update(grid=f"{grid_h} x {grid_w}", query_grid="{} x {}".format(*rows_cols))
+        fields["num_visual_tokens"] = grid_h * grid_w + (config.vision_feature_select_strategy == "full")
     card_data = ModelCardData(
         library_name="peft" if adapter else "transformers",
         pipeline_tag="image-text-to-text",
@@ -229,27 +243,6 @@ def build_model_card(
         **fields,
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))  # the template's optional parts leave blank runs
-
-
-def _built(folder: Path, config_folder: Path | None, adapter: dict | None) -> dict:
-    """The template's "What was built" fields: an adapter's settings, the config (MS-Resampler, tower, LLM), the
-    parameter counts from the safetensors headers (no tensor read)."""
-    counts = [
-        (math.prod(shape), "multi_modal_projector" in key)
-        for path in sorted(folder.glob("*.safetensors"))
-        for key, (_, shape) in tensor_headers(path, str(folder)).items()
-    ]
-    total, projector = sum(n for n, _ in counts), sum(n for n, in_projector in counts if in_projector)
-    names = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
-    settings = ", ".join(f"{name} {adapter[name]}" for name in names if (adapter or {}).get(name) is not None)
-    fields = {"adapter_settings": settings, "parameters": _human(total), "projector_parameters": _human(projector)}
-    fields["settings_of"] = None if config_folder in (None, folder) else config_folder.name
-    fields["config"] = config = None if config_folder is None else load_config(config_folder)
-    if config is not None:
-        (grid_h, grid_w), rows_cols = config.vision_grid_size, config.resampler_config.query_grid_shape
-        fields.update(grid=f"{grid_h} x {grid_w}", query_grid="{} x {}".format(*rows_cols))
-        fields["num_visual_tokens"] = grid_h * grid_w + (config.vision_feature_select_strategy == "full")
-    return fields
 
 
 def write_model_card(folder: str | Path, repo_id: str | None = None, **card) -> Path:
@@ -277,17 +270,13 @@ def push_to_hub(
     dry_run: str | Path | None = None,
 ):
     """Uploads an MS-LLaVA checkpoint to `repo_id` (`"org/name"`, created if needed, `private` then) in one commit on
-    `revision` (a branch, created from `main` when missing); returns its `huggingface_hub.CommitInfo`, or with
-    `dry_run` the folder into which it wrote what would be uploaded, contacting nobody.
-
-    `checkpoint` is a folder written by `save_pretrained`, or a model (then `processor` too); a `processor` given
-    replaces the folder's processor files. `base_model`, `license`, `results`, `training`: the card's
-    (`build_model_card`). `commit_message`, `token`, `endpoint`: `huggingface_hub.HfApi`'s.
-
-    Everything is checked before the first request: a bad argument or an incomplete checkpoint raises `ValueError` and
-    sends nothing. A failing Hub (unreachable, refused, timed out, an HTTP error) raises `ConnectionError` at its first
-    request, naming the host, with the `--dry-run` hint.
-    """
+    `revision` (a branch, created from `main` when missing) and returns its `huggingface_hub.CommitInfo`; with
+    `dry_run`, writes what would be uploaded into that folder instead, contacting nobody, and returns the folder.
+    `checkpoint`: a folder written by `save_pretrained`, or a model (then `processor` too; a `processor` given replaces
+    the folder's processor files). `base_model`, `license`, `results`, `training`: the card's (`build_model_card`);
+    `commit_message`, `token`, `endpoint`: `huggingface_hub.HfApi`'s. Everything is checked before the first request:
+    a bad argument or an incomplete checkpoint raises `ValueError` and sends nothing. A failing Hub (unreachable,
+    refused, timed out, an HTTP error) raises `ConnectionError` at its first request, naming the host and `--dry-run`."""
     from huggingface_hub.utils import validate_repo_id
 
     validate_repo_id(repo_id)

@@ -81,15 +81,11 @@ def tiny_vision_config() -> CLIPVisionConfig:
     return CLIPVisionConfig(**_VISION, projection_dim=16)
 
 
-def tiny_text_config(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None, **overrides) -> LlamaConfig:
-    """An odd-sized Llama of width 32 with the tokenizer's special token ids, and `overrides` (`pad_token_id=None`)."""
-    settings = {**_text_settings(tokenizer, vocab_size), "pad_token_id": tokenizer.pad_token_id, **overrides}
-    return LlamaConfig(**settings)
-
-
-def _text_settings(tokenizer, vocab_size: int | None = None) -> dict:
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    return {**_TEXT, "vocab_size": vocab_size or len(tokenizer), **ids}
+def tiny_text_config(tokenizer, vocab_size: int | None = None, config_class=LlamaConfig, **overrides) -> LlamaConfig:
+    """An odd-sized Llama (or other `config_class`) of width 32 with the tokenizer's special token ids, and `overrides`
+    (`pad_token_id=None`)."""
+    ids = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return config_class(**{**_TEXT, "vocab_size": vocab_size or len(tokenizer), **ids, **overrides})
 
 
 def build_tiny_config(tokenizer: PreTrainedTokenizerFast, **resampler_kwargs) -> MSLlavaConfig:
@@ -154,7 +150,8 @@ def write_tiny_part(directory: str | Path, kind: str, seed: int = 0) -> Path:
     else:
         roles = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>")
         tokenizer = train_bpe_tokenizer(PARTS_CORPUS, 300, ["<unk>", "<s>", "</s>"], **roles)
-    config = getattr(transformers, f"{name}Config")(**_text_settings(tokenizer), tie_word_embeddings=kind == "qwen2")
+    config_class = getattr(transformers, f"{name}Config")
+    config = tiny_text_config(tokenizer, None, config_class, tie_word_embeddings=kind == "qwen2")
     getattr(transformers, f"{name}ForCausalLM")(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

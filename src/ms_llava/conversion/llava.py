@@ -52,15 +52,10 @@ def convert_llava_to_ms_llava(
             f"{source_dir}: expected a transformers LLaVA checkpoint (model_type 'llava'), got {model_type!r}"
         )
     llava = LlavaConfig.from_pretrained(source_dir)
-    config = streaming.ms_llava_config(
-        llava.vision_config,
-        llava.text_config,
-        streaming.resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs),
-        image_token_id=llava.image_token_id,
-        vision_feature_layer=llava.vision_feature_layer,
-        vision_feature_select_strategy=llava.vision_feature_select_strategy,
-        tie_word_embeddings=llava.tie_word_embeddings,
-    )
+    resampler = streaming.resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs)
+    names = ("image_token_id", "vision_feature_layer", "vision_feature_select_strategy", "tie_word_embeddings")
+    fields = {name: getattr(llava, name) for name in names}
+    config = streaming.ms_llava_config(llava.vision_config, llava.text_config, resampler, **fields)
     log(f"reading {source_dir}")
     key_map = streaming.KeyMap(streaming.build_on_meta(MSLlavaForConditionalGeneration, config))
     rename = streaming.loader_renames(streaming.build_on_meta(LlavaForConditionalGeneration, llava))

@@ -24,7 +24,6 @@ from safetensors.torch import save_file
 from ..checkpoints import (
     CheckpointError,
     checkpoint_files_in,
-    holds_checkpoint,
     is_checkpoint_file,
     load_bin,
     tensor_headers,
@@ -270,9 +269,10 @@ def check_output(output: str | Path, overwrite: bool = False) -> Path:
         raise ConversionError(f"{output} exists and is not a folder; give a new or existing folder")
     if output.exists() and (protected := _protected(output)):
         raise ConversionError(f"{output} cannot be written or replaced: {protected}; choose a folder of its own")
-    if holds_checkpoint(output) and not overwrite:
-        raise ConversionError(
-            f"{output} already holds a checkpoint ({listed(checkpoint_files_in(output), 6)}); choose another folder, "
+    owned, weights = checkpoint_files_in(output), (".safetensors", ".bin", ".index.json")
+    if not overwrite and any(n in ("config.json", "adapter_config.json") or n.endswith(weights) for n in owned):
+        raise ConversionError(  # a config.json, an adapter_config.json or weights: a checkpoint
+            f"{output} already holds a checkpoint ({listed(owned, 6)}); choose another folder, "
             "or pass --overwrite to replace its checkpoint files (other files are kept)"
         )
     return output
@@ -367,9 +367,7 @@ def prepare_output(output: Path, sources: list[Path]) -> Path:
     return output
 
 
-def write_checkpoint(
-    key_map: KeyMap, processor, generation, sources: Callable, report: Report, options: dict
-) -> Report:
+def write_checkpoint(key_map: KeyMap, processor, generation, sources, report: Report, options: dict) -> Report:
     """Writes into a staged folder the mapped tensors, config.json (with `auto_map` and the modules for remote code),
     the `generation` config, the processor and then the files `options["copied"]` (byte for byte); checks `parity`
     there against `sources` (on ids below `options["vocab"]`, default the config's) unless `check_parity` is off or
@@ -378,12 +376,9 @@ def write_checkpoint(
 
     model, log = key_map.model, options["log"]
     parameters = sum(torch.Size(entry.shape).numel() for entry in key_map.entries.values())
-    if not options["check_parity"]:
-        report.parity_skipped = "--no-parity"
-    elif parameters > PARITY_MAX_PARAMETERS:
-        report.parity_skipped = (
-            f"{parameters:,} parameters > {PARITY_MAX_PARAMETERS:,}: too large to build both models"
-        )
+    if not options["check_parity"] or parameters > PARITY_MAX_PARAMETERS:
+        limit = f"{parameters:,} parameters > {PARITY_MAX_PARAMETERS:,}: too large to build both models"
+        report.parity_skipped = limit if options["check_parity"] else "--no-parity"
     log(f"writing {len(key_map.entries)} tensors ({parameters:,} parameters) to {report.output}")
     with replace_folder(report.output, log=log, keep_existing=not options["overwrite"]) as staging:
         report.bytes_written = write_weights(key_map.entries, staging, options["max_shard_size"])
