@@ -17,7 +17,7 @@ from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_S
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .checkpoints import DOWNLOAD_PATTERNS, load_config, read_json, resolve_checkpoint, weight_files
-from .conversion import add_output_arguments, add_resampler_arguments, output_options, resampler_options, streaming
+from .conversion import add_shared_arguments, shared_options, streaming
 from .conversion.streaming import IMAGE_TOKEN, ConversionError
 from .image_processing_ms_llava import MSLlavaImageProcessor
 from .modeling_ms_llava import MSLlavaForConditionalGeneration
@@ -269,7 +269,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision-tower", required=True, help="a CLIP / SigLIP / ViT checkpoint folder or Hub id")
     parser.add_argument("--language-model", required=True, help="a causal LM checkpoint folder or Hub id")
     parser.add_argument("--output", required=True, help="the MS-LLaVA checkpoint folder to write")
-    add_resampler_arguments(parser)
     layer = "the tower layer(s) the resampler reads (-2, LLaVA-1.5's penultimate layer)"
     parser.add_argument("--vision-feature-layer", type=int, nargs="+", default=[-2], metavar="LAYER", help=layer)
     strategy = "'default' drops the CLS token, 'full' keeps every token (default: 'default' for a tower with a CLS "
@@ -278,14 +277,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     template = "vicuna_v1 (LLaVA-1.5), chatml (Qwen2), llm (the LLM's own, with {%% generation %%} markers) or a "
     template += "Jinja file (default: chatml for an LLM whose template is ChatML, else vicuna_v1)"
     parser.add_argument("--chat-template", metavar="NAME_OR_FILE", help=template)
-    add_output_arguments(parser)
+    add_shared_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     layers = args.vision_feature_layer
     options = {"vision_feature_layer": layers[0] if len(layers) == 1 else layers, "chat_template": args.chat_template}
     options["vision_feature_select_strategy"] = args.vision_feature_select_strategy
-    options |= resampler_options(args) | output_options(args)
+    options |= shared_options(args)
     report = compose(args.vision_tower, args.language_model, args.output, **options)
     print("\n".join(report.lines()))
     return 0
