@@ -7,26 +7,26 @@ safetensors and the Hub client are imported where needed."""
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import pickle
 import re
 import zipfile
 from pathlib import Path
 
-# The files a checkpoint owns: what save_pretrained writes for a model, its processor and a PEFT adapter, and the
-# remote-code modules. `--overwrite` replaces these and nothing else; push uploads them and Hub downloads fetch them,
-# less pickled weights.
-CHECKPOINT_FILES = (
-    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
-    "pytorch_model.bin.index.json", "adapter_config.json", "processor_config.json", "preprocessor_config.json",
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "*.tiktoken", "chat_template.jinja", "chat_template.json",
-    "additional_chat_templates/*.jinja", "*_ms_llava.py",
-)  # fmt: skip
+# The files a checkpoint owns: what save_pretrained writes for a model, a PEFT adapter, its processor and tokenizer,
+# and the remote-code modules. `--overwrite` replaces these and nothing else; push uploads them and Hub downloads fetch
+# them, less pickled weights.
 PICKLED_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
-DOWNLOAD_PATTERNS = [pattern for pattern in CHECKPOINT_FILES if pattern not in PICKLED_WEIGHTS]
+DOWNLOAD_PATTERNS = [
+    *("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "adapter_config.json"),
+    *("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json"),
+    *("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),
+    *("vocab.json", "merges.txt", "*.tiktoken", "additional_chat_templates/*.jinja", "*_ms_llava.py"),
+]
+CHECKPOINT_FILES = (*DOWNLOAD_PATTERNS, *PICKLED_WEIGHTS)
 SAFE, PICKLE = "model.safetensors", "pytorch_model.bin"
-WEIGHT_FILES = (f"{SAFE}.index.json", SAFE, f"{PICKLE}.index.json", PICKLE)  # indexes first, safetensors first
+WEIGHT_FILES = (f"{SAFE}.index.json", f"{PICKLE}.index.json", SAFE, PICKLE)  # indexes first, safetensors first
 
 
 class CheckpointError(ValueError):
@@ -42,14 +42,6 @@ def checkpoint_files_in(directory: str | Path) -> list[str]:
     """The top-level files of `directory` that a checkpoint owns (sorted); [] for a missing folder."""
     paths = Path(directory).iterdir() if Path(directory).is_dir() else []
     return sorted(path.name for path in paths if path.is_file() and is_checkpoint_file(path.name))
-
-
-def holds_checkpoint(directory: str | Path) -> bool:
-    """Whether `directory` holds a checkpoint: a `config.json`, an `adapter_config.json` or weights."""
-    return any(
-        name in ("config.json", "adapter_config.json") or name.endswith((".safetensors", ".bin", ".index.json"))
-        for name in checkpoint_files_in(directory)
-    )
 
 
 def looks_like_path(value: str) -> bool:
@@ -133,34 +125,19 @@ def load_bin(path: Path, label: str | None = None) -> dict:
 def weight_files(directory: Path, label: str = "checkpoint") -> list[Path]:
     """The weight files of a checkpoint folder: the shards its index lists (the index read and every shard checked to
     exist), else `model.safetensors` or `pytorch_model.bin`; [] when it has none."""
-    for index_name in WEIGHT_FILES[::2]:
-        index = directory / index_name
-        if index.is_file():
-            try:
-                names = sorted(set(read_json(index)["weight_map"].values()))
-            except (KeyError, TypeError, AttributeError, CheckpointError) as error:
-                raise CheckpointError(
-                    f"{label} {directory}: {index} is not a valid shard index ({error!r:.200})"
-                ) from error
-            missing = [name for name in names if not (directory / name).is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"{label} {directory}: {index.name} lists shards that are missing: {', '.join(missing)}; download "
-                    "or copy them"
-                )
-            return [directory / name for name in names]
-    return [directory / name for name in WEIGHT_FILES[1::2] if (directory / name).is_file()][:1]
-
-
-def missing_processor_files(directory: Path) -> list[str]:
-    """The processor's and tokenizer's files that `directory` lacks."""
-    wanted = [
-        ("processor_config.json", "preprocessor_config.json"),
-        ("tokenizer.json", "tokenizer.model", "vocab.json"),
-    ]
-    return [
-        f"{names[0]} (or {names[1]})" for names in wanted if not any((directory / name).is_file() for name in names)
-    ]
+    found = [directory / name for name in WEIGHT_FILES if (directory / name).is_file()]
+    if not found or not (index := found[0]).name.endswith(".index.json"):
+        return found[:1]
+    try:
+        names = sorted(set(read_json(index)["weight_map"].values()))
+    except (KeyError, TypeError, AttributeError, CheckpointError) as error:
+        raise CheckpointError(f"{label} {directory}: {index} is not a valid shard index ({error!r:.200})") from error
+    if missing := [name for name in names if not (directory / name).is_file()]:
+        raise CheckpointError(
+            f"{label} {directory}: {index.name} lists shards that are missing: {', '.join(missing)}; download or "
+            "copy them"
+        )
+    return [directory / name for name in names]
 
 
 def check_checkpoint_folder(directory: str | Path, label: str = "checkpoint", processor: bool = False) -> Path:
@@ -180,8 +157,12 @@ def check_checkpoint_folder(directory: str | Path, label: str = "checkpoint", pr
             f"{label} {directory}: no weights (model.safetensors, a model.safetensors.index.json with its shards, or "
             f"pytorch_model.bin); {hint}"
         )
-    missing = missing_processor_files(directory) if processor else []
-    if missing:
+    wanted = [
+        ("processor_config.json", "preprocessor_config.json"),
+        ("tokenizer.json", "tokenizer.model", "vocab.json"),
+    ]
+    missing = [f"{names[0]} (or {names[1]})" for names in wanted if not any((directory / n).is_file() for n in names)]
+    if processor and missing:
         raise CheckpointError(
             f"{label} {directory}: the processor's files are missing: {', '.join(missing)} (save the processor too: "
             "processor.save_pretrained(folder))"
@@ -200,10 +181,8 @@ def load_config(directory: Path, label: str = ""):
     try:
         return AutoConfig.from_pretrained(directory)
     except Exception as error:  # ValueError, KeyError, huggingface_hub's StrictDataclassError (not a ValueError)
-        reason = " ".join(str(error).split())
-        raise CheckpointError(
-            f"{label}{': ' if label else ''}{Path(directory) / 'config.json'}: {reason:.400}"
-        ) from error
+        reason, where = " ".join(str(error).split()), Path(directory) / "config.json"
+        raise CheckpointError(f"{label}{': ' if label else ''}{where}: {reason:.400}") from error
 
 
 def check_weights_fit_config(directory: Path, files: list[Path], label: str) -> None:
@@ -225,9 +204,7 @@ def check_weights_fit_config(directory: Path, files: list[Path], label: str) -> 
     renames = get_model_conversion_mapping(model)
     for file, tensors in headers.items():
         for key, (_, shape) in tensors.items():
-            target = key
-            for rename in renames:
-                target = rename.rename_source_key(target)[0]
+            target = functools.reduce(lambda name, rename: rename.rename_source_key(name)[0], renames, key)
             if target in expected and expected[target] != shape:
                 raise CheckpointError(
                     f"{label}: {file.name} holds {key} with shape {list(shape)}, but config.json builds "
@@ -280,15 +257,10 @@ def resolve_checkpoint(
         raise CheckpointError(f"{label} {text}: is a file; give the checkpoint's folder (written by save_pretrained)")
     if looks_like_path(text):
         raise CheckpointError(f"{label} {text}: no such folder ({path.absolute()}); check the path")
-    folder = _download(text, label, allow_patterns or DOWNLOAD_PATTERNS, path)
-    return check_checkpoint_folder(folder, f"{label} {text}: the Hub's snapshot", processor) if check else folder
-
-
-def _download(repo_id: str, label: str, allow_patterns: list[str], local: Path) -> Path:
     from huggingface_hub import constants, snapshot_download
 
     try:  # one call: huggingface_hub does not retry a refused or failed connection here (transformers' loaders do)
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=allow_patterns))
+        folder = Path(snapshot_download(repo_id=text, allow_patterns=allow_patterns or DOWNLOAD_PATTERNS))
     except Exception as error:  # network, HTTP (404, 401 for a gated or private repo), cache or validation errors
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         if constants.HF_HUB_OFFLINE:
@@ -296,6 +268,7 @@ def _download(repo_id: str, label: str, allow_patterns: list[str], local: Path) 
         else:
             reason = f"{reason} ({type(error).__name__} from {constants.ENDPOINT})"
         raise CheckpointError(
-            f"{label} {repo_id}: not a local folder ({local.absolute()} does not exist), and downloading it from the "
+            f"{label} {text}: not a local folder ({path.absolute()} does not exist), and downloading it from the "
             f"Hub failed: {reason:.400}; give an existing checkpoint folder, or a Hub repo id you can reach"
         ) from error
+    return check_checkpoint_folder(folder, f"{label} {text}: the Hub's snapshot", processor) if check else folder

@@ -17,8 +17,7 @@ from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_S
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .checkpoints import DOWNLOAD_PATTERNS, load_config, read_json, resolve_checkpoint, weight_files
-from .conversion import add_output_arguments, add_resampler_arguments, output_options, resampler_options, streaming
-from .conversion.llava import PARITY_FAILURE
+from .conversion import add_shared_arguments, shared_options, streaming
 from .conversion.streaming import IMAGE_TOKEN, ConversionError
 from .image_processing_ms_llava import MSLlavaImageProcessor
 from .modeling_ms_llava import MSLlavaForConditionalGeneration
@@ -218,25 +217,21 @@ def compose(
     )
     old_vocab, new_vocab = text_config.vocab_size, max(text_config.vocab_size, len(tokenizer))
     config.text_config.vocab_size, config.text_config.pad_token_id = new_vocab, tokenizer.pad_token_id
-    meta_model = streaming.build_on_meta(MSLlavaForConditionalGeneration, config)
 
     log(f"reading {tower_dir} and {llm_dir}")
-    key_map = streaming.KeyMap(meta_model)
+    key_map = streaming.KeyMap(streaming.build_on_meta(MSLlavaForConditionalGeneration, config))
     rename_tower, rename_llm = streaming.loader_renames(tower), streaming.loader_renames(causal)
-    tower_keys = set(tower.state_dict())
+    tower_keys = set(tower.state_dict())  # a whole dual encoder's other keys are its text half's
     text_half = f"not part of the vision model ({vision_config.model_type}'s text half and projections)"
-
-    def drop(key: str) -> str | None:  # a whole dual encoder's keys that are not its vision model's
-        return None if rename_tower(key) in tower_keys or key.endswith(streaming.RECOMPUTED_BUFFERS) else text_half
-
-    tower_sources = streaming.read_sources(tower_dir, "--vision-tower")
-    key_map.map(tower_sources, lambda key: "model.vision_tower." + rename_tower(key), drop if whole else None)
+    key_map.map(
+        streaming.read_sources(tower_dir, "--vision-tower"),
+        lambda key: "model.vision_tower." + rename_tower(key),
+        (lambda key: None if rename_tower(key) in tower_keys else text_half) if whole else None,
+    )
     llm_sources = streaming.read_sources(llm_dir, "--language-model")
     key_map.map(llm_sources, lambda key: re.sub(r"^model\.", "model.language_model.", rename_llm(key)))
-    embed = "model.language_model.embed_tokens.weight"
     if new_vocab > old_vocab:
-        grown = streaming.grow_embeddings(key_map, text_config, new_vocab, seed, embed, "lm_head.weight")
-        key_map.created[f"{new_vocab - old_vocab} new row(s) ({', '.join(added)}) by mean resizing"] = grown
+        streaming.grow_embeddings(key_map, text_config, new_vocab, seed, added)
     key_map.create(streaming.fresh_resampler(config, seed), f"MS-Resampler, freshly initialised (seed {seed})")
     key_map.check(f"{tower_dir} + {llm_dir} -> MS-LLaVA")
 
@@ -258,31 +253,15 @@ def compose(
         f"vision_feature_select_strategy {config.vision_feature_select_strategy!r}"
     )
 
-    def save_files(folder: Path) -> None:
-        streaming.save_model_files(meta_model, folder, key_map.entries[embed].dtype, generation)
-        processor.save_pretrained(folder)
-
-    @torch.no_grad()
-    def parity(folder: Path) -> dict[str, float]:
-        input_ids, pixel_values = streaming.parity_inputs(config, old_vocab)
-        source_tower = streaming.load_quietly(AutoModel, tower_dir)  # one model at a time
-        expected_states = streaming.tower_states(source_tower.vision_model if whole else source_tower, pixel_values)
-        del source_tower
-        expected_logits = streaming.load_quietly(AutoModelForCausalLM, llm_dir)(input_ids=input_ids).logits
-        composed = streaming.load_quietly(MSLlavaForConditionalGeneration, folder)
-        streaming.check_new_resampler(composed, pixel_values)
-        states = streaming.tower_states(composed.model.vision_tower, pixel_values)
-        logits = composed(input_ids=input_ids).logits[..., :old_vocab]
-        return {
-            "vision tower hidden states (random image)": streaming.max_abs_difference(expected_states, states),
-            "language model logits (text-only prompt, the LLM's vocabulary)": streaming.max_abs_difference(
-                expected_logits, logits
-            ),
-        }
+    def sources(input_ids: torch.Tensor, pixel_values: torch.Tensor):  # the parts' logits and tower states
+        tower = streaming.load_quietly(AutoModel, tower_dir)  # one model at a time
+        states = streaming.tower_states(tower.vision_model if whole else tower, pixel_values)
+        del tower
+        return streaming.load_quietly(AutoModelForCausalLM, llm_dir)(input_ids=input_ids).logits, states
 
     options = dict(overwrite=overwrite, max_shard_size=max_shard_size, check_parity=check_parity, log=log)
     report = streaming.Report(output, notes=notes)
-    return streaming.write_checkpoint(key_map, save_files, parity, report, {**options, "failure": PARITY_FAILURE})
+    return streaming.write_checkpoint(key_map, processor, generation, sources, report, {**options, "vocab": old_vocab})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -290,33 +269,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision-tower", required=True, help="a CLIP / SigLIP / ViT checkpoint folder or Hub id")
     parser.add_argument("--language-model", required=True, help="a causal LM checkpoint folder or Hub id")
     parser.add_argument("--output", required=True, help="the MS-LLaVA checkpoint folder to write")
-    add_resampler_arguments(parser)
-    parser.add_argument(
-        "--vision-feature-layer", type=int, nargs="+", default=[-2], metavar="LAYER",
-        help="the tower layer(s) the resampler reads (-2, LLaVA-1.5's penultimate layer)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--vision-feature-select-strategy", choices=("default", "full"),
-        help="'default' drops the CLS token, 'full' keeps every token (default: 'default' for a tower with a CLS "
-        "token such as CLIP, 'full' for one without such as SigLIP)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--chat-template", metavar="NAME_OR_FILE",
-        help="vicuna_v1 (LLaVA-1.5), chatml (Qwen2), llm (the LLM's own, with {%% generation %%} markers) or a "
-        "Jinja file (default: chatml for an LLM whose template is ChatML, else vicuna_v1)",
-    )  # fmt: skip
-    add_output_arguments(parser)
+    layer = "the tower layer(s) the resampler reads (-2, LLaVA-1.5's penultimate layer)"
+    parser.add_argument("--vision-feature-layer", type=int, nargs="+", default=[-2], metavar="LAYER", help=layer)
+    strategy = "'default' drops the CLS token, 'full' keeps every token (default: 'default' for a tower with a CLS "
+    strategy += "token such as CLIP, 'full' for one without such as SigLIP)"
+    parser.add_argument("--vision-feature-select-strategy", choices=("default", "full"), help=strategy)
+    template = "vicuna_v1 (LLaVA-1.5), chatml (Qwen2), llm (the LLM's own, with {%% generation %%} markers) or a "
+    template += "Jinja file (default: chatml for an LLM whose template is ChatML, else vicuna_v1)"
+    parser.add_argument("--chat-template", metavar="NAME_OR_FILE", help=template)
+    add_shared_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     layers = args.vision_feature_layer
-    options = dict(
-        vision_feature_select_strategy=args.vision_feature_select_strategy, chat_template=args.chat_template
-    )
-    layer = layers[0] if len(layers) == 1 else layers
-    report = compose(
-        args.vision_tower, args.language_model, args.output, vision_feature_layer=layer, **options,
-        **resampler_options(args), **output_options(args),
-    )  # fmt: skip
+    options = {"vision_feature_layer": layers[0] if len(layers) == 1 else layers, "chat_template": args.chat_template}
+    options["vision_feature_select_strategy"] = args.vision_feature_select_strategy
+    options |= shared_options(args)
+    report = compose(args.vision_tower, args.language_model, args.output, **options)
     print("\n".join(report.lines()))
     return 0

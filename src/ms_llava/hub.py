@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from .checkpoints import (
     CHECKPOINT_FILES,
-    PICKLED_WEIGHTS,
+    DOWNLOAD_PATTERNS,
     CheckpointError,
     check_checkpoint_folder,
     check_processor_agrees,
@@ -34,22 +34,16 @@ logger = logging.getLogger(__name__)
 MODEL_CARD_TEMPLATE = "ms_llava_model_card.md"
 TRAINING_RECORD = "ms_llava_training.json"
 RESULTS_FORMAT = "ms-llava-eval-results/1"
-REMOTE_CODE_MODULES = [
-    f"{name}_ms_llava.py" for name in ("configuration", "modeling", "processing", "image_processing")
-]
+REMOTE_CODE_MODULES = sorted(path.name for path in Path(__file__).parent.glob("*_ms_llava.py"))
 PROCESSOR = {"AutoProcessor": "processing_ms_llava.MSLlavaProcessor"}
-AUTO_MAP = {
-    "config.json": {
-        "AutoConfig": "configuration_ms_llava.MSLlavaConfig",
-        "AutoModel": "modeling_ms_llava.MSLlavaModel",
-        "AutoModelForImageTextToText": "modeling_ms_llava.MSLlavaForConditionalGeneration",
-    },
-    "processor_config.json": PROCESSOR,
-    "tokenizer_config.json": PROCESSOR,
+MODEL = {
+    "AutoConfig": "configuration_ms_llava.MSLlavaConfig",
+    "AutoModel": "modeling_ms_llava.MSLlavaModel",
+    "AutoModelForImageTextToText": "modeling_ms_llava.MSLlavaForConditionalGeneration",
 }
+AUTO_MAP = {"config.json": MODEL, "processor_config.json": PROCESSOR, "tokenizer_config.json": PROCESSOR}
 IMAGE_PROCESSOR = {"AutoImageProcessor": "image_processing_ms_llava.MSLlavaImageProcessor", **PROCESSOR}
 CARD_TAGS = ["ms-llava", "llava", "multimodal", "image-text-to-text", "ms-resampler"]
-UPLOADED = [pattern for pattern in CHECKPOINT_FILES if pattern not in PICKLED_WEIGHTS]
 STATED = "as stated by the uploader, not from a record"
 
 
@@ -59,8 +53,8 @@ def model_card_template() -> str:
 
 
 def _table(columns: list[str], rows: list[list]) -> str:
-    line = lambda cells: "|" + "|".join(f" {cell} " if str(cell) else " " for cell in cells) + "|"  # noqa: E731
-    return "\n".join([line(columns), "|" + "---|" * len(columns), *map(line, rows)])
+    lines = ["|" + "|".join(f" {cell} " if str(cell) else " " for cell in cells) + "|" for cells in [columns, *rows]]
+    return "\n".join([lines[0], "|" + "---|" * len(columns), *lines[1:]])
 
 
 def _number(value) -> str:
@@ -74,9 +68,6 @@ def _human(count: int) -> str:
 
 def _finite(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# --------------------------------------------------------------------------------------------- records
 
 
 def read_results(results, label: str = "--results") -> dict | None:
@@ -125,20 +116,19 @@ def read_training(training, label: str = "--training") -> str | dict | None:
     return training
 
 
-def _paper_stages() -> list[dict]:
-    """The paper's recipe (Sec. 4.1) as card rows; the numbers are `recipes.PAPER_RECIPES`, what `train` runs."""
+def _paper_table() -> str:
+    """The paper's recipe (Sec. 4.1) as a card table; the numbers are `recipes.PAPER_RECIPES`, what `train` runs."""
     from .recipes import PAPER_RECIPES
 
     stages = [
         ("1. projector pre-training", "MS-Resampler", "vision encoder, LLM", "LLaVA-1.5 558K image-caption pairs"),
         ("2. instruction tuning", "MS-Resampler + LLM", "vision encoder", "LLaVA-1.5 665K instruction data"),
     ]
-    return [
-        {"stage": stage, "trained": trained, "frozen": frozen, "data": data,
-         "learning rate": _number(recipe.learning_rate), "batch size": recipe.global_batch_size,
-         "epochs": _number(recipe.num_train_epochs)}
-        for (stage, trained, frozen, data), recipe in zip(stages, PAPER_RECIPES.values(), strict=True)
-    ]  # fmt: skip
+    rows = [
+        [*stage, _number(recipe.learning_rate), recipe.global_batch_size, _number(recipe.num_train_epochs)]
+        for stage, recipe in zip(stages, PAPER_RECIPES.values(), strict=True)
+    ]
+    return _table(["stage", "trained", "frozen", "data", "learning rate", "batch size", "epochs"], rows)
 
 
 def _stated_table(stages: list[dict]) -> str:
@@ -153,27 +143,22 @@ def _paper_matches(record: dict, label: str) -> list[int]:
 
     if not isinstance(record.get("stages"), list):
         raise CheckpointError(f"{label}: not a training record of this version (no 'stages' list)")
-    matches = []
-    for number, stage in enumerate(record["stages"], start=1):
-        paper = PAPER_RECIPES.get(stage.get("stage"))
-        ran = (stage.get("learning_rate"), stage.get("global_batch_size"), stage.get("num_train_epochs"))
-        if paper and ran == (paper.learning_rate, paper.global_batch_size, paper.num_train_epochs):
-            matches.append(number)
-    return matches
+    names = ("learning_rate", "global_batch_size", "num_train_epochs")
+    return [
+        number
+        for number, stage in enumerate(record["stages"], start=1)
+        if (paper := PAPER_RECIPES.get(stage.get("stage"))) and all(stage.get(n) == getattr(paper, n) for n in names)
+    ]
 
 
 def _training_section(statement, recorded: bool) -> str:
-    parts = []
     if statement == "paper":
-        paper = _stated_table(_paper_stages())
-        parts.append(f"Trained with the paper's recipe (Sec. 4.1, LLaVA-1.5 data), {STATED}:\n\n{paper}\n\n- AdamW")
-    elif statement:
+        return f"Trained with the paper's recipe (Sec. 4.1, LLaVA-1.5 data), {STATED}:\n\n{_paper_table()}\n\n- AdamW"
+    if statement:
         notes = "".join(f"\n- {key}: {value}" for key, value in statement.items() if key != "stages")
-        parts.append(f"Training {STATED}:\n\n{_stated_table(statement.get('stages', []))}\n{notes}")
-    if not parts and not recorded:
-        paper = _stated_table(_paper_stages())
-        parts.append(f"No training record was given. The paper's recipe (Sec. 4.1, LLaVA-1.5 data):\n\n{paper}")
-    return "\n\n".join(parts)
+        return f"Training {STATED}:\n\n{_stated_table(statement.get('stages', []))}\n{notes}"
+    paper = f"No training record was given. The paper's recipe (Sec. 4.1, LLaVA-1.5 data):\n\n{_paper_table()}"
+    return "" if recorded else paper
 
 
 def _evaluation_section(results: dict | None) -> str:
@@ -195,9 +180,6 @@ def _evaluation_section(results: dict | None) -> str:
     columns = ["task", "metric", "score", "paper's Table 1 column", "data", "samples scored", "--limit"]
     head = f"lmms-eval {results.get('lmms_eval_version')}, {results.get('date')}; model `{results.get('model')}`"
     return f"From `ms-llava eval` ({head}):\n\n{_table(columns, rows)}"
-
-
-# --------------------------------------------------------------------------------------------- the card
 
 
 def build_model_card(
@@ -225,44 +207,42 @@ def build_model_card(
         local = base.is_absolute() or base.exists()  # a local path is never the card's base_model
         base_model = base_model or (None if local or not base_name else base_name)
         config_folder = base if local and (base / "config.json").is_file() else None
-    fields = _built(folder, config_folder, adapter)
-    card_data = ModelCardData(
-        library_name="peft" if adapter else "transformers", pipeline_tag="image-text-to-text",
-        base_model=base_model, license=license, tags=CARD_TAGS + (["lora"] if adapter else []),
-    )  # fmt: skip
-    card = ModelCard.from_template(
-        card_data, template_str=model_card_template(), model_name=(repo_id or folder.name).split("/")[-1],
-        repo_id=repo_id or folder.name, license=license, untrained=record is None and training is None,
-        base_model=", ".join([base_model] if isinstance(base_model, str) else base_model or []),
-        adapter=adapter and adapter.get("peft_type", "PEFT"), evaluation=_evaluation_section(results),
-        record=record, paper_matches=_paper_matches(record, str(folder / TRAINING_RECORD)) if record else [],
-        training=_training_section(training, record is not None), **fields,
-    )  # fmt: skip
-    return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))  # the template's optional parts leave blank runs
-
-
-def _built(folder: Path, config_folder: Path | None, adapter: dict | None) -> dict:
-    """The template's "What was built" fields: an adapter's settings, the config (MS-Resampler, tower, LLM), the
-    parameter counts from the safetensors headers (no tensor read)."""
-    counts = [
+    counts = [  # the parameters, from the safetensors headers (no tensor read)
         (math.prod(shape), "multi_modal_projector" in key)
         for path in sorted(folder.glob("*.safetensors"))
         for key, (_, shape) in tensor_headers(path, str(folder)).items()
     ]
     total, projector = sum(n for n, _ in counts), sum(n for n, in_projector in counts if in_projector)
     names = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
-    fields = {
-        "adapter_settings": ", ".join(f"{name} {adapter[name]}" for name in names if adapter.get(name) is not None)
-        if adapter else None,
-        "parameters": _human(total), "projector_parameters": _human(projector), "config": None,
-        "settings_of": None if config_folder in (None, folder) else config_folder.name,
-    }  # fmt: skip
-    if config_folder is not None:
-        config = fields["config"] = load_config(config_folder)
+    settings = ", ".join(f"{name} {adapter[name]}" for name in names if (adapter or {}).get(name) is not None)
+    fields = {"adapter_settings": settings, "parameters": _human(total), "projector_parameters": _human(projector)}
+    fields["settings_of"] = None if config_folder in (None, folder) else config_folder.name
+    fields["config"] = config = None if config_folder is None else load_config(config_folder)
+    if config is not None:  # the MS-Resampler, the tower and the LLM
         (grid_h, grid_w), rows_cols = config.vision_grid_size, config.resampler_config.query_grid_shape
         fields.update(grid=f"{grid_h} x {grid_w}", query_grid="{} x {}".format(*rows_cols))
         fields["num_visual_tokens"] = grid_h * grid_w + (config.vision_feature_select_strategy == "full")
-    return fields
+    card_data = ModelCardData(
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag="image-text-to-text",
+        base_model=base_model,
+        license=license,
+        tags=CARD_TAGS + (["lora"] if adapter else []),
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str=model_card_template(),
+        repo_id=repo_id or folder.name,
+        untrained=record is None and training is None,
+        base_model=", ".join([base_model] if isinstance(base_model, str) else base_model or []),
+        adapter=adapter and adapter.get("peft_type", "PEFT"),
+        evaluation=_evaluation_section(results),
+        record=record,
+        paper_matches=_paper_matches(record, str(folder / TRAINING_RECORD)) if record else [],
+        training=_training_section(training, record is not None),
+        **fields,
+    )
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))  # the template's optional parts leave blank runs
 
 
 def write_model_card(folder: str | Path, repo_id: str | None = None, **card) -> Path:
@@ -271,9 +251,6 @@ def write_model_card(folder: str | Path, repo_id: str | None = None, **card) -> 
     path = Path(folder) / "README.md"
     path.write_text(str(build_model_card(folder, repo_id, **card)), encoding="utf-8")
     return path
-
-
-# --------------------------------------------------------------------------------------------- the push
 
 
 def push_to_hub(
@@ -293,17 +270,13 @@ def push_to_hub(
     dry_run: str | Path | None = None,
 ):
     """Uploads an MS-LLaVA checkpoint to `repo_id` (`"org/name"`, created if needed, `private` then) in one commit on
-    `revision` (a branch, created from `main` when missing); returns its `huggingface_hub.CommitInfo`, or with
-    `dry_run` the folder into which it wrote what would be uploaded, contacting nobody.
-
-    `checkpoint` is a folder written by `save_pretrained`, or a model (then `processor` too); a `processor` given
-    replaces the folder's processor files. `base_model`, `license`, `results`, `training`: the card's
-    (`build_model_card`). `commit_message`, `token`, `endpoint`: `huggingface_hub.HfApi`'s.
-
-    Everything is checked before the first request: a bad argument or an incomplete checkpoint raises `ValueError` and
-    sends nothing. A failing Hub (unreachable, refused, timed out, an HTTP error) raises `ConnectionError` at its first
-    request, naming the host, with the `--dry-run` hint.
-    """
+    `revision` (a branch, created from `main` when missing) and returns its `huggingface_hub.CommitInfo`; with
+    `dry_run`, writes what would be uploaded into that folder instead, contacting nobody, and returns the folder.
+    `checkpoint`: a folder written by `save_pretrained`, or a model (then `processor` too; a `processor` given replaces
+    the folder's processor files). `base_model`, `license`, `results`, `training`: the card's (`build_model_card`);
+    `commit_message`, `token`, `endpoint`: `huggingface_hub.HfApi`'s. Everything is checked before the first request:
+    a bad argument or an incomplete checkpoint raises `ValueError` and sends nothing. A failing Hub (unreachable,
+    refused, timed out, an HTTP error) raises `ConnectionError` at its first request, naming the host and `--dry-run`."""
     from huggingface_hub.utils import validate_repo_id
 
     validate_repo_id(repo_id)
@@ -350,9 +323,13 @@ def _upload(folder, repo_id, card, private, revision, commit_message, token, end
         resampler = read_json(folder / "config.json").get("resampler_config") or {}
         message = f"Upload MS-LLaVA (M={resampler.get('num_queries', 144)}, windows {resampler.get('scope_windows')})"
         commit = api.upload_folder(
-            repo_id=created, folder_path=folder, allow_patterns=[*UPLOADED, "README.md"], revision=revision,
-            delete_patterns=[*CHECKPOINT_FILES, "README.md"], commit_message=commit_message or message,
-        )  # fmt: skip
+            repo_id=created,
+            folder_path=folder,
+            allow_patterns=[*DOWNLOAD_PATTERNS, "README.md"],
+            revision=revision,
+            delete_patterns=[*CHECKPOINT_FILES, "README.md"],
+            commit_message=commit_message or message,
+        )
     except Exception as error:
         if (failure := _network_error(error, urlsplit(endpoint or constants.ENDPOINT).netloc)) is error:
             raise
@@ -420,13 +397,10 @@ def _add_remote_code(folder: Path) -> list[str]:
             (folder / name).unlink()  # a link to the user's file: never write through it
             (folder / name).write_text(json.dumps(updated, indent=2) + "\n", encoding="utf-8")
     names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    files = list(filter_repo_objects(names, allow_patterns=UPLOADED))
+    files = list(filter_repo_objects(names, allow_patterns=DOWNLOAD_PATTERNS))
     if skipped := sorted(set(names) - set(files) - {"README.md", TRAINING_RECORD}):  # the record stays local
         logger.warning("not uploading %d file(s) that are not part of a checkpoint: %s", len(skipped), skipped)
     return files
-
-
-# --------------------------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -436,9 +410,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", metavar="OUT", help="write exactly what would be uploaded into OUT; no network")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--revision", help="branch to commit to (created from main if needed)")
-    parser.add_argument(
-        "--base-model", action="append", help="Hub id of the model this one was built from (repeatable)"
-    )
+    base = "Hub id of the model this one was built from (repeatable)"
+    parser.add_argument("--base-model", action="append", help=base)
     parser.add_argument("--license", default="apache-2.0", help="the card's license (default: apache-2.0)")
     parser.add_argument("--results", help="`ms-llava eval --output`'s results file (or your own {name: score} JSON)")
     parser.add_argument("--training", help="your statement of the training: 'paper', or a JSON file with your recipe")
@@ -447,11 +420,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     base_model = args.base_model[0] if args.base_model and len(args.base_model) == 1 else args.base_model
-    pushed = push_to_hub(
-        args.directory, args.repo_id, base_model=base_model, license=args.license, results=args.results,
-        training=args.training, private=args.private, revision=args.revision, commit_message=args.commit_message,
-        dry_run=args.dry_run,
-    )  # fmt: skip
+    names = ("license", "results", "training", "private", "revision", "commit_message", "dry_run")
+    options = {name: getattr(args, name) for name in names}
+    pushed = push_to_hub(args.directory, args.repo_id, base_model=base_model, **options)
     if args.dry_run:
         print(f"dry run: wrote what would be uploaded to {args.repo_id} into {pushed} (card: {pushed / 'README.md'})")
     else:

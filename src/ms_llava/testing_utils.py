@@ -39,6 +39,10 @@ QWEN_CHAT_TEMPLATE = (
 )
 _VISION = {"image_size": 32, "patch_size": 4, "hidden_size": 24, "intermediate_size": 37}
 _VISION |= {"num_hidden_layers": 2, "num_attention_heads": 4}
+_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+_TEXT |= {"num_key_value_heads": 2, "max_position_embeddings": 512}
+_CLIP_TEXT = {"hidden_size": 16, "intermediate_size": 20, "num_hidden_layers": 1, "num_attention_heads": 2}
+_CLIP_TEXT |= {"vocab_size": 50, "bos_token_id": 0, "eos_token_id": 1}
 TOWERS = {"clip": "CLIPVision", "clip-full": "CLIP", "siglip": "SiglipVision"}  # part -> transformers class
 LANGUAGE_MODELS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 PARTS = {"vision": "clip", "llama": "llama", "qwen2": "qwen2"}  # what `ms-llava tiny --parts DIR` writes
@@ -60,9 +64,11 @@ def train_bpe_tokenizer(
     backend = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in special_tokens else None))
     backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
-    )  # fmt: skip
+    )
     backend.train_from_iterator(corpus, trainer=trainer)
     image = {"image_token": "<image>"} if "<image>" in special_tokens else {}
     llava = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>", extra_special_tokens=image)
@@ -75,18 +81,11 @@ def tiny_vision_config() -> CLIPVisionConfig:
     return CLIPVisionConfig(**_VISION, projection_dim=16)
 
 
-def tiny_text_config(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None, **overrides) -> LlamaConfig:
-    """An odd-sized Llama of width 32 with the tokenizer's special token ids, and `overrides` (`pad_token_id=None`)."""
-    settings = {**_text_settings(tokenizer, vocab_size), "pad_token_id": tokenizer.pad_token_id, **overrides}
-    return LlamaConfig(**settings)
-
-
-def _text_settings(tokenizer, vocab_size: int | None = None) -> dict:
-    return dict(
-        vocab_size=vocab_size or len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+def tiny_text_config(tokenizer, vocab_size: int | None = None, config_class=LlamaConfig, **overrides) -> LlamaConfig:
+    """An odd-sized Llama (or other `config_class`) of width 32 with the tokenizer's special token ids, and `overrides`
+    (`pad_token_id=None`)."""
+    ids = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return config_class(**{**_TEXT, "vocab_size": vocab_size or len(tokenizer), **ids, **overrides})
 
 
 def build_tiny_config(tokenizer: PreTrainedTokenizerFast, **resampler_kwargs) -> MSLlavaConfig:
@@ -138,16 +137,7 @@ def write_tiny_part(directory: str | Path, kind: str, seed: int = 0) -> Path:
         raise ValueError(f"unknown part {kind!r}; choose one of {', '.join([*TOWERS, *LANGUAGE_MODELS])}")
     torch.manual_seed(seed)
     if kind in TOWERS:
-        text = dict(
-            hidden_size=16,
-            intermediate_size=20,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=50,
-            bos_token_id=0,
-            eos_token_id=1,
-        )
-        whole = {"vision_config": _VISION, "text_config": text, "projection_dim": 8}
+        whole = {"vision_config": _VISION, "text_config": _CLIP_TEXT, "projection_dim": 8}
         model_class, config_class = (getattr(transformers, f"{name}{suffix}") for suffix in ("Model", "Config"))
         model_class(config_class(**(whole if kind == "clip-full" else _VISION))).save_pretrained(directory)
         preprocessing = SIGLIP_PREPROCESSING if kind == "siglip" else CLIP_PREPROCESSING
@@ -160,7 +150,8 @@ def write_tiny_part(directory: str | Path, kind: str, seed: int = 0) -> Path:
     else:
         roles = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>")
         tokenizer = train_bpe_tokenizer(PARTS_CORPUS, 300, ["<unk>", "<s>", "</s>"], **roles)
-    config = getattr(transformers, f"{name}Config")(**_text_settings(tokenizer), tie_word_embeddings=kind == "qwen2")
+    config_class = getattr(transformers, f"{name}Config")
+    config = tiny_text_config(tokenizer, None, config_class, tie_word_embeddings=kind == "qwen2")
     getattr(transformers, f"{name}ForCausalLM")(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -183,11 +174,8 @@ def sample_image(size: int = 64, seed: int = 0) -> Image.Image:
 
 COLOURS = {"red": (220, 40, 40), "blue": (40, 90, 220), "green": (40, 170, 60), "yellow": (230, 190, 30)}
 SHAPES = ("circle", "square")
-CAPTION_PROMPT, COLOUR_QUESTION, SHAPE_QUESTION = (
-    "Describe the picture.",
-    "What colour is the shape?",
-    "What shape is it?",
-)
+CAPTION_PROMPT = "Describe the picture."
+COLOUR_QUESTION, SHAPE_QUESTION = "What colour is the shape?", "What shape is it?"
 
 
 def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 32) -> Image.Image:

@@ -183,14 +183,29 @@ def test_bad_parts_settings_and_templates_are_named_before_writing(parts, tmp_pa
         ("llama", "llama", {}, r"--vision-tower .*expected a vision transformer.*model_type 'llama'"),
         ("clip", "clip", {}, r"--language-model .*expected a decoder-only causal language model.*'clip_vision_model'"),
         ("clip", gpt2, {}, r"'gpt2'.*does not have the standard decoder layout"),
-        ("siglip", "llama", {"vision_feature_select_strategy": "default"}, r"drops the CLS token, but this vision tower \(siglip\) has none"),
+        (
+            "siglip",
+            "llama",
+            {"vision_feature_select_strategy": "default"},
+            r"drops the CLS token, but this vision tower \(siglip\) has none",
+        ),
         ("clip", "llama", {"vision_feature_layer": 5}, r"--vision-feature-layer 5: the tower has 2 layers"),
         ("clip", "llama", {"num_queries": 100}, r"finer than the visual token grid"),
         ("clip", "llama", {"chat_template": str(template)}, r"plain.jinja: the template has no \{% generation %\}"),
-        ("clip", "mistral", {"chat_template": "llm"}, "--chat-template llm: the language model's own chat template is missing"),
+        (
+            "clip",
+            "mistral",
+            {"chat_template": "llm"},
+            "--chat-template llm: the language model's own chat template is missing",
+        ),
         ("clip", "llama", {"chat_template": "nope"}, r"'nope': neither one of vicuna_v1, chatml, llm"),
-        ("clip", "llama", {"chat_template": "chatml"}, r"chatml: the language model's tokenizer has no <\|im_start\|> or <\|im_end"),
-    ]  # fmt: skip
+        (
+            "clip",
+            "llama",
+            {"chat_template": "chatml"},
+            r"chatml: the language model's tokenizer has no <\|im_start\|> or <\|im_end",
+        ),
+    ]
     for index, (tower, llm, settings, message) in enumerate(cases):
         llm = parts(llm) if isinstance(llm, str) else llm
         with pytest.raises(ValueError, match=message):
@@ -201,9 +216,29 @@ def test_bad_parts_settings_and_templates_are_named_before_writing(parts, tmp_pa
 @pytest.mark.slow
 def test_command_line_sizes_the_resampler_and_refuses_an_existing_output(parts, tmp_path, capsys):
     output = tmp_path / "cli"
-    arguments = ["compose", "--vision-tower", str(parts("clip")), "--language-model", str(parts("qwen2")),
-                 "--output", str(output), "--num-queries", "16", "--scope-windows", "2", "4", "8", "--seed", "3",
-                 "--resampler-hidden-size", "12", "--resampler-heads", "3", "--chat-template", "vicuna_v1"]  # fmt: skip
+    arguments = [
+        "compose",
+        "--vision-tower",
+        str(parts("clip")),
+        "--language-model",
+        str(parts("qwen2")),
+        "--output",
+        str(output),
+        "--num-queries",
+        "16",
+        "--scope-windows",
+        "2",
+        "4",
+        "8",
+        "--seed",
+        "3",
+        "--resampler-hidden-size",
+        "12",
+        "--resampler-heads",
+        "3",
+        "--chat-template",
+        "vicuna_v1",
+    ]
     assert main(arguments) == 0
     assert "parity: language model logits" in capsys.readouterr().out
     resampler = json.loads((output / "config.json").read_text())["resampler_config"]
@@ -219,10 +254,21 @@ def test_compose_shares_the_converters_options(capsys):
         main(["compose", "--help"])
     assert exited.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    for option in ("--fusion {channel_mlp,mean,attention,concat_mlp}", "--vision-feature-layer", "--chat-template",
-                   "--vision-feature-select-strategy {default,full}", "--max-shard-size", "--no-parity", "--seed",
-                   "--resampler-hidden-size D", "--resampler-heads H", "--num-queries M", "576 tokens -> 144",
-                   "(default 1024", "(default 16)"):  # fmt: skip
+    for option in (
+        "--fusion {channel_mlp,mean,attention,concat_mlp}",
+        "--vision-feature-layer",
+        "--chat-template",
+        "--vision-feature-select-strategy {default,full}",
+        "--max-shard-size",
+        "--no-parity",
+        "--seed",
+        "--resampler-hidden-size D",
+        "--resampler-heads H",
+        "--num-queries M",
+        "576 tokens -> 144",
+        "(default 1024",
+        "(default 16)",
+    ):
         assert option in help_text, option
 
 
@@ -242,8 +288,13 @@ def test_the_docs_quick_path_runs_as_written(tmp_path, monkeypatch, capsys, one_
     """docs/compose.md's quick path, run in this process from the doc's text: tiny parts, compose, data, stage 1 and
     the held-out accuracy."""
     commands = quick_path_commands()
-    assert [command[:2] for command in commands] == [["ms-llava", "tiny"], ["ms-llava", "compose"],
-                                                      ["ms-llava", "tiny"], ["ms-llava", "train"], ["ms-llava", "tiny"]]  # fmt: skip
+    assert [command[:2] for command in commands] == [
+        ["ms-llava", "tiny"],
+        ["ms-llava", "compose"],
+        ["ms-llava", "tiny"],
+        ["ms-llava", "train"],
+        ["ms-llava", "tiny"],
+    ]
     monkeypatch.chdir(tmp_path)
     for command in commands:
         assert main(command[1:]) == 0, command
@@ -294,9 +345,18 @@ def test_compose_train_generate_save_reload(parts, tmp_path, one_thread):
         composed_dir, stage1 = tmp_path / f"{llm}-composed", tmp_path / f"{llm}-stage1"
         compose(parts(tower), parts(llm), composed_dir, **TINY_RESAMPLER, **QUIET)
         result = train(
-            composed_dir, "pretrain", data, tmp_path / "data" / "images", stage1, global_batch_size=4,
-            learning_rate=1e-2, num_train_epochs=3, dataloader_num_workers=0, save_steps=1000, warmup_ratio=0.0,
-        )  # fmt: skip
+            composed_dir,
+            "pretrain",
+            data,
+            tmp_path / "data" / "images",
+            stage1,
+            global_batch_size=4,
+            learning_rate=1e-2,
+            num_train_epochs=3,
+            dataloader_num_workers=0,
+            save_steps=1000,
+            warmup_ratio=0.0,
+        )
         losses = [loss for _, loss in result.losses]
         assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
         trained, source = tensors_of(stage1), tensors_of(composed_dir)  # stage 1 trained the projector only

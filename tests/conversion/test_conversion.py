@@ -92,9 +92,15 @@ def test_llava_to_ms_llava_carries_tower_lm_tokenizer_over_bit_exactly(llava_dir
 @slow
 def test_resampler_is_freshly_initialised_like_init_weights(llava_dirs, tmp_path):
     convert_llava_to_ms_llava(
-        llava_dirs["new layout"], tmp_path / "out", num_queries=16, scope_bias_strength=3.0, fusion="mean", seed=7,
-        check_parity=False, **QUIET,
-    )  # fmt: skip
+        llava_dirs["new layout"],
+        tmp_path / "out",
+        num_queries=16,
+        scope_bias_strength=3.0,
+        fusion="mean",
+        seed=7,
+        check_parity=False,
+        **QUIET,
+    )
     written = tensors_of(tmp_path / "out")
     config = MSLlavaConfig.from_pretrained(tmp_path / "out")
     assert config.resampler_config.fusion == "mean" and config.resampler_config.scope_bias_strength == 3.0
@@ -218,23 +224,46 @@ def damaged(source: Path, target: Path, damage) -> Path:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda t, d: save_file({**t, "model.image_newline": torch.zeros(32)}, d / "model.safetensors"),
-         r"source keys the key map does not know: model\.image_newline \(model\.safetensors\)"),
-        (lambda t, d: save_file({k: v for k, v in t.items() if k != "language_model.model.norm.weight"}, d / "model.safetensors"),
-         r"target keys no source key fills: model\.language_model\.norm\.weight"),
-        (lambda t, d: save_file({**t, "language_model.lm_head.weight": torch.zeros(400, 16)}, d / "model.safetensors"),
-         r"shape mismatches: lm_head\.weight \(language_model\.lm_head\.weight in model\.safetensors: \[400, 16\]"),
-        (lambda t, d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-1000]),
-         r"model\.safetensors is not a readable safetensors file \(truncated or corrupt"),
-        (lambda t, d: ((d / "model.safetensors").unlink(), torch.save({"model": t}, d / "pytorch_model.bin")),
-         r"pytorch_model\.bin is not a plain state dict of tensors by name"),
-        (lambda t, d: ((d / "model.safetensors").unlink(), torch.save({**t, "x": _Pickled()}, d / "pytorch_model.bin")),
-         r"pytorch_model\.bin is not a plain state dict: it holds pickled objects \(Unsupported global: GLOBAL \w+\), and unpickling them could run code"),
-        (lambda t, d: (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}})),
-         r"model\.safetensors\.index\.json lists shards that are missing: model-00002-of-00002\.safetensors"),
+        (
+            lambda t, d: save_file({**t, "model.image_newline": torch.zeros(32)}, d / "model.safetensors"),
+            r"source keys the key map does not know: model\.image_newline \(model\.safetensors\)",
+        ),
+        (
+            lambda t, d: save_file(
+                {k: v for k, v in t.items() if k != "language_model.model.norm.weight"}, d / "model.safetensors"
+            ),
+            r"target keys no source key fills: model\.language_model\.norm\.weight",
+        ),
+        (
+            lambda t, d: save_file(
+                {**t, "language_model.lm_head.weight": torch.zeros(400, 16)}, d / "model.safetensors"
+            ),
+            r"shape mismatches: lm_head\.weight \(language_model\.lm_head\.weight in model\.safetensors: \[400, 16\]",
+        ),
+        (
+            lambda t, d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-1000]),
+            r"model\.safetensors is not a readable safetensors file \(truncated or corrupt",
+        ),
+        (
+            lambda t, d: ((d / "model.safetensors").unlink(), torch.save({"model": t}, d / "pytorch_model.bin")),
+            r"pytorch_model\.bin is not a plain state dict of tensors by name",
+        ),
+        (
+            lambda t, d: (
+                (d / "model.safetensors").unlink(),
+                torch.save({**t, "x": _Pickled()}, d / "pytorch_model.bin"),
+            ),
+            r"pytorch_model\.bin is not a plain state dict: it holds pickled objects \(Unsupported global: GLOBAL \w+\), and unpickling them could run code",
+        ),
+        (
+            lambda t, d: (d / "model.safetensors.index.json").write_text(
+                json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}})
+            ),
+            r"model\.safetensors\.index\.json lists shards that are missing: model-00002-of-00002\.safetensors",
+        ),
     ],
     ids=["unknown key", "missing key", "shape", "truncated", "nested .bin", "pickled object", "missing shard"],
-)  # fmt: skip
+)
 def test_a_bad_source_is_named_and_nothing_is_written(damage, message, llava_dirs, tmp_path):
     """Strict key accounting (every source key used or dropped for a reason, every target filled, shapes as the
     config builds them), and unreadable weights: the error names the key and its file; no output folder is left."""
@@ -297,8 +326,15 @@ def test_overwrite_replaces_only_a_conversion_output_and_keeps_the_users_files(l
     assert MSLlavaConfig.from_pretrained(output).model_type == "ms_llava" and not leftovers(tmp_path)
 
 
-@pytest.mark.parametrize("setup", ["project folder", "config.json of another model", "config.json that is not JSON",
-                                   "checkpoint with a subdirectory"])  # fmt: skip
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "project folder",
+        "config.json of another model",
+        "config.json that is not JSON",
+        "checkpoint with a subdirectory",
+    ],
+)
 def test_overwrite_replaces_the_checkpoint_files_only_whatever_else_the_folder_holds(setup, llava_dirs, tmp_path):
     """Without --overwrite a folder that holds a checkpoint (a config.json, weights) is refused and unchanged, and one
     that holds none gets the checkpoint next to its files; with --overwrite only the checkpoint's files are replaced:
@@ -317,14 +353,20 @@ def test_overwrite_replaces_the_checkpoint_files_only_whatever_else_the_folder_h
         (output / "config.json").write_text(json.dumps({"model_type": "llava"}))
         (output / ".git").mkdir()
         (output / ".git" / "HEAD").write_text("ref")
-    others = {str(p.relative_to(output)): p.read_bytes() for p in output.rglob("*") if p.is_file() and p.name != "config.json"}  # fmt: skip
+    others = {
+        str(p.relative_to(output)): p.read_bytes()
+        for p in output.rglob("*")
+        if p.is_file() and p.name != "config.json"
+    }
     if setup != "project folder":
         with pytest.raises(
             ConversionError, match=rf"{re.escape(str(output))} already holds a checkpoint \(config\.json\)"
         ):
             convert_llava_to_ms_llava(llava_dirs["new layout"], output, check_parity=False, **TINY)
         assert (output / "config.json").read_bytes() != b"" and not (output / "model.safetensors").exists()
-    convert_llava_to_ms_llava(llava_dirs["new layout"], output, overwrite=setup != "project folder", check_parity=False, **TINY)  # fmt: skip
+    convert_llava_to_ms_llava(
+        llava_dirs["new layout"], output, overwrite=setup != "project folder", check_parity=False, **TINY
+    )
     assert MSLlavaConfig.from_pretrained(output).model_type == "ms_llava"
     assert {name: (output / name).read_bytes() for name in others} == others and not leftovers(tmp_path)
 
@@ -369,9 +411,14 @@ def test_overwrite_never_replaces_the_working_directory_home_or_a_root(llava_dir
 def test_parity_limit_image_token_and_failure_message(llava_dirs, tmp_path, monkeypatch):
     from ms_llava.conversion import streaming
 
-    parameters = sum(tensor.numel() for tensor in MSLlavaForConditionalGeneration.from_pretrained(
-        convert_llava_to_ms_llava(llava_dirs["new layout"], tmp_path / "a", check_parity=False, **TINY).output
-    ).state_dict().values())  # fmt: skip
+    parameters = sum(
+        tensor.numel()
+        for tensor in MSLlavaForConditionalGeneration.from_pretrained(
+            convert_llava_to_ms_llava(llava_dirs["new layout"], tmp_path / "a", check_parity=False, **TINY).output
+        )
+        .state_dict()
+        .values()
+    )
     monkeypatch.setattr(streaming, "PARITY_MAX_PARAMETERS", parameters)  # the limit itself is still checked
     report = convert_llava_to_ms_llava(llava_dirs["new layout"], tmp_path / "b", **TINY)
     assert set(report.parity.values()) == {0.0} and report.parity_skipped is None
@@ -395,7 +442,7 @@ def test_parity_limit_image_token_and_failure_message(llava_dirs, tmp_path, monk
         match=r"^parity check failed, the carried-over parts differ: \{'language model logits \(text-only prompt\)': 0\.001",
     ):
         convert_llava_to_ms_llava(llava_dirs["new layout"], tmp_path / "d", **TINY)
-    assert not (tmp_path / "d").exists()  # fmt: skip
+    assert not (tmp_path / "d").exists()
 
 
 def test_hub_sources_download_the_checkpoint_files_without_pickles(tmp_path, monkeypatch, capsys):
@@ -422,7 +469,10 @@ def test_hub_sources_download_the_checkpoint_files_without_pickles(tmp_path, mon
         "*.tiktoken",
         "chat_template.jinja",
     } <= set(DOWNLOAD_PATTERNS) and not [pattern for pattern in DOWNLOAD_PATTERNS if ".bin" in pattern]
-    code, _, err = run(["convert", "llava-to-ms-llava", "--source", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")], capsys)  # fmt: skip
+    code, _, err = run(
+        ["convert", "llava-to-ms-llava", "--source", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")],
+        capsys,
+    )
     assert code == 1 and "no such folder" in err and "Traceback" not in err and not (tmp_path / "out").exists()
 
 
@@ -451,7 +501,7 @@ def test_memory_benchmark_synthesises_llava_1_5_7b_keys_and_shapes():
         k: tuple(v.shape) for k, v in meta.state_dict().items()
     }
     # llava-hf/llava-1.5-7b-hf's 7,063,427,072 parameters, in float16
-    assert benchmark.checkpoint_bytes(shapes) == 2 * 7_063_427_072  # fmt: skip
+    assert benchmark.checkpoint_bytes(shapes) == 2 * 7_063_427_072
 
 
 def test_wrapper_script_is_the_command(monkeypatch, capsys):

@@ -7,29 +7,70 @@ import pytest
 TRAINING_RECORD = {
     "stages": [
         {
-            "stage": "pretrain", "base_model": "runs/composed", "data": "shapes/caption-0.json", "num_examples": 40,
-            "skipped_records": 2, "trained": ["model.multi_modal_projector"], "frozen": ["model.vision_tower",
-            "model.language_model", "lm_head"], "adapter": None, "learning_rate": 3e-3, "lr_scheduler_type": "cosine",
-            "warmup_ratio": 0.1, "weight_decay": 0.0, "per_device_train_batch_size": 4,
-            "gradient_accumulation_steps": 2, "world_size": 1, "global_batch_size": 8, "num_train_epochs": 2.0,
-            "max_steps": 10, "steps_run": 10, "bf16": False, "seed": 42, "completed": True,
+            "stage": "pretrain",
+            "base_model": "runs/composed",
+            "data": "shapes/caption-0.json",
+            "num_examples": 40,
+            "skipped_records": 2,
+            "trained": ["model.multi_modal_projector"],
+            "frozen": ["model.vision_tower", "model.language_model", "lm_head"],
+            "adapter": None,
+            "learning_rate": 3e-3,
+            "lr_scheduler_type": "cosine",
+            "warmup_ratio": 0.1,
+            "weight_decay": 0.0,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "world_size": 1,
+            "global_batch_size": 8,
+            "num_train_epochs": 2.0,
+            "max_steps": 10,
+            "steps_run": 10,
+            "bf16": False,
+            "seed": 42,
+            "completed": True,
         }
     ]
-}  # fmt: skip
+}
 # An `ms-llava eval --output` results record: the official POPE run in full, a --limit run, a local copy.
 RESULTS_RECORD = {
-    "format": "ms-llava-eval-results/1", "model": "runs/stage2", "lmms_eval_version": "0.7.3", "date": "2026-12-01",
+    "format": "ms-llava-eval-results/1",
+    "model": "runs/stage2",
+    "lmms_eval_version": "0.7.3",
+    "date": "2026-12-01",
     "rows": [
-        {"task": "pope", "metric": "pope_accuracy", "score": 85.2, "benchmark": "POPE",
-         "source": {"dataset": "lmms-lab/POPE", "revision": "abc123"}, "num_samples": 9000, "unreadable_samples": 0,
-         "limit": None},
-        {"task": "gqa", "metric": "exact_match", "score": 50.0, "benchmark": None,
-         "source": {"dataset": "lmms-lab/GQA", "revision": None}, "num_samples": 4, "unreadable_samples": 0,
-         "limit": 4},
-        {"task": "pope_local", "metric": "pope_accuracy", "score": 62.5, "benchmark": None,
-         "source": {"local": "/data/pope-24"}, "num_samples": 24, "unreadable_samples": 1, "limit": None},
+        {
+            "task": "pope",
+            "metric": "pope_accuracy",
+            "score": 85.2,
+            "benchmark": "POPE",
+            "source": {"dataset": "lmms-lab/POPE", "revision": "abc123"},
+            "num_samples": 9000,
+            "unreadable_samples": 0,
+            "limit": None,
+        },
+        {
+            "task": "gqa",
+            "metric": "exact_match",
+            "score": 50.0,
+            "benchmark": None,
+            "source": {"dataset": "lmms-lab/GQA", "revision": None},
+            "num_samples": 4,
+            "unreadable_samples": 0,
+            "limit": 4,
+        },
+        {
+            "task": "pope_local",
+            "metric": "pope_accuracy",
+            "score": 62.5,
+            "benchmark": None,
+            "source": {"local": "/data/pope-24"},
+            "num_samples": 24,
+            "unreadable_samples": 1,
+            "limit": None,
+        },
     ],
-}  # fmt: skip
+}
 
 
 @pytest.fixture

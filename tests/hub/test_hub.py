@@ -35,9 +35,17 @@ ADAPTER = "ms-llava-test/tiny-native-lora"  # a LoRA adapter (peft) on top of NA
 CONVERTED = "ms-llava-test/converted-from-llava"  # a transformers LLaVA, converted, then pushed
 LORA_TARGETS = r".*language_model.*\.(q_proj|v_proj)"
 CHECKPOINT_FILES = {
-    ".gitattributes", "README.md", "config.json", "generation_config.json", "model.safetensors",
-    "processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", *REMOTE_CODE_MODULES,
-}  # fmt: skip
+    ".gitattributes",
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    *REMOTE_CODE_MODULES,
+}
 RESULTS = {"POPE": 87.0, "GQA": 62.0, "OCRBench": 301}
 
 
@@ -193,9 +201,19 @@ def test_pull_without_the_package_in_a_fresh_process(published, hub_server, tmp_
     report, converted_inputs, converted_logits, converted_image = published["converted"]
     out = tmp_path / "result.pt"
     run_python(
-        PULL_WITHOUT_PACKAGE, REPO, NATIVE, FILLED, ADAPTER, CONVERTED, commits["first"], published["image_path"],
-        converted_image, out, env=hub_subprocess_env(hub_server.url, tmp_path / "hf_home"), cwd=tmp_path,
-    )  # fmt: skip
+        PULL_WITHOUT_PACKAGE,
+        REPO,
+        NATIVE,
+        FILLED,
+        ADAPTER,
+        CONVERTED,
+        commits["first"],
+        published["image_path"],
+        converted_image,
+        out,
+        env=hub_subprocess_env(hub_server.url, tmp_path / "hf_home"),
+        cwd=tmp_path,
+    )
     result = torch.load(out)
     assert torch.equal(result["input_ids"], published["inputs"]["input_ids"])
     assert torch.equal(result["pixel_values"], published["inputs"]["pixel_values"])
@@ -280,7 +298,7 @@ def test_model_card_and_its_snippet(published, hub):
             "| fusion | | `channel_mlp` (Eq. 7-8, hidden width h = 5, `gelu`) |",
             "| attention width / heads per branch | D | 20 / 2 |",
             "| 2. instruction tuning | MS-Resampler + LLM | vision encoder | LLaVA-1.5 665K instruction data | 1e-5 | 16 | 1 |",
-        ):  # fmt: skip
+        ):
             assert row in loaded.text, row
         assert re.search(
             r"\| parameters \| \| [\d.]+K \([\d,]+\) in total, [\d.]+K \([\d,]+\) in the projector \|", loaded.text
@@ -296,7 +314,7 @@ def test_model_card_and_its_snippet(published, hub):
     )
     namespace = {}
     exec(compile(usage_snippet(card.text, "usage-with-package"), "README.md (usage-with-package)", "exec"), namespace)
-    assert isinstance(namespace["answer"], str) and type(namespace["model"]) is MSLlavaForConditionalGeneration  # fmt: skip
+    assert isinstance(namespace["answer"], str) and type(namespace["model"]) is MSLlavaForConditionalGeneration
 
 
 # --------------------------------------------------------------------------------------------- cards from records
@@ -325,7 +343,7 @@ def test_the_card_states_the_recorded_run_and_labels_every_evaluation_row(record
         "| pope_local | pope_accuracy | 62.5 | not the paper's benchmark (local data) | `/data/pope-24` (a local copy) | 24 (1 unreadable) | none |"
         in text
     )
-    assert "as stated by the uploader" not in text  # fmt: skip
+    assert "as stated by the uploader" not in text
 
     # a record that ran the paper's stage-1 hyper-parameters says so, and the uploader's statement is marked as such
     record = json.loads((folder / "ms_llava_training.json").read_text())
@@ -340,7 +358,10 @@ def test_the_card_states_the_recorded_run_and_labels_every_evaluation_row(record
 def test_the_card_reports_what_was_built_at_the_chosen_size(tiny_dir):
     text = build_model_card(tiny_dir).text
     assert "| attention width / heads per branch | D | 20 / 2 |" in text and "**Untrained weights.**" in text
-    assert "| vision encoder | | `clip_vision_model`, 32 px, patch 4, width 24 (8 x 8 = 64 tokens, layer -2, `default`) |" in text  # fmt: skip
+    assert (
+        "| vision encoder | | `clip_vision_model`, 32 px, patch 4, width 24 (8 x 8 = 64 tokens, layer -2, `default`) |"
+        in text
+    )
     assert "| language model | | `llama`, width 32, 2 layers, vocabulary 400 |" in text
 
 
@@ -376,7 +397,10 @@ def test_dry_run_writes_what_a_push_would_upload_and_contacts_nobody(
     commits (card included), byte for byte."""
     folder, results = recorded_run
     requests = len(hub.log)
-    assert main(["push", str(folder), "ms-llava-test/dry", "--results", str(results), "--dry-run", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert (
+        main(["push", str(folder), "ms-llava-test/dry", "--results", str(results), "--dry-run", str(tmp_path / "out")])
+        == 0
+    )
     assert f"into {tmp_path / 'out'}" in capsys.readouterr().out and len(hub.log) == requests
     written = folder_contents(tmp_path / "out")
     assert "ms_llava_training.json" not in written and "README.md" in written
@@ -424,22 +448,42 @@ def _requests(server) -> int:
     ("damage", "message"),
     [
         (lambda d: (d / "model.safetensors").unlink(), r"no weights \(model\.safetensors"),
-        (lambda d: [(d / n).unlink() for n in ("processor_config.json", "tokenizer.json")],
-         r"the processor's files are missing: processor_config\.json \(or preprocessor_config\.json\), tokenizer\.json \(or tokenizer\.model\)"),
+        (
+            lambda d: [(d / n).unlink() for n in ("processor_config.json", "tokenizer.json")],
+            r"the processor's files are missing: processor_config\.json \(or preprocessor_config\.json\), tokenizer\.json \(or tokenizer\.model\)",
+        ),
         (lambda d: (d / "config.json").unlink(), r"no config\.json"),
-        (lambda d: (d / "processor_config.json").write_text((d / "processor_config.json").read_text().replace('"num_image_tokens": 16', '"num_image_tokens": 9')),
-         r"num_image_tokens=9 .* resampler_config\.num_queries=16"),
-        (lambda d: (d / "config.json").write_text((d / "config.json").read_text().replace('"model_type": "ms_llava"', '"model_type": "llava"')),
-         r"model_type 'llava', not 'ms_llava'"),
-        (lambda d: [(d / name).write_text((d / name).read_text().replace(before, after)) for name, before, after in (
-            ("config.json", '"num_queries": 16', '"num_queries": 15'),
-            ("processor_config.json", '"num_image_tokens": 16', '"num_image_tokens": 15'))],
-         r"config\.json: .*num_queries \(M\) must be a positive perfect square.* got num_queries=15"),
-        (lambda d: (d / "config.json").write_text((d / "config.json").read_text().replace('"hidden_size": 32', '"hidden_size": 40')),
-         r"model\.safetensors holds .* with shape \[\d+, 32\], but config\.json builds \[\d+, 40\]: the config and the weights disagree"),
+        (
+            lambda d: (d / "processor_config.json").write_text(
+                (d / "processor_config.json").read_text().replace('"num_image_tokens": 16', '"num_image_tokens": 9')
+            ),
+            r"num_image_tokens=9 .* resampler_config\.num_queries=16",
+        ),
+        (
+            lambda d: (d / "config.json").write_text(
+                (d / "config.json").read_text().replace('"model_type": "ms_llava"', '"model_type": "llava"')
+            ),
+            r"model_type 'llava', not 'ms_llava'",
+        ),
+        (
+            lambda d: [
+                (d / name).write_text((d / name).read_text().replace(before, after))
+                for name, before, after in (
+                    ("config.json", '"num_queries": 16', '"num_queries": 15'),
+                    ("processor_config.json", '"num_image_tokens": 16', '"num_image_tokens": 15'),
+                )
+            ],
+            r"config\.json: .*num_queries \(M\) must be a positive perfect square.* got num_queries=15",
+        ),
+        (
+            lambda d: (d / "config.json").write_text(
+                (d / "config.json").read_text().replace('"hidden_size": 32', '"hidden_size": 40')
+            ),
+            r"model\.safetensors holds .* with shape \[\d+, 32\], but config\.json builds \[\d+, 40\]: the config and the weights disagree",
+        ),
     ],
     ids=["weights", "processor", "config", "M", "model type", "invalid config", "config vs weights"],
-)  # fmt: skip
+)
 def test_push_refuses_a_bad_checkpoint_before_sending_anything(tiny_dir, tmp_path, hub, damage, message):
     broken = shutil.copytree(tiny_dir, tmp_path / "broken")
     damage(broken)
@@ -470,7 +514,7 @@ def test_push_refuses_bad_arguments_before_sending_anything(tiny, tiny_dir, tmp_
     assert code == 1 and f"--results: no such file: {tmp_path / 'missing.json'}" in capsys.readouterr().err
     code = main(["push", str(tmp_path), "ms-llava-test/broken"])
     assert code == 1 and "no config.json, so not a checkpoint" in capsys.readouterr().err
-    assert _requests(hub) == sent  # fmt: skip
+    assert _requests(hub) == sent
 
 
 @pytest.mark.slow
@@ -495,7 +539,11 @@ def test_push_with_a_processor_replaces_the_folder_processor_and_prunes_stale_fi
     assert "special_tokens_map.json" in files and "optimizer.pt" not in files
     push_to_hub(model_only, repo, processor=processor)
     assert set(HfApi().list_repo_files(repo)) == CHECKPOINT_FILES
-    assert sorted(path.name for path in model_only.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]  # fmt: skip
+    assert sorted(path.name for path in model_only.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
 
 
 @pytest.mark.slow
@@ -625,9 +673,17 @@ def test_a_checkpoint_folder_is_checked_before_anything_loads_it(tiny_dir, tmp_p
 
     state = load_file(tiny_dir / "model.safetensors")
     for name, content, message in (
-        ("pickled", {**state, "x": _Pickled()}, r"pytorch_model\.bin is not a plain state dict: it holds pickled objects \(Unsupported global: GLOBAL \w+\), and unpickling them could run code"),
-        ("nested", {"model": state, "optimizer": {}}, r"pytorch_model\.bin is not a plain state dict of tensors by name"),
-    ):  # fmt: skip
+        (
+            "pickled",
+            {**state, "x": _Pickled()},
+            r"pytorch_model\.bin is not a plain state dict: it holds pickled objects \(Unsupported global: GLOBAL \w+\), and unpickling them could run code",
+        ),
+        (
+            "nested",
+            {"model": state, "optimizer": {}},
+            r"pytorch_model\.bin is not a plain state dict of tensors by name",
+        ),
+    ):
         folder = shutil.copytree(tiny_dir, tmp_path / name)
         (folder / "model.safetensors").unlink()
         torch.save(content, folder / "pytorch_model.bin")
@@ -643,4 +699,4 @@ def test_a_checkpoint_folder_is_checked_before_anything_loads_it(tiny_dir, tmp_p
     with pytest.raises(
         CheckpointError, match=r"model\.safetensors holds .* with shape \[.*24.*\], but config\.json builds \[.*28.*\]"
     ):
-        resolve_checkpoint(folder, "--checkpoint")  # fmt: skip
+        resolve_checkpoint(folder, "--checkpoint")

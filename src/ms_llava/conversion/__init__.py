@@ -15,8 +15,9 @@ from .streaming import DEFAULT_MAX_SHARD_SIZE, ConversionError
 FUSIONS = get_args(MSResamplerConfig.__annotations__["fusion"])
 
 
-def add_resampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """The MS-Resampler's size and settings, shared by `convert llava-to-ms-llava` and `compose`."""
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """The MS-Resampler's size and settings and the output options, shared by `convert llava-to-ms-llava` and
+    `compose`."""
     group = parser.add_argument_group("MS-Resampler")
     m = "visual tokens per image, a perfect square (default 144: the paper's budget, LLaVA-1.5's 576 tokens -> 144)"
     group.add_argument("--num-queries", type=int, default=144, metavar="M", help=m)
@@ -30,46 +31,33 @@ def add_resampler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scope-bias-strength", type=float, metavar="BETA", help="beta of the scope prior (default 5)")
     group.add_argument("--fusion", choices=FUSIONS, help="how the branches are fused (default channel_mlp)")
     group.add_argument("--seed", type=int, default=0, help="seed of the MS-Resampler's initialisation (default 0)")
-
-
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
-        help=f"largest output shard, e.g. 2GB or 200MB (default {DEFAULT_MAX_SHARD_SIZE}; one is in memory at a time)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--overwrite", action="store_true",
-        help="replace a non-empty --output that holds a checkpoint a conversion wrote (its checkpoint files only; "
-        "other files are kept); never the current directory, the home directory or a filesystem root",
-    )  # fmt: skip
+    size = f"largest output shard, e.g. 2GB or 200MB (default {DEFAULT_MAX_SHARD_SIZE}; one is in memory at a time)"
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help=size)
+    overwrite = "replace a non-empty --output that holds a checkpoint a conversion wrote (its checkpoint files only; "
+    overwrite += "other files are kept); never the current directory, the home directory or a filesystem root"
+    parser.add_argument("--overwrite", action="store_true", help=overwrite)
     parser.add_argument("--no-parity", action="store_true", help="skip the parity check of the output")
 
 
-def resampler_options(args: argparse.Namespace) -> dict:
-    names = ("num_queries", "scope_windows", "scope_bias_strength", "fusion", "seed")
+def shared_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `convert_llava_to_ms_llava` and `compose` that `add_shared_arguments` gives."""
+    names = ("num_queries", "scope_windows", "scope_bias_strength", "fusion", "seed", "max_shard_size", "overwrite")
     kwargs = {"hidden_size": args.resampler_hidden_size, "num_attention_heads": args.resampler_heads}
-    return {name: getattr(args, name) for name in names} | {"resampler_kwargs": kwargs}
-
-
-def output_options(args: argparse.Namespace) -> dict:
-    return {"max_shard_size": args.max_shard_size, "overwrite": args.overwrite, "check_parity": not args.no_parity}
+    options = {name: getattr(args, name) for name in names} | {"resampler_kwargs": kwargs}
+    return options | {"check_parity": not args.no_parity}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     conversions = parser.add_subparsers(dest="conversion", required=True, metavar="CONVERSION")
-    to_ms_llava = conversions.add_parser(
-        "llava-to-ms-llava",
-        help="a transformers LLaVA -> an MS-LLaVA (fresh MS-Resampler, the rest bit for bit)",
-        description=llava.__doc__,
-    )
+    what = "a transformers LLaVA -> an MS-LLaVA (fresh MS-Resampler, the rest bit for bit)"
+    to_ms_llava = conversions.add_parser("llava-to-ms-llava", help=what, description=llava.__doc__)
     to_ms_llava.add_argument("--source", required=True, help="a transformers LLaVA checkpoint folder, or a Hub id")
     to_ms_llava.add_argument("--output", required=True, help="the MS-LLaVA checkpoint folder to write")
-    add_resampler_arguments(to_ms_llava)
-    add_output_arguments(to_ms_llava)
+    add_shared_arguments(to_ms_llava)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = convert_llava_to_ms_llava(args.source, args.output, **resampler_options(args), **output_options(args))
+    report = convert_llava_to_ms_llava(args.source, args.output, **shared_options(args))
     print("\n".join(report.lines()))
     return 0
 

@@ -6,7 +6,6 @@ start of stage-1 training. The key map is transformers' own loader renames for L
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from . import streaming
 
 # Copied byte for byte (they hold the vocabulary); tokenizer_config.json is the processor's to write.
 TOKENIZER_DATA_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-PARITY_FAILURE = "parity check failed, the carried-over parts differ"
 
 
 def convert_llava_to_ms_llava(
@@ -54,16 +52,12 @@ def convert_llava_to_ms_llava(
             f"{source_dir}: expected a transformers LLaVA checkpoint (model_type 'llava'), got {model_type!r}"
         )
     llava = LlavaConfig.from_pretrained(source_dir)
-    config = streaming.ms_llava_config(
-        llava.vision_config, llava.text_config,
-        streaming.resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs),
-        image_token_id=llava.image_token_id, vision_feature_layer=llava.vision_feature_layer,
-        vision_feature_select_strategy=llava.vision_feature_select_strategy,
-        tie_word_embeddings=llava.tie_word_embeddings,
-    )  # fmt: skip
-    meta_model = streaming.build_on_meta(MSLlavaForConditionalGeneration, config)
+    resampler = streaming.resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs)
+    names = ("image_token_id", "vision_feature_layer", "vision_feature_select_strategy", "tie_word_embeddings")
+    fields = {name: getattr(llava, name) for name in names}
+    config = streaming.ms_llava_config(llava.vision_config, llava.text_config, resampler, **fields)
     log(f"reading {source_dir}")
-    key_map = streaming.KeyMap(meta_model)
+    key_map = streaming.KeyMap(streaming.build_on_meta(MSLlavaForConditionalGeneration, config))
     rename = streaming.loader_renames(streaming.build_on_meta(LlavaForConditionalGeneration, llava))
     dropped = "MLP projector replaced by MS-Resampler"
     key_map.map(
@@ -72,33 +66,16 @@ def convert_llava_to_ms_llava(
     key_map.create(streaming.fresh_resampler(config, seed), f"MS-Resampler, freshly initialised (seed {seed})")
     key_map.check(f"{source_dir} -> MS-LLaVA")
     processor = ms_llava_processor(source_dir, config, report.notes)
-    dtype = key_map.entries["model.language_model.embed_tokens.weight"].dtype
 
-    def save_files(folder: Path) -> None:
-        streaming.save_model_files(meta_model, folder, dtype, GenerationConfig.from_model_config(config.text_config))
-        processor.save_pretrained(folder)
-        for name in ("generation_config.json", *TOKENIZER_DATA_FILES):
-            if (source_dir / name).is_file():
-                shutil.copyfile(source_dir / name, folder / name)
+    def sources(input_ids: torch.Tensor, pixel_values: torch.Tensor):  # the source LLaVA's logits and tower states
+        model = streaming.load_quietly(LlavaForConditionalGeneration, source_dir)
+        return model(input_ids=input_ids).logits, streaming.tower_states(model.model.vision_tower, pixel_values)
 
-    def parity(folder: Path) -> dict[str, float]:
-        input_ids, pixel_values = streaming.parity_inputs(config, config.text_config.vocab_size)
-        logits, states = [], []
-        for auto, path in ((LlavaForConditionalGeneration, source_dir), (MSLlavaForConditionalGeneration, folder)):
-            model = streaming.load_quietly(auto, path)  # one model at a time
-            with torch.no_grad():
-                logits.append(model(input_ids=input_ids).logits)
-            states.append(streaming.tower_states(model.model.vision_tower, pixel_values))
-            if path == folder:
-                streaming.check_new_resampler(model, pixel_values)
-            del model
-        return {
-            "language model logits (text-only prompt)": streaming.max_abs_difference(*logits),
-            "vision tower hidden states (random image)": streaming.max_abs_difference(*states),
-        }
-
+    copied = [source_dir / name for name in ("generation_config.json", *TOKENIZER_DATA_FILES)]
     options = dict(overwrite=overwrite, max_shard_size=max_shard_size, check_parity=check_parity, log=log)
-    return streaming.write_checkpoint(key_map, save_files, parity, report, {**options, "failure": PARITY_FAILURE})
+    options["copied"] = [path for path in copied if path.is_file()]
+    generation = GenerationConfig.from_model_config(config.text_config)
+    return streaming.write_checkpoint(key_map, processor, generation, sources, report, options)
 
 
 def ms_llava_processor(source_dir: Path, config, notes: list[str]) -> MSLlavaProcessor:
@@ -110,10 +87,8 @@ def ms_llava_processor(source_dir: Path, config, notes: list[str]) -> MSLlavaPro
     settings = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items() if v is not None}
     if not source.chat_template:
         notes.append("the source has no chat template: the processor uses LLaVA-1.5's")
-    processor = MSLlavaProcessor(
-        MSLlavaImageProcessor(**settings), source.tokenizer, chat_template=source.chat_template,
-        num_image_tokens=config.resampler_config.num_queries, image_token=source.image_token,
-    )  # fmt: skip
+    image_processor, m = MSLlavaImageProcessor(**settings), config.resampler_config.num_queries
+    processor = MSLlavaProcessor(image_processor, source.tokenizer, source.chat_template, m, source.image_token)
     if processor.image_token_id != config.image_token_id:
         raise streaming.ConversionError(
             f"{source_dir}: the tokenizer's image token {source.image_token!r} has id {processor.image_token_id}, but "

@@ -24,7 +24,6 @@ from safetensors.torch import save_file
 from ..checkpoints import (
     CheckpointError,
     checkpoint_files_in,
-    holds_checkpoint,
     is_checkpoint_file,
     load_bin,
     tensor_headers,
@@ -36,6 +35,7 @@ DEFAULT_MAX_SHARD_SIZE = "500MB"  # save_file holds a whole shard in memory: thi
 PARITY_MAX_PARAMETERS = 1_500_000_000  # parity loads source and output in float32, one after the other: 6 GB each
 IMAGE_TOKEN = "<image>"
 RECOMPUTED_BUFFERS = (".rotary_emb.inv_freq", "embeddings.position_ids")  # saved by old checkpoints, recomputed now
+EMBED, HEAD = "model.language_model.embed_tokens.weight", "lm_head.weight"
 
 
 class ConversionError(ValueError):
@@ -52,9 +52,8 @@ class Source:
     shape: tuple[int, ...]
 
     def load(self) -> torch.Tensor:
-        if (
-            self.file.suffix == ".safetensors"
-        ):  # a handle per tensor: what one handle reads stays resident while it lives
+        # a handle per tensor: what one handle reads stays resident while it lives
+        if self.file.suffix == ".safetensors":
             with safe_open(str(self.file), framework="pt") as handle:
                 return handle.get_tensor(self.key)
         return _bin_shard(self.file)[self.key]
@@ -100,6 +99,7 @@ class KeyMap:
     dropped for a stated reason, every target key is filled once (tied ones may be absent) and every shape fits."""
 
     def __init__(self, meta_model):
+        self.model = meta_model
         self.expected = {key: tuple(tensor.shape) for key, tensor in meta_model.state_dict().items()}
         self.optional = set(getattr(meta_model, "all_tied_weights_keys", None) or ())
         self.entries: dict[str, Source | torch.Tensor] = {}
@@ -111,7 +111,7 @@ class KeyMap:
         """Adds every source tensor as `rename(key)`; `drop(key)` may give a reason to leave it out instead."""
         for source in sources:
             target, reason = rename(source.key), drop(source.key) if drop else None
-            if not reason and target not in self.expected and target.endswith(RECOMPUTED_BUFFERS):
+            if target not in self.expected and target.endswith(RECOMPUTED_BUFFERS):
                 reason = "buffer recomputed by transformers"
             if reason:
                 self.dropped.setdefault(reason, []).append(source.key)
@@ -160,23 +160,24 @@ def fresh_resampler(config, seed: int) -> dict[str, torch.Tensor]:
     return {f"model.multi_modal_projector.{key}": value.detach() for key, value in resampler.state_dict().items()}
 
 
-def grow_embeddings(key_map: KeyMap, text_config, vocab_size: int, seed: int, embed: str, head: str) -> list[str]:
-    """Grows the mapped input embedding `embed` (and an untied `head`) to `vocab_size` rows with transformers'
-    `resize_token_embeddings(mean_resizing=True)` (new rows drawn around the mean of the old ones, seeded), on a
-    language model whose other weights stay on the meta device. Returns the keys grown."""
+def grow_embeddings(key_map: KeyMap, text_config, vocab_size: int, seed: int, added: list[str]) -> None:
+    """Grows the mapped input embedding (and an untied `lm_head`) to `vocab_size` rows for the `added` tokens with
+    transformers' `resize_token_embeddings(mean_resizing=True)` (new rows drawn around the mean of the old ones,
+    seeded), on a language model whose other weights stay on the meta device."""
     from transformers import AutoModelForCausalLM
 
     model = build_on_meta(AutoModelForCausalLM.from_config, text_config)
-    keys = [key for key in (embed, head) if isinstance(key_map.entries.get(key), Source)]
+    keys = [key for key in (EMBED, HEAD) if isinstance(key_map.entries.get(key), Source)]
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    inputs.weight = torch.nn.Parameter(key_map.entries[embed].load(), requires_grad=False)
-    outputs.weight = torch.nn.Parameter(key_map.entries[head].load(), False) if head in keys else inputs.weight
+    inputs.weight = torch.nn.Parameter(key_map.entries[EMBED].load(), requires_grad=False)
+    outputs.weight = torch.nn.Parameter(key_map.entries[HEAD].load(), False) if HEAD in keys else inputs.weight
+    rows = vocab_size - inputs.weight.shape[0]
     with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.manual_seed(seed)
         model.resize_token_embeddings(vocab_size, mean_resizing=True)
-    grown = {embed: model.get_input_embeddings().weight.detach(), head: model.get_output_embeddings().weight.detach()}
+    grown = {EMBED: model.get_input_embeddings().weight.detach(), HEAD: model.get_output_embeddings().weight.detach()}
     key_map.entries.update({key: grown[key] for key in keys})
-    return keys
+    key_map.created[f"{rows} new row(s) ({', '.join(added)}) by mean resizing"] = keys
 
 
 @contextmanager
@@ -243,9 +244,6 @@ def _written_as(file: Path, key: str, entry) -> bool:
     return same and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-# ------------------------------------------------------------------------------------------------ output folders
-
-
 def _protected(output: Path) -> str | None:
     """Why `output` is never written: a root, the working directory, the home, or one holding them (links resolved)."""
     resolved = output.resolve()
@@ -271,9 +269,10 @@ def check_output(output: str | Path, overwrite: bool = False) -> Path:
         raise ConversionError(f"{output} exists and is not a folder; give a new or existing folder")
     if output.exists() and (protected := _protected(output)):
         raise ConversionError(f"{output} cannot be written or replaced: {protected}; choose a folder of its own")
-    if holds_checkpoint(output) and not overwrite:
-        raise ConversionError(
-            f"{output} already holds a checkpoint ({listed(checkpoint_files_in(output), 6)}); choose another folder, "
+    owned, weights = checkpoint_files_in(output), (".safetensors", ".bin", ".index.json")
+    if not overwrite and any(n in ("config.json", "adapter_config.json") or n.endswith(weights) for n in owned):
+        raise ConversionError(  # a config.json, an adapter_config.json or weights: a checkpoint
+            f"{output} already holds a checkpoint ({listed(owned, 6)}); choose another folder, "
             "or pass --overwrite to replace its checkpoint files (other files are kept)"
         )
     return output
@@ -288,13 +287,10 @@ def _link_or_copy(source, target) -> None:
 
 @contextmanager
 def replace_folder(output: str | Path, log: Callable[[str], None] | None = None, keep_existing: bool = False):
-    """Yields an empty temporary folder next to `output` to write a checkpoint into; on success it becomes `output` in
-    one rename (an interruption leaves the old folder or the new one), on any error it is removed, `output` untouched.
-
-    Of an existing `output`, only the checkpoint's files are replaced (`checkpoints.CHECKPOINT_FILES`): those the new
-    write does not rewrite are removed and listed to `log`, everything else (notes, results, subfolders) is carried
-    into the new folder by hard link. `keep_existing` (nobody asked to overwrite) refuses, naming them, to replace
-    files `output` already has. Call `check_output` first."""
+    """Yields an empty folder next to `output` to write a checkpoint into, renamed into `output` on success and removed
+    on any error. Of an existing `output` only the checkpoint's files (`checkpoints.CHECKPOINT_FILES`) are replaced;
+    those not rewritten are removed and listed to `log`, the rest is carried over by hard link. `keep_existing` (no
+    --overwrite) refuses, naming them, to replace files `output` has. Call `check_output` first."""
     output = Path(output).absolute()
     unique = f"{os.getpid()}-{time.time_ns()}"
     staging, previous = (output.with_name(f".{output.name}.{what}-{unique}") for what in ("partial", "previous"))
@@ -334,9 +330,6 @@ def replace_folder(output: str | Path, log: Callable[[str], None] | None = None,
         shutil.rmtree(staging, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------------------ a run
-
-
 @dataclass
 class Report:
     """What a conversion did: printed at the end, returned to library callers."""
@@ -374,33 +367,39 @@ def prepare_output(output: Path, sources: list[Path]) -> Path:
     return output
 
 
-def write_checkpoint(key_map: KeyMap, save_files: Callable, parity: Callable, report: Report, options: dict) -> Report:
-    """Writes the mapped tensors and `save_files(folder)` (configs, processor) into a staged folder, checks parity
-    there (unless `check_parity` is off or the model too large) and renames it into `report.output`."""
+def write_checkpoint(key_map: KeyMap, processor, generation, sources, report: Report, options: dict) -> Report:
+    """Writes into a staged folder the mapped tensors, config.json (with `auto_map` and the modules for remote code),
+    the `generation` config, the processor and then the files `options["copied"]` (byte for byte); checks `parity`
+    there against `sources` (on ids below `options["vocab"]`, default the config's) unless `check_parity` is off or
+    the model is too large; and renames the folder into `report.output`."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    model, log = key_map.model, options["log"]
     parameters = sum(torch.Size(entry.shape).numel() for entry in key_map.entries.values())
-    if not options["check_parity"]:
-        report.parity_skipped = "--no-parity"
-    elif parameters > PARITY_MAX_PARAMETERS:
-        report.parity_skipped = (
-            f"{parameters:,} parameters > {PARITY_MAX_PARAMETERS:,}: too large to build both models"
-        )
-    log = options["log"]
+    if not options["check_parity"] or parameters > PARITY_MAX_PARAMETERS:
+        limit = f"{parameters:,} parameters > {PARITY_MAX_PARAMETERS:,}: too large to build both models"
+        report.parity_skipped = limit if options["check_parity"] else "--no-parity"
     log(f"writing {len(key_map.entries)} tensors ({parameters:,} parameters) to {report.output}")
     with replace_folder(report.output, log=log, keep_existing=not options["overwrite"]) as staging:
         report.bytes_written = write_weights(key_map.entries, staging, options["max_shard_size"])
-        save_files(staging)
+        model.config.architectures = [type(model).__name__]
+        model.config.dtype = str(key_map.entries[EMBED].dtype).removeprefix("torch.")
+        custom_object_save(model, staging, config=model.config)
+        model.config.save_pretrained(staging)
+        generation.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        for file in options.get("copied", ()):
+            shutil.copyfile(file, staging / file.name)
         if report.parity_skipped is None:
             log("checking parity")
-            report.parity = parity(staging)
+            vocab = options.get("vocab", model.config.text_config.vocab_size)
+            report.parity = parity(staging, model.config, vocab, sources)
             if failed := {what: value for what, value in report.parity.items() if value != 0}:
-                raise ConversionError(f"{options.get('failure', 'parity check failed')}: {failed}")
+                raise ConversionError(f"parity check failed, the carried-over parts differ: {failed}")
     report.tensors_written, report.dropped, report.created = len(key_map.entries), key_map.dropped, key_map.created
     report.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report.seconds = time.perf_counter() - report.started
     return report
-
-
-# ------------------------------------------------------------------------------------------------ the MS-LLaVA side
 
 
 def ms_llava_config(vision_config, text_config, resampler: dict, **fields):
@@ -423,44 +422,33 @@ def ms_llava_config(vision_config, text_config, resampler: dict, **fields):
 def resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, resampler_kwargs) -> dict:
     """MSResamplerConfig fields from the conversions' arguments (None: the config's default)."""
     given = {"scope_windows": scope_windows, "scope_bias_strength": scope_bias_strength, "fusion": fusion}
+    return {"num_queries": num_queries} | {k: v for k, v in given.items() if v is not None} | (resampler_kwargs or {})
+
+
+@torch.no_grad()
+def parity(folder: Path, config, vocab: int, sources: Callable) -> dict[str, float]:
+    """The written MS-LLaVA against its sources (`sources(input_ids, pixel_values)`: their logits and tower hidden
+    states, one model at a time) on a seeded random text-only prompt (ids below `vocab`, no image token) and a random
+    image of the tower's size; and its fresh MS-Resampler must give M finite tokens of the LLM's width."""
+    from ..modeling_ms_llava import MSLlavaForConditionalGeneration
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (1, 12), generator=generator)
+    input_ids[input_ids == config.image_token_id] = int(config.image_token_id == 0)
+    size = config.vision_config.image_size
+    pixel_values = torch.randn(1, 3, size, size, generator=generator)
+    logits, states = sources(input_ids, pixel_values)
+    model = load_quietly(MSLlavaForConditionalGeneration, folder)
+    features = model.model.get_image_features(pixel_values=pixel_values).pooler_output[0]
+    expected = (config.resampler_config.num_queries, config.text_config.hidden_size)
+    if tuple(features.shape) != expected or not torch.isfinite(features).all():
+        raise ConversionError(f"the new MS-Resampler gave {tuple(features.shape)} tokens (expected {expected}) or NaN")
+    written = model(input_ids=input_ids).logits[..., :vocab], tower_states(model.model.vision_tower, pixel_values)
     return {
-        "num_queries": num_queries,
-        **{k: v for k, v in given.items() if v is not None},
-        **(resampler_kwargs or {}),
+        "language model logits (text-only prompt)": max_abs_difference(logits, written[0]),
+        "vision tower hidden states (random image)": max_abs_difference(states, written[1]),
     }
 
 
-def save_model_files(meta_model, folder: Path, dtype: torch.dtype, generation_config) -> None:
-    """What `save_pretrained` writes besides the weights: config.json (architectures, dtype; `auto_map` and the
-    modules for remote code) and generation_config.json."""
-    from transformers.dynamic_module_utils import custom_object_save
-
-    meta_model.config.architectures = [type(meta_model).__name__]
-    meta_model.config.dtype = str(dtype).removeprefix("torch.")
-    if meta_model.is_remote_code():
-        custom_object_save(meta_model, folder, config=meta_model.config)
-    meta_model.config.save_pretrained(folder)
-    generation_config.save_pretrained(folder)
-
-
-def parity_inputs(config, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random text-only prompt (no image token) and a random image of the tower's size."""
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab_size, (1, 12), generator=generator)
-    input_ids[input_ids == config.image_token_id] = int(config.image_token_id == 0)
-    size = config.vision_config.image_size
-    return input_ids, torch.randn(1, 3, size, size, generator=generator)
-
-
-@torch.no_grad()
 def tower_states(tower, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(tower(pixel_values, output_hidden_states=True).hidden_states)
-
-
-@torch.no_grad()
-def check_new_resampler(model, pixel_values: torch.Tensor) -> None:
-    """The freshly initialised MS-Resampler of the written `model` gives M finite tokens of the LLM's width."""
-    features = model.model.get_image_features(pixel_values=pixel_values).pooler_output[0]
-    expected = (model.config.resampler_config.num_queries, model.config.text_config.hidden_size)
-    if tuple(features.shape) != expected or not torch.isfinite(features).all():
-        raise ConversionError(f"the new MS-Resampler gave {tuple(features.shape)} tokens (expected {expected}) or NaN")
