@@ -76,8 +76,10 @@ def language_model_lora_targets(model) -> str:
 def require_qlora_support() -> None:
     """QLoRA loads the LLM in 4 bits with bitsandbytes (0.50 and later run 4-bit layers on CPU too)."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("qlora needs bitsandbytes (pip install 'bitsandbytes>=0.50'); use lora=True (--lora) without "
-                         "quantization instead")  # fmt: skip
+        raise ValueError(
+            "qlora needs bitsandbytes (pip install 'bitsandbytes>=0.50'); use lora=True (--lora) without "
+            "quantization instead"
+        )
 
 
 def qlora_quantization_config() -> BitsAndBytesConfig:

@@ -130,8 +130,10 @@ class MSLlavaTrainingArguments(TrainingArguments):
             )
         scale_options = sorted(name for name in overrides if name.startswith("scale_"))
         if scale_options and overrides.get("adapter") != "scale":
-            raise ValueError(f"{', '.join(scale_options)} set ScAle options, which need adapter='scale' "
-                             f"(got {overrides.get('adapter')!r})")  # fmt: skip
+            raise ValueError(
+                f"{', '.join(scale_options)} set ScAle options, which need adapter='scale' "
+                f"(got {overrides.get('adapter')!r})"
+            )
         if overrides.get("adapter") == "lora" and overrides.get("lora") is False:
             raise ValueError("adapter='lora' and lora=False contradict each other")
         return cls(stage=stage, **overrides)
@@ -165,8 +167,16 @@ class MSLlavaTrainingArguments(TrainingArguments):
     def validate(self) -> None:
         optional = {"per_device_batch_size", "max_steps", "projector_learning_rate", "max_length", "save_total_limit"}
         integers = {"global_batch_size", "save_steps", "logging_steps", "lora_r", "per_device_batch_size"}
-        for name in (*optional, "learning_rate", "global_batch_size", "num_train_epochs", "save_steps",
-                     "logging_steps", "lora_r", "lora_alpha"):  # fmt: skip
+        for name in (
+            *optional,
+            "learning_rate",
+            "global_batch_size",
+            "num_train_epochs",
+            "save_steps",
+            "logging_steps",
+            "lora_r",
+            "lora_alpha",
+        ):
             value = getattr(self, name)
             if name in optional and (value is None or (name == "max_steps" and value == -1)):
                 continue
@@ -180,8 +190,10 @@ class MSLlavaTrainingArguments(TrainingArguments):
         if (self.dataloader_num_workers or 0) < 0:
             raise ValueError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers!r}")
         if self.lora and self.stage == "pretrain":
-            raise ValueError("lora adapts the language model, which the 'pretrain' stage keeps frozen (only the "
-                             "projector trains there); use lora with stage 'finetune'")  # fmt: skip
+            raise ValueError(
+                "lora adapts the language model, which the 'pretrain' stage keeps frozen (only the "
+                "projector trains there); use lora with stage 'finetune'"
+            )
         if self.merge_lora and not self.lora:
             raise ValueError("merge_lora needs lora=True")
         if self.adapter not in (None, *ADAPTERS):
@@ -214,8 +226,10 @@ class MSLlavaTrainingArguments(TrainingArguments):
         per_device = self.per_device_batch_size
         if per_device is None:
             if self.global_batch_size % world_size:
-                raise ValueError(f"global batch size {self.global_batch_size} is not divisible by the {world_size} "
-                                 "processes; choose a global batch size that is")  # fmt: skip
+                raise ValueError(
+                    f"global batch size {self.global_batch_size} is not divisible by the {world_size} "
+                    "processes; choose a global batch size that is"
+                )
             per_device = self.global_batch_size // world_size
         return per_device, gradient_accumulation_steps(self.global_batch_size, per_device, world_size)
 

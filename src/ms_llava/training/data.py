@@ -341,8 +341,10 @@ def load_training_records(data, image_folder: str | Path | None = None) -> Train
             "object with 'conversations' (LLaVA format) or 'messages' (messages format)"
         )
     index, record = first
-    for key, converter, name in (("conversations", llava_record_to_conversation, "LLaVA"),
-                                 ("messages", messages_record_to_conversation, "messages")):  # fmt: skip
+    for key, converter, name in (
+        ("conversations", llava_record_to_conversation, "LLaVA"),
+        ("messages", messages_record_to_conversation, "messages"),
+    ):
         if key in record:
             return TrainingRecords(records, converter, folder or path.parent, f"{path} ({name} format)")
     raise ValueError(
@@ -432,8 +434,12 @@ def check_records(records: TrainingRecords, processor, max_length: int | None, v
         try:
             if isinstance(conversation, RecordError):
                 raise conversation
-            images = [os.path.relpath(image, records.image_folder) if isinstance(image, str) and records.image_folder
-                      else describe_image(image) for image in conversation.images]  # fmt: skip
+            images = [
+                os.path.relpath(image, records.image_folder)
+                if isinstance(image, str) and records.image_folder
+                else describe_image(image)
+                for image in conversation.images
+            ]
             fingerprint.update(json.dumps([index, record_id, conversation.messages, images]).encode())
             check_conversation(conversation)
             for image in conversation.images:
@@ -490,8 +496,10 @@ def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_lengt
         elif max_length is not None and length > max_length:
             category = "too long"
             if image_ends and image_ends[-1] >= max_length:
-                reason = (f"{length} tokens (with {len(image_ends)} image(s) of M = {m} tokens) exceed max_length "
-                          f"{max_length} and truncation would cut image tokens")  # fmt: skip
+                reason = (
+                    f"{length} tokens (with {len(image_ends)} image(s) of M = {m} tokens) exceed max_length "
+                    f"{max_length} and truncation would cut image tokens"
+                )
             elif next((positions[i] for i, keep in enumerate(mask) if keep), length) >= max_length:
                 reason = f"{length} tokens exceed max_length {max_length} and no assistant token would be left"
             check.num_truncated += reason is None
@@ -524,8 +532,10 @@ def encode_conversation(processor, conversation: Conversation, max_length: int |
     input_ids = encoded["input_ids"][0][:max_length]
     labels = torch.where(encoded["assistant_masks"][0][:max_length].bool(), input_ids, IGNORE_INDEX)
     if int((input_ids == processor.image_token_id).sum()) != processor.num_image_tokens * len(conversation.images):
-        raise ValueError(f"record {conversation.record_id!r}: max_length {max_length} cuts its image tokens; the "
-                         "pre-pass (check_records) rejects such records")  # fmt: skip
+        raise ValueError(
+            f"record {conversation.record_id!r}: max_length {max_length} cuts its image tokens; the "
+            "pre-pass (check_records) rejects such records"
+        )
     if vision_features is not None:
         return {"input_ids": input_ids, "labels": labels, "vision_features": vision_features}
     return {"input_ids": input_ids, "labels": labels, **{k: v for k, v in encoded.items() if k == "pixel_values"}}

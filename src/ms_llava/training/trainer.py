@@ -45,10 +45,26 @@ LOSS_LOG, RUN_RECORD, SKIPPED_RECORDS = "loss_log.csv", "ms_llava_training.json"
 FINAL_SAVE_STAGING, STAGED_COMPLETE = ".ms_llava_final_save", ".complete"
 # Stage-record keys that shape the loss curve: a resumed run must keep them.
 CURVE_KEYS = (
-    "stage", "learning_rate", "projector_learning_rate", "global_batch_size", "num_train_epochs", "max_steps",
-    "lr_scheduler_type", "warmup_ratio", "weight_decay", "optim", "adam_beta1", "adam_beta2", "adam_epsilon",
-    "max_grad_norm", "max_length", "seed", "bf16", "adapter", "data_fingerprint",
-)  # fmt: skip
+    "stage",
+    "learning_rate",
+    "projector_learning_rate",
+    "global_batch_size",
+    "num_train_epochs",
+    "max_steps",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "weight_decay",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "max_length",
+    "seed",
+    "bf16",
+    "adapter",
+    "data_fingerprint",
+)
 
 
 @dataclass
@@ -262,8 +278,17 @@ def require_training_extra(lora: bool = False) -> None:
         raise ImportError(f"ms-llava train needs {missing}: install the training extra, pip install -e '.[train]'")
 
 
-def train(model_name_or_path, stage: str, data_path, image_folder=None, output_dir="ms-llava-output", *,
-          callbacks: list | None = None, feature_cache=None, **overrides) -> TrainResult:  # fmt: skip
+def train(
+    model_name_or_path,
+    stage: str,
+    data_path,
+    image_folder=None,
+    output_dir="ms-llava-output",
+    *,
+    callbacks: list | None = None,
+    feature_cache=None,
+    **overrides,
+) -> TrainResult:
     """Runs one stage of the recipe on `data_path` (`data.load_training_records`; images relative to `image_folder`)
     from the checkpoint `model_name_or_path` (folder or Hub id) and saves the model or adapter, with the processor, in
     `output_dir`. `overrides`: options of `MSLlavaTrainingArguments` (the recipe's value otherwise); `callbacks`: extra
@@ -285,8 +310,10 @@ def train(model_name_or_path, stage: str, data_path, image_folder=None, output_d
         raise ValueError("feature_cache is used with cache_vision_features=True only")
     state = PartialState()  # set up by TrainingArguments (gloo on CPU, NCCL on GPUs)
     if state.num_processes != arguments.launched_world_size():
-        raise ValueError(f"the launcher started {arguments.launched_world_size()} processes but the process group "
-                         f"has {state.num_processes}")  # fmt: skip
+        raise ValueError(
+            f"the launcher started {arguments.launched_world_size()} processes but the process group "
+            f"has {state.num_processes}"
+        )
     if Path(model_name_or_path).is_dir():
         model_name_or_path = Path(model_name_or_path).resolve()
     model_name_or_path = str(model_name_or_path)
@@ -304,8 +331,12 @@ def train(model_name_or_path, stage: str, data_path, image_folder=None, output_d
                 raise ValueError(f"{records.description}: no record left to train on ({data_check.summary()})")
             if data_check.problems and state.is_main_process:
                 shown = ", ".join(map(str, data_check.problems[:3])) + " ..." * (len(data_check.problems) > 3)
-                logger.warning("skipping %d bad record(s) (%s); they are listed in %s once training starts",
-                               len(data_check.problems), shown, output_dir / SKIPPED_RECORDS)  # fmt: skip
+                logger.warning(
+                    "skipping %d bad record(s) (%s); they are listed in %s once training starts",
+                    len(data_check.problems),
+                    shown,
+                    output_dir / SKIPPED_RECORDS,
+                )
             _log_main(state, "data: %s: %s", records.description, data_check.summary())
             if config.auto_num_workers:
                 config.dataloader_num_workers = arguments.default_num_workers(
@@ -320,11 +351,14 @@ def train(model_name_or_path, stage: str, data_path, image_folder=None, output_d
             stage_record["trained"], stage_record["frozen"] = _trained_and_frozen(model)
             trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
             projector_lr = f" (projector {config.projector_learning_rate:g})" if config.projector_learning_rate else ""
-            _log_main(state, f"stage {config.stage}: {trainable:,} trainable parameters; global batch "
-                      f"{config.global_batch_size} = {config.per_device_train_batch_size} per device x "
-                      f"{config.gradient_accumulation_steps} accumulation x {state.num_processes} process(es); lr "
-                      f"{config.learning_rate:g}{projector_lr}; {config.dataloader_num_workers} data-loader "
-                      "worker(s)")  # fmt: skip
+            _log_main(
+                state,
+                f"stage {config.stage}: {trainable:,} trainable parameters; global batch "
+                f"{config.global_batch_size} = {config.per_device_train_batch_size} per device x "
+                f"{config.gradient_accumulation_steps} accumulation x {state.num_processes} process(es); lr "
+                f"{config.learning_rate:g}{projector_lr}; {config.dataloader_num_workers} data-loader "
+                "worker(s)",
+            )
             images = [image for index in data_check.kept for image in records[index].images]
             if config.cache_vision_features and not images:
                 _log_main(state, "vision feature cache: the kept records hold no image, nothing to cache")
@@ -397,8 +431,12 @@ def _stage_record(config, model_name_or_path: str, data_path, data_check, world_
         adapter = {"type": "qlora" if config.qlora else "lora", "r": config.lora_r, "alpha": config.lora_alpha}
         adapter.update(dropout=config.lora_dropout, target="language model", modules_to_save=[PROJECTOR])
     elif config.adapter == "scale":
-        adapter = {"type": "scale", "bound": config.scale_bound, "token_scope": config.scale_token_scope,
-                   "layers": config.scale_layers}  # fmt: skip
+        adapter = {
+            "type": "scale",
+            "bound": config.scale_bound,
+            "token_scope": config.scale_token_scope,
+            "layers": config.scale_layers,
+        }
     names = ("learning_rate", "projector_learning_rate", "warmup_ratio", "weight_decay", "optim", "adam_beta1")
     names += ("adam_beta2", "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "max_length", "bf16")
     names += ("gradient_accumulation_steps", "global_batch_size", "num_train_epochs", "seed")
@@ -480,8 +518,10 @@ def _check_resume(output_dir: Path, stage_record: dict, resume_from: Path | None
         if key in previous and previous[key] != stage_record[key]
     ]
     if changed:
-        raise ValueError(f"resuming {resume_from} with settings that change the loss curve: {'; '.join(changed)}; "
-                         "keep them, or start a new output directory")  # fmt: skip
+        raise ValueError(
+            f"resuming {resume_from} with settings that change the loss curve: {'; '.join(changed)}; "
+            "keep them, or start a new output directory"
+        )
 
 
 def _pre_pass(records, processor, config, state):
@@ -489,8 +529,9 @@ def _pre_pass(records, processor, config, state):
     message rather than wait forever)."""
 
     def check():
-        logger.info("pre-pass (process %d): checking %d records of %s", state.process_index, len(records),
-                    records.description)  # fmt: skip
+        logger.info(
+            "pre-pass (process %d): checking %d records of %s", state.process_index, len(records), records.description
+        )
         return check_records(records, processor, config.max_length, config.verify_images)
 
     if state.num_processes == 1:
