@@ -10,7 +10,7 @@
 """
 
 from .adapters import merge_lora_adapter  # first: holds back bitsandbytes' import-time CPU kernel line
-from .arguments import MSLlavaTrainingArguments
-from .trainer import TrainResult, add_arguments, run, train
+from .arguments import MSLlavaTrainingArguments, add_arguments
+from .trainer import TrainResult, run, train
 
 __all__ = ["MSLlavaTrainingArguments", "TrainResult", "add_arguments", "merge_lora_adapter", "run", "train"]

@@ -114,13 +114,8 @@ def chat_template_error(chat_template, num_tokenised: int | None = None) -> Chat
     )
 
 
-# --------------------------------------------------------------------------------------------- records
-
-
 def _resolve_image(image: Any, image_folder: Path | None) -> Any:
-    if isinstance(image, (str, Path)) and image_folder is not None and not Path(image).is_absolute():
-        return str(image_folder / image)
-    return str(image) if isinstance(image, Path) else image
+    return str(image_folder / image) if isinstance(image, str) and image_folder is not None else image
 
 
 def _text(text: str, where: str, split: bool = False):
@@ -246,13 +241,11 @@ def _check_image(image: Any, verify: bool) -> None:
         raise RecordError(MISSING_IMAGE, f"image file not found: {image}")
     if not isinstance(image, (str, dict)):
         raise RecordError(MISSING_IMAGE, f"an image must be a path, a PIL image or image bytes, got {image!r}")
-    fresh = (lambda: image) if isinstance(image, str) else (lambda: io.BytesIO(image["bytes"]))  # verify() spends one
     try:
-        with Image.open(fresh()) as opened:
+        with Image.open(image if isinstance(image, str) else io.BytesIO(image["bytes"])) as opened:
             if verify:
-                opened.verify()
-        if verify:
-            decode_image(fresh())  # the loader's full decode: truncated data refused
+                opened.verify()  # spends `opened`: the loader's full decode opens the image again
+                load_image(image)  # truncated data refused
     except Exception as error:  # PIL raises many types for a bad file
         reason = f"cannot read image {describe_image(image)}: {type(error).__name__}: {error}"
         raise RecordError(MISSING_IMAGE, reason) from error
@@ -274,7 +267,7 @@ class TrainingRecords:
     converter: Any
     image_folder: Path | None
     description: str
-    undecoded: Any = None
+    undecoded: Any
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -284,21 +277,13 @@ class TrainingRecords:
 
     def describe(self, index: int) -> str:
         """ "record 3 (id 'x'), image(s) /data/a.png": names a record in an error, without decoding its images."""
-        record = next(itertools.islice(self.rows if self.undecoded is None else self.undecoded, index, None))
+        record = next(itertools.islice(self.undecoded, index, None))
         try:
             images = ", ".join(map(describe_image, self.converter(record, self.image_folder).images))
         except RecordError:
             images = ""
         name = "no id" if _record_id(record) is None else f"id {_record_id(record)!r}"
         return f"record {index} ({name}), image(s) {images or 'none'}"
-
-    def conversations_to_check(self):
-        """`(index, record id, conversation or the RecordError converting it raised)` for every record."""
-        for index, record in enumerate(self.rows if self.undecoded is None else self.undecoded):
-            try:
-                yield index, _record_id(record), self.converter(record, self.image_folder)
-            except RecordError as error:
-                yield index, _record_id(record), error
 
 
 def load_training_records(data, image_folder: str | Path | None = None) -> TrainingRecords:
@@ -346,7 +331,7 @@ def load_training_records(data, image_folder: str | Path | None = None) -> Train
         ("messages", messages_record_to_conversation, "messages"),
     ):
         if key in record:
-            return TrainingRecords(records, converter, folder or path.parent, f"{path} ({name} format)")
+            return TrainingRecords(records, converter, folder or path.parent, f"{path} ({name} format)", records)
     raise ValueError(
         f"{path}: cannot tell the format: record {index}, the first JSON object, has neither 'conversations' (LLaVA "
         f"format) nor 'messages' (messages format); its keys are {sorted(record)[:10]}"
@@ -398,9 +383,6 @@ def _from_hf_dataset(dataset, image_folder: Path | None, description: str) -> Tr
     return TrainingRecords(dataset, messages_record_to_conversation, image_folder, description, undecoded)
 
 
-# --------------------------------------------------------------------------------------------- pre-pass
-
-
 @dataclass
 class DataCheck:
     """The pre-pass result: `kept` indices, `problems` of the others, counts, and `fingerprint`, a hash of the records
@@ -430,10 +412,10 @@ def check_records(records: TrainingRecords, processor, max_length: int | None, v
     if not GENERATION_MARKER.search(str(_default_template(processor.chat_template) or "")):
         raise chat_template_error(processor.chat_template)
     check, pending, fingerprint = DataCheck(num_records=len(records)), [], hashlib.sha256()
-    for index, record_id, conversation in records.conversations_to_check():
+    for index, record in enumerate(records.undecoded):
+        record_id = _record_id(record)
         try:
-            if isinstance(conversation, RecordError):
-                raise conversation
+            conversation = records.converter(record, records.image_folder)
             images = [
                 os.path.relpath(image, records.image_folder)
                 if isinstance(image, str) and records.image_folder
@@ -467,8 +449,9 @@ def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_lengt
     if not pending:
         return
     tokenizer, image_id, m = processor.tokenizer, processor.image_token_id, processor.num_image_tokens
+    messages = [conversation.messages for _, conversation in pending]
     encoded = tokenizer.apply_chat_template(
-        [conversation.messages for _, conversation in pending],
+        messages,
         chat_template=processor.chat_template,
         tokenize=True,
         return_dict=True,
@@ -481,17 +464,13 @@ def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_lengt
         reason = None
         positions = list(itertools.accumulate((1 + (m - 1) * (token == image_id) for token in ids), initial=special))
         length, image_ends = positions[-1], [positions[i] + m - 1 for i, token in enumerate(ids) if token == image_id]
-        check.num_tokenised, check.num_with_assistant_tokens = (
-            check.num_tokenised + 1,
-            check.num_with_assistant_tokens + any(mask),
-        )
+        check.num_tokenised += 1
+        check.num_with_assistant_tokens += any(mask)
         if not any(mask):
-            category, reason = (
-                "no assistant tokens",
-                (
-                    "the chat template marks none of its tokens as an assistant token (none lies inside its "
-                    "{% generation %} markers): it would train on nothing"
-                ),
+            category = "no assistant tokens"
+            reason = (
+                "the chat template marks none of its tokens as an assistant token (none lies inside its "
+                "{% generation %} markers): it would train on nothing"
             )
         elif max_length is not None and length > max_length:
             category = "too long"
@@ -510,21 +489,16 @@ def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_lengt
             check.num_text_only += not conversation.images
 
 
-# --------------------------------------------------------------------------------------------- encoding
-
-
 def encode_conversation(processor, conversation: Conversation, max_length: int | None = None, vision_features=None):
     """One conversation tokenised with its images by `processor.apply_chat_template`: `input_ids` and `labels` (1-D,
     cut to `max_length`), `pixel_values` when it has images. With `vision_features` (its images' cached features) the
     images are not loaded: the example holds those in place of `pixel_values`, with the same tokens and labels."""
     images = itertools.repeat(STAND_IN_IMAGE) if vision_features is not None else map(load_image, conversation.images)
-    messages = [
-        {
-            **message,
-            "content": [{**p, "image": next(images)} if p["type"] == "image" else p for p in message["content"]],
-        }
-        for message in conversation.messages
-    ]
+
+    def with_image(part: dict) -> dict:
+        return {**part, "image": next(images)} if part["type"] == "image" else part
+
+    messages = [{**message, "content": list(map(with_image, message["content"]))} for message in conversation.messages]
     encoded = processor.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
     )
@@ -576,12 +550,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
             ) from error
 
 
+@dataclass
 class RightPaddingCollator:
     """Pads on the right (`input_ids` with the pad token, `labels` with -100, `attention_mask` 0), so each sequence
     keeps positions 0..n-1, and concatenates the examples' `pixel_values` (or `vision_features`) in order."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    pad_token_id: int
 
     def __call__(self, examples: list[dict]) -> dict:
         pad, ids = torch.nn.utils.rnn.pad_sequence, [example["input_ids"] for example in examples]
