@@ -10,39 +10,35 @@ import re
 import warnings
 
 import torch
+from accelerate import PartialState
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 from ..recipes import PAPER_RECIPES, PROJECTOR
 
 logger = logging.getLogger(__name__)
 LANGUAGE_MODEL_PREFIX = "model.language_model."
+_HELD_BACK: list[str] = []  # why bitsandbytes' fused CPU kernel failed to load (the line held back below)
+_NOTED: list[str] = []  # the note below, once said (once per process)
 
 
-class _HeldBack(logging.Filter):
+def _hold_back(record: logging.LogRecord) -> bool:
     """bitsandbytes' CPU backend logs "Failed to load CPU gemm_4bit_forward from kernels-community ..." when imported,
     so every run (peft imports it) would print it: held back, and said once, plainly, by a QLoRA run on CPU."""
-
-    reason: str | None = None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"):
-            return True
-        _HeldBack.reason = str(record.args[0]) if record.args else record.getMessage()
-        return False
+    if not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"):
+        return True
+    _HELD_BACK.append(str(record.args[0]) if record.args else record.getMessage())
+    return False
 
 
-_BITSANDBYTES_CPU = logging.getLogger("bitsandbytes.backends.cpu.ops")
-if not any(isinstance(held, _HeldBack) for held in _BITSANDBYTES_CPU.filters):
-    _BITSANDBYTES_CPU.addFilter(_HeldBack())
-_NOTED: list[str] = []  # the note below, once said (once per process)
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_hold_back)
 
 
 def cpu_4bit_kernel_note() -> str | None:
     """Why bitsandbytes runs 4-bit layers on CPU without its fused kernel; None when it did not try (it does only on
     CPUs with AVX512-BF16) or did not fail."""
-    if _HeldBack.reason is None:
+    if not _HELD_BACK:
         return None
-    what = f"the `kernels` package could not load it ({_HeldBack.reason})"
+    what = f"the `kernels` package could not load it ({_HELD_BACK[-1]})"
     if importlib.util.find_spec("kernels") is None:
         what = "the `kernels` package is missing (pip install 'kernels>=0.11.1'; it downloads the kernel from the Hub)"
     return (
@@ -97,18 +93,12 @@ def qlora_quantization_config() -> BitsAndBytesConfig:
 def load_model(model_name_or_path: str, config):
     """The checkpoint in float32 (bf16 trains by autocast over float32 weights); for QLoRA with its LLM in 4 bits on
     this process's device."""
-    if not config.qlora:
-        return AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=torch.float32)
-    from accelerate import PartialState
-
     device = PartialState().device
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_name_or_path,
-        quantization_config=qlora_quantization_config(),
-        dtype=torch.float32,
-        device_map={"": device},
+    quantized = (
+        {"quantization_config": qlora_quantization_config(), "device_map": {"": device}} if config.qlora else {}
     )
-    note = cpu_4bit_kernel_note() if device.type == "cpu" else None
+    model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=torch.float32, **quantized)
+    note = cpu_4bit_kernel_note() if config.qlora and device.type == "cpu" else None
     if note and not _NOTED:
         _NOTED.append(note)
         logger.warning(note)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
 from .config import LAYER_ATTRIBUTE, PREFIX, VISION_SEGMENTS, ScaleConfig
@@ -20,17 +20,23 @@ class ScaleModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = ScaleLayer
-    target_module_mapping: dict = {}
-
-    def _prepare_adapter_config(self, peft_config: ScaleConfig, model_config: dict) -> ScaleConfig:
-        return peft_config
-
-    def _pre_injection_hook(self, model: nn.Module, config: ScaleConfig, adapter_name: str) -> None:
-        scope_of(model)
 
     @staticmethod
-    def _check_target_module_exists(peft_config: ScaleConfig, key: str) -> bool:
-        return target_matches(peft_config, key)
+    def _check_target_module_exists(config: ScaleConfig, key: str) -> bool:
+        """PEFT's matching of `target_modules` / `exclude_modules`, then ours of `layers_to_transform` (which PEFT
+        skips for a pattern); ValueError for a module under a vision tower."""
+        if not check_target_module_exists(config, key):
+            return False
+        vision = VISION_SEGMENTS.intersection(key.split("."))
+        if vision:
+            raise ValueError(
+                f"ScAle target_modules matched {key!r}, a module of the vision tower ({sorted(vision)[0]}); ScAle adapts "
+                "the language model only: narrow target_modules"
+            )
+        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
+        return config.layers_to_transform is None or (
+            layer is not None and int(layer[1]) in config.layers_to_transform
+        )
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         kind = "attention" if hasattr(target, peft_config.attention_output) else "mlp"
@@ -75,26 +81,6 @@ def scope_of(model: nn.Module) -> ScaleScope:
         scope.handle = model.register_forward_pre_hook(scope, with_kwargs=True)
         setattr(model, SCOPE_ATTRIBUTE, scope)
     return getattr(model, SCOPE_ATTRIBUTE)
-
-
-def _matches(patterns: list[str] | str, key: str) -> bool:
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, key) is not None
-    return key in patterns or any(key.endswith(f".{name}") for name in patterns)
-
-
-def target_matches(config: ScaleConfig, key: str) -> bool:
-    """Whether module `key` is a ScAle target under `config`; ValueError for a module under a vision tower."""
-    if (config.exclude_modules and _matches(config.exclude_modules, key)) or not _matches(config.target_modules, key):
-        return False
-    vision = VISION_SEGMENTS.intersection(key.split("."))
-    if vision:
-        raise ValueError(
-            f"ScAle target_modules matched {key!r}, a module of the vision tower ({sorted(vision)[0]}); ScAle adapts "
-            "the language model only: narrow target_modules"
-        )
-    layer = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
-    return config.layers_to_transform is None or (layer is not None and int(layer[1]) in config.layers_to_transform)
 
 
 def scale_layers(model: nn.Module) -> dict[str, ScaleLayer]:
