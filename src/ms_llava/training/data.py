@@ -87,31 +87,30 @@ class BadRecordsError(ValueError):
         )
 
 
-class ChatTemplateError(ValueError):
-    """The processor's chat template marks no assistant token in any record: every label would be -100."""
-
-
 def _default_template(chat_template):  # of named templates, the processor applies "default"
     return chat_template.get("default") if isinstance(chat_template, dict) else chat_template
 
 
-def chat_template_error(chat_template, num_tokenised: int | None = None) -> ChatTemplateError:
-    """For a template without `{% generation %}` markers, or whose markers enclose no token of `num_tokenised`."""
-    template = _default_template(chat_template)
-    if not isinstance(template, str) or not template:
-        what = f"the processor has no chat template (chat_template is {chat_template!r})"
-    elif GENERATION_MARKER.search(template):
-        what = f"its {{% generation %}} markers enclose no token of any of the {num_tokenised} record(s) rendered"
-    else:
-        what = "it has no {% generation %} ... {% endgeneration %} markers around the assistant replies"
-    return ChatTemplateError(
-        f"the processor's chat template marks no assistant tokens ({what}): every label would be -100 and "
-        "training would learn nothing (loss 0). Labels are the tokens inside the template's {% generation %} "
-        "markers (return_assistant_tokens_mask). Fix the checkpoint's template, e.g. with LLaVA-1.5's: `import "
-        "ms_llava; processor = AutoProcessor.from_pretrained(MODEL); processor.chat_template = "
-        "ms_llava.LLAVA_1_5_CHAT_TEMPLATE; processor.save_pretrained(MODEL)`, or wrap each assistant reply of your "
-        "template in {% generation %} ... {% endgeneration %}"
-    )
+class ChatTemplateError(ValueError):
+    """The processor's chat template marks no assistant token in any record: every label would be -100. For a template
+    without `{% generation %}` markers, or whose markers enclose no token of the `num_tokenised` records rendered."""
+
+    def __init__(self, chat_template, num_tokenised: int | None = None):
+        template = _default_template(chat_template)
+        if not isinstance(template, str) or not template:
+            what = f"the processor has no chat template (chat_template is {chat_template!r})"
+        elif GENERATION_MARKER.search(template):
+            what = f"its {{% generation %}} markers enclose no token of any of the {num_tokenised} record(s) rendered"
+        else:
+            what = "it has no {% generation %} ... {% endgeneration %} markers around the assistant replies"
+        super().__init__(
+            f"the processor's chat template marks no assistant tokens ({what}): every label would be -100 and "
+            "training would learn nothing (loss 0). Labels are the tokens inside the template's {% generation %} "
+            "markers (return_assistant_tokens_mask). Fix the checkpoint's template, e.g. with LLaVA-1.5's: `import "
+            "ms_llava; processor = AutoProcessor.from_pretrained(MODEL); processor.chat_template = "
+            "ms_llava.LLAVA_1_5_CHAT_TEMPLATE; processor.save_pretrained(MODEL)`, or wrap each assistant reply of "
+            "your template in {% generation %} ... {% endgeneration %}"
+        )
 
 
 def _resolve_image(image: Any, image_folder: Path | None) -> Any:
@@ -410,7 +409,7 @@ def check_records(records: TrainingRecords, processor, max_length: int | None, v
     """The pre-pass, reading only the images' headers (decoding them in full with `verify_images`); the chat template
     is rendered and tokenised once, in batches. ChatTemplateError when it marks no assistant token."""
     if not GENERATION_MARKER.search(str(_default_template(processor.chat_template) or "")):
-        raise chat_template_error(processor.chat_template)
+        raise ChatTemplateError(processor.chat_template)
     check, pending, fingerprint = DataCheck(num_records=len(records)), [], hashlib.sha256()
     for index, record in enumerate(records.undecoded):
         record_id = _record_id(record)
@@ -436,7 +435,7 @@ def check_records(records: TrainingRecords, processor, max_length: int | None, v
             pending = []
     _check_lengths(pending, processor, max_length, check)
     if check.num_tokenised and not check.num_with_assistant_tokens:
-        raise chat_template_error(processor.chat_template, check.num_tokenised)
+        raise ChatTemplateError(processor.chat_template, check.num_tokenised)
     check.problems.sort(key=lambda problem: problem.index)
     fingerprint.update(json.dumps(check.kept).encode())
     check.fingerprint = fingerprint.hexdigest()[:16]

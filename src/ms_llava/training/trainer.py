@@ -75,14 +75,10 @@ class TrainResult:
 
 
 class MSLlavaTrainer(Trainer):
-    """`Trainer` with an optional learning rate for the projector (LLaVA's `mm_projector_lr`)."""
-
-    def __init__(self, *args, projector_learning_rate: float | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.projector_learning_rate = projector_learning_rate
+    """`Trainer` with the options' learning rate for the projector (LLaVA's `mm_projector_lr`), where one is given."""
 
     def create_optimizer(self, model=None):
-        if self.projector_learning_rate is None or self.optimizer is not None:
+        if self.args.projector_learning_rate is None or self.optimizer is not None:
             return super().create_optimizer(model)
         model = self.model if model is None else model
         decay, groups = set(self.get_decay_parameter_names(model)), {}
@@ -91,7 +87,7 @@ class MSLlavaTrainer(Trainer):
                 groups.setdefault((PROJECTOR in name, name in decay), []).append(param)
         param_groups = [
             {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
-            | ({"lr": self.projector_learning_rate} if projector else {})
+            | ({"lr": self.args.projector_learning_rate} if projector else {})
             for (projector, decays), params in groups.items()
         ]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
@@ -347,7 +343,6 @@ def train(
                 data_collator=RightPaddingCollator(find_pad_token_id(processor.tokenizer)),
                 processing_class=processor,
                 callbacks=[files, *(callbacks or [])],
-                projector_learning_rate=config.projector_learning_rate,
             )
             started = time.perf_counter()
             with writing(output_dir):
