@@ -94,10 +94,8 @@ def load_model(model_name_or_path: str, config):
     """The checkpoint in float32 (bf16 trains by autocast over float32 weights); for QLoRA with its LLM in 4 bits on
     this process's device."""
     device = PartialState().device
-    quantized = (
-        {"quantization_config": qlora_quantization_config(), "device_map": {"": device}} if config.qlora else {}
-    )
-    model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=torch.float32, **quantized)
+    qlora = dict(quantization_config=qlora_quantization_config(), device_map={"": device}) if config.qlora else {}
+    model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=torch.float32, **qlora)
     note = cpu_4bit_kernel_note() if config.qlora and device.type == "cpu" else None
     if note and not _NOTED:
         _NOTED.append(note)
@@ -114,9 +112,8 @@ def configure_trainable(model, config):
         from ..tuners.scale import ScaleConfig
 
         model.requires_grad_(False)
-        adapter = ScaleConfig(
-            bound=config.scale_bound, token_scope=config.scale_token_scope, layers_to_transform=config.scale_layers
-        )
+        scope, layers = config.scale_token_scope, config.scale_layers
+        adapter = ScaleConfig(bound=config.scale_bound, token_scope=scope, layers_to_transform=layers)
     else:
         trained = PAPER_RECIPES[config.stage].trained_modules
         for name, param in model.named_parameters():

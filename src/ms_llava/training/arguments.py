@@ -220,9 +220,7 @@ def _layer_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer indices such as 0,1,5, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected layer indices such as 0,1,5, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

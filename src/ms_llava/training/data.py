@@ -219,8 +219,11 @@ def check_conversation(conversation: Conversation) -> None:
         raise RecordError(IMAGE_COUNT, f"the conversation has {image_parts} {IMAGE_TOKEN} but {given}")
 
 
-def describe_image(image: Any) -> str:
-    """How error messages name an image: a path, `embedded image bytes (N bytes, path ...)` or `a PIL image`."""
+def describe_image(image: Any, folder: Path | None = None) -> str:
+    """How error messages name an image: a path (relative to `folder` if given), `embedded image bytes (N bytes, path
+    ...)` or `a PIL image`."""
+    if isinstance(image, str) and folder:
+        return os.path.relpath(image, folder)
     if isinstance(image, dict) and image.get("bytes") is not None:
         path = f", path {image['path']!r}" if image.get("path") else ""
         return f"embedded image bytes ({len(image['bytes'])} bytes{path})"
@@ -415,12 +418,7 @@ def check_records(records: TrainingRecords, processor, max_length: int | None, v
         record_id = _record_id(record)
         try:
             conversation = records.converter(record, records.image_folder)
-            images = [
-                os.path.relpath(image, records.image_folder)
-                if isinstance(image, str) and records.image_folder
-                else describe_image(image)
-                for image in conversation.images
-            ]
+            images = [describe_image(image, records.image_folder) for image in conversation.images]
             fingerprint.update(json.dumps([index, record_id, conversation.messages, images]).encode())
             check_conversation(conversation)
             for image in conversation.images:
@@ -448,9 +446,9 @@ def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_lengt
     if not pending:
         return
     tokenizer, image_id, m = processor.tokenizer, processor.image_token_id, processor.num_image_tokens
-    messages = [conversation.messages for _, conversation in pending]
+    batch = [conversation.messages for _, conversation in pending]
     encoded = tokenizer.apply_chat_template(
-        messages,
+        batch,
         chat_template=processor.chat_template,
         tokenize=True,
         return_dict=True,

@@ -310,9 +310,8 @@ def train(
                 )
             log("data: %s: %s", records.description, data_check.summary())
             if config.auto_num_workers:
-                config.dataloader_num_workers = arguments.default_num_workers(
-                    len(kept), config.global_batch_size, launched
-                )
+                workers = arguments.default_num_workers(len(kept), config.global_batch_size, launched)
+                config.dataloader_num_workers = workers
             # A batch of text-only records leaves the projector unused: DDP must then look for unused parameters.
             config.ddp_find_unused_parameters = data_check.num_text_only > 0
             stage_record = _stage_record(config, model_name_or_path, data_path, data_check, launched)

@@ -35,21 +35,12 @@ VISION_SEGMENTS = frozenset({"vision_tower", "vision_model", "visual", "vision_e
 
 @dataclass
 class ScaleConfig(PeftConfig):
-    """A ScAle adapter (see the module docstring).
+    """A ScAle adapter (see the module docstring). `target_modules` / `exclude_modules`: a regular expression (full
+    match) or module names / name suffixes, as in PEFT; None: `DEFAULT_TARGET_MODULES`; a vision module is refused.
+    A target with `attention_output` is an attention module, else an MLP (whose `mlp_output` merging rescales)."""
 
-    Args:
-        token_scope: "last" (default: the positions of the token-scope rule) or "all" (every position).
-        bound: `b` in `s = 1 + b * tanh(theta)`, in (0, 1]; 1.0 lets a scalar range over (0, 2).
-        layers_to_transform: decoder layer indices (an int or a list); None: every layer.
-        scale_attention / scale_mlp: adapt the attention heads / the MLP outputs (both by default).
-        target_modules / exclude_modules: a regular expression (full match) or module names / name suffixes; None:
-            `DEFAULT_TARGET_MODULES`. A module under a vision tower is refused.
-        attention_output / mlp_output: the attribute of the output projection (`o_proj` marks an attention module;
-            `down_proj` is used for merging).
-    """
-
-    token_scope: str = field(default="last", metadata={"help": "'last' (default) or 'all'"})
-    bound: float = field(default=1.0, metadata={"help": "b in s = 1 + b * tanh(theta), in (0, 1]"})
+    token_scope: str = field(default="last", metadata={"help": "'last' (the token-scope rule's positions) or 'all'"})
+    bound: float = field(default=1.0, metadata={"help": "b in s = 1 + b * tanh(theta), in (0, 1]; 1.0: s in (0, 2)"})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "layer indices; None: all"})
     scale_attention: bool = field(default=True, metadata={"help": "one scalar per attention head"})
     scale_mlp: bool = field(default=True, metadata={"help": "one scalar per MLP output"})
@@ -71,9 +62,7 @@ class ScaleConfig(PeftConfig):
         values = [layers] if type(layers) is int else layers
         valid = isinstance(values, (list, tuple)) and values and all(type(v) is int and v >= 0 for v in values)
         if layers is not None and not valid:
-            raise ValueError(
-                f"layers_to_transform must be a non-negative int or a non-empty list of them, got {layers!r}"
-            )
+            raise ValueError(f"layers_to_transform must be an int >= 0 or a non-empty list of them, got {layers!r}")
         self.layers_to_transform = None if layers is None else sorted(set(values))
         if not (self.scale_attention or self.scale_mlp):
             raise ValueError("scale_attention=False and scale_mlp=False leave nothing to scale; enable one of them")
@@ -295,10 +284,8 @@ class ScaleModel(BaseTuner):
                 f"ScAle target_modules matched {key!r}, a module of the vision tower ({sorted(vision)[0]}); ScAle adapts "
                 "the language model only: narrow target_modules"
             )
-        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
-        return config.layers_to_transform is None or (
-            layer is not None and int(layer[1]) in config.layers_to_transform
-        )
+        layer, layers = re.search(r"(?:^|\.)layers\.(\d+)\.", key), config.layers_to_transform
+        return layers is None or (layer is not None and int(layer[1]) in layers)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         kind = "attention" if hasattr(target, peft_config.attention_output) else "mlp"
