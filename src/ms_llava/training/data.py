@@ -113,10 +113,6 @@ class ChatTemplateError(ValueError):
         )
 
 
-def _resolve_image(image: Any, image_folder: Path | None) -> Any:
-    return str(image_folder / image) if isinstance(image, str) and image_folder is not None else image
-
-
 def _text(text: str, where: str, split: bool = False):
     """`text` (as parts when `split`: "a <image> b" -> text, image, text), refused if it holds a lone surrogate (from
     JSON's `\\ud800` escapes), which the tokenizer cannot encode."""
@@ -161,8 +157,7 @@ def llava_record_to_conversation(record: Any, image_folder: Path | None) -> Conv
         else:
             content = _text(value, "", split=True)  # an <image> here is flagged by check_conversation
         messages.append({"role": role, "content": content})
-    images = [_resolve_image(_text(path, "'image'"), image_folder) for path in images]
-    return Conversation(messages, images, _record_id(record))
+    return Conversation(messages, [str(image_folder / _text(path, "'image'")) for path in images], _record_id(record))
 
 
 def messages_record_to_conversation(record: Any, image_folder: Path | None) -> Conversation:
@@ -189,7 +184,8 @@ def messages_record_to_conversation(record: Any, image_folder: Path | None) -> C
             else:
                 raise RecordError(MALFORMED, f"{where} has a content part {part!r}")
         messages.append({"role": message["role"], "content": parts})
-    return Conversation(messages, [_resolve_image(image, image_folder) for image in images], _record_id(record))
+    images = [str(image_folder / image) if isinstance(image, str) and image_folder else image for image in images]
+    return Conversation(messages, images, _record_id(record))
 
 
 def check_conversation(conversation: Conversation) -> None:

@@ -318,7 +318,13 @@ def train(
             _check_resume(output_dir, stage_record, resume_from)
 
             model = configure_trainable(load_model(model_name_or_path, config), config)
-            stage_record["trained"], stage_record["frozen"] = _trained_and_frozen(model)
+            parts = {}  # the model's parts (model.vision_tower, ..., lm_head): does a parameter of each train?
+            for name, param in model.named_parameters():
+                name = name.removeprefix("base_model.model.")
+                part = ".".join(name.split(".")[: 2 if name.startswith("model.") else 1])
+                parts[part] = parts.get(part, False) or param.requires_grad
+            stage_record["trained"] = sorted(part for part, trains in parts.items() if trains)
+            stage_record["frozen"] = sorted(part for part, trains in parts.items() if not trains)
             trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
             projector_lr = f" (projector {config.projector_learning_rate:g})" if config.projector_learning_rate else ""
             log(
@@ -414,17 +420,6 @@ def _stage_record(config, model_name_or_path: str, data_path, data_check, world_
         "completed": False,
         "data_fingerprint": data_check.fingerprint,
     }
-
-
-def _trained_and_frozen(model) -> tuple[list[str], list[str]]:
-    """The model's parts (`model.vision_tower`, `model.multi_modal_projector`, `model.language_model`, `lm_head`) with
-    a trainable parameter, and the others."""
-    parts = {}
-    for name, param in model.named_parameters():
-        name = name.removeprefix("base_model.model.")
-        part = ".".join(name.split(".")[: 2 if name.startswith("model.") else 1])
-        parts[part] = parts.get(part, False) or param.requires_grad
-    return sorted(part for part, on in parts.items() if on), sorted(part for part, on in parts.items() if not on)
 
 
 def _earlier_stages(model_name_or_path: str) -> list[dict]:

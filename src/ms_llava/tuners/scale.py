@@ -82,11 +82,12 @@ def scale_parameter_count(text_config, layers: list[int] | None = None, attentio
 
 class ScaleScope:
     """Which positions a "last" adapter scales in the current call: set by a pre-hook on the adapted model from its
-    inputs (`scope_mask`), read by every `ScaleLayer`. One per model."""
+    inputs (`scope_mask`), read by every `ScaleLayer`. One per model, its attribute `SCOPE_ATTRIBUTE`."""
 
-    def __init__(self):
+    def __init__(self, model: nn.Module):
         self.mask: torch.Tensor | None = None  # (batch, seq) bool
-        self.handle = None
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+        setattr(model, SCOPE_ATTRIBUTE, self)
 
     def __call__(self, module, args, kwargs):
         self.mask = scope_mask(args, kwargs, kwargs.pop(SCOPE_START_KWARG, None))
@@ -300,7 +301,8 @@ class ScaleModel(BaseTuner):
         existing = getattr(target, LAYER_ATTRIBUTE, None)
         if isinstance(existing, ScaleLayer):
             return existing.update_layer(adapter_name, peft_config)
-        layer = ScaleLayer(target, kind, adapter_name, peft_config, scope_of(self.model))
+        scope = getattr(self.model, SCOPE_ATTRIBUTE, None) or ScaleScope(self.model)
+        layer = ScaleLayer(target, kind, adapter_name, peft_config, scope)
         if adapter_name not in self.active_adapters:
             layer.requires_grad_(False)
         target.add_module(LAYER_ATTRIBUTE, layer)
@@ -321,15 +323,6 @@ class ScaleModel(BaseTuner):
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
-
-
-def scope_of(model: nn.Module) -> ScaleScope:
-    """The model's `ScaleScope`, registered as a forward pre-hook on first use."""
-    if not hasattr(model, SCOPE_ATTRIBUTE):
-        scope = ScaleScope()
-        scope.handle = model.register_forward_pre_hook(scope, with_kwargs=True)
-        setattr(model, SCOPE_ATTRIBUTE, scope)
-    return getattr(model, SCOPE_ATTRIBUTE)
 
 
 def scale_layers(model: nn.Module) -> dict[str, ScaleLayer]:
