@@ -59,14 +59,9 @@ def quiet_peft():
 def language_model_lora_targets(model) -> str:
     """PEFT `target_modules`: every linear layer under `model.language_model.` by leaf name (q_proj ... down_proj);
     anchored there, it cannot match the vision tower's."""
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if name.startswith(LANGUAGE_MODEL_PREFIX) and isinstance(module, torch.nn.Linear)
-    }
-    if not names:
-        raise ValueError(f"no linear layer found under {LANGUAGE_MODEL_PREFIX!r}: cannot place LoRA adapters")
-    return rf"^{re.escape(LANGUAGE_MODEL_PREFIX)}.*\.({'|'.join(map(re.escape, sorted(names)))})$"
+    linear = (name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
+    names = sorted({name.rsplit(".", 1)[-1] for name in linear if name.startswith(LANGUAGE_MODEL_PREFIX)})
+    return rf"^{re.escape(LANGUAGE_MODEL_PREFIX)}.*\.({'|'.join(map(re.escape, names))})$"
 
 
 def require_qlora_support() -> None:

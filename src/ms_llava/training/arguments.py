@@ -170,10 +170,7 @@ class MSLlavaTrainingArguments(TrainingArguments):
         if (self.dataloader_num_workers or 0) < 0:
             raise ValueError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers!r}")
         if self.lora and self.stage == "pretrain":
-            raise ValueError(
-                "lora adapts the language model, which the 'pretrain' stage keeps frozen (only the "
-                "projector trains there); use lora with stage 'finetune'"
-            )
+            raise ValueError("lora adapts the language model, which the 'pretrain' stage keeps frozen: use 'finetune'")
         if self.merge_lora and not self.lora:
             raise ValueError("merge_lora needs lora=True")
         if self.adapter not in (None, *ADAPTERS):
@@ -235,9 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", required=True, help="MS-LLaVA checkpoint to start from (folder or Hub id)")
     parser.add_argument("--data", required=True, help="LLaVA JSON, messages+images file, or a save_to_disk folder")
-    parser.add_argument(
-        "--image-folder", "--image_folder", help="folder the image paths are relative to (default: the data's folder)"
-    )
+    parser.add_argument("--image-folder", "--image_folder", help="the images' folder (default: the data's)")
     listed = {*MSLlavaTrainingArguments.__annotations__, *LISTED_INHERITED_OPTIONS}
     hints = typing.get_type_hints(MSLlavaTrainingArguments)
     for item in dataclasses.fields(MSLlavaTrainingArguments):

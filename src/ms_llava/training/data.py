@@ -444,16 +444,10 @@ def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_lengt
     tokenizer, image_id, m = processor.tokenizer, processor.image_token_id, processor.num_image_tokens
     batch = [conversation.messages for _, conversation in pending]
     encoded = tokenizer.apply_chat_template(
-        batch,
-        chat_template=processor.chat_template,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
+        batch, chat_template=processor.chat_template, return_assistant_tokens_mask=True
     )
-    special = tokenizer.num_special_tokens_to_add(pair=False)
-    for (index, conversation), ids, mask in zip(
-        pending, encoded["input_ids"], encoded["assistant_masks"], strict=True
-    ):
+    special, masks = tokenizer.num_special_tokens_to_add(pair=False), encoded["assistant_masks"]
+    for (index, conversation), ids, mask in zip(pending, encoded["input_ids"], masks, strict=True):
         reason = None
         positions = list(itertools.accumulate((1 + (m - 1) * (token == image_id) for token in ids), initial=special))
         length, image_ends = positions[-1], [positions[i] + m - 1 for i, token in enumerate(ids) if token == image_id]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import importlib.util
 import json
 import logging
@@ -285,7 +284,7 @@ def train(
     state, launched = PartialState(), arguments.launched_world_size()  # set up by TrainingArguments (gloo or NCCL)
     if state.num_processes != launched:
         raise ValueError(f"the launcher started {launched} processes but the process group has {state.num_processes}")
-    log = functools.partial(_log_main, state)
+    log = logger.info if state.is_main_process else logger.debug  # the other processes' copies stay quiet
     if Path(model_name_or_path).is_dir():
         model_name_or_path = Path(model_name_or_path).resolve()
     model_name_or_path = str(model_name_or_path)
@@ -391,11 +390,6 @@ def train(
     )
 
 
-def _log_main(state, message: str, *args) -> None:
-    if state.is_main_process:
-        logger.info(message, *args)
-
-
 def _stage_record(config, model_name_or_path: str, data_path, data_check, world_size: int) -> dict:
     """This run's entry in the training record (`trained` / `frozen`, `steps_run` and `completed` follow later)."""
     adapter = None
@@ -451,7 +445,8 @@ def _checkpoint_to_resume(output_dir: Path, config, state, existed: bool) -> Pat
     newer = [path.name for path in every[every.index(checkpoints[-1]) + 1 :]]
     step = json.loads((checkpoints[-1] / TRAINER_STATE_NAME).read_text(encoding="utf-8")).get("global_step", "?")
     skipping = f" (skipping the incomplete {', '.join(newer)})" if newer else ""
-    _log_main(state, "resume: continuing from %s at step %s%s", checkpoints[-1], step, skipping)
+    if state.is_main_process:
+        logger.info("resume: continuing from %s at step %s%s", checkpoints[-1], step, skipping)
     return checkpoints[-1]
 
 
