@@ -182,9 +182,8 @@ class MSLlavaTrainingArguments(TrainingArguments):
         conflicting = ", ".join(f"{name}={value!r}" for name, value in conflicts.items() if value)
         if conflicting:
             raise ValueError(
-                f"adapter='scale' cannot be combined with {conflicting}: ScAle freezes the whole model (projector "
-                "included), is not LoRA, and its default 'last' token scope cannot be merged (push the adapter folder "
-                "with huggingface_hub instead)"
+                f"adapter='scale' cannot be combined with {conflicting}: ScAle freezes the whole model, projector "
+                "included, is not LoRA, and its 'last' scope cannot be merged (push its folder with huggingface_hub)"
             )
         if self.stage != "finetune":
             raise ValueError(f"adapter='scale' adapts a trained model: use stage 'finetune', got {self.stage!r}")
@@ -232,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", required=True, help="MS-LLaVA checkpoint to start from (folder or Hub id)")
     parser.add_argument("--data", required=True, help="LLaVA JSON, messages+images file, or a save_to_disk folder")
-    parser.add_argument("--image-folder", "--image_folder", help="the images' folder (default: the data's)")
+    parser.add_argument("--image_folder", "--image-folder", help="the images' folder (default: the data's)")
     listed = {*MSLlavaTrainingArguments.__annotations__, *LISTED_INHERITED_OPTIONS}
     hints = typing.get_type_hints(MSLlavaTrainingArguments)
     for item in dataclasses.fields(MSLlavaTrainingArguments):

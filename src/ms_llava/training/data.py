@@ -3,9 +3,8 @@ markers moved to the front of their turn as in LLaVA-1.5) and Hugging Face `mess
 a `save_to_disk` folder, `.json` / `.jsonl` / `.parquet` / `.arrow` files) become `Conversation`s: chat messages as the
 processor's template takes them, and their images (paths relative to the image folder, PIL images or bytes).
 
-`check_records`, the pre-pass, names every record that cannot be trained on (roles, empty answers, one image per
-`<image>`, unreadable images, no assistant token, images or every answer token beyond `max_length`) before the model
-loads. Labels are the tokens inside the chat template's `{% generation %}` markers, -100 elsewhere.
+`check_records`, the pre-pass, names every record that cannot be trained on before the model loads. Labels are the
+tokens inside the chat template's `{% generation %}` markers, -100 elsewhere.
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@ modulate last-token attention and MLP activations in a fully frozen backbone": h
 its slice of `o_proj`'s input) and one on each MLP output, `s = 1 + bound * tanh(theta)`, theta = 0 at first. Which
 positions a "last" adapter scales, where it hooks, and every other choice: docs/scale.md.
 
-In PEFT's tuner layout: `ScaleConfig` (the settings), `ScaleLayer` (one module's scalars, applied by hooks) with the
-token-scope rule (`ScaleScope`, `scope_mask`), and `ScaleModel` (the tuner). Importing this module registers
-`peft_type="SCALE"` with PEFT (`get_peft_model`, `PeftModel.from_pretrained`, transformers' `load_adapter`).
+`ScaleConfig`, `ScaleLayer` (with the token-scope rule, `ScaleScope`) and `ScaleModel`, as PEFT's tuners are laid out;
+importing this module registers `peft_type="SCALE"` with PEFT (`get_peft_model`, `PeftModel.from_pretrained`, ...).
 """
 
 from __future__ import annotations
