@@ -495,8 +495,7 @@ def _pre_pass(records, processor, config, state):
 
 def run(args) -> int:
     """`ms-llava train`: trains, prints one summary line (main process), returns 0; errors propagate."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # if not set up
     logger.setLevel(logging.INFO)
     from ..checkpoints import resolve_checkpoint
 
