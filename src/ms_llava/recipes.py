@@ -14,31 +14,17 @@ PROJECTOR = "multi_modal_projector"
 class StageRecipe:
     """One stage of the paper's recipe: what trains (parameter-name prefixes; the rest is frozen) and how."""
 
-    stage: str
-    description: str
     trained_modules: tuple[str, ...]
     learning_rate: float
     global_batch_size: int
     num_train_epochs: float
 
 
-PAPER_RECIPES = {
-    "pretrain": StageRecipe(
-        "pretrain",
-        "projector pre-training on image-caption pairs (LLaVA-1.5's 558K); vision tower and LLM frozen",
-        (f"model.{PROJECTOR}",),
-        learning_rate=1e-3,
-        global_batch_size=32,
-        num_train_epochs=1.0,
-    ),
-    "finetune": StageRecipe(
-        "finetune",
-        "instruction tuning (LLaVA-1.5's 665K); projector and LLM train, vision tower frozen",
-        (f"model.{PROJECTOR}", "model.language_model", "lm_head"),
-        learning_rate=1e-5,
-        global_batch_size=16,
-        num_train_epochs=1.0,
-    ),
+PAPER_RECIPES = {  # StageRecipe(trained modules, learning rate, global batch size, epochs)
+    # projector pre-training on image-caption pairs (LLaVA-1.5's 558K); vision tower and LLM frozen
+    "pretrain": StageRecipe((f"model.{PROJECTOR}",), 1e-3, 32, 1.0),
+    # instruction tuning (LLaVA-1.5's 665K); projector and LLM train, vision tower frozen
+    "finetune": StageRecipe((f"model.{PROJECTOR}", "model.language_model", "lm_head"), 1e-5, 16, 1.0),
 }
 
 # LLaVA-1.5's LoRA recipe (scripts/v1_5/finetune_lora.sh): the paper trains no adapters.

@@ -261,8 +261,16 @@ def final_save_points(tiny_dir: Path, shapes, finished_run: Path, folder: Path, 
     counting = Interrupter(folder, None)
     rerun_step_2(finished_run, folder)
     counting.install(monkeypatch)
-    train(tiny_dir, "finetune", shapes["qa8"], shapes["images"], folder, resume=True,
-          callbacks=[ArmAtTrainEnd(counting)], **RUN)  # fmt: skip
+    train(
+        tiny_dir,
+        "finetune",
+        shapes["qa8"],
+        shapes["images"],
+        folder,
+        resume=True,
+        callbacks=[ArmAtTrainEnd(counting)],
+        **RUN,
+    )
     monkeypatch.undo()
     return counting.points
 
@@ -281,8 +289,16 @@ def test_ctrl_c_during_trains_final_save(tiny_dir, shapes, finished_run, tmp_pat
     rerun_step_2(finished_run, folder)
     interrupter = Interrupter(folder, at).install(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_dir, "finetune", shapes["qa8"], shapes["images"], folder, resume=True,
-              callbacks=[ArmAtTrainEnd(interrupter)], **RUN)  # fmt: skip
+        train(
+            tiny_dir,
+            "finetune",
+            shapes["qa8"],
+            shapes["images"],
+            folder,
+            resume=True,
+            callbacks=[ArmAtTrainEnd(interrupter)],
+            **RUN,
+        )
     monkeypatch.undo()
     outcome = check_old_or_new(final_state, folder, old)
     assert outcome == ("new" if points[at - 1].startswith("rename to") else "old"), points[at - 1]
@@ -309,8 +325,16 @@ def test_sigkill_during_trains_final_save_then_the_next_run(
         if child == 0:  # the resumed run, killed at point `at`; nothing of pytest's runs in the child after it
             try:
                 Interrupter(folder, at, signal.SIGKILL).install(monkeypatch)
-                train(tiny_dir, "finetune", shapes["qa8"], shapes["images"], folder, resume=True,
-                      callbacks=[ArmAtTrainEnd(Interrupter.installed)], **RUN)  # fmt: skip
+                train(
+                    tiny_dir,
+                    "finetune",
+                    shapes["qa8"],
+                    shapes["images"],
+                    folder,
+                    resume=True,
+                    callbacks=[ArmAtTrainEnd(Interrupter.installed)],
+                    **RUN,
+                )
             finally:
                 os._exit(1)  # not killed
         _, status = os.waitpid(child, 0)

@@ -74,8 +74,13 @@ def baseline(tiny_dir, shapes, tmp_path_factory, free_port):
         command += ["--num_processes", "2", "--main_process_port", free_port(), *launcher, *arguments, *extra]
         command += ["--output-dir", directory / folder]
         environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **environment}
-        completed = subprocess.run(list(map(str, command)), env={**environment, "TOKENIZERS_PARALLELISM": "false"},
-                                   capture_output=True, text=True, timeout=400)  # fmt: skip
+        completed = subprocess.run(
+            list(map(str, command)),
+            env={**environment, "TOKENIZERS_PARALLELISM": "false"},
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         output = completed.stdout + completed.stderr
         assert completed.returncode == 0, output[-4000:]
         assert "global batch 8 = 4 per device x 1 accumulation x 2 process(es)" in output, output[-4000:]

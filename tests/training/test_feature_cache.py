@@ -86,17 +86,43 @@ def test_a_later_run_in_the_same_process_reuses_the_cache(tiny_dir, shapes, tmp_
     caplog.set_level(logging.INFO)
     caplog.clear()
     for name in ("a", "b"):
-        train(tiny_dir, "finetune", shapes["qa24"], shapes["images"], tmp_path / name, cache_vision_features=True,
-              feature_cache=cache, **RUN, max_steps=1)  # fmt: skip
+        train(
+            tiny_dir,
+            "finetune",
+            shapes["qa24"],
+            shapes["images"],
+            tmp_path / name,
+            cache_vision_features=True,
+            feature_cache=cache,
+            **RUN,
+            max_steps=1,
+        )
     assert caplog.text.count("vision feature cache: reused (24 images)") == 2
     assert "vision feature cache: 24 images" not in caplog.text  # never built again
     other = build_cache(model, AutoProcessor.from_pretrained(tiny_dir), images[:1])
     with pytest.raises(ValueError, match="the feature_cache given lacks 23 of the 24 images"):
-        train(tiny_dir, "finetune", shapes["qa24"], shapes["images"], tmp_path / "c", cache_vision_features=True,
-              feature_cache=other, **RUN, max_steps=1)  # fmt: skip
+        train(
+            tiny_dir,
+            "finetune",
+            shapes["qa24"],
+            shapes["images"],
+            tmp_path / "c",
+            cache_vision_features=True,
+            feature_cache=other,
+            **RUN,
+            max_steps=1,
+        )
     with pytest.raises(ValueError, match="feature_cache is used with cache_vision_features=True only"):
-        train(tiny_dir, "finetune", shapes["qa24"], shapes["images"], tmp_path / "d", feature_cache=cache, **RUN,
-              max_steps=1)  # fmt: skip
+        train(
+            tiny_dir,
+            "finetune",
+            shapes["qa24"],
+            shapes["images"],
+            tmp_path / "d",
+            feature_cache=cache,
+            **RUN,
+            max_steps=1,
+        )
 
 
 @pytest.mark.slow
@@ -107,8 +133,16 @@ def test_text_only_records_train_with_the_flag(tiny_dir, tmp_path, caplog):
         for i in range(8)
     ]
     (tmp_path / "text.json").write_text(json.dumps(records))
-    result = train(tiny_dir, "finetune", tmp_path / "text.json", None, tmp_path / "out", cache_vision_features=True,
-                   **RUN, max_steps=2)  # fmt: skip
+    result = train(
+        tiny_dir,
+        "finetune",
+        tmp_path / "text.json",
+        None,
+        tmp_path / "out",
+        cache_vision_features=True,
+        **RUN,
+        max_steps=2,
+    )
     assert result.global_step == 2
     assert "the kept records hold no image, nothing to cache" in caplog.text
 
@@ -153,8 +187,15 @@ def test_the_model_takes_cached_features_for_the_block_only(architecture, tiny, 
         model = LlavaForConditionalGeneration.from_pretrained(tiny_llava(tmp_path / "llava")).eval()
         processor = AutoProcessor.from_pretrained(tmp_path / "llava")
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
-    messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(tmp_path / "red.png")},
-                                             {"type": "text", "text": "color?"}]}]  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.open(tmp_path / "red.png")},
+                {"type": "text", "text": "color?"},
+            ],
+        }
+    ]
     inputs = processor.apply_chat_template(
         messages, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"
     )
@@ -163,8 +204,9 @@ def test_the_model_takes_cached_features_for_the_block_only(architecture, tiny, 
     features = cache[tmp_path / "red.png"][None]
     hooks = dict(model.model._forward_pre_hooks)
     with torch.no_grad(), vision_features_input(model, cache):
-        torch.testing.assert_close(model(**text, vision_features=features).logits, model(**inputs).logits, rtol=0,
-                                   atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            model(**text, vision_features=features).logits, model(**inputs).logits, rtol=0, atol=1e-6
+        )
         with pytest.raises(ValueError, match="got both pixel_values and vision_features"):
             model(**inputs, vision_features=features)
         with pytest.raises(ValueError):  # a feature row short
@@ -196,9 +238,26 @@ def test_images_in_memory_a_training_tower_and_dropout_are_refused(tiny, shapes,
 def test_the_train_command_takes_the_flag(tiny_dir, shapes, tmp_path, capsys):
     from ms_llava_cli import main
 
-    code = main(["train", "--stage", "pretrain", "--model", str(tiny_dir), "--data", str(shapes["caption24"]),
-                 "--image-folder", str(shapes["images"]), "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
-                 "--num-workers", "0", "--cache-vision-features"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--stage",
+            "pretrain",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(shapes["caption24"]),
+            "--image-folder",
+            str(shapes["images"]),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "2",
+            "--num-workers",
+            "0",
+            "--cache-vision-features",
+        ]
+    )
     assert code == 0
     assert "trained pretrain: 2 steps" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "ms_llava"

@@ -112,9 +112,18 @@ def test_qlora_trains_on_cpu_and_the_adapter_reloads_on_a_fresh_4bit_base(tmp_pa
     options = dict(lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2, projector_learning_rate=1e-3)
     run = dict(global_batch_size=8, per_device_batch_size=8, max_steps=8, logging_steps=1, save_steps=1000)
     result = train(
-        base, "finetune", data, tmp_path / "data" / "images", tmp_path / "qlora", qlora=True,
-        callbacks=[LogitsAtTheEnd()], dataloader_num_workers=0, warmup_ratio=0.0, **options, **run,
-    )  # fmt: skip
+        base,
+        "finetune",
+        data,
+        tmp_path / "data" / "images",
+        tmp_path / "qlora",
+        qlora=True,
+        callbacks=[LogitsAtTheEnd()],
+        dataloader_num_workers=0,
+        warmup_ratio=0.0,
+        **options,
+        **run,
+    )
     losses = [loss for _, loss in result.losses]
     assert len(losses) == 8 and losses[-1] < losses[0] and all(torch.isfinite(torch.tensor(losses)))
     assert result.adapter and (tmp_path / "qlora" / "adapter_model.safetensors").is_file()

@@ -23,10 +23,29 @@ from ms_llava.training.arguments import MSLlavaTrainingArguments, default_num_wo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STAGE_KEYS = {
-    "stage", "base_model", "data", "num_examples", "skipped_records", "trained", "frozen", "adapter", "learning_rate",
-    "lr_scheduler_type", "warmup_ratio", "weight_decay", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "world_size", "global_batch_size", "num_train_epochs", "max_steps", "steps_run", "bf16", "seed", "completed",
-}  # fmt: skip
+    "stage",
+    "base_model",
+    "data",
+    "num_examples",
+    "skipped_records",
+    "trained",
+    "frozen",
+    "adapter",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "weight_decay",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "world_size",
+    "global_batch_size",
+    "num_train_epochs",
+    "max_steps",
+    "steps_run",
+    "bf16",
+    "seed",
+    "completed",
+}
 
 
 def arguments(tiny_dir, shapes, output_dir, *extra) -> list:

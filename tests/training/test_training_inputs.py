@@ -109,8 +109,10 @@ def test_records_of_the_wrong_shape_are_named_bad_records_not_crashes(tiny, shap
     check = check_records(load_training_records(tmp_path / "data.json", shapes["images"]), processor, 2048)
     assert check.kept == [0, 1]
     reasons = {problem.record_id: str(problem) for problem in check.problems}
-    assert reasons["list-role"] == "record 2 (id 'list-role'): malformed record: turn 0 is from ['human']; expected " \
-        "'human' or 'gpt'"  # fmt: skip
+    assert (
+        reasons["list-role"] == "record 2 (id 'list-role'): malformed record: turn 0 is from ['human']; expected "
+        "'human' or 'gpt'"
+    )
     assert reasons["surrogate"] == (
         "record 3 (id 'surrogate'): malformed record: turn 1 holds '\\ud800', a lone surrogate that is not valid Unicode"
     )

@@ -209,11 +209,22 @@ def test_labels_on_image_placeholders_never_count_in_the_loss(tiny):
     model, processor = tiny
     messages = [user("Describe the picture.", image=True), assistant("A red circle.")]
     inputs = processor.apply_chat_template(
-        [{**message, "content": [{**part, "image": draw_shape("red", "circle", random.Random(0))}
-                                 if part["type"] == "image" else part for part in message["content"]]}
-         for message in messages],
-        tokenize=True, return_dict=True, return_tensors="pt",
-    )  # fmt: skip
+        [
+            {
+                **message,
+                "content": [
+                    {**part, "image": draw_shape("red", "circle", random.Random(0))}
+                    if part["type"] == "image"
+                    else part
+                    for part in message["content"]
+                ],
+            }
+            for message in messages
+        ],
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     labels = inputs["input_ids"].clone()
     is_image = labels == model.config.image_token_id
     assert int(is_image.sum()) == processor.num_image_tokens

@@ -1,5 +1,4 @@
-"""`python -m ms_llava.training ...` = `ms-llava train ...`, through the command line's dispatcher and error boundary
-(for launchers that take a module: `accelerate launch -m`, `torchrun -m`)."""
+"""`python -m ms_llava.training ...` = `ms-llava train ...` (for `accelerate launch -m`, `torchrun -m`)."""
 
 import sys
 

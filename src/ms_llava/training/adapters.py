@@ -10,39 +10,35 @@ import re
 import warnings
 
 import torch
+from accelerate import PartialState
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 from ..recipes import PAPER_RECIPES, PROJECTOR
 
 logger = logging.getLogger(__name__)
 LANGUAGE_MODEL_PREFIX = "model.language_model."
+_HELD_BACK: list[str] = []  # why bitsandbytes' fused CPU kernel failed to load (the line held back below)
+_NOTED: list[str] = []  # the note below, once said (once per process)
 
 
-class _HeldBack(logging.Filter):
+def _hold_back(record: logging.LogRecord) -> bool:
     """bitsandbytes' CPU backend logs "Failed to load CPU gemm_4bit_forward from kernels-community ..." when imported,
     so every run (peft imports it) would print it: held back, and said once, plainly, by a QLoRA run on CPU."""
-
-    reason: str | None = None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"):
-            return True
-        _HeldBack.reason = str(record.args[0]) if record.args else record.getMessage()
-        return False
+    if not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"):
+        return True
+    _HELD_BACK.append(str(record.args[0]) if record.args else record.getMessage())
+    return False
 
 
-_BITSANDBYTES_CPU = logging.getLogger("bitsandbytes.backends.cpu.ops")
-if not any(isinstance(held, _HeldBack) for held in _BITSANDBYTES_CPU.filters):
-    _BITSANDBYTES_CPU.addFilter(_HeldBack())
-_NOTED: list[str] = []  # the note below, once said (once per process)
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_hold_back)
 
 
 def cpu_4bit_kernel_note() -> str | None:
     """Why bitsandbytes runs 4-bit layers on CPU without its fused kernel; None when it did not try (it does only on
     CPUs with AVX512-BF16) or did not fail."""
-    if _HeldBack.reason is None:
+    if not _HELD_BACK:
         return None
-    what = f"the `kernels` package could not load it ({_HeldBack.reason})"
+    what = f"the `kernels` package could not load it ({_HELD_BACK[-1]})"
     if importlib.util.find_spec("kernels") is None:
         what = "the `kernels` package is missing (pip install 'kernels>=0.11.1'; it downloads the kernel from the Hub)"
     return (
@@ -63,21 +59,18 @@ def quiet_peft():
 def language_model_lora_targets(model) -> str:
     """PEFT `target_modules`: every linear layer under `model.language_model.` by leaf name (q_proj ... down_proj);
     anchored there, it cannot match the vision tower's."""
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if name.startswith(LANGUAGE_MODEL_PREFIX) and isinstance(module, torch.nn.Linear)
-    }
-    if not names:
-        raise ValueError(f"no linear layer found under {LANGUAGE_MODEL_PREFIX!r}: cannot place LoRA adapters")
-    return rf"^{re.escape(LANGUAGE_MODEL_PREFIX)}.*\.({'|'.join(map(re.escape, sorted(names)))})$"
+    linear = (name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
+    names = sorted({name.rsplit(".", 1)[-1] for name in linear if name.startswith(LANGUAGE_MODEL_PREFIX)})
+    return rf"^{re.escape(LANGUAGE_MODEL_PREFIX)}.*\.({'|'.join(map(re.escape, names))})$"
 
 
 def require_qlora_support() -> None:
     """QLoRA loads the LLM in 4 bits with bitsandbytes (0.50 and later run 4-bit layers on CPU too)."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("qlora needs bitsandbytes (pip install 'bitsandbytes>=0.50'); use lora=True (--lora) without "
-                         "quantization instead")  # fmt: skip
+        raise ValueError(
+            "qlora needs bitsandbytes (pip install 'bitsandbytes>=0.50'); use lora=True (--lora) without "
+            "quantization instead"
+        )
 
 
 def qlora_quantization_config() -> BitsAndBytesConfig:
@@ -95,18 +88,10 @@ def qlora_quantization_config() -> BitsAndBytesConfig:
 def load_model(model_name_or_path: str, config):
     """The checkpoint in float32 (bf16 trains by autocast over float32 weights); for QLoRA with its LLM in 4 bits on
     this process's device."""
-    if not config.qlora:
-        return AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=torch.float32)
-    from accelerate import PartialState
-
     device = PartialState().device
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_name_or_path,
-        quantization_config=qlora_quantization_config(),
-        dtype=torch.float32,
-        device_map={"": device},
-    )
-    note = cpu_4bit_kernel_note() if device.type == "cpu" else None
+    qlora = dict(quantization_config=qlora_quantization_config(), device_map={"": device}) if config.qlora else {}
+    model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=torch.float32, **qlora)
+    note = cpu_4bit_kernel_note() if config.qlora and device.type == "cpu" else None
     if note and not _NOTED:
         _NOTED.append(note)
         logger.warning(note)
@@ -122,9 +107,8 @@ def configure_trainable(model, config):
         from ..tuners.scale import ScaleConfig
 
         model.requires_grad_(False)
-        adapter = ScaleConfig(
-            bound=config.scale_bound, token_scope=config.scale_token_scope, layers_to_transform=config.scale_layers
-        )
+        scope, layers = config.scale_token_scope, config.scale_layers
+        adapter = ScaleConfig(bound=config.scale_bound, token_scope=scope, layers_to_transform=layers)
     else:
         trained = PAPER_RECIPES[config.stage].trained_modules
         for name, param in model.named_parameters():

@@ -1,6 +1,6 @@
 """The options of a run: `MSLlavaTrainingArguments`, a `TrainingArguments` subclass with the paper's recipe
-(`ms_llava.recipes`) as preset, and `ModelDataArguments`; `add_arguments` makes them `ms-llava train`'s options with
-`HfArgumentParser`'s field parser, so a new option is one field here.
+(`ms_llava.recipes`) as preset; `add_arguments` makes them `ms-llava train`'s options with `HfArgumentParser`'s field
+parser, so a new option is one field here.
 """
 
 import argparse
@@ -53,13 +53,6 @@ def gradient_accumulation_steps(global_batch_size: int, per_device_batch_size: i
             "--per-device-batch-size"
         )
     return global_batch_size // per_step
-
-
-@dataclass
-class ModelDataArguments:
-    model: str = option(None, "MS-LLaVA checkpoint to start from (folder or Hub id)", required=True)
-    data: str = option(None, "LLaVA JSON, messages+images file, or a save_to_disk folder", required=True)
-    image_folder: str | None = option(None, "folder the image paths are relative to (default: the data's folder)")
 
 
 @dataclass
@@ -121,17 +114,18 @@ class MSLlavaTrainingArguments(TrainingArguments):
     @classmethod
     def for_stage(cls, stage: str, **overrides) -> "MSLlavaTrainingArguments":
         """`stage`'s recipe with `overrides` (options by field name); unknown names and bad values raise ValueError."""
-        known = {item.name for item in dataclasses.fields(cls) if item.init} - {"stage"}
-        unknown = sorted(set(overrides) - known)
+        unknown = sorted(set(overrides) - OPTIONS)
         if unknown:
-            close = sorted({match for name in unknown for match in difflib.get_close_matches(name, known, n=2)})
+            close = sorted({match for name in unknown for match in difflib.get_close_matches(name, OPTIONS, n=2)})
             raise ValueError(
                 f"unknown training option(s) {unknown}" + (f"; did you mean {', '.join(close)}?" * bool(close))
             )
         scale_options = sorted(name for name in overrides if name.startswith("scale_"))
         if scale_options and overrides.get("adapter") != "scale":
-            raise ValueError(f"{', '.join(scale_options)} set ScAle options, which need adapter='scale' "
-                             f"(got {overrides.get('adapter')!r})")  # fmt: skip
+            raise ValueError(
+                f"{', '.join(scale_options)} set ScAle options, which need adapter='scale' "
+                f"(got {overrides.get('adapter')!r})"
+            )
         if overrides.get("adapter") == "lora" and overrides.get("lora") is False:
             raise ValueError("adapter='lora' and lora=False contradict each other")
         return cls(stage=stage, **overrides)
@@ -155,18 +149,14 @@ class MSLlavaTrainingArguments(TrainingArguments):
         # Without CUDA, several processes (DDP over gloo) and bf16 autocast both need the CPU asked for explicitly.
         self.use_cpu = self.use_cpu or (not torch.cuda.is_available() and (self.bf16 or world_size > 1))
         self.dataloader_pin_memory = self.dataloader_pin_memory and torch.cuda.is_available()
-        auto_num_workers, self.dataloader_num_workers = (
-            self.dataloader_num_workers is None,
-            self.dataloader_num_workers or 0,
-        )
+        self.auto_num_workers = self.dataloader_num_workers is None  # `train` picks them once the data are known
+        self.dataloader_num_workers = self.dataloader_num_workers or 0
         super().__post_init__()
-        self.auto_num_workers = auto_num_workers  # `train` picks the workers once the data are known
 
     def validate(self) -> None:
         optional = {"per_device_batch_size", "max_steps", "projector_learning_rate", "max_length", "save_total_limit"}
         integers = {"global_batch_size", "save_steps", "logging_steps", "lora_r", "per_device_batch_size"}
-        for name in (*optional, "learning_rate", "global_batch_size", "num_train_epochs", "save_steps",
-                     "logging_steps", "lora_r", "lora_alpha"):  # fmt: skip
+        for name in sorted(optional | integers | {"learning_rate", "num_train_epochs", "lora_alpha"}):
             value = getattr(self, name)
             if name in optional and (value is None or (name == "max_steps" and value == -1)):
                 continue
@@ -180,24 +170,20 @@ class MSLlavaTrainingArguments(TrainingArguments):
         if (self.dataloader_num_workers or 0) < 0:
             raise ValueError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers!r}")
         if self.lora and self.stage == "pretrain":
-            raise ValueError("lora adapts the language model, which the 'pretrain' stage keeps frozen (only the "
-                             "projector trains there); use lora with stage 'finetune'")  # fmt: skip
+            raise ValueError("lora adapts the language model, which the 'pretrain' stage keeps frozen: use 'finetune'")
         if self.merge_lora and not self.lora:
             raise ValueError("merge_lora needs lora=True")
         if self.adapter not in (None, *ADAPTERS):
             raise ValueError(f"adapter must be one of {list(ADAPTERS)} or None, got {self.adapter!r}")
-        if self.adapter == "scale":
-            self._validate_scale()
-
-    def _validate_scale(self) -> None:
+        if self.adapter != "scale":
+            return
         conflicts = {"lora": self.lora, "qlora": self.qlora, "projector_learning_rate": self.projector_learning_rate}
         conflicts["push_to_hub"] = self.push_to_hub or self.hub_model_id
         conflicting = ", ".join(f"{name}={value!r}" for name, value in conflicts.items() if value)
         if conflicting:
             raise ValueError(
-                f"adapter='scale' cannot be combined with {conflicting}: ScAle freezes the whole model (projector "
-                "included), is not LoRA, and its default 'last' token scope cannot be merged (push the adapter folder "
-                "with huggingface_hub instead)"
+                f"adapter='scale' cannot be combined with {conflicting}: ScAle freezes the whole model, projector "
+                "included, is not LoRA, and its 'last' scope cannot be merged (push its folder with huggingface_hub)"
             )
         if self.stage != "finetune":
             raise ValueError(f"adapter='scale' adapts a trained model: use stage 'finetune', got {self.stage!r}")
@@ -214,33 +200,45 @@ class MSLlavaTrainingArguments(TrainingArguments):
         per_device = self.per_device_batch_size
         if per_device is None:
             if self.global_batch_size % world_size:
-                raise ValueError(f"global batch size {self.global_batch_size} is not divisible by the {world_size} "
-                                 "processes; choose a global batch size that is")  # fmt: skip
+                raise ValueError(
+                    f"global batch size {self.global_batch_size} is not divisible by the {world_size} "
+                    "processes; choose a global batch size that is"
+                )
             per_device = self.global_batch_size // world_size
         return per_device, gradient_accumulation_steps(self.global_batch_size, per_device, world_size)
+
+
+# The options `for_stage` and `train()` take, by field name (`stage` is an argument of its own).
+OPTIONS = frozenset(item.name for item in dataclasses.fields(MSLlavaTrainingArguments) if item.init) - {"stage"}
 
 
 def _layer_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer indices such as 0,1,5, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected layer indices such as 0,1,5, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Both dataclasses' options on `parser`, each declared as `HfArgumentParser` declares a field; a training option
-    left out parses to None, so that `train()` fills in the stage recipe's value."""
+    """`ms-llava train`'s options: the checkpoint and data, and every field of `MSLlavaTrainingArguments`, declared as
+    `HfArgumentParser` declares it (there is no public call for one field); an option left out parses to None, so that
+    `train()` fills in the stage recipe's value."""
+    parser.description = (
+        "Train MS-LLaVA with the paper's two-stage recipe (Sec. 4.1). pretrain: only the projector trains (AdamW, lr "
+        "1e-3, global batch 32, 1 epoch); finetune: projector and LLM train, vision tower frozen (lr 1e-5, global "
+        "batch 16, 1 epoch). Every option overrides the recipe. Runs under `accelerate launch` for several processes. "
+        "The other options of transformers' TrainingArguments (--optim, --report_to, ...) are taken but not listed."
+    )
+    parser.add_argument("--model", required=True, help="MS-LLaVA checkpoint to start from (folder or Hub id)")
+    parser.add_argument("--data", required=True, help="LLaVA JSON, messages+images file, or a save_to_disk folder")
+    parser.add_argument("--image_folder", "--image-folder", help="the images' folder (default: the data's)")
     listed = {*MSLlavaTrainingArguments.__annotations__, *LISTED_INHERITED_OPTIONS}
-    for dtype in (ModelDataArguments, MSLlavaTrainingArguments):
-        hints = typing.get_type_hints(dtype)
-        for item in dataclasses.fields(dtype):
-            if item.init and item.name != "scale_layers":
-                item = copy.copy(item)  # the parser rewrites the field's type
-                item.type = hints[item.name]
-                if dtype is MSLlavaTrainingArguments and item.name not in listed:
-                    item.metadata = {**item.metadata, "help": argparse.SUPPRESS}
-                HfArgumentParser._parse_dataclass_field(parser, item)
-    parser.add_argument("--scale-layers", "--scale_layers", type=_layer_list, help="ScAle: layers such as 0,2")
-    parser.set_defaults(**{item.name: None for item in dataclasses.fields(MSLlavaTrainingArguments) if item.init})
+    hints = typing.get_type_hints(MSLlavaTrainingArguments)
+    for item in dataclasses.fields(MSLlavaTrainingArguments):
+        if item.init:
+            item = copy.copy(item)  # the parser rewrites the field's type
+            item.type = _layer_list if item.name == "scale_layers" else hints[item.name]
+            if item.name not in listed:
+                item.metadata = {**item.metadata, "help": argparse.SUPPRESS}
+            HfArgumentParser._parse_dataclass_field(parser, item)
+    parser.set_defaults(**dict.fromkeys(OPTIONS))

@@ -3,9 +3,8 @@ markers moved to the front of their turn as in LLaVA-1.5) and Hugging Face `mess
 a `save_to_disk` folder, `.json` / `.jsonl` / `.parquet` / `.arrow` files) become `Conversation`s: chat messages as the
 processor's template takes them, and their images (paths relative to the image folder, PIL images or bytes).
 
-`check_records`, the pre-pass, names every record that cannot be trained on (roles, empty answers, one image per
-`<image>`, unreadable images, no assistant token, images or every answer token beyond `max_length`) before the model
-loads. Labels are the tokens inside the chat template's `{% generation %}` markers, -100 elsewhere.
+`check_records`, the pre-pass, names every record that cannot be trained on before the model loads. Labels are the
+tokens inside the chat template's `{% generation %}` markers, -100 elsewhere.
 """
 
 from __future__ import annotations
@@ -87,40 +86,30 @@ class BadRecordsError(ValueError):
         )
 
 
-class ChatTemplateError(ValueError):
-    """The processor's chat template marks no assistant token in any record: every label would be -100."""
-
-
 def _default_template(chat_template):  # of named templates, the processor applies "default"
     return chat_template.get("default") if isinstance(chat_template, dict) else chat_template
 
 
-def chat_template_error(chat_template, num_tokenised: int | None = None) -> ChatTemplateError:
-    """For a template without `{% generation %}` markers, or whose markers enclose no token of `num_tokenised`."""
-    template = _default_template(chat_template)
-    if not isinstance(template, str) or not template:
-        what = f"the processor has no chat template (chat_template is {chat_template!r})"
-    elif GENERATION_MARKER.search(template):
-        what = f"its {{% generation %}} markers enclose no token of any of the {num_tokenised} record(s) rendered"
-    else:
-        what = "it has no {% generation %} ... {% endgeneration %} markers around the assistant replies"
-    return ChatTemplateError(
-        f"the processor's chat template marks no assistant tokens ({what}): every label would be -100 and "
-        "training would learn nothing (loss 0). Labels are the tokens inside the template's {% generation %} "
-        "markers (return_assistant_tokens_mask). Fix the checkpoint's template, e.g. with LLaVA-1.5's: `import "
-        "ms_llava; processor = AutoProcessor.from_pretrained(MODEL); processor.chat_template = "
-        "ms_llava.LLAVA_1_5_CHAT_TEMPLATE; processor.save_pretrained(MODEL)`, or wrap each assistant reply of your "
-        "template in {% generation %} ... {% endgeneration %}"
-    )
+class ChatTemplateError(ValueError):
+    """The processor's chat template marks no assistant token in any record: every label would be -100. For a template
+    without `{% generation %}` markers, or whose markers enclose no token of the `num_tokenised` records rendered."""
 
-
-# --------------------------------------------------------------------------------------------- records
-
-
-def _resolve_image(image: Any, image_folder: Path | None) -> Any:
-    if isinstance(image, (str, Path)) and image_folder is not None and not Path(image).is_absolute():
-        return str(image_folder / image)
-    return str(image) if isinstance(image, Path) else image
+    def __init__(self, chat_template, num_tokenised: int | None = None):
+        template = _default_template(chat_template)
+        if not isinstance(template, str) or not template:
+            what = f"the processor has no chat template (chat_template is {chat_template!r})"
+        elif GENERATION_MARKER.search(template):
+            what = f"its {{% generation %}} markers enclose no token of any of the {num_tokenised} record(s) rendered"
+        else:
+            what = "it has no {% generation %} ... {% endgeneration %} markers around the assistant replies"
+        super().__init__(
+            f"the processor's chat template marks no assistant tokens ({what}): every label would be -100 and "
+            "training would learn nothing (loss 0). Labels are the tokens inside the template's {% generation %} "
+            "markers (return_assistant_tokens_mask). Fix the checkpoint's template, e.g. with LLaVA-1.5's: `import "
+            "ms_llava; processor = AutoProcessor.from_pretrained(MODEL); processor.chat_template = "
+            "ms_llava.LLAVA_1_5_CHAT_TEMPLATE; processor.save_pretrained(MODEL)`, or wrap each assistant reply of "
+            "your template in {% generation %} ... {% endgeneration %}"
+        )
 
 
 def _text(text: str, where: str, split: bool = False):
@@ -167,8 +156,7 @@ def llava_record_to_conversation(record: Any, image_folder: Path | None) -> Conv
         else:
             content = _text(value, "", split=True)  # an <image> here is flagged by check_conversation
         messages.append({"role": role, "content": content})
-    images = [_resolve_image(_text(path, "'image'"), image_folder) for path in images]
-    return Conversation(messages, images, _record_id(record))
+    return Conversation(messages, [str(image_folder / _text(path, "'image'")) for path in images], _record_id(record))
 
 
 def messages_record_to_conversation(record: Any, image_folder: Path | None) -> Conversation:
@@ -195,7 +183,8 @@ def messages_record_to_conversation(record: Any, image_folder: Path | None) -> C
             else:
                 raise RecordError(MALFORMED, f"{where} has a content part {part!r}")
         messages.append({"role": message["role"], "content": parts})
-    return Conversation(messages, [_resolve_image(image, image_folder) for image in images], _record_id(record))
+    images = [str(image_folder / image) if isinstance(image, str) and image_folder else image for image in images]
+    return Conversation(messages, images, _record_id(record))
 
 
 def check_conversation(conversation: Conversation) -> None:
@@ -225,8 +214,11 @@ def check_conversation(conversation: Conversation) -> None:
         raise RecordError(IMAGE_COUNT, f"the conversation has {image_parts} {IMAGE_TOKEN} but {given}")
 
 
-def describe_image(image: Any) -> str:
-    """How error messages name an image: a path, `embedded image bytes (N bytes, path ...)` or `a PIL image`."""
+def describe_image(image: Any, folder: Path | None = None) -> str:
+    """How error messages name an image: a path (relative to `folder` if given), `embedded image bytes (N bytes, path
+    ...)` or `a PIL image`."""
+    if isinstance(image, str) and folder:
+        return os.path.relpath(image, folder)
     if isinstance(image, dict) and image.get("bytes") is not None:
         path = f", path {image['path']!r}" if image.get("path") else ""
         return f"embedded image bytes ({len(image['bytes'])} bytes{path})"
@@ -246,13 +238,11 @@ def _check_image(image: Any, verify: bool) -> None:
         raise RecordError(MISSING_IMAGE, f"image file not found: {image}")
     if not isinstance(image, (str, dict)):
         raise RecordError(MISSING_IMAGE, f"an image must be a path, a PIL image or image bytes, got {image!r}")
-    fresh = (lambda: image) if isinstance(image, str) else (lambda: io.BytesIO(image["bytes"]))  # verify() spends one
     try:
-        with Image.open(fresh()) as opened:
+        with Image.open(image if isinstance(image, str) else io.BytesIO(image["bytes"])) as opened:
             if verify:
-                opened.verify()
-        if verify:
-            decode_image(fresh())  # the loader's full decode: truncated data refused
+                opened.verify()  # spends `opened`: the loader's full decode opens the image again
+                load_image(image)  # truncated data refused
     except Exception as error:  # PIL raises many types for a bad file
         reason = f"cannot read image {describe_image(image)}: {type(error).__name__}: {error}"
         raise RecordError(MISSING_IMAGE, reason) from error
@@ -274,7 +264,7 @@ class TrainingRecords:
     converter: Any
     image_folder: Path | None
     description: str
-    undecoded: Any = None
+    undecoded: Any
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -284,21 +274,13 @@ class TrainingRecords:
 
     def describe(self, index: int) -> str:
         """ "record 3 (id 'x'), image(s) /data/a.png": names a record in an error, without decoding its images."""
-        record = next(itertools.islice(self.rows if self.undecoded is None else self.undecoded, index, None))
+        record = next(itertools.islice(self.undecoded, index, None))
         try:
             images = ", ".join(map(describe_image, self.converter(record, self.image_folder).images))
         except RecordError:
             images = ""
         name = "no id" if _record_id(record) is None else f"id {_record_id(record)!r}"
         return f"record {index} ({name}), image(s) {images or 'none'}"
-
-    def conversations_to_check(self):
-        """`(index, record id, conversation or the RecordError converting it raised)` for every record."""
-        for index, record in enumerate(self.rows if self.undecoded is None else self.undecoded):
-            try:
-                yield index, _record_id(record), self.converter(record, self.image_folder)
-            except RecordError as error:
-                yield index, _record_id(record), error
 
 
 def load_training_records(data, image_folder: str | Path | None = None) -> TrainingRecords:
@@ -341,10 +323,12 @@ def load_training_records(data, image_folder: str | Path | None = None) -> Train
             "object with 'conversations' (LLaVA format) or 'messages' (messages format)"
         )
     index, record = first
-    for key, converter, name in (("conversations", llava_record_to_conversation, "LLaVA"),
-                                 ("messages", messages_record_to_conversation, "messages")):  # fmt: skip
+    for key, converter, name in (
+        ("conversations", llava_record_to_conversation, "LLaVA"),
+        ("messages", messages_record_to_conversation, "messages"),
+    ):
         if key in record:
-            return TrainingRecords(records, converter, folder or path.parent, f"{path} ({name} format)")
+            return TrainingRecords(records, converter, folder or path.parent, f"{path} ({name} format)", records)
     raise ValueError(
         f"{path}: cannot tell the format: record {index}, the first JSON object, has neither 'conversations' (LLaVA "
         f"format) nor 'messages' (messages format); its keys are {sorted(record)[:10]}"
@@ -396,9 +380,6 @@ def _from_hf_dataset(dataset, image_folder: Path | None, description: str) -> Tr
     return TrainingRecords(dataset, messages_record_to_conversation, image_folder, description, undecoded)
 
 
-# --------------------------------------------------------------------------------------------- pre-pass
-
-
 @dataclass
 class DataCheck:
     """The pre-pass result: `kept` indices, `problems` of the others, counts, and `fingerprint`, a hash of the records
@@ -426,14 +407,13 @@ def check_records(records: TrainingRecords, processor, max_length: int | None, v
     """The pre-pass, reading only the images' headers (decoding them in full with `verify_images`); the chat template
     is rendered and tokenised once, in batches. ChatTemplateError when it marks no assistant token."""
     if not GENERATION_MARKER.search(str(_default_template(processor.chat_template) or "")):
-        raise chat_template_error(processor.chat_template)
+        raise ChatTemplateError(processor.chat_template)
     check, pending, fingerprint = DataCheck(num_records=len(records)), [], hashlib.sha256()
-    for index, record_id, conversation in records.conversations_to_check():
+    for index, record in enumerate(records.undecoded):
+        record_id = _record_id(record)
         try:
-            if isinstance(conversation, RecordError):
-                raise conversation
-            images = [os.path.relpath(image, records.image_folder) if isinstance(image, str) and records.image_folder
-                      else describe_image(image) for image in conversation.images]  # fmt: skip
+            conversation = records.converter(record, records.image_folder)
+            images = [describe_image(image, records.image_folder) for image in conversation.images]
             fingerprint.update(json.dumps([index, record_id, conversation.messages, images]).encode())
             check_conversation(conversation)
             for image in conversation.images:
@@ -448,7 +428,7 @@ def check_records(records: TrainingRecords, processor, max_length: int | None, v
             pending = []
     _check_lengths(pending, processor, max_length, check)
     if check.num_tokenised and not check.num_with_assistant_tokens:
-        raise chat_template_error(processor.chat_template, check.num_tokenised)
+        raise ChatTemplateError(processor.chat_template, check.num_tokenised)
     check.problems.sort(key=lambda problem: problem.index)
     fingerprint.update(json.dumps(check.kept).encode())
     check.fingerprint = fingerprint.hexdigest()[:16]
@@ -461,37 +441,30 @@ def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_lengt
     if not pending:
         return
     tokenizer, image_id, m = processor.tokenizer, processor.image_token_id, processor.num_image_tokens
+    batch = [conversation.messages for _, conversation in pending]
     encoded = tokenizer.apply_chat_template(
-        [conversation.messages for _, conversation in pending],
-        chat_template=processor.chat_template,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
+        batch, chat_template=processor.chat_template, return_assistant_tokens_mask=True
     )
-    special = tokenizer.num_special_tokens_to_add(pair=False)
-    for (index, conversation), ids, mask in zip(
-        pending, encoded["input_ids"], encoded["assistant_masks"], strict=True
-    ):
+    special, masks = tokenizer.num_special_tokens_to_add(pair=False), encoded["assistant_masks"]
+    for (index, conversation), ids, mask in zip(pending, encoded["input_ids"], masks, strict=True):
         reason = None
         positions = list(itertools.accumulate((1 + (m - 1) * (token == image_id) for token in ids), initial=special))
         length, image_ends = positions[-1], [positions[i] + m - 1 for i, token in enumerate(ids) if token == image_id]
-        check.num_tokenised, check.num_with_assistant_tokens = (
-            check.num_tokenised + 1,
-            check.num_with_assistant_tokens + any(mask),
-        )
+        check.num_tokenised += 1
+        check.num_with_assistant_tokens += any(mask)
         if not any(mask):
-            category, reason = (
-                "no assistant tokens",
-                (
-                    "the chat template marks none of its tokens as an assistant token (none lies inside its "
-                    "{% generation %} markers): it would train on nothing"
-                ),
+            category = "no assistant tokens"
+            reason = (
+                "the chat template marks none of its tokens as an assistant token (none lies inside its "
+                "{% generation %} markers): it would train on nothing"
             )
         elif max_length is not None and length > max_length:
             category = "too long"
             if image_ends and image_ends[-1] >= max_length:
-                reason = (f"{length} tokens (with {len(image_ends)} image(s) of M = {m} tokens) exceed max_length "
-                          f"{max_length} and truncation would cut image tokens")  # fmt: skip
+                reason = (
+                    f"{length} tokens (with {len(image_ends)} image(s) of M = {m} tokens) exceed max_length "
+                    f"{max_length} and truncation would cut image tokens"
+                )
             elif next((positions[i] for i, keep in enumerate(mask) if keep), length) >= max_length:
                 reason = f"{length} tokens exceed max_length {max_length} and no assistant token would be left"
             check.num_truncated += reason is None
@@ -502,21 +475,16 @@ def _check_lengths(pending: list[tuple[int, Conversation]], processor, max_lengt
             check.num_text_only += not conversation.images
 
 
-# --------------------------------------------------------------------------------------------- encoding
-
-
 def encode_conversation(processor, conversation: Conversation, max_length: int | None = None, vision_features=None):
     """One conversation tokenised with its images by `processor.apply_chat_template`: `input_ids` and `labels` (1-D,
     cut to `max_length`), `pixel_values` when it has images. With `vision_features` (its images' cached features) the
     images are not loaded: the example holds those in place of `pixel_values`, with the same tokens and labels."""
     images = itertools.repeat(STAND_IN_IMAGE) if vision_features is not None else map(load_image, conversation.images)
-    messages = [
-        {
-            **message,
-            "content": [{**p, "image": next(images)} if p["type"] == "image" else p for p in message["content"]],
-        }
-        for message in conversation.messages
-    ]
+
+    def with_image(part: dict) -> dict:
+        return {**part, "image": next(images)} if part["type"] == "image" else part
+
+    messages = [{**message, "content": list(map(with_image, message["content"]))} for message in conversation.messages]
     encoded = processor.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
     )
@@ -524,8 +492,10 @@ def encode_conversation(processor, conversation: Conversation, max_length: int |
     input_ids = encoded["input_ids"][0][:max_length]
     labels = torch.where(encoded["assistant_masks"][0][:max_length].bool(), input_ids, IGNORE_INDEX)
     if int((input_ids == processor.image_token_id).sum()) != processor.num_image_tokens * len(conversation.images):
-        raise ValueError(f"record {conversation.record_id!r}: max_length {max_length} cuts its image tokens; the "
-                         "pre-pass (check_records) rejects such records")  # fmt: skip
+        raise ValueError(
+            f"record {conversation.record_id!r}: max_length {max_length} cuts its image tokens; the "
+            "pre-pass (check_records) rejects such records"
+        )
     if vision_features is not None:
         return {"input_ids": input_ids, "labels": labels, "vision_features": vision_features}
     return {"input_ids": input_ids, "labels": labels, **{k: v for k, v in encoded.items() if k == "pixel_values"}}
@@ -566,12 +536,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
             ) from error
 
 
+@dataclass
 class RightPaddingCollator:
     """Pads on the right (`input_ids` with the pad token, `labels` with -100, `attention_mask` 0), so each sequence
     keeps positions 0..n-1, and concatenates the examples' `pixel_values` (or `vision_features`) in order."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    pad_token_id: int
 
     def __call__(self, examples: list[dict]) -> dict:
         pad, ids = torch.nn.utils.rnn.pad_sequence, [example["input_ids"] for example in examples]

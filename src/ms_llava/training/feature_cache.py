@@ -59,10 +59,7 @@ def image_key(image) -> str:
 def inner_model(model):
     """The model holding `vision_tower` and `multi_modal_projector` (LlavaModel, MSLlavaModel), through PEFT too."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", base)
-    if getattr(inner, "vision_tower", None) is None:
-        raise ValueError(f"cache_vision_features: {type(base).__name__} has no model.vision_tower")
-    return inner
+    return getattr(base, "model", base)
 
 
 def check_cacheable(model) -> None:
@@ -80,22 +77,18 @@ def check_cacheable(model) -> None:
         raise ValueError(f"cache_vision_features: the vision tower has active dropout {dropout}; it cannot be cached")
 
 
-def _fingerprint(inner, image_processor) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(inner.vision_tower.state_dict().items()):
-        digest.update(name.encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    selection = [inner.config.vision_feature_layer, inner.config.vision_feature_select_strategy]
-    digest.update(json.dumps([image_processor.to_dict(), selection], sort_keys=True, default=str).encode())
-    return digest.hexdigest()
-
-
 @torch.no_grad()
 def build_cache(model, processor, images: list, batch_size: int = 32, log=logger.info, reuse=None) -> FeatureCache:
     """Runs the frozen tower once over every distinct image file in `images`. With `reuse` (a cache built before),
     returns it when it holds every image for this tower, image processor and feature selection, else ValueError."""
     sources = {image_key(image): image for image in images}
     keys, inner = list(sources), inner_model(model)
-    fingerprint = _fingerprint(inner, processor.image_processor)
+    digest = hashlib.sha256()  # of the tower's weights, the image processing and the feature selection
+    for name, tensor in sorted(inner.vision_tower.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    selection = [inner.config.vision_feature_layer, inner.config.vision_feature_select_strategy]
+    digest.update(json.dumps([processor.image_processor.to_dict(), selection], sort_keys=True, default=str).encode())
+    fingerprint = digest.hexdigest()
     if reuse is not None:
         missing = [key for key in keys if key not in reuse.rows]
         if reuse.fingerprint != fingerprint or missing:

@@ -10,11 +10,8 @@ the loss to `loss_log.csv`, records what ran in `ms_llava_training.json` and sav
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
-import dataclasses
-import functools
 import importlib.util
 import json
 import logging
@@ -45,10 +42,16 @@ LOSS_LOG, RUN_RECORD, SKIPPED_RECORDS = "loss_log.csv", "ms_llava_training.json"
 FINAL_SAVE_STAGING, STAGED_COMPLETE = ".ms_llava_final_save", ".complete"
 # Stage-record keys that shape the loss curve: a resumed run must keep them.
 CURVE_KEYS = (
-    "stage", "learning_rate", "projector_learning_rate", "global_batch_size", "num_train_epochs", "max_steps",
-    "lr_scheduler_type", "warmup_ratio", "weight_decay", "optim", "adam_beta1", "adam_beta2", "adam_epsilon",
-    "max_grad_norm", "max_length", "seed", "bf16", "adapter", "data_fingerprint",
-)  # fmt: skip
+    "stage learning_rate projector_learning_rate global_batch_size num_train_epochs max_steps lr_scheduler_type "
+    "warmup_ratio weight_decay optim adam_beta1 adam_beta2 adam_epsilon max_grad_norm max_length seed bf16 adapter "
+    "data_fingerprint"
+).split()
+# The stage record's settings copied from the options as they are.
+RECORDED_OPTIONS = (
+    "learning_rate projector_learning_rate warmup_ratio weight_decay optim adam_beta1 adam_beta2 adam_epsilon "
+    "max_grad_norm per_device_train_batch_size max_length bf16 gradient_accumulation_steps global_batch_size "
+    "num_train_epochs seed"
+).split()
 
 
 @dataclass
@@ -71,14 +74,10 @@ class TrainResult:
 
 
 class MSLlavaTrainer(Trainer):
-    """`Trainer` with an optional learning rate for the projector (LLaVA's `mm_projector_lr`)."""
-
-    def __init__(self, *args, projector_learning_rate: float | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.projector_learning_rate = projector_learning_rate
+    """`Trainer` with the options' learning rate for the projector (LLaVA's `mm_projector_lr`), where one is given."""
 
     def create_optimizer(self, model=None):
-        if self.projector_learning_rate is None or self.optimizer is not None:
+        if self.args.projector_learning_rate is None or self.optimizer is not None:
             return super().create_optimizer(model)
         model = self.model if model is None else model
         decay, groups = set(self.get_decay_parameter_names(model)), {}
@@ -87,7 +86,7 @@ class MSLlavaTrainer(Trainer):
                 groups.setdefault((PROJECTOR in name, name in decay), []).append(param)
         param_groups = [
             {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
-            | ({"lr": self.projector_learning_rate} if projector else {})
+            | ({"lr": self.args.projector_learning_rate} if projector else {})
             for (projector, decays), params in groups.items()
         ]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
@@ -118,6 +117,7 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+@dataclass(eq=False)
 class RunFiles(TrainerCallback):
     """The run's own files in OUTPUT_DIR (main process). At the end of the first step (before `Trainer` saves or logs)
     it clears what an interrupted save left, writes the training record and the skipped-records list, and rewrites
@@ -125,25 +125,20 @@ class RunFiles(TrainerCallback):
     each checkpoint updates the record's `steps_run`. A run that fails before its first step leaves the folder as it
     was."""
 
+    output_dir: Path
+    record: dict
+    problems: list
+    main: bool
+    started: bool = False
     FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
-
-    def __init__(self, output_dir: Path, record: dict, problems: list, main: bool):
-        self.output_dir, self.record, self.problems, self.main, self.started = (
-            output_dir,
-            record,
-            problems,
-            main,
-            False,
-        )
 
     def on_step_end(self, args, state, control, **kwargs):
         self.start(state)
 
     def start(self, state) -> None:
-        if self.started or not self.main:
-            self.started = True
+        started, self.started = self.started, True
+        if started or not self.main:
             return
-        self.started = True
         for path in sort_checkpoints(str(self.output_dir)):  # a save into one would mix its files with stale ones
             if not (Path(path) / TRAINER_STATE_NAME).is_file():
                 logger.warning("removing %s: an incomplete checkpoint left by an interrupted save", path)
@@ -154,7 +149,7 @@ class RunFiles(TrainerCallback):
         if self.problems:
             lines = "".join(json.dumps(problem.to_dict()) + "\n" for problem in self.problems)
             _write_atomically(self.output_dir / SKIPPED_RECORDS, lines)
-        self._log("w", [entry for entry in state.log_history if "loss" in entry], header=True)
+        self._log("w", [entry for entry in state.log_history if "loss" in entry])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.started and self.main and logs and "loss" in logs:
@@ -168,15 +163,12 @@ class RunFiles(TrainerCallback):
         if self.main:
             _write_atomically(self.output_dir / RUN_RECORD, json.dumps(self.record, indent=2) + "\n")
 
-    def _log(self, mode: str, rows: list[dict], header: bool = False) -> None:
+    def _log(self, mode: str, rows: list[dict]) -> None:
         with open(self.output_dir / LOSS_LOG, mode, newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, self.FIELDS, extrasaction="ignore")
-            if header:
+            if mode == "w":
                 writer.writeheader()
             writer.writerows(rows)
-
-
-# --------------------------------------------------------------------------------------------- atomic final save
 
 
 @contextlib.contextmanager
@@ -252,18 +244,24 @@ def save_final_model(trainer, output_dir: str | Path, state, files: dict[str, st
     state.wait_for_everyone()
 
 
-# --------------------------------------------------------------------------------------------- train
-
-
 def require_training_extra(lora: bool = False) -> None:
-    """ImportError naming the install command when a package of the `train` extra is missing."""
-    missing = ", ".join(name for name in ["accelerate"] + ["peft"] * lora if importlib.util.find_spec(name) is None)
-    if missing:
-        raise ImportError(f"ms-llava train needs {missing}: install the training extra, pip install -e '.[train]'")
+    """ImportError naming the install command when peft, which adapters need, is missing (accelerate is imported
+    above)."""
+    if lora and importlib.util.find_spec("peft") is None:
+        raise ImportError("ms-llava train needs peft: install the training extra, pip install -e '.[train]'")
 
 
-def train(model_name_or_path, stage: str, data_path, image_folder=None, output_dir="ms-llava-output", *,
-          callbacks: list | None = None, feature_cache=None, **overrides) -> TrainResult:  # fmt: skip
+def train(
+    model_name_or_path,
+    stage: str,
+    data_path,
+    image_folder=None,
+    output_dir="ms-llava-output",
+    *,
+    callbacks: list | None = None,
+    feature_cache=None,
+    **overrides,
+) -> TrainResult:
     """Runs one stage of the recipe on `data_path` (`data.load_training_records`; images relative to `image_folder`)
     from the checkpoint `model_name_or_path` (folder or Hub id) and saves the model or adapter, with the processor, in
     `output_dir`. `overrides`: options of `MSLlavaTrainingArguments` (the recipe's value otherwise); `callbacks`: extra
@@ -283,10 +281,10 @@ def train(model_name_or_path, stage: str, data_path, image_folder=None, output_d
         require_qlora_support()
     if feature_cache is not None and not config.cache_vision_features:
         raise ValueError("feature_cache is used with cache_vision_features=True only")
-    state = PartialState()  # set up by TrainingArguments (gloo on CPU, NCCL on GPUs)
-    if state.num_processes != arguments.launched_world_size():
-        raise ValueError(f"the launcher started {arguments.launched_world_size()} processes but the process group "
-                         f"has {state.num_processes}")  # fmt: skip
+    state, launched = PartialState(), arguments.launched_world_size()  # set up by TrainingArguments (gloo or NCCL)
+    if state.num_processes != launched:
+        raise ValueError(f"the launcher started {launched} processes but the process group has {state.num_processes}")
+    log = logger.info if state.is_main_process else logger.debug  # the other processes' copies stay quiet
     if Path(model_name_or_path).is_dir():
         model_name_or_path = Path(model_name_or_path).resolve()
     model_name_or_path = str(model_name_or_path)
@@ -298,50 +296,57 @@ def train(model_name_or_path, stage: str, data_path, image_folder=None, output_d
             processor = AutoProcessor.from_pretrained(model_name_or_path)
             records = load_training_records(data_path, image_folder)
             data_check = _pre_pass(records, processor, config, state)
-            if data_check.problems and not config.skip_bad_records:
-                raise BadRecordsError(data_check.problems, data_check.num_records)
-            if not data_check.kept:
+            problems, kept = data_check.problems, data_check.kept
+            if problems and not config.skip_bad_records:
+                raise BadRecordsError(problems, data_check.num_records)
+            if not kept:
                 raise ValueError(f"{records.description}: no record left to train on ({data_check.summary()})")
-            if data_check.problems and state.is_main_process:
-                shown = ", ".join(map(str, data_check.problems[:3])) + " ..." * (len(data_check.problems) > 3)
-                logger.warning("skipping %d bad record(s) (%s); they are listed in %s once training starts",
-                               len(data_check.problems), shown, output_dir / SKIPPED_RECORDS)  # fmt: skip
-            _log_main(state, "data: %s: %s", records.description, data_check.summary())
-            if config.auto_num_workers:
-                config.dataloader_num_workers = arguments.default_num_workers(
-                    len(data_check.kept), config.global_batch_size, state.num_processes
+            if problems and state.is_main_process:
+                shown = ", ".join(map(str, problems[:3])) + " ..." * (len(problems) > 3)
+                logger.warning(
+                    f"skipping {len(problems)} bad record(s) ({shown}); they are listed in "
+                    f"{output_dir / SKIPPED_RECORDS} once training starts"
                 )
+            log("data: %s: %s", records.description, data_check.summary())
+            if config.auto_num_workers:
+                workers = arguments.default_num_workers(len(kept), config.global_batch_size, launched)
+                config.dataloader_num_workers = workers
             # A batch of text-only records leaves the projector unused: DDP must then look for unused parameters.
             config.ddp_find_unused_parameters = data_check.num_text_only > 0
-            stage_record = _stage_record(config, model_name_or_path, data_path, data_check, state.num_processes)
+            stage_record = _stage_record(config, model_name_or_path, data_path, data_check, launched)
             _check_resume(output_dir, stage_record, resume_from)
 
             model = configure_trainable(load_model(model_name_or_path, config), config)
-            stage_record["trained"], stage_record["frozen"] = _trained_and_frozen(model)
+            parts = {}  # the model's parts (model.vision_tower, ..., lm_head): does a parameter of each train?
+            for name, param in model.named_parameters():
+                name = name.removeprefix("base_model.model.")
+                part = ".".join(name.split(".")[: 2 if name.startswith("model.") else 1])
+                parts[part] = parts.get(part, False) or param.requires_grad
+            stage_record["trained"] = sorted(part for part, trains in parts.items() if trains)
+            stage_record["frozen"] = sorted(part for part, trains in parts.items() if not trains)
             trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
             projector_lr = f" (projector {config.projector_learning_rate:g})" if config.projector_learning_rate else ""
-            _log_main(state, f"stage {config.stage}: {trainable:,} trainable parameters; global batch "
-                      f"{config.global_batch_size} = {config.per_device_train_batch_size} per device x "
-                      f"{config.gradient_accumulation_steps} accumulation x {state.num_processes} process(es); lr "
-                      f"{config.learning_rate:g}{projector_lr}; {config.dataloader_num_workers} data-loader "
-                      "worker(s)")  # fmt: skip
-            images = [image for index in data_check.kept for image in records[index].images]
+            log(
+                f"stage {config.stage}: {trainable:,} trainable parameters; global batch {config.global_batch_size} = "
+                f"{config.per_device_train_batch_size} per device x {config.gradient_accumulation_steps} accumulation"
+                f" x {launched} process(es); lr {config.learning_rate:g}{projector_lr}; "
+                f"{config.dataloader_num_workers} data-loader worker(s)",
+            )
+            images = [image for index in kept for image in records[index].images]
             if config.cache_vision_features and not images:
-                _log_main(state, "vision feature cache: the kept records hold no image, nothing to cache")
+                log("vision feature cache: the kept records hold no image, nothing to cache")
             elif config.cache_vision_features:
                 check_cacheable(model)
-                log = functools.partial(_log_main, state)
                 feature_cache = build_cache(model, processor, images, log=log, reuse=feature_cache)
             record = {"stages": [*_earlier_stages(model_name_or_path), stage_record]}
-            files = RunFiles(output_dir, record, data_check.problems, state.is_main_process)
+            files = RunFiles(output_dir, record, problems, state.is_main_process)
             trainer = MSLlavaTrainer(
                 model=model,
                 args=config,
-                train_dataset=SupervisedDataset(records, data_check.kept, processor, config.max_length, feature_cache),
+                train_dataset=SupervisedDataset(records, kept, processor, config.max_length, feature_cache),
                 data_collator=RightPaddingCollator(find_pad_token_id(processor.tokenizer)),
                 processing_class=processor,
                 callbacks=[files, *(callbacks or [])],
-                projector_learning_rate=config.projector_learning_rate,
             )
             started = time.perf_counter()
             with writing(output_dir):
@@ -368,7 +373,7 @@ def train(model_name_or_path, stage: str, data_path, image_folder=None, output_d
         commit = push_to_hub(merged_dir or output_dir, config.hub_model_id, base_model=base_model)
         logger.info("pushed %s to %s (commit %s)", merged_dir or output_dir, config.hub_model_id, commit.oid)
     state.wait_for_everyone()
-    _log_main(state, "done: %d steps in %.1f s; final model in %s", trainer.state.global_step, wall_time, output_dir)
+    log("done: %d steps in %.1f s; final model in %s", trainer.state.global_step, wall_time, output_dir)
     return TrainResult(
         output_dir=output_dir,
         stage=config.stage,
@@ -376,18 +381,13 @@ def train(model_name_or_path, stage: str, data_path, image_folder=None, output_d
         losses=[(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry],
         train_loss=output.training_loss,
         wall_time_s=wall_time,
-        num_examples=len(data_check.kept),
-        skipped=list(data_check.problems),
+        num_examples=len(kept),
+        skipped=list(problems),
         resumed_from=resume_from,
         adapter_type=config.adapter,
         adapter=config.adapter is not None,
         merged_dir=merged_dir,
     )
-
-
-def _log_main(state, message: str, *args) -> None:
-    if state.is_main_process:
-        logger.info(message, *args)
 
 
 def _stage_record(config, model_name_or_path: str, data_path, data_check, world_size: int) -> dict:
@@ -397,11 +397,8 @@ def _stage_record(config, model_name_or_path: str, data_path, data_check, world_
         adapter = {"type": "qlora" if config.qlora else "lora", "r": config.lora_r, "alpha": config.lora_alpha}
         adapter.update(dropout=config.lora_dropout, target="language model", modules_to_save=[PROJECTOR])
     elif config.adapter == "scale":
-        adapter = {"type": "scale", "bound": config.scale_bound, "token_scope": config.scale_token_scope,
-                   "layers": config.scale_layers}  # fmt: skip
-    names = ("learning_rate", "projector_learning_rate", "warmup_ratio", "weight_decay", "optim", "adam_beta1")
-    names += ("adam_beta2", "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "max_length", "bf16")
-    names += ("gradient_accumulation_steps", "global_batch_size", "num_train_epochs", "seed")
+        adapter = {"type": "scale", "bound": config.scale_bound, "token_scope": config.scale_token_scope}
+        adapter["layers"] = config.scale_layers
     return {
         "stage": config.stage,
         "base_model": model_name_or_path,
@@ -410,24 +407,13 @@ def _stage_record(config, model_name_or_path: str, data_path, data_check, world_
         "skipped_records": len(data_check.problems),
         "adapter": adapter,
         "lr_scheduler_type": SchedulerType(config.lr_scheduler_type).value,
-        **{name: getattr(config, name) for name in names},
+        **{name: getattr(config, name) for name in RECORDED_OPTIONS},
         "world_size": world_size,
         "max_steps": None if config.max_steps == -1 else config.max_steps,
         "steps_run": 0,
         "completed": False,
         "data_fingerprint": data_check.fingerprint,
     }
-
-
-def _trained_and_frozen(model) -> tuple[list[str], list[str]]:
-    """The model's parts (`model.vision_tower`, `model.multi_modal_projector`, `model.language_model`, `lm_head`) with
-    a trainable parameter, and the others."""
-    parts = {}
-    for name, param in model.named_parameters():
-        name = name.removeprefix("base_model.model.")
-        part = ".".join(name.split(".")[: 2 if name.startswith("model.") else 1])
-        parts[part] = parts.get(part, False) or param.requires_grad
-    return sorted(part for part, on in parts.items() if on), sorted(part for part, on in parts.items() if not on)
 
 
 def _earlier_stages(model_name_or_path: str) -> list[dict]:
@@ -443,25 +429,24 @@ def _earlier_stages(model_name_or_path: str) -> list[dict]:
 def _checkpoint_to_resume(output_dir: Path, config, state, existed: bool) -> Path | None:
     """The checkpoint `--resume` continues from (logged with its step), or None (logged with the reason)."""
     every, checkpoints = [Path(path) for path in sort_checkpoints(str(output_dir))], complete_checkpoints(output_dir)
-    if not config.resume:
-        if checkpoints:
-            raise ValueError(
-                f"{output_dir} already holds checkpoints ({', '.join(path.name for path in checkpoints)}): pass "
-                f"--resume (resume=True) to continue from {checkpoints[-1].name}, or choose another output directory"
-            )
-        return None
+    if checkpoints and not config.resume:
+        raise ValueError(
+            f"{output_dir} already holds checkpoints ({', '.join(path.name for path in checkpoints)}): pass "
+            f"--resume (resume=True) to continue from {checkpoints[-1].name}, or choose another output directory"
+        )
     if not checkpoints:
         why = f"{output_dir} holds no checkpoint-N folder" if existed else f"{output_dir} does not exist"
         if every:
             names = ", ".join(path.name for path in every)
             why = f"{output_dir} holds only incomplete checkpoints ({names}: no {TRAINER_STATE_NAME})"
-        if state.is_main_process:
+        if config.resume and state.is_main_process:
             logger.warning("resume: starting from the beginning (step 0): %s", why)
         return None
     newer = [path.name for path in every[every.index(checkpoints[-1]) + 1 :]]
     step = json.loads((checkpoints[-1] / TRAINER_STATE_NAME).read_text(encoding="utf-8")).get("global_step", "?")
     skipping = f" (skipping the incomplete {', '.join(newer)})" if newer else ""
-    _log_main(state, "resume: continuing from %s at step %s%s", checkpoints[-1], step, skipping)
+    if state.is_main_process:
+        logger.info("resume: continuing from %s at step %s%s", checkpoints[-1], step, skipping)
     return checkpoints[-1]
 
 
@@ -480,58 +465,37 @@ def _check_resume(output_dir: Path, stage_record: dict, resume_from: Path | None
         if key in previous and previous[key] != stage_record[key]
     ]
     if changed:
-        raise ValueError(f"resuming {resume_from} with settings that change the loss curve: {'; '.join(changed)}; "
-                         "keep them, or start a new output directory")  # fmt: skip
+        raise ValueError(
+            f"resuming {resume_from} with settings that change the loss curve: {'; '.join(changed)}; "
+            "keep them, or start a new output directory"
+        )
 
 
 def _pre_pass(records, processor, config, state):
     """`check_records` on the main process only; its result or failure broadcast to the others (which raise the same
     message rather than wait forever)."""
-
-    def check():
-        logger.info("pre-pass (process %d): checking %d records of %s", state.process_index, len(records),
-                    records.description)  # fmt: skip
-        return check_records(records, processor, config.max_length, config.verify_images)
-
-    if state.num_processes == 1:
-        return check()
     from accelerate.utils import broadcast_object_list
 
     payload, failure = [None], None
     if state.is_main_process:
+        logger.info("pre-pass (process 0): checking %d records of %s", len(records), records.description)
         try:
-            payload = [check()]
+            payload = [check_records(records, processor, config.max_length, config.verify_images)]
         except Exception as error:
-            failure, payload = error, [(type(error).__name__, str(error), isinstance(error, ValueError))]
-    broadcast_object_list(payload, from_process=0)
+            failure, payload = error, [(isinstance(error, ValueError), f"{type(error).__name__}: {error}")]
+    if state.num_processes > 1:
+        broadcast_object_list(payload, from_process=0)
     if failure is not None:
         raise failure
     if isinstance(payload[0], tuple):
-        name, message, value_error = payload[0]
-        raise (ValueError if value_error else RuntimeError)(
-            f"the pre-pass on the main process failed: {name}: {message}"
-        )
+        value_error, message = payload[0]
+        raise (ValueError if value_error else RuntimeError)(f"the pre-pass on the main process failed: {message}")
     return payload[0]
 
 
-# --------------------------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`ms-llava train`'s options (`ms_llava.training.arguments`)."""
-    parser.description = (
-        "Train MS-LLaVA with the paper's two-stage recipe (Sec. 4.1). pretrain: only the projector trains (AdamW, lr "
-        "1e-3, global batch 32, 1 epoch); finetune: projector and LLM train, vision tower frozen (lr 1e-5, global "
-        "batch 16, 1 epoch). Every option overrides the recipe. Runs under `accelerate launch` for several processes. "
-        "The other options of transformers' TrainingArguments (--optim, --report_to, ...) are taken but not listed."
-    )
-    arguments.add_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     """`ms-llava train`: trains, prints one summary line (main process), returns 0; errors propagate."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # if not set up
     logger.setLevel(logging.INFO)
     from ..checkpoints import resolve_checkpoint
 
@@ -539,8 +503,7 @@ def run(args: argparse.Namespace) -> int:
     folder = resolve_checkpoint(args.model, "--model", processor=True)
     if Path(args.model).expanduser().is_dir():
         args.model = str(folder)  # a Hub id stays as given (the run records it), read from the Hub cache
-    options = {item.name for item in dataclasses.fields(MSLlavaTrainingArguments) if item.init} - {"stage"}
-    overrides = {name: value for name, value in vars(args).items() if name in options and value is not None}
+    overrides = {name: value for name, value in vars(args).items() if name in arguments.OPTIONS and value is not None}
     result = train(args.model, args.stage, args.data, image_folder=args.image_folder, **overrides)
     if PartialState().is_main_process:
         what = {"lora": "LoRA adapter", "scale": "ScAle adapter"}.get(result.adapter_type, "model")
