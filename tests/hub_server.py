@@ -13,6 +13,7 @@ It serves the model-repo endpoints that the client (huggingface_hub 2.4), transf
     GET    /api/models/{id}/refs, /commits/{rev}            list_repo_refs, list_repo_commits
     POST, DELETE /api/models/{id}/branch/{name}, /tag/{rev} create_branch (startingPoint) / create_tag, deletes
     GET, HEAD /{id}/resolve/{rev}/{path}                    downloads: ETag (git blob sha1), X-Repo-Commit; no X-Xet-*
+    GET    /api/organizations/{org}/overview                404 (the test Hub has no organizations): bitsandbytes' kernel lookup
 
 Every commit is an immutable snapshot (path -> blob) with a 40-hex sha; a revision is a branch, a tag or a commit
 sha. A new repository starts, like on the Hub, with one commit holding `.gitattributes`. Blobs are stored
@@ -246,6 +247,10 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._json({})
         if rest == ["validate-yaml"] and method == "POST":
             return self._json({"errors": [], "warnings": []})
+        if len(rest) == 3 and rest[0] == "organizations" and rest[2] == "overview" and method == "GET":
+            # bitsandbytes asks, at import on a CPU with AVX512-BF16 where `kernels` is installed (a dependency of
+            # transformers >= 5.25), whether kernels-community publishes trusted kernels; this Hub has no organizations
+            raise HubError(404, f"organization {rest[1]} not found")
         if len(rest) < 3 or rest[0] != "models":
             return False
         repo, action = self.hub.repo("/".join(rest[1:3])), rest[3:]

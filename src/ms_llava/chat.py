@@ -105,8 +105,10 @@ def run(args) -> int:
 
     class Streamer(TextStreamer):  # prints the answer as it is generated, without the leading space
         def on_finalized_text(self, text: str, stream_end: bool = False):
-            self.started = getattr(self, "started", False) or bool(text.strip())
-            print(text if self.started else text.lstrip(), flush=True, end="\n" if stream_end else "")
+            if not getattr(self, "started", False):
+                text = text.lstrip()
+                self.started = bool(text)
+            print(text, flush=True, end="\n" if stream_end else "")
 
     images = [load_image(path) for path in args.image]  # before the model loads: a bad path fails at once
     _, _, processor, generator = load_checkpoint(args.checkpoint)
