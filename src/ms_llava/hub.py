@@ -296,7 +296,7 @@ def push_to_hub(
         files = _add_remote_code(folder)
         write_model_card(folder, repo_id, **card)
         if dry_run is None:
-            return _upload(folder, repo_id, card, private, revision, commit_message, token, endpoint, label)
+            return _upload(folder, files, repo_id, card, private, revision, commit_message, token, endpoint, label)
         from .outputs import check_writable, writing
 
         if (out := check_writable(dry_run)).exists() and (not out.is_dir() or any(out.iterdir())):
@@ -308,7 +308,7 @@ def push_to_hub(
         return out
 
 
-def _upload(folder, repo_id, card, private, revision, commit_message, token, endpoint, label):
+def _upload(folder, files, repo_id, card, private, revision, commit_message, token, endpoint, label):
     from huggingface_hub import HfApi, constants
 
     from . import __version__
@@ -325,7 +325,7 @@ def _upload(folder, repo_id, card, private, revision, commit_message, token, end
         commit = api.upload_folder(
             repo_id=created,
             folder_path=folder,
-            allow_patterns=[*DOWNLOAD_PATTERNS, "README.md"],
+            allow_patterns=[*files, "README.md"],
             revision=revision,
             delete_patterns=[*CHECKPOINT_FILES, "README.md"],
             commit_message=commit_message or message,
@@ -397,7 +397,9 @@ def _add_remote_code(folder: Path) -> list[str]:
             (folder / name).unlink()  # a link to the user's file: never write through it
             (folder / name).write_text(json.dumps(updated, indent=2) + "\n", encoding="utf-8")
     names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    files = list(filter_repo_objects(names, allow_patterns=DOWNLOAD_PATTERNS))
+    # a checkpoint's files are top-level, but for extra chat templates: a training run's checkpoint-N/ stays local
+    files = [name for name in filter_repo_objects(names, allow_patterns=DOWNLOAD_PATTERNS) if "/" not in name]
+    files += [name for name in names if name.startswith("additional_chat_templates/") and name.endswith(".jinja")]
     if skipped := sorted(set(names) - set(files) - {"README.md", TRAINING_RECORD}):  # the record stays local
         logger.warning("not uploading %d file(s) that are not part of a checkpoint: %s", len(skipped), skipped)
     return files

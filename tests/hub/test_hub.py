@@ -394,8 +394,11 @@ def test_dry_run_writes_what_a_push_would_upload_and_contacts_nobody(
     recorded_run, hub, tmp_path, capsys, folder_contents
 ):
     """`ms-llava push DIR REPO --dry-run OUT`: no request reaches the Hub; OUT holds exactly the files a real push
-    commits (card included), byte for byte."""
+    commits (card included), byte for byte; a training run's intermediate checkpoint-N/ stays local."""
     folder, results = recorded_run
+    (folder / "checkpoint-2").mkdir()
+    for name in ("model.safetensors", "config.json", "modeling_ms_llava.py"):
+        shutil.copyfile(folder / name, folder / "checkpoint-2" / name)
     requests = len(hub.log)
     assert (
         main(["push", str(folder), "ms-llava-test/dry", "--results", str(results), "--dry-run", str(tmp_path / "out")])
@@ -403,7 +406,8 @@ def test_dry_run_writes_what_a_push_would_upload_and_contacts_nobody(
     )
     assert f"into {tmp_path / 'out'}" in capsys.readouterr().out and len(hub.log) == requests
     written = folder_contents(tmp_path / "out")
-    assert "ms_llava_training.json" not in written and "README.md" in written
+    assert "ms_llava_training.json" not in written and "README.md" in written and "model.safetensors" in written
+    assert not any(name.startswith("checkpoint-2") for name in written), sorted(written)
     assert "0.003 (cosine, warm-up 0.1)" in written["README.md"].decode()
     push_to_hub(folder, "ms-llava-test/dry", results=results)
     pulled = Path(snapshot_download("ms-llava-test/dry"))
