@@ -59,10 +59,7 @@ class Interrupter:
         if self.count == self.at:
             signal.raise_signal(self.signal_number)
 
-    installed = None  # the last one installed
-
     def install(self, monkeypatch) -> "Interrupter":
-        Interrupter.installed = self
         real_open, real_replace = builtins.open, os.replace
         real_save_file = transformers.modeling_utils.safe_save_file
 
@@ -261,18 +258,15 @@ def final_save_points(tiny_dir: Path, shapes, finished_run: Path, folder: Path, 
     counting = Interrupter(folder, None)
     rerun_step_2(finished_run, folder)
     counting.install(monkeypatch)
-    train(
-        tiny_dir,
-        "finetune",
-        shapes["qa8"],
-        shapes["images"],
-        folder,
-        resume=True,
-        callbacks=[ArmAtTrainEnd(counting)],
-        **RUN,
-    )
+    resume_step_2(tiny_dir, shapes, folder, counting)
     monkeypatch.undo()
     return counting.points
+
+
+def resume_step_2(tiny_dir: Path, shapes, folder: Path, interrupter: Interrupter) -> None:
+    """`train` resumed in `folder` for its last step, `interrupter` armed when training ends (the final save next)."""
+    callbacks = [ArmAtTrainEnd(interrupter)]
+    train(tiny_dir, "finetune", shapes["qa8"], shapes["images"], folder, resume=True, callbacks=callbacks, **RUN)
 
 
 @pytest.mark.slow
@@ -289,16 +283,7 @@ def test_ctrl_c_during_trains_final_save(tiny_dir, shapes, finished_run, tmp_pat
     rerun_step_2(finished_run, folder)
     interrupter = Interrupter(folder, at).install(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        train(
-            tiny_dir,
-            "finetune",
-            shapes["qa8"],
-            shapes["images"],
-            folder,
-            resume=True,
-            callbacks=[ArmAtTrainEnd(interrupter)],
-            **RUN,
-        )
+        resume_step_2(tiny_dir, shapes, folder, interrupter)
     monkeypatch.undo()
     outcome = check_old_or_new(final_state, folder, old)
     assert outcome == ("new" if points[at - 1].startswith("rename to") else "old"), points[at - 1]
@@ -324,17 +309,7 @@ def test_sigkill_during_trains_final_save_then_the_next_run(
         child = os.fork()
         if child == 0:  # the resumed run, killed at point `at`; nothing of pytest's runs in the child after it
             try:
-                Interrupter(folder, at, signal.SIGKILL).install(monkeypatch)
-                train(
-                    tiny_dir,
-                    "finetune",
-                    shapes["qa8"],
-                    shapes["images"],
-                    folder,
-                    resume=True,
-                    callbacks=[ArmAtTrainEnd(Interrupter.installed)],
-                    **RUN,
-                )
+                resume_step_2(tiny_dir, shapes, folder, Interrupter(folder, at, signal.SIGKILL).install(monkeypatch))
             finally:
                 os._exit(1)  # not killed
         _, status = os.waitpid(child, 0)
