@@ -207,6 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from ..checkpoints import resolve_checkpoint
     from ..outputs import check_writable, writing
 
@@ -222,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
         log_samples=bool(args.log_samples),
         **{name: getattr(args, name) for name in ("trust_remote_code", "dtype", "device", "batch_size")},
     )
+    if dist.is_available() and dist.is_initialized():  # under torchrun: no collective comes after evaluate's gather
+        dist.destroy_process_group()  # a process that exits with its gloo group alive can abort ("terminate called")
     if not results:  # not the first process
         return 0
 
