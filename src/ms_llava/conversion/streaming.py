@@ -5,6 +5,7 @@ output shard at a time, so memory is about one shard (`--max-shard-size`) beyond
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -169,10 +170,10 @@ def fresh_resampler(config, seed: int) -> dict[str, torch.Tensor]:
 def grow_embeddings(key_map: KeyMap, text_config, vocab_size: int, seed: int, added: list[str]) -> None:
     """Grows the mapped input embedding (and an untied `lm_head`) to `vocab_size` rows for the `added` tokens with
     transformers' `resize_token_embeddings(mean_resizing=True)` (new rows drawn around the mean of the old ones,
-    seeded), on a language model whose other weights stay on the meta device."""
+    seeded), on a language model whose other weights stay on the meta device; `text_config` is left as it is."""
     from transformers import AutoModelForCausalLM
 
-    model = build_on_meta(AutoModelForCausalLM.from_config, text_config)
+    model = build_on_meta(AutoModelForCausalLM.from_config, copy.deepcopy(text_config))  # resizing sets vocab_size
     keys = [key for key in (EMBED, HEAD) if isinstance(key_map.entries.get(key), Source)]
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     inputs.weight = torch.nn.Parameter(key_map.entries[EMBED].load(), requires_grad=False)
