@@ -91,7 +91,7 @@ def test_original_to_hf_carries_everything_over_and_adds_the_image_token(project
 @pytest.mark.slow
 def test_stage1_projector_with_base_llm_and_vision_tower(clip_dir, tmp_path):
     """Stage 1 writes `mm_projector.bin` beside config.json: the LLM comes from --base-llm, the tower from
-    --vision-tower, each carried over bit for bit."""
+    --vision-tower or else config.json's mm_vision_tower, each carried over bit for bit."""
     tokenizer = build_tiny_tokenizer(with_image_token=False)
     full = save_original(
         tmp_path / "full", "ms_resampler", clip_dir, "safetensors", with_tower=False, tokenizer=tokenizer
@@ -107,7 +107,9 @@ def test_stage1_projector_with_base_llm_and_vision_tower(clip_dir, tmp_path):
 
     with pytest.raises(ConversionError, match=r"is a stage-1 checkpoint \(mm_projector\.bin only\): pass --base-llm"):
         convert_original_to_hf(stage1, tmp_path / "hf", vision_tower=clip_dir, **QUIET)
-    with pytest.raises(ConversionError, match=r"holds no vision tower .*: pass --vision-tower"):
+    config = json.loads((stage1 / "config.json").read_text())
+    (stage1 / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "mm_vision_tower"}))
+    with pytest.raises(ConversionError, match=r"config\.json has no mm_vision_tower: pass --vision-tower"):
         convert_original_to_hf(stage1, tmp_path / "hf", base_llm=base, **QUIET)
     with pytest.raises(ConversionError, match=r"--base-llm is for a stage-1 checkpoint .*full"):
         convert_original_to_hf(tmp_path / "full", tmp_path / "hf", base_llm=base, vision_tower=clip_dir, **QUIET)
@@ -120,6 +122,10 @@ def test_stage1_projector_with_base_llm_and_vision_tower(clip_dir, tmp_path):
     assert len(written) == len(full) + len(clip)
     for name, tensor in clip.items():
         assert torch.equal(written[f"model.vision_tower.{name}"], tensor), name
+    # without --vision-tower, config.json's mm_vision_tower (here the local CLIP folder) gives the tower
+    (stage1 / "config.json").write_text(json.dumps(config))
+    convert_original_to_hf(stage1, tmp_path / "hf2", base_llm=base, check_parity=False, **QUIET)
+    assert all(torch.equal(tensor, written[name]) for name, tensor in tensors_of(tmp_path / "hf2").items())
 
 
 def test_unknown_key_in_original_checkpoint_is_named(clip_dir, tmp_path):

@@ -105,8 +105,8 @@ def convert_original_to_hf(
     log: Callable[[str], None] = print,
 ) -> streaming.Report:
     """Converts the original-format checkpoint `source` (a folder or a Hub id; safetensors or `.bin`) into `output`
-    and returns the `Report`. `vision_tower`: a transformers CLIP checkpoint, the tower's config and preprocessing
-    (default: config.json's `mm_vision_tower`) and its weights when `source` has none; `base_llm`: the LLM of a
+    and returns the `Report`. `vision_tower` (default: config.json's `mm_vision_tower`): a transformers CLIP
+    checkpoint, the tower's config and preprocessing, and its weights when `source` has none; `base_llm`: the LLM of a
     stage-1 `source`; `seed`: the new `<image>` row's. The output options are `convert_llava_to_ms_llava`'s; the
     parity check compares the written model with plain transformers modules built from the original tensors. An
     unknown, missing or mis-shaped key, a setting without equivalent or a parity difference raise `ValueError`."""
@@ -116,14 +116,11 @@ def convert_original_to_hf(
     settings, text_config, unused = read_original_config(source_dir / "config.json")
     sources = original_sources(source_dir, base_dir)
     has_tower, ms = any(s.key.startswith(TOWER) for s in sources), settings["projector"] == "ms_resampler"
-    if vision_tower is None and not (has_tower and settings["mm_vision_tower"]):
-        missing = "config.json has no mm_vision_tower" if has_tower else f"it holds no vision tower weights ({TOWER}*)"
+    if (name := vision_tower or settings["mm_vision_tower"]) is None:
         raise ConversionError(
-            f"{source_dir}: {missing}: pass --vision-tower, a transformers CLIP checkpoint (mm_vision_tower is "
-            f"{settings['mm_vision_tower']!r})"
+            f"{source_dir}: config.json has no mm_vision_tower: pass --vision-tower, a CLIP checkpoint"
         )
-    label = "--vision-tower" if vision_tower is not None else f"mm_vision_tower (of {source_dir}; or --vision-tower)"
-    name = vision_tower if vision_tower is not None else settings["mm_vision_tower"]
+    label = "--vision-tower" if vision_tower else f"mm_vision_tower (of {source_dir}; or pass --vision-tower)"
     json_only = {"allow_patterns": ["*.json"], "check": False}  # the tower's weights are in the checkpoint
     tower_dir = resolve_checkpoint(name, label, **json_only) if has_tower else streaming.resolve_part(name, label)
     streaming.prepare_output(output, [folder for folder in (source_dir, base_dir, tower_dir) if folder])
