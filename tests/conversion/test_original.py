@@ -195,6 +195,9 @@ def test_command_line_converts_reports_and_refuses_to_overwrite(clip_dir, tmp_pa
     assert "image features (tower, selection, projector): max |difference| = 0" in printed
     assert "note: config.json fields not used: mm_hidden_size, mm_use_im_patch_token, tune_mm_mlp_adapter" in printed
     assert main(args) == 1 and "already holds a checkpoint" in capsys.readouterr().err
+    assert main([*args[:3], str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "error: --source" in err and "no such folder" in err and "Traceback" not in err
     monkeypatch.setattr(streaming, "PARITY_MAX_PARAMETERS", 1000)
     assert main([*args, "--overwrite"]) == 0
     assert "parameters > 1,000: too large to build both models" in capsys.readouterr().out
