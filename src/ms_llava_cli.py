@@ -19,7 +19,7 @@ COMMANDS = {  # command -> (module with add_arguments / run, help line)
     "visualize": ("ms_llava.visualize", "draw one MS-Resampler query's scope windows and per-branch attention"),
     "chat": ("ms_llava.chat", "talk about images with a checkpoint in the terminal, answers streamed"),
     "tiny": ("ms_llava.testing_utils", "write a tiny untrained checkpoint (for tests and examples)"),
-    "convert": ("ms_llava.conversion", "convert checkpoints (LLaVA -> MS-LLaVA, original LLaVA <-> transformers)"),
+    "convert": ("ms_llava.conversion", "convert checkpoints (LLaVA -> MS-LLaVA, original LLaVA -> transformers)"),
     "compose": ("ms_llava.compose", "a vision encoder + a language model -> a new MS-LLaVA (fresh MS-Resampler)"),
     "push": ("ms_llava.hub", "upload a checkpoint to the Hugging Face Hub with a generated model card"),
     "eval": ("ms_llava.evaluation", "evaluate a checkpoint with lmms-eval and write the results record"),

@@ -202,6 +202,7 @@ def test_help_and_argument_errors_answer_without_importing_the_package():
         ("chat", "--image"),
         ("tiny", "--overwrite"),
         ("convert", "llava-to-ms-llava"),
+        ("convert", "original-to-hf"),
         ("compose", "--vision-tower"),
         ("push", "repo_id"),
         ("eval", "--log-samples"),

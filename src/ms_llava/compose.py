@@ -11,12 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .checkpoints import DOWNLOAD_PATTERNS, load_config, read_json, resolve_checkpoint, weight_files
+from .checkpoints import load_config
 from .conversion import add_shared_arguments, shared_options, streaming
 from .conversion.streaming import IMAGE_TOKEN, ConversionError
 from .image_processing_ms_llava import MSLlavaImageProcessor
@@ -48,15 +46,6 @@ CHATML_CHAT_TEMPLATE = (
 )
 CHAT_TEMPLATES = {"vicuna_v1": LLAVA_1_5_CHAT_TEMPLATE, "chatml": CHATML_CHAT_TEMPLATE}
 END_OF_TURN = {"chatml": "<|im_end|>"}  # also an EOS of the generation config; vicuna_v1 ends on the tokenizer's EOS
-PAD_TOKEN = "<pad>"  # added only when the LLM has neither a pad nor an unk token
-
-
-def resolve_part(value: str | Path, label: str) -> Path:
-    """A part's folder, or its Hub snapshot: safetensors weights, else `.bin` ones (lmsys/vicuna-7b-v1.5 has only)."""
-    folder = resolve_checkpoint(value, label, check=False)
-    if not weight_files(folder) and not Path(value).expanduser().exists():
-        folder = resolve_checkpoint(value, label, allow_patterns=[*DOWNLOAD_PATTERNS, "*.bin"], check=False)
-    return folder
 
 
 def read_parts(tower_dir: Path, llm_dir: Path):
@@ -87,40 +76,6 @@ def read_parts(tower_dir: Path, llm_dir: Path):
             f"(model.* + lm_head.weight) MS-LLaVA's language model uses; unexpected keys such as {odd[:5]}"
         )
     return vision, vision is not config, text_config, causal
-
-
-def image_processor_settings(tower_dir: Path, vision_config) -> tuple[dict, list[str]]:
-    """The tower's image size (short side, centre crop, after LLaVA-1.5's pad to square), and the mean, std and
-    resampling of its `preprocessor_config.json`; without one, CLIP's mean and std for CLIP, 0.5 for the others."""
-    size, path = vision_config.image_size, tower_dir / "preprocessor_config.json"
-    settings = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
-    stored = read_json(path) if path.is_file() else {}
-    settings.update({k: stored[k] for k in ("image_mean", "image_std", "resample", "rescale_factor") if k in stored})
-    if "image_mean" in settings and "image_std" in settings:
-        return settings, []
-    clip = vision_config.model_type.startswith("clip")
-    settings.update(image_mean=list(OPENAI_CLIP_MEAN if clip else IMAGENET_STANDARD_MEAN))
-    settings.update(image_std=list(OPENAI_CLIP_STD if clip else IMAGENET_STANDARD_STD))
-    return settings, [f"the tower has no preprocessor_config.json mean/std: using {'CLIP' if clip else '0.5'}'s"]
-
-
-def tokenizer_surgery(tokenizer) -> tuple[list[str], list[str]]:
-    """Adds the image token (special, never split) and, without a pad token, pads with the unk token (as LLaVA-1.5)
-    or a new `<pad>`; left padding for batched generation. Returns `(added tokens, notes)`."""
-    added, notes = [], []
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-        added.append(IMAGE_TOKEN)
-    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
-        tokenizer.pad_token = tokenizer.unk_token
-        notes.append(f"the LLM has no pad token: padding with its unk token {tokenizer.unk_token!r}, as LLaVA-1.5")
-    elif tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
-        added.append(PAD_TOKEN)
-    if len(tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)) != 1:
-        raise ConversionError(f"the tokenizer splits {IMAGE_TOKEN!r} even after adding it")
-    tokenizer.padding_side = "left"
-    return added, notes
 
 
 def choose_chat_template(tokenizer, chat_template: str | None) -> tuple[str, str, list[str]]:
@@ -182,7 +137,10 @@ def compose(
     `chat_template`: see `choose_chat_template`. A part that is not a supported tower or LLM (named with what was
     found), bad settings, an unknown, missing or mis-shaped key or a parity difference raise a `ValueError`."""
     output = streaming.check_output(output, overwrite)
-    tower_dir, llm_dir = resolve_part(vision_tower, "--vision-tower"), resolve_part(language_model, "--language-model")
+    tower_dir, llm_dir = (
+        streaming.resolve_part(vision_tower, "--vision-tower"),
+        streaming.resolve_part(language_model, "--language-model"),
+    )
     streaming.prepare_output(output, [tower_dir, llm_dir])
     vision_config, whole, text_config, causal = read_parts(tower_dir, llm_dir)
     depth = vision_config.num_hidden_layers
@@ -194,7 +152,7 @@ def compose(
         )
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     template, template_name, notes = choose_chat_template(tokenizer, chat_template)
-    added, tokenizer_notes = tokenizer_surgery(tokenizer)
+    added, tokenizer_notes = streaming.tokenizer_surgery(tokenizer)
     tower = streaming.build_on_meta(AutoModel.from_config, vision_config)
     grid = (vision_config.image_size // vision_config.patch_size) ** 2
     has_cls = any(
@@ -235,7 +193,7 @@ def compose(
     key_map.create(streaming.fresh_resampler(config, seed), f"MS-Resampler, freshly initialised (seed {seed})")
     key_map.check(f"{tower_dir} + {llm_dir} -> MS-LLaVA")
 
-    settings, processor_notes = image_processor_settings(tower_dir, vision_config)
+    settings, processor_notes = streaming.image_processor_settings(tower_dir, vision_config)
     num_queries = config.resampler_config.num_queries
     processor = MSLlavaProcessor(MSLlavaImageProcessor(**settings), tokenizer, template, num_queries, IMAGE_TOKEN)
     if (llm_dir / "generation_config.json").is_file():

@@ -18,8 +18,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 from isolation import hub_subprocess_env, run_python
 from llava_checkpoints import QUIET, TINY_RESAMPLER, tensors_of
 from ms_llava import LLAVA_1_5_CHAT_TEMPLATE, MSLlavaConfig
-from ms_llava.compose import CHATML_CHAT_TEMPLATE, compose, tokenizer_surgery
-from ms_llava.conversion.streaming import fresh_resampler
+from ms_llava.compose import CHATML_CHAT_TEMPLATE, compose
+from ms_llava.conversion.streaming import fresh_resampler, tokenizer_surgery
 from ms_llava.testing_utils import (
     CLIP_PREPROCESSING,
     PARTS_CORPUS,

@@ -1,7 +1,11 @@
+import json
+
 import pytest
 import torch
+from transformers import CLIPVisionModel
 
 from llava_checkpoints import rewrite_weights, save_llava, to_hub_4x_layout, to_new_layout
+from ms_llava.testing_utils import tiny_vision_config
 
 HUB_4X_BUFFER = "vision_tower.vision_model.embeddings.position_ids"
 
@@ -19,3 +23,22 @@ def llava_dirs(tmp_path_factory):
             saved, root / "hub4x", to_hub_4x_layout, {HUB_4X_BUFFER: torch.arange(65)[None]}
         ),
     }
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A transformers CLIPVisionModel folder with a CLIP preprocessor config: an original checkpoint's mm_vision_tower,
+    and the --vision-tower of one saved without its tower."""
+    directory = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(2)
+    CLIPVisionModel(tiny_vision_config()).save_pretrained(directory)
+    preprocessor = {
+        "crop_size": {"height": 32, "width": 32},
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "size": {"shortest_edge": 32},
+        "image_processor_type": "CLIPImageProcessor",
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return directory

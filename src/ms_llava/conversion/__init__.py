@@ -1,6 +1,7 @@
 """`ms-llava convert llava-to-ms-llava`: a transformers LLaVA checkpoint -> an MS-LLaVA one with a fresh MS-Resampler
-(`conversion.llava`), streamed and checked strictly (`conversion.streaming`); and the MS-Resampler and output options
-that `ms-llava compose` shares."""
+(`conversion.llava`); `convert original-to-hf`: an original LLaVA code base checkpoint -> transformers
+(`conversion.original`); both streamed and checked strictly (`conversion.streaming`); and the MS-Resampler and output
+options that `ms-llava compose` shares."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import argparse
 from typing import get_args
 
 from ..configuration_ms_llava import MSResamplerConfig
-from . import llava
+from . import llava, original
 from .llava import convert_llava_to_ms_llava
+from .original import convert_original_to_hf
 from .streaming import DEFAULT_MAX_SHARD_SIZE, ConversionError
 
 FUSIONS = get_args(MSResamplerConfig.__annotations__["fusion"])
@@ -31,6 +33,11 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scope-bias-strength", type=float, metavar="BETA", help="beta of the scope prior (default 5)")
     group.add_argument("--fusion", choices=FUSIONS, help="how the branches are fused (default channel_mlp)")
     group.add_argument("--seed", type=int, default=0, help="seed of the MS-Resampler's initialisation (default 0)")
+    add_output_arguments(parser)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--max-shard-size, --overwrite and --no-parity: what every conversion and `compose` take."""
     size = f"largest output shard, e.g. 2GB or 200MB (default {DEFAULT_MAX_SHARD_SIZE}; one is in memory at a time)"
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help=size)
     overwrite = "replace a non-empty --output that holds a checkpoint a conversion wrote (its checkpoint files only; "
@@ -54,12 +61,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_ms_llava.add_argument("--source", required=True, help="a transformers LLaVA checkpoint folder, or a Hub id")
     to_ms_llava.add_argument("--output", required=True, help="the MS-LLaVA checkpoint folder to write")
     add_shared_arguments(to_ms_llava)
+    what = "an original LLaVA code base checkpoint -> transformers (LLaVA for mlp2x_gelu, MS-LLaVA for ms_resampler)"
+    to_hf = conversions.add_parser("original-to-hf", help=what, description=original.__doc__)
+    source = "an original LLaVA checkpoint folder (or a stage-1 one: config.json + mm_projector.bin), or a Hub id"
+    to_hf.add_argument("--source", required=True, help=source)
+    to_hf.add_argument("--output", required=True, help="the transformers checkpoint folder to write")
+    tower = "a transformers CLIP checkpoint (folder or Hub id): the tower's config and preprocessing, and its weights "
+    tower += "when --source holds none (default: config.json's mm_vision_tower)"
+    to_hf.add_argument("--vision-tower", help=tower)
+    to_hf.add_argument("--base-llm", help="the language model of a stage-1 --source (folder or Hub id)")
+    to_hf.add_argument("--seed", type=int, default=0, help="seed of the new <image> embedding row (default 0)")
+    add_output_arguments(to_hf)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = convert_llava_to_ms_llava(args.source, args.output, **shared_options(args))
+    if args.conversion == "original-to-hf":
+        names = ("vision_tower", "base_llm", "seed", "max_shard_size", "overwrite")
+        options = {name: getattr(args, name) for name in names} | {"check_parity": not args.no_parity}
+        report = convert_original_to_hf(args.source, args.output, **options)
+    else:
+        report = convert_llava_to_ms_llava(args.source, args.output, **shared_options(args))
     print("\n".join(report.lines()))
     return 0
 
 
-__all__ = ["ConversionError", "add_arguments", "convert_llava_to_ms_llava", "run"]
+__all__ = ["ConversionError", "add_arguments", "convert_llava_to_ms_llava", "convert_original_to_hf", "run"]

@@ -1,10 +1,11 @@
-"""What `convert` and `compose` share: a strict key map from source checkpoints onto the target model built on the meta
-device, and a streamed write into a staged folder renamed into place only when everything passed. No model is built
+"""What `convert` and `compose` share: the parts' folders, tokenizer and image settings, a strict key map from source
+checkpoints onto the target model built on the meta device, and a streamed write into a staged folder renamed into place only when everything passed. No model is built
 for the copy: tensors are read one at a time (`safe_open`; `.bin` one memory-mapped shard at a time) and written one
 output shard at a time, so memory is about one shard (`--max-shard-size`) beyond the imports (docs/conversion.md)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -20,12 +21,17 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tokenizers import AddedToken
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..checkpoints import (
+    DOWNLOAD_PATTERNS,
     CheckpointError,
     checkpoint_files_in,
     is_checkpoint_file,
     load_bin,
+    read_json,
+    resolve_checkpoint,
     tensor_headers,
     weight_files,
 )
@@ -34,6 +40,7 @@ from ..outputs import check_writable, writing
 DEFAULT_MAX_SHARD_SIZE = "500MB"  # save_file holds a whole shard in memory: this bounds the peak
 PARITY_MAX_PARAMETERS = 1_500_000_000  # parity loads source and output in float32, one after the other: 6 GB each
 IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"  # added only when the LLM has neither a pad nor an unk token
 RECOMPUTED_BUFFERS = (".rotary_emb.inv_freq", "embeddings.position_ids")  # saved by old checkpoints, recomputed now
 EMBED, HEAD = "model.language_model.embed_tokens.weight", "lm_head.weight"
 
@@ -163,10 +170,10 @@ def fresh_resampler(config, seed: int) -> dict[str, torch.Tensor]:
 def grow_embeddings(key_map: KeyMap, text_config, vocab_size: int, seed: int, added: list[str]) -> None:
     """Grows the mapped input embedding (and an untied `lm_head`) to `vocab_size` rows for the `added` tokens with
     transformers' `resize_token_embeddings(mean_resizing=True)` (new rows drawn around the mean of the old ones,
-    seeded), on a language model whose other weights stay on the meta device."""
+    seeded), on a language model whose other weights stay on the meta device; `text_config` is left as it is."""
     from transformers import AutoModelForCausalLM
 
-    model = build_on_meta(AutoModelForCausalLM.from_config, text_config)
+    model = build_on_meta(AutoModelForCausalLM.from_config, copy.deepcopy(text_config))  # resizing sets vocab_size
     keys = [key for key in (EMBED, HEAD) if isinstance(key_map.entries.get(key), Source)]
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     inputs.weight = torch.nn.Parameter(key_map.entries[EMBED].load(), requires_grad=False)
@@ -178,6 +185,48 @@ def grow_embeddings(key_map: KeyMap, text_config, vocab_size: int, seed: int, ad
     grown = {EMBED: model.get_input_embeddings().weight.detach(), HEAD: model.get_output_embeddings().weight.detach()}
     key_map.entries.update({key: grown[key] for key in keys})
     key_map.created[f"{rows} new row(s) ({', '.join(added)}) by mean resizing"] = keys
+
+
+def resolve_part(value: str | Path, label: str) -> Path:
+    """A part's folder, or its Hub snapshot: safetensors weights, else `.bin` ones (lmsys/vicuna-7b-v1.5 has only)."""
+    folder = resolve_checkpoint(value, label, check=False)
+    if not weight_files(folder) and not Path(value).expanduser().exists():
+        folder = resolve_checkpoint(value, label, allow_patterns=[*DOWNLOAD_PATTERNS, "*.bin"], check=False)
+    return folder
+
+
+def image_processor_settings(tower_dir: Path, vision_config) -> tuple[dict, list[str]]:
+    """The tower's image size (short side, centre crop, after LLaVA-1.5's pad to square), and the mean, std and
+    resampling of its `preprocessor_config.json`; without one, CLIP's mean and std for CLIP, 0.5 for the others."""
+    size, path = vision_config.image_size, tower_dir / "preprocessor_config.json"
+    settings = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    stored = read_json(path) if path.is_file() else {}
+    settings.update({k: stored[k] for k in ("image_mean", "image_std", "resample", "rescale_factor") if k in stored})
+    if "image_mean" in settings and "image_std" in settings:
+        return settings, []
+    clip = vision_config.model_type.startswith("clip")
+    settings.update(image_mean=list(OPENAI_CLIP_MEAN if clip else IMAGENET_STANDARD_MEAN))
+    settings.update(image_std=list(OPENAI_CLIP_STD if clip else IMAGENET_STANDARD_STD))
+    return settings, [f"the tower has no preprocessor_config.json mean/std: using {'CLIP' if clip else '0.5'}'s"]
+
+
+def tokenizer_surgery(tokenizer) -> tuple[list[str], list[str]]:
+    """Adds the image token (special, never split) and, without a pad token, pads with the unk token (as LLaVA-1.5)
+    or a new `<pad>`; left padding for batched generation. Returns `(added tokens, notes)`."""
+    added, notes = [], []
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+        added.append(IMAGE_TOKEN)
+    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+        notes.append(f"the LLM has no pad token: padding with its unk token {tokenizer.unk_token!r}, as LLaVA-1.5")
+    elif tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
+        added.append(PAD_TOKEN)
+    if len(tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)) != 1:
+        raise ConversionError(f"the tokenizer splits {IMAGE_TOKEN!r} even after adding it")
+    tokenizer.padding_side = "left"
+    return added, notes
 
 
 @contextmanager
@@ -384,7 +433,8 @@ def write_checkpoint(key_map: KeyMap, processor, generation, sources, report: Re
         report.bytes_written = write_weights(key_map.entries, staging, options["max_shard_size"])
         model.config.architectures = [type(model).__name__]
         model.config.dtype = str(key_map.entries[EMBED].dtype).removeprefix("torch.")
-        custom_object_save(model, staging, config=model.config)
+        if type(model)._auto_class:  # MS-LLaVA's remote code; a transformers model needs none
+            custom_object_save(model, staging, config=model.config)
         model.config.save_pretrained(staging)
         generation.save_pretrained(staging)
         processor.save_pretrained(staging)
@@ -393,7 +443,7 @@ def write_checkpoint(key_map: KeyMap, processor, generation, sources, report: Re
         if report.parity_skipped is None:
             log("checking parity")
             vocab = options.get("vocab", model.config.text_config.vocab_size)
-            report.parity = parity(staging, model.config, vocab, sources)
+            report.parity = parity(staging, model.config, vocab, sources, type(model))
             if failed := {what: value for what, value in report.parity.items() if value != 0}:
                 raise ConversionError(f"parity check failed, the carried-over parts differ: {failed}")
     report.tensors_written, report.dropped, report.created = len(key_map.entries), key_map.dropped, key_map.created
@@ -426,28 +476,30 @@ def resampler_settings(num_queries, scope_windows, scope_bias_strength, fusion, 
 
 
 @torch.no_grad()
-def parity(folder: Path, config, vocab: int, sources: Callable) -> dict[str, float]:
-    """The written MS-LLaVA against its sources (`sources(input_ids, pixel_values)`: their logits and tower hidden
-    states, one model at a time) on a seeded random text-only prompt (ids below `vocab`, no image token) and a random
-    image of the tower's size; and its fresh MS-Resampler must give M finite tokens of the LLM's width."""
-    from ..modeling_ms_llava import MSLlavaForConditionalGeneration
-
+def parity(folder: Path, config, vocab: int, sources: Callable, model_class) -> dict[str, float]:
+    """The written `model_class` against its sources (`sources(input_ids, pixel_values)`: their logits and tower hidden
+    states, one model at a time, and optionally their image features) on a seeded random text-only prompt (ids below
+    `vocab`, no image token) and a random image of the tower's size; without reference image features, its fresh
+    MS-Resampler must give M finite tokens of the LLM's width."""
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (1, 12), generator=generator)
     input_ids[input_ids == config.image_token_id] = int(config.image_token_id == 0)
     size = config.vision_config.image_size
     pixel_values = torch.randn(1, 3, size, size, generator=generator)
-    logits, states = sources(input_ids, pixel_values)
-    model = load_quietly(MSLlavaForConditionalGeneration, folder)
+    logits, states, *reference = sources(input_ids, pixel_values)
+    model = load_quietly(model_class, folder)
     features = model.model.get_image_features(pixel_values=pixel_values).pooler_output[0]
-    expected = (config.resampler_config.num_queries, config.text_config.hidden_size)
-    if tuple(features.shape) != expected or not torch.isfinite(features).all():
+    expected = (config.resampler_config.num_queries, config.text_config.hidden_size) if not reference else None
+    if expected and (tuple(features.shape) != expected or not torch.isfinite(features).all()):
         raise ConversionError(f"the new MS-Resampler gave {tuple(features.shape)} tokens (expected {expected}) or NaN")
     written = model(input_ids=input_ids).logits[..., :vocab], tower_states(model.model.vision_tower, pixel_values)
-    return {
+    results = {
         "language model logits (text-only prompt)": max_abs_difference(logits, written[0]),
         "vision tower hidden states (random image)": max_abs_difference(states, written[1]),
     }
+    if reference:
+        results["image features (tower, selection, projector)"] = max_abs_difference(reference[0], features)
+    return results
 
 
 def tower_states(tower, pixel_values: torch.Tensor) -> torch.Tensor:
