@@ -1,10 +1,11 @@
-"""`ms-llava`: one table of commands (`COMMANDS`) and one error boundary.
+"""`ms-llava`: one table of commands (`COMMANDS`), their options, and one error boundary.
 
-A command is a module with `add_arguments(parser)` and `run(args) -> exit status`; only the chosen one is imported
-(this module sits beside the package because importing `ms_llava` imports torch). Errors are told by kind, found
-along the exception's chain: network, file system, content, a missing dependency, each as one line `ms-llava COMMAND:
-error: ...` naming the culprit (exit status 1; 2 for an `argparse.ArgumentError`); `--debug` or MS_LLAVA_DEBUG=1
-shows the traceback; other exceptions (bugs) always show theirs.
+A command is its options here (`OPTIONS_FUNCTION(parser)`) and a module with `run(args) -> exit status`, imported only
+once the arguments parsed: this module sits beside the package because importing `ms_llava` imports torch, so that
+`--help` and an argument error answer without it (except `train`'s, which are `TrainingArguments`' fields). Errors are
+told by kind, found along the exception's chain: network, file system, content, a missing dependency, each as one line
+`ms-llava COMMAND: error: ...` naming the culprit (exit status 1; 2 for an `argparse.ArgumentError`); `--debug` or
+MS_LLAVA_DEBUG=1 shows the traceback; other exceptions (bugs) always show theirs.
 """
 
 from __future__ import annotations
@@ -14,16 +15,168 @@ import importlib
 import os
 import sys
 
-COMMANDS = {  # command -> (module with add_arguments / run, help line)
-    "demo": ("ms_llava.demo", "answer the default checkpoint's demo questions (or yours), draw one query's attention"),
-    "visualize": ("ms_llava.visualize", "draw one MS-Resampler query's scope windows and per-branch attention"),
-    "chat": ("ms_llava.chat", "talk about images with a checkpoint in the terminal, answers streamed"),
-    "tiny": ("ms_llava.testing_utils", "write a tiny untrained checkpoint (for tests and examples)"),
-    "convert": ("ms_llava.conversion", "convert checkpoints (LLaVA -> MS-LLaVA, original LLaVA -> transformers)"),
-    "compose": ("ms_llava.compose", "a vision encoder + a language model -> a new MS-LLaVA (fresh MS-Resampler)"),
-    "push": ("ms_llava.hub", "upload a checkpoint to the Hugging Face Hub with a generated model card"),
-    "eval": ("ms_llava.evaluation", "evaluate a checkpoint with lmms-eval and write the results record"),
-    "train": ("ms_llava.training", "train with the paper's two-stage recipe"),
+FUSIONS = ("channel_mlp", "mean", "attention", "concat_mlp")  # MSResamplerConfig.fusion's values (a test compares)
+MAX_SHARD_SIZE = "500MB"  # conversion.streaming.DEFAULT_MAX_SHARD_SIZE (a test compares)
+DEMO_OUTPUT = "ms-llava-demo.png"
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def checkpoint_options(parser: argparse.ArgumentParser, max_new_tokens: int = 12) -> None:
+    parser.add_argument("--checkpoint", help="a saved MS-LLaVA folder or Hub id (default: the embedded default)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+
+
+def query_options(parser: argparse.ArgumentParser, output: str) -> None:
+    """--output and --query | --query-at of `demo` and `visualize`."""
+    parser.add_argument("--output", default=output, help=f"the attention PNG (default: ./{output})")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--query", type=int, help="the query index 0..M-1 (default: the anchor nearest the centre)")
+    which.add_argument("--query-at", metavar="X,Y", help="the query whose anchor is nearest this pixel of the image")
+
+
+def demo_options(parser: argparse.ArgumentParser) -> None:
+    checkpoint_options(parser)
+    parser.add_argument("--image", help="an image file instead of the demo samples")
+    parser.add_argument("--question", help="a question instead of the demo samples'")
+    query_options(parser, DEMO_OUTPUT)
+
+
+def visualize_options(parser: argparse.ArgumentParser) -> None:
+    checkpoint_options(parser)
+    parser.add_argument("--image", help="an image file (default: the checkpoint's first demo sample)")
+    parser.add_argument("--question", help="also answer this question about the image")
+    query_options(parser, "ms-llava-attention.png")
+
+
+def chat_options(parser: argparse.ArgumentParser) -> None:
+    checkpoint_options(parser, max_new_tokens=64)
+    parser.add_argument("--image", action="append", default=[], help="an image for the first question (repeatable)")
+
+
+def tiny_options(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Tiny untrained stand-ins to rehearse every path offline: a checkpoint, parts, data."
+    parser.add_argument("directory", nargs="?", help="write a tiny untrained MS-LLaVA checkpoint here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace the checkpoint files of a folder with one")
+    parser.add_argument("--parts", metavar="DIR", help="write parts for compose: DIR/vision, DIR/llama, DIR/qwen2")
+    parser.add_argument("--data", metavar="DIR", help="write the coloured-shapes data of docs/training.md")
+    parser.add_argument("--accuracy", nargs=2, metavar=("CHECKPOINT", "QA_FILE"), help="score a model on --data's qa")
+
+
+def resampler_options(parser: argparse.ArgumentParser) -> None:
+    """The MS-Resampler's size and settings and the output options of `convert llava-to-ms-llava` and `compose`
+    (`ms_llava.conversion.shared_options` reads them)."""
+    group = parser.add_argument_group("MS-Resampler")
+    m = "visual tokens per image, a perfect square (default 144: the paper's budget, LLaVA-1.5's 576 tokens -> 144)"
+    group.add_argument("--num-queries", type=int, default=144, metavar="M", help=m)
+    d = "attention width D of every branch (default 1024: about 4.7 GMACs per image at LLaVA-1.5 sizes, within the "
+    d += "paper's budget; use less for small parts, or the projector dominates their size)"
+    group.add_argument("--resampler-hidden-size", type=int, default=1024, metavar="D", help=d)
+    group.add_argument("--resampler-heads", type=int, default=16, metavar="H", help="heads per branch (default 16)")
+    group.add_argument(
+        "--scope-windows", type=int, nargs="+", metavar="K", help="window k per branch (default 2 6 24)"
+    )
+    group.add_argument("--scope-bias-strength", type=float, metavar="BETA", help="beta of the scope prior (default 5)")
+    group.add_argument("--fusion", choices=FUSIONS, help="how the branches are fused (default channel_mlp)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the MS-Resampler's initialisation (default 0)")
+    output_options(parser)
+
+
+def output_options(parser: argparse.ArgumentParser) -> None:
+    """--max-shard-size, --overwrite and --no-parity: what every conversion and `compose` take."""
+    size = f"largest output shard, e.g. 2GB or 200MB (default {MAX_SHARD_SIZE}; one is in memory at a time)"
+    parser.add_argument("--max-shard-size", default=MAX_SHARD_SIZE, help=size)
+    overwrite = "replace a non-empty --output that holds a checkpoint a conversion wrote (its checkpoint files only; "
+    overwrite += "other files are kept); never the current directory, the home directory or a filesystem root"
+    parser.add_argument("--overwrite", action="store_true", help=overwrite)
+    parser.add_argument("--no-parity", action="store_true", help="skip the parity check of the output")
+
+
+def convert_options(parser: argparse.ArgumentParser) -> None:
+    conversions = parser.add_subparsers(dest="conversion", required=True, metavar="CONVERSION")
+    what = "a transformers LLaVA -> an MS-LLaVA (fresh MS-Resampler, the rest bit for bit)"
+    to_ms_llava = conversions.add_parser("llava-to-ms-llava", help=what, description=what)
+    to_ms_llava.add_argument("--source", required=True, help="a transformers LLaVA checkpoint folder, or a Hub id")
+    to_ms_llava.add_argument("--output", required=True, help="the MS-LLaVA checkpoint folder to write")
+    resampler_options(to_ms_llava)
+    what = "an original LLaVA code base checkpoint -> transformers (LLaVA for mlp2x_gelu, MS-LLaVA for ms_resampler)"
+    to_hf = conversions.add_parser("original-to-hf", help=what, description=what)
+    source = "an original LLaVA checkpoint folder (or a stage-1 one: config.json + mm_projector.bin), or a Hub id"
+    to_hf.add_argument("--source", required=True, help=source)
+    to_hf.add_argument("--output", required=True, help="the transformers checkpoint folder to write")
+    tower = "a transformers CLIP checkpoint (folder or Hub id): the tower's config and preprocessing, and its weights "
+    tower += "when --source holds none (default: config.json's mm_vision_tower)"
+    to_hf.add_argument("--vision-tower", help=tower)
+    to_hf.add_argument("--base-llm", help="the language model of a stage-1 --source (folder or Hub id)")
+    to_hf.add_argument("--seed", type=int, default=0, help="seed of the new <image> embedding row (default 0)")
+    output_options(to_hf)
+
+
+def compose_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vision-tower", required=True, help="a CLIP / SigLIP / ViT checkpoint folder or Hub id")
+    parser.add_argument("--language-model", required=True, help="a causal LM checkpoint folder or Hub id")
+    parser.add_argument("--output", required=True, help="the MS-LLaVA checkpoint folder to write")
+    layer = "the tower layer(s) the resampler reads (-2, LLaVA-1.5's penultimate layer)"
+    parser.add_argument("--vision-feature-layer", type=int, nargs="+", default=[-2], metavar="LAYER", help=layer)
+    strategy = "'default' drops the CLS token, 'full' keeps every token (default: 'default' for a tower with a CLS "
+    strategy += "token such as CLIP, 'full' for one without such as SigLIP)"
+    parser.add_argument("--vision-feature-select-strategy", choices=("default", "full"), help=strategy)
+    template = "vicuna_v1 (LLaVA-1.5), chatml (Qwen2), llm (the LLM's own, with {%% generation %%} markers) or a "
+    template += "Jinja file (default: chatml for an LLM whose template is ChatML, else vicuna_v1)"
+    parser.add_argument("--chat-template", metavar="NAME_OR_FILE", help=template)
+    resampler_options(parser)
+
+
+def push_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="a checkpoint folder written by save_pretrained (model + processor)")
+    parser.add_argument("repo_id", help="the Hub repository, org/name (created if needed)")
+    parser.add_argument("--dry-run", metavar="OUT", help="write exactly what would be uploaded into OUT; no network")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", help="branch to commit to (created from main if needed)")
+    base = "Hub id of the model this one was built from (repeatable)"
+    parser.add_argument("--base-model", action="append", help=base)
+    parser.add_argument("--license", default="apache-2.0", help="the card's license (default: apache-2.0)")
+    parser.add_argument("--results", help="`ms-llava eval --output`'s results file (or your own {name: score} JSON)")
+    parser.add_argument("--training", help="your statement of the training: 'paper', or a JSON file with your recipe")
+    parser.add_argument("--commit-message")
+
+
+def eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a checkpoint folder or Hub id")
+    parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks, e.g. pope,gqa,textvqa_val")
+    parser.add_argument("--output", required=True, help="the results record (JSON) to write")
+    parser.add_argument("--include-path", action="append", help="a folder of task YAMLs (local data; repeatable)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--limit", type=positive_int, help="only the first N samples of each task (a smoke test)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modules")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", help="e.g. cpu, cuda:0 (default: the accelerator's device)")
+    parser.add_argument("--log-samples", metavar="FILE", help="write each sample's prompt, answer and score (JSONL)")
+    parser.add_argument("--lmms-eval-output", metavar="FILE", help="also write lmms-eval's whole results (JSON)")
+
+
+def train_options(parser: argparse.ArgumentParser) -> None:
+    """The options are `MSLlavaTrainingArguments`' fields (`TrainingArguments`' among them): transformers is needed."""
+    from ms_llava.training.arguments import add_arguments
+
+    add_arguments(parser)
+
+
+COMMANDS = {  # command -> (its options, the module with run(args), help line)
+    "demo": (demo_options, "ms_llava.demo", "answer the default checkpoint's demo questions, draw an attention map"),
+    "visualize": (visualize_options, "ms_llava.visualize", "draw one MS-Resampler query's windows and attention"),
+    "chat": (chat_options, "ms_llava.chat", "talk about images with a checkpoint in the terminal, answers streamed"),
+    "tiny": (tiny_options, "ms_llava.testing_utils", "write a tiny untrained checkpoint (for tests and examples)"),
+    "convert": (convert_options, "ms_llava.conversion", "LLaVA -> MS-LLaVA; original LLaVA -> transformers"),
+    "compose": (compose_options, "ms_llava.compose", "a vision encoder + a language model -> a new MS-LLaVA"),
+    "push": (push_options, "ms_llava.hub", "upload a checkpoint to the Hugging Face Hub with a generated model card"),
+    "eval": (eval_options, "ms_llava.evaluation", "evaluate a checkpoint with lmms-eval and write the results record"),
+    "train": (train_options, "ms_llava.training", "train with the paper's two-stage recipe"),
 }
 DEBUG_ENVIRONMENT_VARIABLE = "MS_LLAVA_DEBUG"  # anything but "" or "0": tracebacks, as --debug
 MAX_MESSAGE = 1000  # characters of an error shown; --debug shows all
@@ -40,15 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", dest="show_traceback", help="show the traceback of errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((word for word in argv if not word.startswith("-")), None)  # --debug is the only option before it
-    for name, (module_path, help_line) in COMMANDS.items():
+    for name, (add_options, _, help_line) in COMMANDS.items():
         command = commands.add_parser(name, help=help_line, description=help_line)
-        if name == chosen:
-            module = importlib.import_module(module_path)
-            module.add_arguments(command)
+        if name == chosen:  # only its options: train's import transformers
+            add_options(command)
     args = parser.parse_args(argv)
     debug = args.show_traceback or os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "") not in ("", "0")
     try:
-        return module.run(args)
+        return importlib.import_module(COMMANDS[args.command][1]).run(args)
     except KeyboardInterrupt:
         if debug:
             raise

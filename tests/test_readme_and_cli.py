@@ -170,28 +170,63 @@ def test_the_main_command_writes_an_ignored_file_and_the_readme_says_where():
 
 
 def test_help_and_argument_errors_answer_without_importing_the_package():
-    """`ms-llava --help` and an argument error are answered by `ms_llava_cli` alone: neither `ms_llava` (whose
-    __init__ imports torch and transformers to register the Auto classes) nor torch is imported. The console script
-    is timed too (the target is 1 s on a quiet 2-core machine; the bound here leaves room for a busy one)."""
+    """`ms-llava --help`, a command's `--help` and an argument error are answered by `ms_llava_cli` alone: neither
+    `ms_llava` (whose __init__ imports torch and transformers to register the Auto classes) nor torch is imported
+    (but for `train`, whose options are `TrainingArguments`' fields). The console script is timed too (the target is
+    1 s on a quiet 2-core machine; the bound here leaves room for a busy one)."""
     import subprocess
     import sys
     import time
 
+    calls = [
+        ["--help"],
+        ["no-such-command"],
+        [],
+        ["chat", "--bogus"],
+        ["demo", "--max-new-tokens", "0"],
+        ["convert", "llava-to-ms-llava", "--output", "x"],
+        ["compose", "--fusion", "sum"],
+        ["eval", "--help"],
+    ]
     script = (
-        "import sys\nfrom ms_llava_cli import main\n"
-        "for argv in (['--help'], ['no-such-command'], []):\n"
+        f"import sys\nfrom ms_llava_cli import main\nfor argv in {calls!r}:\n"
         "    try:\n        main(argv)\n    except SystemExit as exit_info:\n        print('EXIT', exit_info.code)\n"
         "print('LOADED', sorted(name for name in ('ms_llava', 'torch', 'transformers') if name in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert done.stdout.count("EXIT 2") == 2 and "EXIT 0" in done.stdout and "LOADED []" in done.stdout, done
-    assert "invalid choice: 'no-such-command'" in done.stderr and "required: COMMAND" in done.stderr
-    for name, (_, help_line) in COMMANDS.items():
+    assert done.stdout.count("EXIT 2") == 6 and done.stdout.count("EXIT 0") == 2, done
+    assert "LOADED []" in done.stdout, done
+    for expected in (
+        "invalid choice: 'no-such-command'",
+        "required: COMMAND",
+        "unrecognized arguments: --bogus",
+        "argument --max-new-tokens: must be an integer >= 1, got '0'",
+        "the following arguments are required: --source",
+        "argument --fusion: invalid choice: 'sum'",
+    ):
+        assert expected in done.stderr, (expected, done.stderr)
+    assert "usage: ms-llava eval" in done.stdout and "--log-samples" in done.stdout
+    for name, (_, _, help_line) in COMMANDS.items():
         assert f"{name}" in done.stdout and " ".join(help_line.split()[:3]) in " ".join(done.stdout.split())
     script = Path(sys.executable).parent / "ms-llava"
-    started = time.perf_counter()
-    done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "chat" in done.stdout and time.perf_counter() - started < 3
+    for argv in (["--help"], ["chat", "--bogus"]):
+        started = time.perf_counter()
+        done = subprocess.run([script, *argv], capture_output=True, text=True, timeout=60)
+        assert done.returncode == (0 if argv == ["--help"] else 2) and time.perf_counter() - started < 3, done
+
+
+def test_the_command_tables_literals_are_the_packages():
+    """The option values `ms_llava_cli` spells out (so as not to import the package) are the package's own."""
+    from typing import get_args
+
+    import ms_llava_cli
+    from ms_llava import MSResamplerConfig
+    from ms_llava.conversion.streaming import DEFAULT_MAX_SHARD_SIZE
+    from ms_llava.demo import DEMO_OUTPUT
+
+    assert ms_llava_cli.FUSIONS == get_args(MSResamplerConfig.__annotations__["fusion"])
+    assert ms_llava_cli.MAX_SHARD_SIZE == DEFAULT_MAX_SHARD_SIZE
+    assert ms_llava_cli.DEMO_OUTPUT == DEMO_OUTPUT
 
 
 @pytest.mark.parametrize(
@@ -210,7 +245,7 @@ def test_help_and_argument_errors_answer_without_importing_the_package():
     ],
 )
 def test_every_command_has_its_options(command, option, run_cli):
-    """The table's module of each command builds its options (`add_arguments`), which `--help` lists."""
+    """Each command's options (the table's first column) are what `--help` lists."""
     code, out, _ = run_cli([command, "--help"])
     assert code == 0 and out.startswith(f"usage: ms-llava {command}") and option in out
 

@@ -8,7 +8,6 @@ than its context) is said in one line and the session goes on.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -79,23 +78,6 @@ def ask(generator, messages: list[dict] | str, max_new_tokens: int, image=None, 
         ]
     options = {"max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer}
     return generator(text=messages, generate_kwargs=options)[0]["generated_text"][-1]["content"].strip()
-
-
-def add_checkpoint_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", help="a saved MS-LLaVA folder or Hub id (default: the embedded default)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=12)
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return int(text)
-
-
-def add_arguments(parser) -> None:
-    add_checkpoint_arguments(parser)
-    parser.add_argument("--image", action="append", default=[], help="an image for the first question (repeatable)")
-    parser.set_defaults(max_new_tokens=64)
 
 
 def run(args) -> int:

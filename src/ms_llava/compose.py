@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Generat
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .checkpoints import load_config
-from .conversion import add_shared_arguments, shared_options, streaming
+from .conversion import shared_options, streaming
 from .conversion.streaming import IMAGE_TOKEN, ConversionError
 from .image_processing_ms_llava import MSLlavaImageProcessor
 from .modeling_ms_llava import MSLlavaForConditionalGeneration
@@ -220,22 +220,6 @@ def compose(
     options = dict(overwrite=overwrite, max_shard_size=max_shard_size, check_parity=check_parity, log=log)
     report = streaming.Report(output, notes=notes)
     return streaming.write_checkpoint(key_map, processor, generation, sources, report, {**options, "vocab": old_vocab})
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--vision-tower", required=True, help="a CLIP / SigLIP / ViT checkpoint folder or Hub id")
-    parser.add_argument("--language-model", required=True, help="a causal LM checkpoint folder or Hub id")
-    parser.add_argument("--output", required=True, help="the MS-LLaVA checkpoint folder to write")
-    layer = "the tower layer(s) the resampler reads (-2, LLaVA-1.5's penultimate layer)"
-    parser.add_argument("--vision-feature-layer", type=int, nargs="+", default=[-2], metavar="LAYER", help=layer)
-    strategy = "'default' drops the CLS token, 'full' keeps every token (default: 'default' for a tower with a CLS "
-    strategy += "token such as CLIP, 'full' for one without such as SigLIP)"
-    parser.add_argument("--vision-feature-select-strategy", choices=("default", "full"), help=strategy)
-    template = "vicuna_v1 (LLaVA-1.5), chatml (Qwen2), llm (the LLM's own, with {%% generation %%} markers) or a "
-    template += "Jinja file (default: chatml for an LLM whose template is ChatML, else vicuna_v1)"
-    parser.add_argument("--chat-template", metavar="NAME_OR_FILE", help=template)
-    add_shared_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,8 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .chat import add_checkpoint_arguments, ask, default_checkpoint_path, load_checkpoint, load_demo_samples
-from .visualize import add_query_arguments, draw_attention, query_options
+from .chat import ask, default_checkpoint_path, load_checkpoint, load_demo_samples
+from .visualize import draw_attention, query_options
 
 DEFAULT_QUESTION = "What is in the image?"
 DEMO_OUTPUT = "ms-llava-demo.png"
@@ -75,13 +75,6 @@ def run_demo(
     notes = [f"Q: {first['question']}   A: {first['predicted']}"]
     draw_attention(model, processor, first["image_object"], output, query=query, query_at=query_at, notes=notes)
     return results
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_checkpoint_arguments(parser)
-    parser.add_argument("--image", help="an image file instead of the demo samples")
-    parser.add_argument("--question", help="a question instead of the demo samples'")
-    add_query_arguments(parser, DEMO_OUTPUT)
 
 
 def run(args: argparse.Namespace) -> int:

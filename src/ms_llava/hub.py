@@ -405,21 +405,6 @@ def _add_remote_code(folder: Path) -> list[str]:
     return files
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("; and")[0] + "."
-    parser.add_argument("directory", help="a checkpoint folder written by save_pretrained (model + processor)")
-    parser.add_argument("repo_id", help="the Hub repository, org/name (created if needed)")
-    parser.add_argument("--dry-run", metavar="OUT", help="write exactly what would be uploaded into OUT; no network")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--revision", help="branch to commit to (created from main if needed)")
-    base = "Hub id of the model this one was built from (repeatable)"
-    parser.add_argument("--base-model", action="append", help=base)
-    parser.add_argument("--license", default="apache-2.0", help="the card's license (default: apache-2.0)")
-    parser.add_argument("--results", help="`ms-llava eval --output`'s results file (or your own {name: score} JSON)")
-    parser.add_argument("--training", help="your statement of the training: 'paper', or a JSON file with your recipe")
-    parser.add_argument("--commit-message")
-
-
 def run(args: argparse.Namespace) -> int:
     base_model = args.base_model[0] if args.base_model and len(args.base_model) == 1 else args.base_model
     names = ("license", "results", "training", "private", "revision", "commit_message", "dry_run")

@@ -255,16 +255,6 @@ def answer_accuracy(model, processor, data_path: str | Path, image_folder: str |
     return correct / len(prompts)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Tiny untrained stand-ins to rehearse every path offline: a checkpoint, parts, data."
-    parser.add_argument("directory", nargs="?", help="write a tiny untrained MS-LLaVA checkpoint here")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace the checkpoint files of a folder with one")
-    parser.add_argument("--parts", metavar="DIR", help="write parts for compose: DIR/vision, DIR/llama, DIR/qwen2")
-    parser.add_argument("--data", metavar="DIR", help="write the coloured-shapes data of docs/training.md")
-    parser.add_argument("--accuracy", nargs=2, metavar=("CHECKPOINT", "QA_FILE"), help="score a model on --data's qa")
-
-
 def run(args: argparse.Namespace) -> int:
     if not (args.directory or args.parts or args.data or args.accuracy):
         raise ValueError("give a folder for a tiny checkpoint, or --parts DIR, --data DIR or --accuracy CKPT QA_FILE")

@@ -297,14 +297,6 @@ def draw_attention(model, processor, image, output, query=None, query_at=None, n
     return result
 
 
-def add_query_arguments(parser: argparse.ArgumentParser, output: str) -> None:
-    """--output and --query | --query-at, shared with `ms-llava demo`."""
-    parser.add_argument("--output", default=output, help=f"the attention PNG (default: ./{output})")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--query", type=int, help="the query index 0..M-1 (default: the anchor nearest the centre)")
-    which.add_argument("--query-at", metavar="X,Y", help="the query whose anchor is nearest this pixel of the image")
-
-
 def query_options(args: argparse.Namespace) -> dict:
     """`output`, `query` and `query_at` of the parsed arguments, checked before any weights load."""
     if args.image and not Path(args.image).is_file():
@@ -317,15 +309,6 @@ def query_options(args: argparse.Namespace) -> dict:
     except ValueError as error:
         raise argparse.ArgumentError(None, f"--query-at: {error}") from error
     return {"output": args.output, "query": args.query, "query_at": query_at}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .chat import add_checkpoint_arguments
-
-    add_checkpoint_arguments(parser)
-    parser.add_argument("--image", help="an image file (default: the checkpoint's first demo sample)")
-    parser.add_argument("--question", help="also answer this question about the image")
-    add_query_arguments(parser, "ms-llava-attention.png")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,8 +13,6 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..chat import positive_int
-
 RESULTS_FORMAT = "ms-llava-eval-results/1"
 LOCAL_DATA_HINT = "without network, evaluate a local copy of the data (docs/evaluation.md, 'Local data')"
 # The paper's ten benchmarks (Table 1) as lmms-eval 0.7.3 names them: task -> (Table 1 column, lmms-eval's metric,
@@ -187,23 +185,6 @@ def logged_samples(results: dict, unreadable: dict) -> list[dict]:
             for sample in samples
         ]
     return lines
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Run lmms-eval on a checkpoint; write the record `ms-llava push --results` reads (docs/evaluation.md)"
-    )
-    parser.add_argument("--model", required=True, help="a checkpoint folder or Hub id")
-    parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks, e.g. pope,gqa,textvqa_val")
-    parser.add_argument("--output", required=True, help="the results record (JSON) to write")
-    parser.add_argument("--include-path", action="append", help="a folder of task YAMLs (local data; repeatable)")
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--limit", type=positive_int, help="only the first N samples of each task (a smoke test)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modules")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", help="e.g. cpu, cuda:0 (default: the accelerator's device)")
-    parser.add_argument("--log-samples", metavar="FILE", help="write each sample's prompt, answer and score (JSONL)")
-    parser.add_argument("--lmms-eval-output", metavar="FILE", help="also write lmms-eval's whole results (JSON)")
 
 
 def run(args: argparse.Namespace) -> int:
