@@ -147,6 +147,9 @@ def push_options(parser: argparse.ArgumentParser) -> None:
 
 
 def eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run lmms-eval on a checkpoint; write the record `ms-llava push --results` reads (docs/evaluation.md)"
+    )
     parser.add_argument("--model", required=True, help="a checkpoint folder or Hub id")
     parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks, e.g. pope,gqa,textvqa_val")
     parser.add_argument("--output", required=True, help="the results record (JSON) to write")
